@@ -1,0 +1,1 @@
+"""Orchestration: the stage registry, the memforge CLI, and the Prefect flows."""

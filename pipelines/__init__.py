@@ -1,0 +1,1 @@
+"""Apache Beam jobs: one module per parallel stage (prepare, encode, index, targets)."""

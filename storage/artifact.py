@@ -1,0 +1,203 @@
+"""Artifact directories: begin or resume a build, publish it with its manifest, open published ones.
+
+Lifecycle (DESIGN.md §2): ``_build.json`` records an in-progress build and its fingerprint;
+the shard plan and markers record progress; ``_manifest.json`` is written last, atomically,
+and is what makes the artifact exist for readers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from storage import fs, provenance
+from storage.errors import ArtifactError
+from storage.shards import MARKERS_DIR, PLAN_NAME, Shard, ShardMarkers, ShardPlan, load_plan, save_plan
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "_manifest.json"
+BUILD_NAME = "_build.json"
+_BOOKKEEPING = (MANIFEST_NAME, BUILD_NAME)
+
+
+def fingerprint(kind: str, params: dict, input_fingerprints: dict[str, str], code: dict) -> str:
+    """Hash of what determines an artifact's content: kind, params, inputs' fingerprints, code."""
+    payload = {
+        "kind": kind,
+        "params": params,
+        "inputs": dict(sorted(input_fingerprints.items())),
+        "code": {"package_version": code.get("package_version"), "source_digest": code["source_digest"]},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A published artifact: its location and manifest."""
+
+    uri: str
+    manifest: dict
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def params(self) -> dict:
+        return self.manifest["params"]
+
+    def path(self, *parts: str) -> str:
+        return fs.join(self.uri, *parts)
+
+
+def read_manifest(uri: str) -> dict:
+    """The manifest of the artifact at ``uri``; refuses missing, unpublished and unknown-schema ones."""
+    uri = fs.normalize(uri)
+    manifest_uri = fs.join(uri, MANIFEST_NAME)
+    if not fs.exists(manifest_uri):
+        if fs.exists(fs.join(uri, BUILD_NAME)):
+            raise ArtifactError(
+                f"{uri}: artifact is not published (no {MANIFEST_NAME}): its build was interrupted "
+                "or is still running; rerun the stage to resume it"
+            )
+        if fs.exists(uri):
+            raise ArtifactError(f"{uri}: not a memforge artifact (no {MANIFEST_NAME})")
+        raise ArtifactError(f"{uri}: no artifact here (path does not exist)")
+    try:
+        manifest = fs.read_json(manifest_uri)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{manifest_uri}: manifest is not valid JSON: {exc}") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{manifest_uri}: unknown schema_version {version!r} (this memforge reads {SCHEMA_VERSION})"
+        )
+    return manifest
+
+
+def open_artifact(uri: str, kind: str | None = None) -> Artifact:
+    """Open a published artifact, optionally requiring its ``kind``."""
+    manifest = read_manifest(uri)
+    if kind is not None and manifest.get("kind") != kind:
+        raise ArtifactError(f"{fs.normalize(uri)}: is a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    return Artifact(fs.normalize(uri), manifest)
+
+
+def _input_record(role: str, artifact: Artifact) -> dict:
+    return {"role": role, "uri": artifact.uri, "kind": artifact.kind, "fingerprint": artifact.fingerprint}
+
+
+class ArtifactBuild:
+    """One stage's write of one artifact: fingerprint check, shard plan, markers, publish.
+
+    ``begin`` returns a build whose ``up_to_date`` is True when an identical artifact is
+    already published (the stage has nothing to do).
+    """
+
+    def __init__(self, uri: str, kind: str, params: dict, inputs: dict[str, Artifact], fmt: str,
+                 started_at: str, up_to_date: bool):
+        self.uri = uri
+        self.kind = kind
+        self.params = params
+        self.inputs = inputs
+        self.format = fmt
+        self.code = provenance.code_version()
+        self.fingerprint = fingerprint(kind, params, {r: a.fingerprint for r, a in inputs.items()}, self.code)
+        self.started_at = started_at
+        self.up_to_date = up_to_date
+        self.markers = ShardMarkers(uri)
+
+    @classmethod
+    def begin(cls, uri: str, kind: str, params: dict, inputs: dict[str, Artifact] | None = None,
+              fmt: str = "directory", rebuild: bool = False) -> "ArtifactBuild":
+        """Start, resume, or refuse a build of ``kind`` at ``uri`` (see class doc)."""
+        uri = fs.normalize(uri)
+        build = cls(uri, kind, params, dict(inputs or {}), fmt, provenance.now(), up_to_date=False)
+        manifest_uri, state_uri = fs.join(uri, MANIFEST_NAME), fs.join(uri, BUILD_NAME)
+        if rebuild:
+            fs.remove_tree(uri)
+        elif fs.exists(manifest_uri):
+            found = read_manifest(uri)["fingerprint"]
+            if found == build.fingerprint:
+                build.up_to_date = True
+                return build
+            raise ArtifactError(
+                f"{uri}: a different {kind} artifact is published here (fingerprint {found[:12]}, "
+                f"this run {build.fingerprint[:12]}: params, inputs or code changed); pass --rebuild to replace it"
+            )
+        elif fs.exists(state_uri):
+            state = fs.read_json(state_uri)
+            if state.get("fingerprint") != build.fingerprint:
+                raise ArtifactError(
+                    f"{uri}: holds an interrupted build with other params, inputs or code "
+                    f"(fingerprint {str(state.get('fingerprint'))[:12]}, this run {build.fingerprint[:12]}); "
+                    "pass --rebuild to discard it"
+                )
+            build.started_at = state.get("started_at", build.started_at)
+            return build
+        elif fs.list_files(uri):
+            raise ArtifactError(f"{uri}: exists and is not a memforge artifact; move it away or pass --rebuild")
+        fs.write_json_atomic(state_uri, {
+            "kind": kind, "fingerprint": build.fingerprint, "params": params,
+            "inputs": [_input_record(r, a) for r, a in build.inputs.items()],
+            "started_at": build.started_at, "run": provenance.run_identity(),
+        })
+        return build
+
+    # -- shards ---------------------------------------------------------------------------
+    def plan(self, plan: ShardPlan) -> ShardPlan:
+        """Record the shard plan (once); on resume the stored plan must be identical."""
+        return save_plan(self.uri, plan)
+
+    def pending(self, plan: ShardPlan) -> list[Shard]:
+        """Shards of ``plan`` that have no completion marker yet."""
+        done = self.markers.done_names()
+        return [s for s in plan.shards if s.name not in done]
+
+    # -- publish --------------------------------------------------------------------------
+    def _checksums(self, plan: ShardPlan | None) -> dict[str, str]:
+        files = {}
+        if plan is not None:
+            for shard in plan.shards:
+                files.update(self.markers.read(shard)["files"])
+        for rel in fs.list_files(self.uri):
+            if rel in _BOOKKEEPING or rel.startswith(MARKERS_DIR + "/") or rel in files:
+                continue
+            files[rel] = fs.file_checksum(fs.join(self.uri, rel))
+        return dict(sorted(files.items()))
+
+    def publish(self, *, counts: dict[str, Any], arrays: dict[str, dict] | None = None,
+                stats: dict[str, Any] | None = None, beam_runner: str | None = None) -> Artifact:
+        """Write ``_manifest.json`` last, atomically; refuses while planned shards lack markers."""
+        plan = load_plan(self.uri) if fs.exists(fs.join(self.uri, PLAN_NAME)) else None
+        if plan is not None:
+            missing = self.pending(plan)
+            if missing:
+                raise ArtifactError(
+                    f"{self.uri}: cannot publish, {len(missing)} of {len(plan.shards)} shards have no "
+                    f"completion marker (first: {missing[0].name})"
+                )
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": self.kind,
+            "format": self.format,
+            "fingerprint": self.fingerprint,
+            "params": self.params,
+            "inputs": [_input_record(r, a) for r, a in self.inputs.items()],
+            "code": self.code,
+            "environment": provenance.environment(beam_runner),
+            "run": {**provenance.run_identity(), "started_at": self.started_at, "finished_at": provenance.now()},
+            "counts": counts,
+            "arrays": arrays or {},
+            "shards": {"count": len(plan.shards) if plan else 0},
+            "stats": stats or {},
+            "files": self._checksums(plan),
+        }
+        fs.write_json_atomic(fs.join(self.uri, MANIFEST_NAME), manifest)
+        fs.remove_tree(fs.join(self.uri, BUILD_NAME))
+        return Artifact(self.uri, manifest)

@@ -1,0 +1,107 @@
+"""Storage roots as local paths or fsspec URLs: joining, atomic writes, checksums."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+CHECKSUM_ALGORITHM = "sha256"
+_READ_BLOCK = 1 << 22
+
+
+def normalize(uri: str | os.PathLike) -> str:
+    """Return ``uri`` as an absolute local path, or unchanged when it is a non-local URL."""
+    uri = os.fspath(uri)
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        return uri.rstrip("/")
+    return os.path.abspath(uri)
+
+
+def is_local(uri: str) -> bool:
+    """True when ``uri`` names a path on this machine's filesystem."""
+    return "://" not in normalize(uri)
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and in-filesystem path for ``uri``."""
+    fs, path = fsspec.core.url_to_fs(normalize(uri))
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL with '/'."""
+    base = normalize(uri)
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` so readers see either nothing or the whole file.
+
+    Locally: temp file in the same directory, fsync, rename, fsync the directory.
+    Object stores publish a PUT atomically, so a direct write is already atomic there.
+    """
+    fs, path = filesystem(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_json_atomic(uri: str, obj: Any) -> None:
+    """Atomically write ``obj`` as indented, key-sorted JSON."""
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return json.loads(handle.read())
+
+
+def file_checksum(uri: str) -> str:
+    """sha256 of one file, streamed in 4 MiB blocks."""
+    fs, path = filesystem(uri)
+    digest = hashlib.new(CHECKSUM_ALGORITHM)
+    with fs.open(path, "rb") as handle:
+        while block := handle.read(_READ_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_files(uri: str) -> list[str]:
+    """All files below ``uri``, as '/'-separated paths relative to it, sorted."""
+    fs, root = filesystem(uri)
+    if not fs.exists(root):
+        return []
+    root = root.rstrip("/")
+    return sorted(p[len(root) + 1:] for p in fs.find(root) if p != root)
+
+
+def remove_tree(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

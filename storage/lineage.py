@@ -1,0 +1,72 @@
+"""Upstream lineage of an artifact, followed through the ``inputs`` of each manifest."""
+from __future__ import annotations
+
+from storage.artifact import read_manifest
+from storage.errors import ArtifactError
+
+
+def lineage(uri: str, role: str | None = None, expected_fingerprint: str | None = None,
+            _seen: frozenset[str] = frozenset()) -> dict:
+    """A tree node for ``uri``: kind, path, fingerprint, params, code, when, run, and its inputs' nodes.
+
+    A node whose upstream has changed since it was built (fingerprint differs from the one
+    recorded as its input) carries ``stale_input``; an unreadable upstream carries ``error``.
+    """
+    node: dict = {"role": role, "uri": uri}
+    try:
+        manifest = read_manifest(uri)
+    except ArtifactError as exc:
+        return {**node, "fingerprint": expected_fingerprint, "error": str(exc), "inputs": []}
+    run = manifest.get("run", {})
+    node.update({
+        "kind": manifest["kind"],
+        "fingerprint": manifest["fingerprint"],
+        "params": manifest.get("params", {}),
+        "code": manifest.get("code", {}),
+        "created": run.get("finished_at"),
+        "run_id": run.get("run_id"),
+        "flow_run_id": run.get("flow_run_id"),
+        "counts": manifest.get("counts", {}),
+        "stats": manifest.get("stats", {}),
+    })
+    if expected_fingerprint and expected_fingerprint != manifest["fingerprint"]:
+        node["stale_input"] = f"built from fingerprint {expected_fingerprint[:12]}, upstream is now " \
+                              f"{manifest['fingerprint'][:12]}"
+    if uri in _seen:
+        node["error"] = "cycle in lineage"
+        node["inputs"] = []
+        return node
+    node["inputs"] = [
+        lineage(i["uri"], i.get("role"), i.get("fingerprint"), _seen | {uri}) for i in manifest.get("inputs", [])
+    ]
+    return node
+
+
+def _scalars(mapping: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in mapping.items() if not isinstance(v, (dict, list)))
+
+
+def render(node: dict, prefix: str = "", last: bool = True, root: bool = True) -> list[str]:
+    """Text tree of a lineage node, one block of lines per artifact."""
+    branch = "" if root else ("└── " if last else "├── ")
+    child_prefix = prefix + ("" if root else ("    " if last else "│   "))
+    role = f"[{node['role']}] " if node.get("role") else ""
+    fingerprint = (node.get("fingerprint") or "?")[:16]
+    lines = [f"{prefix}{branch}{role}{node.get('kind', '?')}  {node['uri']}  fingerprint {fingerprint}"]
+    if "error" in node:
+        lines.append(f"{child_prefix}    ! {node['error']}")
+    else:
+        code = node["code"]
+        sha = (code.get("git_sha") or "no-git")[:12] + ("+dirty" if code.get("git_dirty") else "")
+        lines.append(f"{child_prefix}    params: {_scalars(node['params']) or '-'}")
+        lines.append(f"{child_prefix}    code: memforge {code.get('package_version')} {sha} "
+                     f"src {code.get('source_digest', '?')[:12]}")
+        lines.append(f"{child_prefix}    built: {node['created']}  run {node['run_id']}"
+                     + (f"  prefect flow run {node['flow_run_id']}" if node.get("flow_run_id") else ""))
+        if node.get("stats"):
+            lines.append(f"{child_prefix}    stats: {_scalars(node['stats'])}")
+        if "stale_input" in node:
+            lines.append(f"{child_prefix}    ! stale: {node['stale_input']}")
+    for i, child in enumerate(node["inputs"]):
+        lines += render(child, child_prefix, i == len(node["inputs"]) - 1, root=False)
+    return lines

@@ -1,0 +1,49 @@
+"""Find artifacts below a directory and summarise each (``memforge ls``)."""
+from __future__ import annotations
+
+from storage import fs
+from storage.artifact import BUILD_NAME, MANIFEST_NAME, read_manifest
+from storage.errors import ArtifactError
+from storage.shards import PLAN_NAME, ShardMarkers, load_plan
+
+
+def find_artifacts(root: str) -> list[str]:
+    """Artifact directories (published or in progress) below ``root``, not descending into them."""
+    filesystem, path = fs.filesystem(root)
+    base = fs.normalize(root)
+    found: list[str] = []
+
+    def walk(directory: str, uri: str) -> None:
+        try:
+            entries = filesystem.ls(directory, detail=True)
+        except FileNotFoundError:
+            return
+        names = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e for e in entries}
+        if MANIFEST_NAME in names or BUILD_NAME in names:
+            found.append(uri)
+            return
+        for name, entry in sorted(names.items()):
+            if entry["type"] == "directory":
+                walk(entry["name"], fs.join(uri, name))
+
+    walk(path, base)
+    return found
+
+
+def summarise(uri: str) -> dict:
+    """Status, kind, rows, fingerprint and build time of one artifact."""
+    try:
+        manifest = read_manifest(uri)
+    except ArtifactError as exc:
+        state = fs.read_json(fs.join(uri, BUILD_NAME)) if fs.exists(fs.join(uri, BUILD_NAME)) else {}
+        progress = ""
+        if fs.exists(fs.join(uri, PLAN_NAME)):
+            plan = load_plan(uri)
+            done = len(ShardMarkers(uri).done_names())
+            progress = f" ({done}/{len(plan.shards)} shards done)"
+        return {"uri": uri, "status": "incomplete" + progress, "kind": state.get("kind", "?"),
+                "rows": None, "fingerprint": state.get("fingerprint"), "when": state.get("started_at"),
+                "detail": str(exc), "stats": {}}
+    return {"uri": uri, "status": "published", "kind": manifest["kind"],
+            "rows": manifest.get("counts", {}).get("rows"), "fingerprint": manifest["fingerprint"],
+            "when": manifest.get("run", {}).get("finished_at"), "detail": "", "stats": manifest.get("stats", {})}

@@ -1,0 +1,230 @@
+"""Typed configuration: ``params.yaml`` (the same file DVC reads) parsed into one model per stage.
+
+Unknown keys and bad values fail with the dotted path of the key and the reason.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from storage.errors import ParamsError
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are errors; values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CorpusParams(Section):
+    """Where the corpus comes from and how it is read (stage: prepare)."""
+
+    train: list[str] = Field(default_factory=list)
+    validation: list[str] = Field(default_factory=list)
+    validation_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
+    text_field: str = "text"
+    on_decode_error: Literal["error", "skip"] = "error"
+    max_bytes: int = Field(default=4_000_000, gt=0)
+    seed: int = 0
+
+
+class DecoderParams(Section):
+    """The decoder LM: trained from scratch (``init: null``) or fine-tuned from a local HF dir."""
+
+    init: Optional[str] = None
+    vocab_size: int = Field(default=4096, gt=0)
+    n_layer: int = Field(default=4, gt=0)
+    n_head: int = Field(default=4, gt=0)
+    n_embd: int = Field(default=256, gt=0)
+    block_size: int = Field(default=256, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    warmup_steps: int = Field(default=50, ge=0)
+    max_steps: int = Field(default=600, gt=0)
+    schedule: Literal["cosine", "linear"] = "cosine"
+    checkpoint_every: int = Field(default=100, gt=0)
+    seed: int = 0
+
+    @field_validator("n_embd")
+    @classmethod
+    def _heads_divide_width(cls, n_embd: int, info: ValidationInfo) -> int:
+        n_head = info.data.get("n_head")
+        if n_head and n_embd % n_head:
+            raise ValueError(f"must be divisible by n_head ({n_head})")
+        return n_embd
+
+
+class EncodeParams(Section):
+    """Hidden-state keys: which model, which representation, how they are stored (stage: encode)."""
+
+    model: Optional[str] = None
+    trust_remote_code: bool = False
+    layer: int = -1
+    representation: Literal["ffn_input", "block_output", "final"] = "ffn_input"
+    dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    block_size: int = Field(default=256, gt=1)
+    stride: int = Field(default=128, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    chunk_rows: int = Field(default=4096, gt=0)
+    shard_chunks: int = Field(default=8, gt=0)
+    num_workers: int = Field(default=2, gt=0)
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_below_block(cls, stride: int, info: ValidationInfo) -> int:
+        block_size = info.data.get("block_size")
+        if block_size is not None and stride >= block_size:
+            raise ValueError(f"must be smaller than block_size ({block_size})")
+        return stride
+
+
+class IndexParams(Section):
+    """The FAISS index (stage: index)."""
+
+    factory: str = "auto"
+    flat_threshold: int = Field(default=200_000, gt=0)
+    train_points_per_list: int = Field(default=64, ge=39, le=256)
+    nprobe: int = Field(default=32, gt=0)
+    merge: Literal["none", "ondisk"] = "none"
+    recall_queries: int = Field(default=256, gt=0)
+    seed: int = 0
+    threads: int = Field(default=0, ge=0)
+
+
+class TargetsParams(Section):
+    """kNN distillation targets (stage: targets)."""
+
+    k: int = Field(default=64, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    width: int = Field(default=32, gt=0)
+    nprobe: Optional[int] = Field(default=None, gt=0)
+    exact_distances: bool = True
+    exclude_same_document_window: int = Field(default=0, ge=0)
+    probs_dtype: Literal["float32", "float16"] = "float32"
+
+    @field_validator("width")
+    @classmethod
+    def _width_within_k(cls, width: int, info: ValidationInfo) -> int:
+        k = info.data.get("k")
+        if k is not None and width > k:
+            raise ValueError(f"must not exceed k ({k})")
+        return width
+
+
+class MemoryParams(Section):
+    """The MLP memory and its training (stage: train-memory)."""
+
+    input_layer: int = -1
+    depth: int = Field(default=4, gt=0)
+    hidden_mult: int = Field(default=4, gt=0)
+    activation: Literal["gelu", "relu", "silu"] = "gelu"
+    lm_head: Literal["own", "frozen", "tied"] = "frozen"
+    mode: Literal["auto", "offline", "online"] = "auto"
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    batch_size: int = Field(default=512, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    warmup_steps: int = Field(default=50, ge=0)
+    max_steps: int = Field(default=1000, gt=0)
+    shuffle_buffer_chunks: int = Field(default=4, gt=0)
+    checkpoint_every: int = Field(default=200, gt=0)
+    seed: int = 0
+
+
+class EvaluateParams(Section):
+    """Perplexity and speed report (stage: evaluate)."""
+
+    knn_lambda: float = Field(default=0.25, ge=0.0, le=1.0)
+    memory_lambda: float = Field(default=0.25, ge=0.0, le=1.0)
+    k: int = Field(default=64, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    nprobe: int = Field(default=32, gt=0)
+    lambda_grid: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.25, 0.4, 0.6, 0.8])
+    batch_size: int = Field(default=8, gt=0)
+
+
+class Params(Section):
+    """The whole of ``params.yaml``."""
+
+    artifacts_dir: str = "artifacts"
+    corpus: CorpusParams = Field(default_factory=CorpusParams)
+    decoder: DecoderParams = Field(default_factory=DecoderParams)
+    encode: EncodeParams = Field(default_factory=EncodeParams)
+    index: IndexParams = Field(default_factory=IndexParams)
+    targets: TargetsParams = Field(default_factory=TargetsParams)
+    memory: MemoryParams = Field(default_factory=MemoryParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The resolved section ``name`` as plain JSON-able data (what manifests record)."""
+        return getattr(self, name).model_dump(mode="json")
+
+
+def _describe(error: dict[str, Any]) -> str:
+    path = ".".join(str(part) for part in error["loc"]) or "<root>"
+    reason = error["msg"]
+    if error["type"] == "extra_forbidden":
+        reason = "unknown key"
+    elif "input" in error and not isinstance(error["input"], (dict, list)):
+        reason = f"{reason} (got {error['input']!r})"
+    return f"{path}: {reason}"
+
+
+def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate a params mapping; errors name ``source`` and every bad dotted key."""
+    if data is not None and not isinstance(data, dict):
+        raise ParamsError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(e) for e in exc.errors())
+        raise ParamsError(f"{source}: invalid params:\n  {problems}") from None
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ParamsError(f"--set {override!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
+    node = data
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"--set {key}: {'.'.join(parts[:depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] = ()) -> Params:
+    """Read ``path`` (default: ./params.yaml when present), apply ``--set`` overrides, validate."""
+    source = "defaults"
+    data: dict[str, Any] = {}
+    if path is None and Path("params.yaml").exists():
+        path = "params.yaml"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ParamsError(f"{path}: cannot read params file: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ParamsError(f"{path}: top level must be a mapping of sections")
+    for override in overrides:
+        _apply_override(data, override)
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    return parse_params(data, source)

@@ -1,0 +1,187 @@
+"""Typed stores: tokens (Parquet), keys, neighbours and distributions (Zarr v3).
+
+Zarr stores are created once with their final shape by the driver, then written one whole
+plan shard at a time by workers; readers take row ranges. bfloat16 keys are stored as their
+raw 16-bit patterns (``uint16``, attribute ``key_dtype: bfloat16``) since numpy has no bfloat16.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage import fs
+from storage.errors import ArtifactError
+from storage.shards import Shard
+from storage.zarr_rows import ArraySpec, ZarrRows
+
+KEY_DTYPES = ("float16", "float32", "bfloat16")
+PROB_DTYPES = ("float32", "float16")
+
+
+def bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class KeyStore:
+    """Datastore keys ``[N, d]`` (float16 default, float32, bfloat16) and int32 next-token values ``[N]``."""
+
+    def __init__(self, rows: ZarrRows):
+        self.rows = rows
+        self.key_dtype = rows.group.attrs.get("key_dtype", str(rows.array("keys").dtype))
+
+    @classmethod
+    def create(cls, root: str, n_rows: int, dim: int, dtype: str = "float16", chunk_rows: int = 4096,
+               shard_chunks: int = 8, sub: str = "datastore.zarr") -> "KeyStore":
+        if dtype not in KEY_DTYPES:
+            raise ArtifactError(f"key dtype {dtype!r} not supported (choose from {', '.join(KEY_DTYPES)})")
+        specs = [ArraySpec("keys", "uint16" if dtype == "bfloat16" else dtype, (dim,)), ArraySpec("vals", "int32")]
+        return cls(ZarrRows.create(root, specs, n_rows, chunk_rows, shard_chunks, sub, {"key_dtype": dtype}))
+
+    @classmethod
+    def open(cls, root: str, sub: str = "datastore.zarr", writable: bool = False) -> "KeyStore":
+        return cls(ZarrRows.open(root, sub, writable))
+
+    @property
+    def dim(self) -> int:
+        return self.rows.array("keys").shape[1]
+
+    def write_shard(self, shard: Shard, keys: np.ndarray, vals: np.ndarray) -> dict[str, str]:
+        """Write one shard; non-finite keys are refused naming the shard and row."""
+        bad = np.flatnonzero(~np.isfinite(np.asarray(keys, dtype=np.float32)).all(axis=1))
+        if bad.size:
+            raise ArtifactError(
+                f"{self.rows.uri}: shard {shard.name} has non-finite key values at global row "
+                f"{shard.start + int(bad[0])} ({bad.size} rows in all)"
+            )
+        stored = bfloat16_bits(keys) if self.key_dtype == "bfloat16" else keys
+        return self.rows.write_shard(shard, {"keys": stored, "vals": np.asarray(vals)})
+
+    def keys(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Keys of rows ``[start, stop)``: stored dtype, or float32 for bfloat16 stores."""
+        raw = self.rows.read("keys", start, stop)
+        return bfloat16_to_float32(raw) if self.key_dtype == "bfloat16" else raw
+
+    def vals(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.rows.read("vals", start, stop)
+
+
+class NeighbourStore:
+    """k nearest neighbours per query row: global ids (int64, -1 = none) and L2 distances (float32)."""
+
+    def __init__(self, rows: ZarrRows):
+        self.rows = rows
+
+    @classmethod
+    def create(cls, root: str, n_rows: int, k: int, chunk_rows: int = 4096, shard_chunks: int = 8,
+               sub: str = "neighbours.zarr") -> "NeighbourStore":
+        specs = [ArraySpec("ids", "int64", (k,), -1), ArraySpec("dists", "float32", (k,), np.inf)]
+        return cls(ZarrRows.create(root, specs, n_rows, chunk_rows, shard_chunks, sub))
+
+    @classmethod
+    def open(cls, root: str, sub: str = "neighbours.zarr", writable: bool = False) -> "NeighbourStore":
+        return cls(ZarrRows.open(root, sub, writable))
+
+    @property
+    def k(self) -> int:
+        return self.rows.array("ids").shape[1]
+
+    def write_shard(self, shard: Shard, ids: np.ndarray, dists: np.ndarray) -> dict[str, str]:
+        return self.rows.write_shard(shard, {"ids": ids, "dists": dists})
+
+    def ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.rows.read("ids", start, stop)
+
+    def dists(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.rows.read("dists", start, stop)
+
+
+class DistributionStore:
+    """Sparse kNN distributions: ``m`` (token id int32, probability) pairs per row, sorted by
+    probability descending and padded with (-1, 0), plus the probability mass cut off by ``m``."""
+
+    def __init__(self, rows: ZarrRows):
+        self.rows = rows
+
+    @classmethod
+    def create(cls, root: str, n_rows: int, width: int, probs_dtype: str = "float32", chunk_rows: int = 4096,
+               shard_chunks: int = 8, sub: str = "distributions.zarr") -> "DistributionStore":
+        if probs_dtype not in PROB_DTYPES:
+            raise ArtifactError(f"probability dtype {probs_dtype!r} not supported ({', '.join(PROB_DTYPES)})")
+        specs = [ArraySpec("tokens", "int32", (width,), -1), ArraySpec("probs", probs_dtype, (width,), 0),
+                 ArraySpec("truncated", "float32", (), 0)]
+        return cls(ZarrRows.create(root, specs, n_rows, chunk_rows, shard_chunks, sub))
+
+    @classmethod
+    def open(cls, root: str, sub: str = "distributions.zarr", writable: bool = False) -> "DistributionStore":
+        return cls(ZarrRows.open(root, sub, writable))
+
+    @property
+    def width(self) -> int:
+        return self.rows.array("tokens").shape[1]
+
+    def write_shard(self, shard: Shard, tokens: np.ndarray, probs: np.ndarray,
+                    truncated: np.ndarray) -> dict[str, str]:
+        return self.rows.write_shard(shard, {"tokens": tokens, "probs": probs, "truncated": truncated})
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.rows.read("tokens", start, stop)
+
+    def probs(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.rows.read("probs", start, stop)
+
+    def truncated(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.rows.read("truncated", start, stop)
+
+
+TOKEN_SCHEMA = pa.schema([("token", pa.int32()), ("doc", pa.int64()), ("pos", pa.int32())])
+
+
+class TokenStore:
+    """Tokenized corpus as Parquet parts, one per plan shard: token id, document id, position in document."""
+
+    def __init__(self, root: str, sub: str = "parts"):
+        self.root = fs.normalize(root)
+        self.sub = sub.strip("/")
+
+    def part(self, shard: Shard) -> str:
+        """Path of ``shard``'s part relative to the artifact root."""
+        name = f"part-{shard.name}.parquet"
+        return f"{self.sub}/{name}" if self.sub else name
+
+    def write_shard(self, shard: Shard, tokens: np.ndarray, docs: np.ndarray,
+                    positions: np.ndarray) -> dict[str, str]:
+        """Write one part atomically; return its checksum."""
+        table = pa.table({"token": np.asarray(tokens, np.int32), "doc": np.asarray(docs, np.int64),
+                          "pos": np.asarray(positions, np.int32)}, schema=TOKEN_SCHEMA)
+        if table.num_rows != shard.rows:
+            raise ArtifactError(f"{self.root}: shard {shard.name} got {table.num_rows} rows, expected {shard.rows}")
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        rel = self.part(shard)
+        fs.write_bytes_atomic(fs.join(self.root, rel), buffer.getvalue())
+        return {rel: fs.file_checksum(fs.join(self.root, rel))}
+
+    def read_shard(self, shard: Shard) -> pa.Table:
+        """One part, with its schema and row count checked; a damaged file names itself."""
+        uri = fs.join(self.root, self.part(shard))
+        filesystem, path = fs.filesystem(uri)
+        try:
+            table = pq.read_table(path, filesystem=filesystem)
+        except (OSError, pa.ArrowException) as exc:
+            raise ArtifactError(f"{uri}: unreadable Parquet part: {exc}") from None
+        if table.schema != TOKEN_SCHEMA or table.num_rows != shard.rows:
+            raise ArtifactError(
+                f"{uri}: expected {shard.rows} rows of {TOKEN_SCHEMA}, found {table.num_rows} rows of {table.schema}"
+            )
+        return table

@@ -1,0 +1,172 @@
+"""Re-check a published artifact: checksums, markers, shapes and dtypes, per-store invariants.
+
+Content invariants are read from the manifest's conventions: ``counts.vocab_size`` bounds
+token ids and values, ``counts.datastore_rows`` bounds neighbour ids, and
+``stats.self_query`` (queries are datastore rows ``counts.query_offset + i``) forbids a
+row listing itself as its own neighbour.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+from storage import fs
+from storage.artifact import BUILD_NAME, MANIFEST_NAME, read_manifest
+from storage.errors import ArtifactError
+from storage.shards import MARKERS_DIR, PLAN_NAME, ShardMarkers, load_plan
+from storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
+from storage.zarr_rows import ZarrRows
+
+PROB_TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
+
+
+def _check_files(uri: str, manifest: dict) -> Iterator[str]:
+    recorded = manifest.get("files", {})
+    present = set(fs.list_files(uri))
+    for rel, checksum in recorded.items():
+        if rel not in present:
+            yield f"{rel}: missing (recorded in manifest)"
+        elif fs.file_checksum(fs.join(uri, rel)) != checksum:
+            yield f"{rel}: checksum mismatch (content changed since publish)"
+    for rel in sorted(present - set(recorded)):
+        if rel not in (MANIFEST_NAME, BUILD_NAME) and not rel.startswith(MARKERS_DIR + "/"):
+            yield f"{rel}: unexpected file (not in manifest)"
+
+
+def _check_markers(uri: str) -> Iterator[str]:
+    if not fs.exists(fs.join(uri, PLAN_NAME)):
+        return
+    plan = load_plan(uri)
+    markers = ShardMarkers(uri)
+    done = markers.done_names()
+    for shard in plan.shards:
+        if shard.name not in done:
+            yield f"{MARKERS_DIR}/{shard.name}.json: missing completion marker for shard {shard.name} " \
+                  f"(rows {shard.start}..{shard.stop})"
+
+
+def _check_arrays(uri: str, manifest: dict) -> Iterator[str]:
+    for name, expected in manifest.get("arrays", {}).items():
+        sub, _, array_name = name.rpartition("/")
+        try:
+            array = ZarrRows.open(uri, sub).array(array_name)
+        except (ArtifactError, OSError, ValueError) as exc:
+            yield f"{name}: cannot open array: {exc}"
+            continue
+        if list(array.shape) != expected["shape"] or str(array.dtype) != expected["dtype"]:
+            yield f"{name}: is {list(array.shape)} {array.dtype}, manifest says {expected['shape']} {expected['dtype']}"
+
+
+def _blocks(rows: ZarrRows) -> Iterator[tuple[int, int]]:
+    step = rows.unit_rows()
+    for start in range(0, rows.n_rows, step):
+        yield start, min(start + step, rows.n_rows)
+
+
+def _first(mask: np.ndarray, offset: int) -> int:
+    return offset + int(np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0])
+
+
+def _check_keys(uri: str, sub: str, manifest: dict) -> Iterator[str]:
+    store = KeyStore.open(uri, sub)
+    vocab = manifest.get("counts", {}).get("vocab_size")
+    for start, stop in _blocks(store.rows):
+        keys, vals = store.keys(start, stop), store.vals(start, stop)
+        bad = ~np.isfinite(keys)
+        if bad.any():
+            yield f"{sub}/keys: non-finite value in row {_first(bad, start)}"
+        bad = (vals < 0) | (vals >= vocab if vocab else False)
+        if bad.any():
+            yield f"{sub}/vals: token id out of range [0, {vocab}) in row {_first(bad, start)}"
+
+
+def _check_neighbours(uri: str, sub: str, manifest: dict) -> Iterator[str]:
+    store = NeighbourStore.open(uri, sub)
+    counts, stats = manifest.get("counts", {}), manifest.get("stats", {})
+    datastore_rows = counts.get("datastore_rows")
+    offset = counts.get("query_offset", 0)
+    for start, stop in _blocks(store.rows):
+        ids, dists = store.ids(start, stop), store.dists(start, stop)
+        bad = (ids < -1) | (ids >= datastore_rows if datastore_rows else False)
+        if bad.any():
+            yield f"{sub}/ids: neighbour id out of range in row {_first(bad, start)}"
+        if stats.get("self_query"):
+            own = np.arange(start, stop, dtype=np.int64)[:, None] + offset
+            bad = ids == own
+            if bad.any():
+                yield f"{sub}/ids: row {_first(bad, start)} lists itself as a neighbour"
+        bad = (ids >= 0) & ~(np.isfinite(dists) & (dists >= 0))
+        if bad.any():
+            yield f"{sub}/dists: negative or non-finite distance in row {_first(bad, start)}"
+
+
+def _check_distributions(uri: str, sub: str, manifest: dict) -> Iterator[str]:
+    store = DistributionStore.open(uri, sub)
+    vocab = manifest.get("counts", {}).get("vocab_size")
+    tolerance = PROB_TOLERANCE[str(store.rows.array("probs").dtype)]
+    for start, stop in _blocks(store.rows):
+        tokens = store.tokens(start, stop)
+        probs = store.probs(start, stop).astype(np.float64)
+        truncated = store.truncated(start, stop).astype(np.float64)
+        bad = (probs < 0) | ~np.isfinite(probs)
+        if bad.any():
+            yield f"{sub}/probs: negative or non-finite probability in row {_first(bad, start)}"
+        bad = (tokens < -1) | (tokens >= vocab if vocab else False) | ((tokens == -1) & (probs != 0))
+        if bad.any():
+            yield f"{sub}/tokens: token id out of range (or padding with mass) in row {_first(bad, start)}"
+        total = probs.sum(axis=1) + truncated
+        bad = np.abs(total - 1.0) > tolerance
+        if bad.any():
+            row = _first(bad, start)
+            yield f"{sub}/probs: row {row} sums to {total[row - start]:.6f} with its truncated mass, not 1 " \
+                  f"(tolerance {tolerance}; {int(bad.sum())} rows in this block)"
+
+
+def _check_token_parts(uri: str, manifest: dict) -> Iterator[str]:
+    if not fs.exists(fs.join(uri, PLAN_NAME)):
+        return
+    store = TokenStore(uri)
+    vocab = manifest.get("counts", {}).get("vocab_size")
+    for shard in load_plan(uri).shards:
+        try:
+            tokens = store.read_shard(shard).column("token").to_numpy()
+        except ArtifactError as exc:
+            yield str(exc)
+            continue
+        bad = (tokens < 0) | (tokens >= vocab if vocab else False)
+        if bad.any():
+            yield f"{store.part(shard)}: token id out of range in row {shard.start + int(np.flatnonzero(bad)[0])}"
+
+
+_STORE_CHECKS: dict[str, Callable[[str, str, dict], Iterator[str]]] = {
+    "keys": _check_keys, "ids": _check_neighbours, "probs": _check_distributions,
+}
+
+
+def _check_contents(uri: str, manifest: dict) -> Iterator[str]:
+    groups = {name.rpartition("/")[0] for name in manifest.get("arrays", {})}
+    for sub in sorted(groups):
+        names = {n.rpartition("/")[2] for n in manifest["arrays"] if n.rpartition("/")[0] == sub}
+        for marker_array, check in _STORE_CHECKS.items():
+            if marker_array in names:
+                yield from check(uri, sub, manifest)
+    if any(rel.endswith(".parquet") for rel in manifest.get("files", {})):
+        yield from _check_token_parts(uri, manifest)
+
+
+def verify(uri: str) -> list[str]:
+    """All problems found in the artifact at ``uri``; an empty list means it is sound."""
+    uri = fs.normalize(uri)
+    try:
+        manifest = read_manifest(uri)
+    except ArtifactError as exc:
+        return [str(exc)]
+    problems = [*_check_files(uri, manifest), *_check_markers(uri), *_check_arrays(uri, manifest)]
+    if problems:
+        # Content checks read every row; they only make sense on files that match the manifest.
+        return problems + ["content checks skipped: files do not match the manifest"]
+    try:
+        return list(_check_contents(uri, manifest))
+    except Exception as exc:  # noqa: BLE001 - any read failure is a finding, not a crash
+        return [f"{uri}: cannot read contents: {type(exc).__name__}: {exc}"]

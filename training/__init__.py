@@ -1,0 +1,1 @@
+"""Torch training and evaluation: decoder, MLP memory, perplexity report."""
