@@ -101,7 +101,8 @@ def _cmd_run(args, beam_args) -> int:
 
 
 def _cmd_ls(args, _beam_args) -> int:
-    root = args.dir or load_params(args.params, args.overrides).artifacts_dir
+    params = load_params(args.params, args.overrides)
+    root = args.dir or params.artifacts_dir
     found = [summarise(uri) for uri in find_artifacts(root)]
     if not found:
         print(f"no artifacts under {fs.normalize(root)}")
@@ -122,7 +123,11 @@ def _cmd_lineage(args, _beam_args) -> int:
         print(json.dumps(tree, indent=2))
     else:
         print("\n".join(render(tree)))
-    return EXIT_PROBLEMS if "error" in tree else 0
+    return EXIT_PROBLEMS if _has_error(tree) else 0
+
+
+def _has_error(node: dict) -> bool:
+    return "error" in node or any(_has_error(child) for child in node["inputs"])
 
 
 def _cmd_verify(args, _beam_args) -> int:

@@ -166,6 +166,9 @@ class ArtifactBuild:
             for shard in plan.shards:
                 files.update(self.markers.read(shard)["files"])
         for rel in fs.list_files(self.uri):
+            if fs.is_temporary(rel):  # left by a writer killed mid-write; never part of the artifact
+                fs.remove_tree(fs.join(self.uri, rel))
+                continue
             if rel in _BOOKKEEPING or rel.startswith(MARKERS_DIR + "/") or rel in files:
                 continue
             files[rel] = fs.file_checksum(fs.join(self.uri, rel))

@@ -12,6 +12,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 CHECKSUM_ALGORITHM = "sha256"
 _READ_BLOCK = 1 << 22
+TEMP_INFIX = ".tmp-"
 
 
 def normalize(uri: str | os.PathLike) -> str:
@@ -56,7 +57,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = f"{path}{TEMP_INFIX}{uuid.uuid4().hex}"
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -99,6 +100,11 @@ def list_files(uri: str) -> list[str]:
         return []
     root = root.rstrip("/")
     return sorted(p[len(root) + 1:] for p in fs.find(root) if p != root)
+
+
+def is_temporary(rel: str) -> bool:
+    """True for the temp files of ``write_bytes_atomic`` (debris when a writer was killed mid-write)."""
+    return TEMP_INFIX in rel.rsplit("/", 1)[-1]
 
 
 def remove_tree(uri: str) -> None:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage import fs
+from storage.artifact import read_manifest
 from storage.errors import ArtifactError
 from storage.shards import Shard
 from storage.zarr_rows import ArraySpec, ZarrRows
@@ -57,14 +58,20 @@ class KeyStore:
         return self.rows.array("keys").shape[1]
 
     def write_shard(self, shard: Shard, keys: np.ndarray, vals: np.ndarray) -> dict[str, str]:
-        """Write one shard; non-finite keys are refused naming the shard and row."""
-        bad = np.flatnonzero(~np.isfinite(np.asarray(keys, dtype=np.float32)).all(axis=1))
+        """Write one shard; keys non-finite in the stored dtype (NaN, inf, float16 overflow) are
+        refused naming the shard and the global row."""
+        if self.key_dtype == "bfloat16":
+            stored = bfloat16_bits(keys)
+            finite = np.isfinite(bfloat16_to_float32(stored))
+        else:
+            stored = np.asarray(keys).astype(self.key_dtype, copy=False)
+            finite = np.isfinite(stored)
+        bad = np.flatnonzero(~finite.reshape(len(stored), -1).all(axis=1))
         if bad.size:
             raise ArtifactError(
-                f"{self.rows.uri}: shard {shard.name} has non-finite key values at global row "
-                f"{shard.start + int(bad[0])} ({bad.size} rows in all)"
+                f"{self.rows.uri}: shard {shard.name} has key values that are not finite as {self.key_dtype} "
+                f"at global row {shard.start + int(bad[0])} ({bad.size} rows in all)"
             )
-        stored = bfloat16_bits(keys) if self.key_dtype == "bfloat16" else keys
         return self.rows.write_shard(shard, {"keys": stored, "vals": np.asarray(vals)})
 
     def keys(self, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -171,6 +178,12 @@ class TokenStore:
         rel = self.part(shard)
         fs.write_bytes_atomic(fs.join(self.root, rel), buffer.getvalue())
         return {rel: fs.file_checksum(fs.join(self.root, rel))}
+
+    @classmethod
+    def open(cls, root: str, sub: str = "parts") -> "TokenStore":
+        """A reader over a published token artifact (refuses unpublished ones)."""
+        read_manifest(root)
+        return cls(root, sub)
 
     def read_shard(self, shard: Shard) -> pa.Table:
         """One part, with its schema and row count checked; a damaged file names itself."""

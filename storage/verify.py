@@ -126,7 +126,7 @@ def _check_distributions(uri: str, sub: str, manifest: dict) -> Iterator[str]:
 def _check_token_parts(uri: str, manifest: dict) -> Iterator[str]:
     if not fs.exists(fs.join(uri, PLAN_NAME)):
         return
-    store = TokenStore(uri)
+    store = TokenStore.open(uri)
     vocab = manifest.get("counts", {}).get("vocab_size")
     for shard in load_plan(uri).shards:
         try:

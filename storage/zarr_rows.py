@@ -13,10 +13,13 @@ import zarr
 from zarr.storage import FsspecStore, LocalStore
 
 from storage import fs
+from storage.artifact import read_manifest
 from storage.errors import ArtifactError
 from storage.shards import Shard, ShardPlan
 
+# Not persisted by Zarr: applied each time an array is opened, so every shard has its file.
 _WRITE_CONFIG = {"write_empty_chunks": True}
+
 
 
 @dataclass(frozen=True)
@@ -74,14 +77,15 @@ class ZarrRows:
                 shards=(shard, *spec.row_shape),
                 dtype=spec.dtype,
                 fill_value=spec.fill_value,
-                config=_WRITE_CONFIG,
             )
         return cls(root, sub, group)
 
     @classmethod
     def open(cls, root: str, sub: str = "", writable: bool = False) -> "ZarrRows":
-        """Open an existing group (``r`` or ``r+``; never ``w``)."""
+        """Open an existing group: read-only (published artifacts only) or ``r+`` for its writers; never ``w``."""
         uri = fs.join(root, sub)
+        if not writable:
+            read_manifest(root)
         if not _group_exists(uri):
             raise ArtifactError(f"{uri}: no Zarr group here (zarr.json missing)")
         return cls(root, sub, zarr.open_group(zarr_store(uri), mode="r+" if writable else "r"))
@@ -96,8 +100,9 @@ class ZarrRows:
             )
 
     def array(self, name: str) -> zarr.Array:
+        """Array ``name``; it writes shards even when they hold only the fill value (a file per shard)."""
         try:
-            return self.group[name]
+            return self.group[name].with_config(_WRITE_CONFIG)
         except KeyError:
             raise ArtifactError(f"{self.uri}: array {name!r} missing") from None
 

@@ -1,0 +1,253 @@
+"""``verify`` and ``memforge verify`` on real artifacts: sound ones pass, each kind of damage is named."""
+from __future__ import annotations
+
+import os
+from uuid import uuid4
+
+import numpy as np
+import pytest
+
+from flows.cli import main
+from storage import fs
+from storage.artifact import ArtifactBuild, open_artifact
+from storage.errors import ArtifactError
+from storage.shards import ShardPlan, load_plan
+from storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
+from storage.verify import verify
+
+VOCAB = 500
+N = 48          # rows of every store; 16-row storage units -> 3 shards
+WIDTH = 5       # distribution entries per row
+K = 4           # neighbours per row
+
+
+def build_keys(uri: str) -> str:
+    """A sound, published float16 key store (3 shards) at ``uri``."""
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((N, 8), dtype=np.float32)
+    vals = rng.integers(0, VOCAB, N, dtype=np.int32)
+    build = ArtifactBuild.begin(uri, "keys", {"which": "keys"})
+    store = KeyStore.create(build.uri, N, 8, chunk_rows=8, shard_chunks=2)
+    plan = build.plan(store.rows.plan())
+    for shard in build.pending(plan):
+        build.markers.mark_done(shard, store.write_shard(shard, keys[shard.start:shard.stop],
+                                                         vals[shard.start:shard.stop]))
+    build.publish(counts={"rows": N, "vocab_size": VOCAB}, arrays=store.rows.describe())
+    return uri
+
+
+def build_targets(uri: str, short_row: int | None = None, self_row: int | None = None) -> str:
+    """A published distributions + neighbours artifact at ``uri`` (self-query, datastore = the rows themselves).
+
+    ``short_row``: that row's probabilities sum to 0.7 with truncated 0. ``self_row``: that row lists
+    itself among its neighbours. Both are written through the normal writers, so checksums are valid.
+    """
+    rng = np.random.default_rng(1)
+    tokens = np.stack([rng.permutation(VOCAB)[:WIDTH] for _ in range(N)]).astype(np.int32)
+    truncated = rng.uniform(0.05, 0.25, N)
+    weights = -np.sort(-rng.random((N, WIDTH)), axis=1)
+    probs = weights / weights.sum(axis=1, keepdims=True) * (1 - truncated)[:, None]
+    if short_row is not None:
+        probs[short_row] = weights[short_row] / weights[short_row].sum() * 0.7
+        truncated[short_row] = 0.0
+    probs, truncated = probs.astype(np.float32), truncated.astype(np.float32)
+
+    ids = np.stack([rng.permutation(np.delete(np.arange(N), i))[:K] for i in range(N)]).astype(np.int64)
+    if self_row is not None:
+        ids[self_row, 2] = self_row
+    dists = np.sort(rng.random((N, K), dtype=np.float32), axis=1)
+
+    build = ArtifactBuild.begin(uri, "targets", {"k": K, "width": WIDTH})
+    dist = DistributionStore.create(build.uri, N, WIDTH, chunk_rows=8, shard_chunks=2)
+    neigh = NeighbourStore.create(build.uri, N, K, chunk_rows=8, shard_chunks=2)
+    plan = build.plan(dist.rows.plan())
+    assert plan == neigh.rows.plan()
+    for s in build.pending(plan):
+        files = dist.write_shard(s, tokens[s.start:s.stop], probs[s.start:s.stop], truncated[s.start:s.stop])
+        files.update(neigh.write_shard(s, ids[s.start:s.stop], dists[s.start:s.stop]))
+        build.markers.mark_done(s, files)
+    build.publish(counts={"rows": N, "vocab_size": VOCAB, "datastore_rows": N},
+                  arrays={**dist.rows.describe(), **neigh.rows.describe()}, stats={"self_query": True})
+    return uri
+
+
+def build_tokens(uri: str) -> str:
+    """A sound, published token store of 3 Parquet parts at ``uri``."""
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, VOCAB, N, dtype=np.int32)
+    docs = np.repeat(np.arange(4, dtype=np.int64), N // 4)
+    positions = np.tile(np.arange(N // 4, dtype=np.int32), 4)
+    build = ArtifactBuild.begin(uri, "tokens", {"which": "tokens"})
+    store = TokenStore(build.uri)
+    plan = build.plan(ShardPlan.even(N, 20))
+    for s in build.pending(plan):
+        build.markers.mark_done(s, store.write_shard(s, tokens[s.start:s.stop], docs[s.start:s.stop],
+                                                     positions[s.start:s.stop]))
+    build.publish(counts={"rows": N, "vocab_size": VOCAB})
+    return uri
+
+
+BUILDERS = {"keys": build_keys, "targets": build_targets, "tokens": build_tokens}
+
+
+def assert_cli_reports(uri: str, capsys, *expected: str) -> None:
+    """``memforge verify uri`` exits 1 and prints each ``expected`` fragment on a PROBLEM line."""
+    capsys.readouterr()
+    assert main(["verify", uri]) == 1
+    out = capsys.readouterr().out
+    problem_lines = [line for line in out.splitlines() if line.startswith("PROBLEM ")]
+    assert problem_lines
+    for fragment in expected:
+        assert any(fragment in line for line in problem_lines), (fragment, out)
+    assert "problem(s)" in out
+
+
+def flip_byte(path: str) -> None:
+    """Invert one byte in the middle of the file at ``path``."""
+    with open(path, "r+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(size // 2)
+        byte = handle.read(1)
+        handle.seek(size // 2)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+# -- sound artifacts --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_sound_artifact_verifies(kind, where, tmp_path, capsys):
+    uri = str(tmp_path / kind) if where == "local" else f"memory://v-{uuid4().hex}/{kind}"
+    try:
+        BUILDERS[kind](uri)
+        assert open_artifact(uri, kind).manifest["shards"]["count"] == 3
+        assert verify(uri) == []
+        capsys.readouterr()
+        assert main(["verify", uri]) == 0
+        assert capsys.readouterr().out.strip().endswith(": OK")
+    finally:
+        if where == "memory":
+            fs.remove_tree(uri)
+
+
+# -- damaged files ----------------------------------------------------------------------------------------
+
+
+def test_flipped_byte_in_zarr_shard_file(tmp_path, capsys):
+    uri = build_keys(str(tmp_path / "keys"))
+    flip_byte(os.path.join(uri, "datastore.zarr/keys/c/0/0"))
+    problems = verify(uri)
+    assert problems[0] == "datastore.zarr/keys/c/0/0: checksum mismatch (content changed since publish)"
+    assert problems[-1] == "content checks skipped: files do not match the manifest"
+    assert len(problems) == 2  # the other shard files are still fine
+    assert_cli_reports(uri, capsys, "datastore.zarr/keys/c/0/0: checksum mismatch")
+
+
+def test_flipped_byte_in_targets_artifact_names_only_that_file(tmp_path, capsys):
+    uri = build_targets(str(tmp_path / "targets"))
+    flip_byte(os.path.join(uri, "neighbours.zarr/dists/c/2/0"))
+    problems = verify(uri)
+    assert [p for p in problems if "checksum" in p] == [
+        "neighbours.zarr/dists/c/2/0: checksum mismatch (content changed since publish)"]
+    assert_cli_reports(uri, capsys, "neighbours.zarr/dists/c/2/0")
+
+
+def test_truncated_parquet_part(tmp_path, capsys):
+    uri = build_tokens(str(tmp_path / "tokens"))
+    part = os.path.join(uri, "parts/part-00000.parquet")
+    size = os.path.getsize(part)
+    with open(part, "r+b") as handle:
+        handle.truncate(size // 2)
+    problems = verify(uri)
+    assert "parts/part-00000.parquet: checksum mismatch (content changed since publish)" in problems
+    assert not any("part-00001" in p or "part-00002" in p for p in problems)
+    assert_cli_reports(uri, capsys, "parts/part-00000.parquet")
+    # Read directly, the damaged part names itself rather than failing inside pyarrow.
+    with pytest.raises(ArtifactError, match=r"part-00000\.parquet: unreadable Parquet part"):
+        TokenStore(open_artifact(uri, "tokens").uri).read_shard(load_plan(uri).shards[0])
+
+
+def test_missing_part_file(tmp_path, capsys):
+    uri = build_tokens(str(tmp_path / "tokens"))
+    os.remove(os.path.join(uri, "parts/part-00002.parquet"))
+    assert "parts/part-00002.parquet: missing (recorded in manifest)" in verify(uri)
+    assert_cli_reports(uri, capsys, "parts/part-00002.parquet: missing")
+
+
+def test_unexpected_file(tmp_path, capsys):
+    uri = build_keys(str(tmp_path / "keys"))
+    with open(os.path.join(uri, "datastore.zarr/stray.bin"), "wb") as handle:
+        handle.write(b"x")
+    assert "datastore.zarr/stray.bin: unexpected file (not in manifest)" in verify(uri)
+    assert_cli_reports(uri, capsys, "datastore.zarr/stray.bin")
+
+
+def test_missing_shard_marker(tmp_path, capsys):
+    uri = build_keys(str(tmp_path / "keys"))
+    os.remove(os.path.join(uri, "_shards/00001.json"))
+    problems = verify(uri)
+    assert problems[0] == "_shards/00001.json: missing completion marker for shard 00001 (rows 16..32)"
+    assert not any("checksum" in p for p in problems)
+    assert_cli_reports(uri, capsys, "_shards/00001.json", "shard 00001")
+
+
+# -- content invariants (files intact, checksums valid) ---------------------------------------------------
+
+
+def test_probabilities_not_summing_to_one(tmp_path, capsys):
+    uri = build_targets(str(tmp_path / "targets"), short_row=21)
+    problems = verify(uri)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("distributions.zarr/probs: row 21 sums to 0.700000 with its truncated mass, not 1")
+    assert not any("checksum" in p for p in problems)
+    assert_cli_reports(uri, capsys, "row 21 sums to 0.700000")
+
+
+def test_row_listing_itself_as_neighbour(tmp_path, capsys):
+    uri = build_targets(str(tmp_path / "targets"), self_row=37)
+    problems = verify(uri)
+    assert problems == ["neighbours.zarr/ids: row 37 lists itself as a neighbour"]
+    assert_cli_reports(uri, capsys, "row 37 lists itself as a neighbour")
+
+
+def test_self_neighbour_allowed_without_self_query(tmp_path):
+    """The same ids are sound when queries are not datastore rows (no ``self_query`` stat)."""
+    uri = build_targets(str(tmp_path / "targets"), self_row=37)
+    manifest_path = os.path.join(uri, "_manifest.json")
+    manifest = fs.read_json(manifest_path)
+    manifest["stats"] = {}
+    fs.write_json_atomic(manifest_path, manifest)
+    assert verify(uri) == []
+
+
+# -- not published ----------------------------------------------------------------------------------------
+
+
+def test_deleted_manifest_is_not_an_artifact(tmp_path, capsys):
+    uri = build_keys(str(tmp_path / "keys"))
+    os.remove(os.path.join(uri, "_manifest.json"))
+    problems = verify(uri)
+    assert len(problems) == 1
+    assert "not a memforge artifact (no _manifest.json)" in problems[0]
+    assert_cli_reports(uri, capsys, "_manifest.json")
+
+
+def test_interrupted_build_is_not_published(tmp_path, capsys):
+    uri = str(tmp_path / "keys")
+    build = ArtifactBuild.begin(uri, "keys", {"which": "keys"})
+    store = KeyStore.create(build.uri, N, 8, chunk_rows=8, shard_chunks=2)
+    plan = build.plan(store.rows.plan())
+    first = plan.shards[0]
+    rng = np.random.default_rng(0)
+    build.markers.mark_done(first, store.write_shard(
+        first, rng.standard_normal((first.rows, 8)), rng.integers(0, VOCAB, first.rows)))
+    problems = verify(uri)
+    assert len(problems) == 1 and "artifact is not published (no _manifest.json)" in problems[0]
+    assert_cli_reports(uri, capsys, "not published")
+
+
+def test_missing_path(tmp_path, capsys):
+    uri = str(tmp_path / "nothing")
+    assert verify(uri) == [f"{uri}: no artifact here (path does not exist)"]
+    assert_cli_reports(uri, capsys, "no artifact here")
