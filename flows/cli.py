@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from flows import stages
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         split = argv.index("--")
         argv, beam_args = argv[:split], argv[split + 1:]
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("memforge").setLevel(logging.INFO)
     handler = _COMMANDS.get(args.command, _cmd_stage)
     try:
         return handler(args, beam_args)

@@ -30,10 +30,11 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", "read and tokenize the corpus into the token store (Beam)", ("tokens",)),
+    Stage("prepare", "read and tokenize the corpus into the token store (Beam)", ("tokens",),
+          "pipelines.prepare:prepare"),
     Stage("train-decoder", "train the decoder LM from scratch or fine-tune a local HF model", ("decoder",)),
     Stage("encode", "hidden-state keys and next-token values for each split (Beam)",
-          ("keys/train", "keys/validation")),
+          ("keys/train", "keys/validation"), "pipelines.encode:encode"),
     Stage("index", "train the FAISS index once, then add key shards in parallel (Beam)", ("index",)),
     Stage("targets", "kNN neighbours and distillation distributions for each split (Beam)",
           ("targets/train", "targets/validation")),

@@ -132,14 +132,17 @@ class ArtifactBuild:
             )
         elif fs.exists(state_uri):
             state = fs.read_json(state_uri)
-            if state.get("fingerprint") != build.fingerprint:
+            if state.get("fingerprint") != build.fingerprint and not build.markers.done_names():
+                fs.remove_tree(uri)  # an attempt that finished no shard holds no work worth keeping
+            elif state.get("fingerprint") != build.fingerprint:
                 raise ArtifactError(
                     f"{uri}: holds an interrupted build with other params, inputs or code "
                     f"(fingerprint {str(state.get('fingerprint'))[:12]}, this run {build.fingerprint[:12]}); "
                     "pass --rebuild to discard it"
                 )
-            build.started_at = state.get("started_at", build.started_at)
-            return build
+            else:
+                build.started_at = state.get("started_at", build.started_at)
+                return build
         elif fs.list_files(uri):
             raise ArtifactError(f"{uri}: exists and is not a memforge artifact; move it away or pass --rebuild")
         fs.write_json_atomic(state_uri, {

@@ -111,3 +111,21 @@ def remove_tree(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local directory's files to ``uri`` (local path or URL), each file written atomically."""
+    for path in sorted(os.listdir(local_dir)):
+        full = os.path.join(local_dir, path)
+        if os.path.isfile(full):
+            with open(full, "rb") as handle:
+                write_bytes_atomic(join(uri, path), handle.read())
+
+
+def local_dir(uri: str, scratch: str) -> str:
+    """A local directory with the files of ``uri``: the path itself when local, else a copy in ``scratch``."""
+    if is_local(uri):
+        return normalize(uri)
+    remote, path = filesystem(uri)
+    remote.get(path.rstrip("/") + "/", scratch.rstrip("/") + "/", recursive=True)
+    return scratch

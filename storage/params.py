@@ -22,14 +22,14 @@ class Section(BaseModel):
 class CorpusParams(Section):
     """Where the corpus comes from and how it is read (stage: prepare)."""
 
-    train: list[str] = Field(default_factory=list)
+    train: list[str] = Field(default_factory=lambda: ["{stdlib}/*.py"])
     validation: list[str] = Field(default_factory=list)
     validation_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"
     on_decode_error: Literal["error", "skip"] = "error"
-    max_bytes: int = Field(default=4_000_000, gt=0)
-    seed: int = 0
+    max_bytes: int = Field(default=2_000_000, gt=0)
+    shard_bytes: int = Field(default=256_000, gt=0)
 
 
 class DecoderParams(Section):
@@ -74,6 +74,7 @@ class EncodeParams(Section):
     chunk_rows: int = Field(default=4096, gt=0)
     shard_chunks: int = Field(default=8, gt=0)
     num_workers: int = Field(default=2, gt=0)
+    threads_per_worker: int = Field(default=1, gt=0)
 
     @field_validator("stride")
     @classmethod

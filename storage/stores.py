@@ -6,7 +6,9 @@ raw 16-bit patterns (``uint16``, attribute ``key_dtype: bfloat16``) since numpy 
 """
 from __future__ import annotations
 
+import bisect
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -155,29 +157,13 @@ TOKEN_SCHEMA = pa.schema([("token", pa.int32()), ("doc", pa.int64()), ("pos", pa
 
 
 class TokenStore:
-    """Tokenized corpus as Parquet parts, one per plan shard: token id, document id, position in document."""
+    """Tokenized corpus (one split) as Parquet parts, one per work shard holding any number of rows:
+    token id, document id, position in document. Global row offsets of the parts are recorded
+    by the stage (``PartOffsets``) once all parts are written."""
 
     def __init__(self, root: str, sub: str = "parts"):
         self.root = fs.normalize(root)
         self.sub = sub.strip("/")
-
-    def part(self, shard: Shard) -> str:
-        """Path of ``shard``'s part relative to the artifact root."""
-        name = f"part-{shard.name}.parquet"
-        return f"{self.sub}/{name}" if self.sub else name
-
-    def write_shard(self, shard: Shard, tokens: np.ndarray, docs: np.ndarray,
-                    positions: np.ndarray) -> dict[str, str]:
-        """Write one part atomically; return its checksum."""
-        table = pa.table({"token": np.asarray(tokens, np.int32), "doc": np.asarray(docs, np.int64),
-                          "pos": np.asarray(positions, np.int32)}, schema=TOKEN_SCHEMA)
-        if table.num_rows != shard.rows:
-            raise ArtifactError(f"{self.root}: shard {shard.name} got {table.num_rows} rows, expected {shard.rows}")
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        rel = self.part(shard)
-        fs.write_bytes_atomic(fs.join(self.root, rel), buffer.getvalue())
-        return {rel: fs.file_checksum(fs.join(self.root, rel))}
 
     @classmethod
     def open(cls, root: str, sub: str = "parts") -> "TokenStore":
@@ -185,16 +171,76 @@ class TokenStore:
         read_manifest(root)
         return cls(root, sub)
 
-    def read_shard(self, shard: Shard) -> pa.Table:
-        """One part, with its schema and row count checked; a damaged file names itself."""
+    def part(self, shard: Shard | str) -> str:
+        """Path of a shard's part relative to the artifact root."""
+        name = f"part-{shard if isinstance(shard, str) else shard.name}.parquet"
+        return f"{self.sub}/{name}" if self.sub else name
+
+    def write_shard(self, shard: Shard, tokens: np.ndarray, docs: np.ndarray,
+                    positions: np.ndarray) -> dict[str, str]:
+        """Write one part atomically; return its checksum."""
+        lengths = {len(tokens), len(docs), len(positions)}
+        if len(lengths) != 1:
+            raise ArtifactError(f"{fs.join(self.root, self.part(shard))}: token, doc and pos columns differ "
+                                f"in length ({len(tokens)}, {len(docs)}, {len(positions)})")
+        table = pa.table({"token": np.asarray(tokens, np.int32), "doc": np.asarray(docs, np.int64),
+                          "pos": np.asarray(positions, np.int32)}, schema=TOKEN_SCHEMA)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        rel = self.part(shard)
+        fs.write_bytes_atomic(fs.join(self.root, rel), buffer.getvalue())
+        return {rel: fs.file_checksum(fs.join(self.root, rel))}
+
+    def read_shard(self, shard: Shard | str, rows: int | None = None, columns: list[str] | None = None) -> pa.Table:
+        """One part, with its schema (and row count, when given) checked; a damaged file names itself."""
         uri = fs.join(self.root, self.part(shard))
         filesystem, path = fs.filesystem(uri)
         try:
             table = pq.read_table(path, filesystem=filesystem)
         except (OSError, pa.ArrowException) as exc:
             raise ArtifactError(f"{uri}: unreadable Parquet part: {exc}") from None
-        if table.schema != TOKEN_SCHEMA or table.num_rows != shard.rows:
+        if table.schema != TOKEN_SCHEMA or (rows is not None and table.num_rows != rows):
+            expected = f"{rows} rows" if rows is not None else "rows"
             raise ArtifactError(
-                f"{uri}: expected {shard.rows} rows of {TOKEN_SCHEMA}, found {table.num_rows} rows of {table.schema}"
+                f"{uri}: expected {expected} of {TOKEN_SCHEMA}, found {table.num_rows} rows of {table.schema}"
             )
-        return table
+        return table.select(columns) if columns else table
+
+    def read_rows(self, offsets: "PartOffsets", start: int, stop: int, column: str = "token") -> np.ndarray:
+        """Rows ``[start, stop)`` of the split's global row space, reading only the parts they touch."""
+        pieces = []
+        for name, first, last in offsets.covering(start, stop):
+            values = self.read_shard(name, last - first, [column]).column(column).to_numpy()
+            pieces.append(values[max(start, first) - first:min(stop, last) - first])
+        return np.concatenate(pieces) if pieces else np.zeros(0, TOKEN_SCHEMA.field(column).type.to_pandas_dtype())
+
+
+@dataclass(frozen=True)
+class PartOffsets:
+    """Global row range of each Parquet part of a token split: ``(shard name, start, stop)``, in order."""
+
+    parts: tuple[tuple[str, int, int], ...]
+
+    @classmethod
+    def from_counts(cls, counts: list[tuple[str, int]]) -> "PartOffsets":
+        parts, start = [], 0
+        for name, rows in counts:
+            parts.append((name, start, start + rows))
+            start += rows
+        return cls(tuple(parts))
+
+    @classmethod
+    def from_json(cls, data: list) -> "PartOffsets":
+        return cls(tuple((str(n), int(a), int(b)) for n, a, b in data))
+
+    def to_json(self) -> list:
+        return [list(p) for p in self.parts]
+
+    @property
+    def total_rows(self) -> int:
+        return self.parts[-1][2] if self.parts else 0
+
+    def covering(self, start: int, stop: int) -> list[tuple[str, int, int]]:
+        """Non-empty parts that overlap rows ``[start, stop)``."""
+        first = bisect.bisect_right([p[2] for p in self.parts], start)
+        return [p for p in self.parts[first:] if p[1] < stop and p[2] > p[1]]

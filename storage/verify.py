@@ -124,19 +124,18 @@ def _check_distributions(uri: str, sub: str, manifest: dict) -> Iterator[str]:
 
 
 def _check_token_parts(uri: str, manifest: dict) -> Iterator[str]:
-    if not fs.exists(fs.join(uri, PLAN_NAME)):
-        return
-    store = TokenStore.open(uri)
     vocab = manifest.get("counts", {}).get("vocab_size")
-    for shard in load_plan(uri).shards:
+    for rel in sorted(r for r in manifest.get("files", {}) if r.endswith(".parquet")):
+        sub, _, filename = rel.rpartition("/")
+        store = TokenStore.open(uri, sub)
         try:
-            tokens = store.read_shard(shard).column("token").to_numpy()
+            tokens = store.read_shard(filename[len("part-"):-len(".parquet")]).column("token").to_numpy()
         except ArtifactError as exc:
             yield str(exc)
             continue
         bad = (tokens < 0) | (tokens >= vocab if vocab else False)
         if bad.any():
-            yield f"{store.part(shard)}: token id out of range in row {shard.start + int(np.flatnonzero(bad)[0])}"
+            yield f"{rel}: token id out of range in row {int(np.flatnonzero(bad)[0])} of the part"
 
 
 _STORE_CHECKS: dict[str, Callable[[str, str, dict], Iterator[str]]] = {
@@ -151,8 +150,7 @@ def _check_contents(uri: str, manifest: dict) -> Iterator[str]:
         for marker_array, check in _STORE_CHECKS.items():
             if marker_array in names:
                 yield from check(uri, sub, manifest)
-    if any(rel.endswith(".parquet") for rel in manifest.get("files", {})):
-        yield from _check_token_parts(uri, manifest)
+    yield from _check_token_parts(uri, manifest)
 
 
 def verify(uri: str) -> list[str]:

@@ -32,6 +32,12 @@ class ArraySpec:
     fill_value: float | int = 0
 
 
+def shard_geometry(n_rows: int, chunk_rows: int, shard_chunks: int) -> tuple[int, int]:
+    """(chunk rows, Zarr shard rows) for an array of ``n_rows``: small arrays get one smaller shard."""
+    chunk = min(chunk_rows, max(n_rows, 1))
+    return chunk, chunk * min(shard_chunks, -(-max(n_rows, 1) // chunk))
+
+
 def zarr_store(uri: str):
     """A Zarr store for a local path or an fsspec URL."""
     uri = fs.normalize(uri)
@@ -66,8 +72,7 @@ class ZarrRows:
             for spec in specs:
                 store._check(spec, n_rows)
             return store
-        chunk = min(chunk_rows, max(n_rows, 1))
-        shard = chunk * min(shard_chunks, -(-max(n_rows, 1) // chunk))
+        chunk, shard = shard_geometry(n_rows, chunk_rows, shard_chunks)
         group = zarr.open_group(zarr_store(uri), mode="a", attributes=attrs or {})
         for spec in specs:
             group.create_array(

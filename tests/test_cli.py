@@ -37,14 +37,15 @@ def test_unimplemented_stage_exits_2(name, capsys):
 
 
 def test_run_names_missing_stages(tmp_path, capsys):
-    code = main(["run", "--set", f"artifacts_dir={tmp_path}", "--from", "encode", "--until", "targets"])
-    missing = [s.name for s in stages.select("encode", "targets") if s.entry is None]
+    missing = [s.name for s in stages.select("index", "evaluate") if s.entry is None]
+    code = main(["run", "--set", f"artifacts_dir={tmp_path}", "--from", "index", "--until", "evaluate"])
     err = capsys.readouterr().err
     if missing:
         assert code == 2
+        assert f"memforge run: {missing[0]}: not implemented yet; stopping before it" in err
         assert "stages not implemented yet: " + ", ".join(missing) in err
     else:
-        assert code == 0
+        assert code == 1  # everything exists; it fails on the missing upstream artifacts instead
 
 
 def test_run_rejects_reversed_range(capsys):
@@ -52,10 +53,29 @@ def test_run_rejects_reversed_range(capsys):
     assert "--from targets comes after --until encode" in capsys.readouterr().err
 
 
-def test_beam_options_pass_through_after_double_dash(capsys):
+def test_beam_options_pass_through_after_double_dash(tmp_path, capsys):
     # Everything after `--` is for Beam and never reaches memforge's own parser.
-    assert main(["encode", "--", "--runner=FlinkRunner", "--flink_master=host:8081"]) in (0, 2)
-    assert "unrecognized arguments" not in capsys.readouterr().err
+    assert main(["encode", "--set", f"artifacts_dir={tmp_path}", "--", "--runner=FlinkRunner",
+                 "--flink_master=host:8081"]) == 1
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" not in err and "no artifact here" in err
+
+
+def test_runner_options():
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+    from pipelines.runner import DEFAULT_RUNNER, pipeline
+
+    default, name = pipeline([], num_workers=3)
+    direct = default.options.view_as(DirectOptions)
+    assert name == DEFAULT_RUNNER and type(default.runner).__name__ == "FnApiRunner"
+    assert (direct.direct_running_mode, direct.direct_num_workers) == ("multi_processing", 3)
+    in_memory, _ = pipeline(["--direct_running_mode=in_memory"], num_workers=3)
+    assert in_memory.options.view_as(DirectOptions).direct_running_mode == "in_memory"
+    flink, name = pipeline(["--runner=FlinkRunner", "--flink_master=host:8081"], num_workers=3)
+    assert name == "FlinkRunner"
+    assert flink.options.get_all_options()["flink_master"] == "host:8081"
+    assert isinstance(flink.options, PipelineOptions)
 
 
 def test_ls_empty_dir(tmp_path, capsys):

@@ -225,3 +225,12 @@ def test_killed_after_last_shard_publishes_without_rewriting(tmp_path, capsys):
     assert open_artifact(str(uri)).manifest["files"] == open_artifact(str(clean)).manifest["files"]
     assert data_files(uri) == data_files(clean)
     assert verify(str(uri)) == []
+
+
+def test_attempt_that_finished_no_shard_is_replaced_without_rebuild(tmp_path):
+    """A build that failed before any shard completed (e.g. bad input) holds no work: other params may replace it."""
+    uri = str(tmp_path / "art")
+    ArtifactBuild.begin(uri, "keys", {"seed": 1, "rows": ROWS})  # started, then failed before any shard
+    result = toy_stage.run(uri, seed=SEED, rows=ROWS)
+    assert result == {"skipped": 0, "written": N_SHARDS, "up_to_date": False}
+    assert open_artifact(uri, "keys").params == {"seed": SEED, "rows": ROWS}

@@ -14,7 +14,7 @@ from storage import fs
 from storage.artifact import ArtifactBuild, open_artifact
 from storage.errors import ArtifactError
 from storage.shards import Shard, ShardMarkers, ShardPlan
-from storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore, TOKEN_SCHEMA
+from storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore, TOKEN_SCHEMA
 from storage.verify import verify
 
 VOCAB = 1000
@@ -180,11 +180,30 @@ def test_token_store_round_trip(artifact_uri):
     assert verify(artifact_uri) == []
 
 
-def test_token_store_refuses_wrong_row_count(tmp_path):
+def test_token_store_refuses_ragged_columns(tmp_path):
     store = TokenStore(str(tmp_path))
-    with pytest.raises(ArtifactError, match="shard 00001 got 3 rows, expected 4"):
-        store.write_shard(Shard(1, 4, 8), np.zeros(3), np.zeros(3), np.zeros(3))
+    with pytest.raises(ArtifactError, match="part-00001.parquet: token, doc and pos columns differ in length"):
+        store.write_shard(Shard(1, 4, 8), np.zeros(3), np.zeros(4), np.zeros(4))
     assert fs.list_files(str(tmp_path)) == []
+
+
+def test_token_store_reads_row_ranges_across_parts(tmp_path):
+    """Parts hold any number of rows; PartOffsets maps global rows onto them (empty parts included)."""
+    counts = [("00000", 7), ("00001", 0), ("00002", 5), ("00003", 9)]
+    tokens = np.arange(21, dtype=np.int32)
+    build = ArtifactBuild.begin(str(tmp_path / "art"), "tokens", {})
+    store = TokenStore(build.uri)
+    offsets = PartOffsets.from_counts(counts)
+    plan = build.plan(ShardPlan.even(4, 1))
+    for shard, (name, start, stop) in zip(plan.shards, offsets.parts):
+        n = stop - start
+        build.markers.mark_done(shard, store.write_shard(shard, tokens[start:stop], np.zeros(n), np.arange(n)))
+    build.publish(counts={"rows": 21}, stats={"parts": offsets.to_json()})
+    reader = TokenStore.open(build.uri)
+    back = PartOffsets.from_json(open_artifact(build.uri).manifest["stats"]["parts"])
+    assert back == offsets and back.total_rows == 21
+    for start, stop in [(0, 21), (3, 15), (7, 12), (12, 13), (20, 21), (5, 5)]:
+        np.testing.assert_array_equal(reader.read_rows(back, start, stop), tokens[start:stop])
 
 
 # -- concurrent writers -----------------------------------------------------------------------------------

@@ -1,0 +1,142 @@
+"""Corpus sources: expanding paths, globs and URLs into files, and reading their documents.
+
+A text file is one document; a JSONL line or a Parquet row is one document (its
+``corpus.text_field``). ``{stdlib}`` in a path stands for this Python's standard library
+directory, which is how the demo corpus exists on every machine without network.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sysconfig
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from storage import fs
+from storage.errors import MemforgeError
+from storage.params import CorpusParams
+
+GLOB_CHARS = "*?["
+FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class CorpusError(MemforgeError):
+    """Bad corpus input; the message names the file (and byte offset or line) at fault."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file: its index in the sorted file list, URI, format, size and split (None: by document)."""
+
+    index: int
+    uri: str
+    format: str
+    size: int
+    split: str | None
+
+
+def _expand(pattern: str, where: str) -> list[tuple[str, int]]:
+    pattern = pattern.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+    filesystem, path = fs.filesystem(pattern)
+    if any(ch in path for ch in GLOB_CHARS):
+        matches = sorted(filesystem.glob(path))
+    else:
+        matches = [path] if filesystem.exists(path) else []
+    files = [m for m in matches if filesystem.isfile(m)]
+    if not files:
+        raise CorpusError(f"{where}: no file matches {pattern!r}")
+    protocol = filesystem.protocol if isinstance(filesystem.protocol, str) else filesystem.protocol[0]
+    prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+    return [(prefix + f.lstrip("/") if prefix else f, filesystem.size(f)) for f in files]
+
+
+def _format(uri: str, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    suffix = "." + uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else ""
+    return FORMATS_BY_SUFFIX.get(suffix, "text")
+
+
+def source_files(params: CorpusParams) -> list[SourceFile]:
+    """All input files, sorted per split, capped at ``max_bytes`` (whole files, at least one)."""
+    groups = [("train" if params.validation else None, "corpus.train", params.train)]
+    if params.validation:
+        groups.append(("validation", "corpus.validation", params.validation))
+    if not params.train:
+        raise CorpusError("corpus.train: no sources given (list paths, globs or URLs)")
+    files: list[SourceFile] = []
+    total = 0
+    for split, key, patterns in groups:
+        seen: dict[str, int] = {}
+        for i, pattern in enumerate(patterns):
+            for uri, size in _expand(pattern, f"{key}[{i}]"):
+                seen.setdefault(uri, size)
+        for uri in sorted(seen):
+            if files and total + seen[uri] > params.max_bytes:
+                break
+            files.append(SourceFile(len(files), uri, _format(uri, params.format), seen[uri], split))
+            total += seen[uri]
+    return files
+
+
+def document_split(file: SourceFile, doc_index: int, validation_fraction: float) -> str:
+    """Deterministic split of one document: its file's split, or a hash of (file, index)."""
+    if file.split is not None:
+        return file.split
+    digest = hashlib.sha256(f"{file.uri}\0{doc_index}".encode()).digest()
+    return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction else "train"
+
+
+def _decode(data: bytes, uri: str, on_error: str, what: str = "", offset: int = 0) -> str | None:
+    """UTF-8 text of ``data`` (which starts at byte ``offset`` of the file), or None when skipped."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        if on_error == "skip":
+            return None
+        raise CorpusError(f"{uri}{what}: binary data (NUL byte at byte offset {offset + nul}); "
+                          "set corpus.on_decode_error: skip to skip such files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if on_error == "skip":
+            return None
+        raise CorpusError(f"{uri}{what}: not valid UTF-8 at byte offset {offset + exc.start}; "
+                          "set corpus.on_decode_error: skip to skip such files") from None
+
+
+def read_documents(file: SourceFile, params: CorpusParams) -> Iterator[tuple[int, str | None]]:
+    """(index in file, text) of each document; text is None for a skipped undecodable document."""
+    filesystem, path = fs.filesystem(file.uri)
+    if file.format == "parquet":
+        try:
+            table = pq.read_table(path, columns=[params.text_field], filesystem=filesystem)
+        except (KeyError, ValueError, OSError) as exc:
+            raise CorpusError(f"{file.uri}: cannot read column {params.text_field!r} from Parquet: {exc}") from None
+        for i, text in enumerate(table.column(params.text_field).to_pylist()):
+            if text is not None and not isinstance(text, str):
+                raise CorpusError(f"{file.uri}: row {i}: {params.text_field!r} is not a string")
+            yield i, text or ""
+        return
+    with filesystem.open(path, "rb") as handle:
+        data = handle.read()
+    if file.format == "text":
+        yield 0, _decode(data, file.uri, params.on_decode_error)
+        return
+    offset = 0
+    for i, line in enumerate(io.BytesIO(data)):
+        text = _decode(line, file.uri, params.on_decode_error, f" line {i + 1}", offset)
+        where = f"{file.uri} line {i + 1} (byte offset {offset})"
+        offset += len(line)
+        if text is None or not text.strip():
+            yield i, text if text is None else ""
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{where}: not valid JSON: {exc.msg}") from None
+        if not isinstance(record, dict) or not isinstance(record.get(params.text_field), str):
+            raise CorpusError(f"{where}: no string field {params.text_field!r}")
+        yield i, record[params.text_field]

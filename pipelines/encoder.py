@@ -1,0 +1,128 @@
+"""The encoder LM: loading it from a local directory, fingerprinting it, and capturing one
+representation (FFN input, block output or final hidden state) with a forward hook."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from storage.errors import MemforgeError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_BLOCK_LISTS = ("h", "layers", "blocks", "decoder.layers", "encoder.layers")
+_FFN_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
+_FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "final_layernorm", "decoder.final_layer_norm")
+
+
+class EncoderError(MemforgeError):
+    """The encoder model cannot be used as configured; the message names the path or setting."""
+
+
+def model_fingerprint(path: str) -> str:
+    """sha256 over the model's config and weight files (name + content), in name order."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.iterdir() if p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load_encoder(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path)`` in eval mode; bad paths and non-causal models are clear errors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise EncoderError(f"{path}: encoder model directory does not exist" if not os.path.exists(path)
+                           else f"{path}: is a file, expected a Hugging Face model directory")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise EncoderError(f"{path}: not a Hugging Face model directory: {exc}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                     dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise EncoderError(f"{path}: cannot load as a causal LM ({type(config).__name__}): {exc}") from None
+    return model.eval()
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest context the model's position embeddings allow, when its config says."""
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def hidden_size(model: torch.nn.Module) -> int:
+    config = model.config
+    size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "d_model", None)
+    if not size:
+        raise EncoderError(f"{type(config).__name__}: cannot tell the hidden size from the config")
+    return int(size)
+
+
+def _attribute(module: torch.nn.Module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    base = model.base_model
+    for name in _BLOCK_LISTS:
+        found = _attribute(base, name)
+        if isinstance(found, torch.nn.ModuleList) and len(found):
+            return found
+    raise EncoderError(f"{type(model).__name__}: cannot find its list of transformer blocks")
+
+
+class RepresentationCapture:
+    """Registers a hook that keeps the configured representation of the last forward pass.
+
+    ``ffn_input``: input of block ``layer``'s feed-forward sublayer (kNN-LM's choice);
+    ``block_output``: output of block ``layer``; ``final``: output of the final norm.
+    """
+
+    def __init__(self, model: torch.nn.Module, representation: str, layer: int):
+        self.value: torch.Tensor | None = None
+        blocks = transformer_blocks(model)
+        if not -len(blocks) <= layer < len(blocks):
+            raise EncoderError(f"encode.layer: {layer} is out of range for a model with {len(blocks)} blocks")
+        block = blocks[layer]
+        if representation == "ffn_input":
+            ffn = next((getattr(block, n) for n in _FFN_NAMES if isinstance(getattr(block, n, None), torch.nn.Module)),
+                       None)
+            if ffn is None:
+                raise EncoderError(f"{type(block).__name__}: cannot find the feed-forward sublayer")
+            self.handle = ffn.register_forward_pre_hook(self._keep_input)
+        elif representation == "block_output":
+            self.handle = block.register_forward_hook(self._keep_output)
+        else:
+            norm = next((_attribute(model.base_model, n) for n in _FINAL_NORMS if _attribute(model.base_model, n)
+                         is not None), None)
+            if norm is None:
+                raise EncoderError(f"{type(model).__name__}: cannot find the final norm for representation 'final'")
+            self.handle = norm.register_forward_hook(self._keep_output)
+
+    def _keep_input(self, _module, args):
+        self.value = args[0]
+
+    def _keep_output(self, _module, _args, output):
+        self.value = output[0] if isinstance(output, tuple) else output
+
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the base model (no LM head) on ``input_ids`` [B, T]; return the captured [B, T, d]."""
+        self.value = None
+        model.base_model(input_ids=input_ids, use_cache=False)
+        return self.value

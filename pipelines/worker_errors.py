@@ -1,0 +1,30 @@
+"""Bad input found inside a Beam worker is written down, not raised, and reported by the driver.
+
+Raising would make runners retry a deterministic failure and bury the message in a remote
+traceback; a report names the shard and the fault, and the shard stays unmarked.
+"""
+from __future__ import annotations
+
+from storage import fs
+from storage.errors import MemforgeError
+from storage.shards import Shard
+
+ERRORS_DIR = "_errors"
+
+
+def report(root: str, shard: Shard, error: Exception) -> None:
+    fs.write_json_atomic(fs.join(root, ERRORS_DIR, f"{shard.name}.json"), {"error": str(error)})
+
+
+def clear(root: str) -> None:
+    """Forget reports of an earlier run (call before the pipeline starts)."""
+    fs.remove_tree(fs.join(root, ERRORS_DIR))
+
+
+def raise_reported(root: str, error_class: type[MemforgeError] = MemforgeError) -> None:
+    """Raise the first reported error of this run, counting the other failed shards."""
+    reports = fs.list_files(fs.join(root, ERRORS_DIR))
+    if reports:
+        first = fs.read_json(fs.join(root, ERRORS_DIR, reports[0]))["error"]
+        more = f" (and {len(reports) - 1} more shards failed)" if len(reports) > 1 else ""
+        raise error_class(first + more)

@@ -1,0 +1,254 @@
+"""Bad input to `prepare` and `encode` is a clean, one-line CLI error that names the file, key or
+value at fault (exit 1, no traceback), and nothing is published. Errors found inside Beam workers
+(undecodable or empty documents, bad JSONL) are checked too, so those cases run a one-worker pipeline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import T5Config
+
+from flows.cli import main
+from storage.artifact import open_artifact
+from tiny_lm import make_gpt2, write_corpus
+
+MANIFEST = "_manifest.json"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny local GPT-2 (own tokenizer, n_positions=64), good train/validation text and an empty params file."""
+    root = tmp_path_factory.mktemp("bad_input")
+    train = write_corpus(root / "good" / "train", 4, 60, seed=1)
+    validation = write_corpus(root / "good" / "validation", 2, 40, seed=2)
+    model = make_gpt2(root / "model", [p.read_text() for p in train])
+    params = root / "empty.yaml"
+    params.write_text("")
+    return {"root": root, "model": model, "params": params,
+            "train": root / "good" / "train", "validation": root / "good" / "validation"}
+
+
+def stage_args(env, command: str, art: Path, train: list[str] | None = None,
+               validation: list[str] | None = None, **settings) -> list[str]:
+    """CLI args for ``command`` with the tiny model and small geometry; ``settings`` are extra
+    ``--set`` overrides (``corpus__format="jsonl"`` -> ``corpus.format=jsonl``)."""
+    values = {
+        "artifacts_dir": str(art), "encode.model": str(env["model"]),
+        "corpus.train": json.dumps([str(p) for p in (train if train is not None else [env["train"] / "*.txt"])]),
+        "corpus.validation": json.dumps([str(p) for p in (validation if validation is not None
+                                                          else [env["validation"] / "*.txt"])]),
+        "encode.block_size": 32, "encode.stride": 16, "encode.chunk_rows": 64, "encode.shard_chunks": 2,
+        "encode.num_workers": 1,
+    }
+    values.update({key.replace("__", "."): value for key, value in settings.items()})
+    args = [command, "--params", str(env["params"])]
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def assert_refused(code: int, err: str, command: str, *expected: str) -> str:
+    """Exit 1 with one `memforge <command>: error:` message containing every ``expected`` substring."""
+    assert code == 1, err
+    assert f"memforge {command}: error: " in err, err
+    assert "Traceback" not in err, err
+    message = err[err.index(f"memforge {command}: error: "):]
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+    return message
+
+
+def assert_unpublished(*artifact_dirs: Path) -> None:
+    for directory in artifact_dirs:
+        assert not (directory / MANIFEST).exists(), f"{directory} was published"
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data)
+    return path
+
+
+# -- prepare: sources ---------------------------------------------------------------------------
+
+def test_glob_matching_no_file(env, tmp_path, capsys):
+    art = tmp_path / "art"
+    pattern = str(tmp_path / "nowhere" / "*.txt")
+    code, err = run_cli(stage_args(env, "prepare", art, train=[pattern]), capsys)
+    assert_refused(code, err, "prepare", "corpus.train[0]: no file matches", pattern)
+    assert_unpublished(art / "tokens")
+
+
+def test_missing_source_is_named_by_key_and_index(env, tmp_path, capsys):
+    art = tmp_path / "art"
+    missing = str(tmp_path / "absent.txt")
+    code, err = run_cli(stage_args(env, "prepare", art, train=[env["train"] / "*.txt", missing]), capsys)
+    assert_refused(code, err, "prepare", "corpus.train[1]: no file matches", missing)
+    code, err = run_cli(stage_args(env, "prepare", art, validation=[missing]), capsys)
+    assert_refused(code, err, "prepare", "corpus.validation[0]: no file matches", missing)
+    assert_unpublished(art / "tokens")
+
+
+# -- prepare: content (found in the Beam workers or at publish time) ---------------------------
+
+@pytest.mark.parametrize("content", ["", "  \n\t\n"], ids=["empty", "whitespace"])
+def test_empty_or_whitespace_corpus(env, tmp_path, capsys, content):
+    art = tmp_path / "art"
+    write(tmp_path / "corpus" / "a.txt", content)
+    write(tmp_path / "corpus" / "b.txt", content)
+    code, err = run_cli(stage_args(env, "prepare", art, train=[tmp_path / "corpus" / "*.txt"]), capsys)
+    assert_refused(code, err, "prepare", "corpus.train", "empty or whitespace")
+    assert_unpublished(art / "tokens")
+
+
+def test_binary_file(env, tmp_path, capsys):
+    art = tmp_path / "art"
+    bad = write(tmp_path / "corpus" / "binary.txt", b"some text\x00\x01\x02 more")
+    train = [env["train"] / "*.txt", bad]
+    code, err = run_cli(stage_args(env, "prepare", art, train=train), capsys)
+    assert_refused(code, err, "prepare", str(bad), "NUL byte at byte offset 9", "on_decode_error")
+    assert_unpublished(art / "tokens")
+
+
+def test_non_utf8_file(env, tmp_path, capsys):
+    art = tmp_path / "art"
+    bad = write(tmp_path / "corpus" / "latin.txt", b"hello \xff\xfe world")
+    train = [env["train"] / "*.txt", bad]
+    code, err = run_cli(stage_args(env, "prepare", art, train=train), capsys)
+    assert_refused(code, err, "prepare", str(bad), "not valid UTF-8 at byte offset 6")
+    assert_unpublished(art / "tokens")
+
+
+def test_skip_undecodable_files_counts_them(env, tmp_path, capsys):
+    art = tmp_path / "art"
+    bad = [write(tmp_path / "corpus" / "binary.txt", b"some text\x00 more"),
+           write(tmp_path / "corpus" / "latin.txt", b"hello \xff\xfe world")]
+    train = [env["train"] / "*.txt", *bad]
+    code, err = run_cli(stage_args(env, "prepare", art, train=train, corpus__on_decode_error="skip"), capsys)
+    assert code == 0, err
+    tokens = open_artifact(str(art / "tokens"), "tokens")
+    assert tokens.manifest["stats"]["skipped_documents"] == len(bad)
+    assert tokens.manifest["stats"]["splits"]["train"]["documents"] == len(list(env["train"].glob("*.txt")))
+
+
+def test_jsonl_line_not_json(env, tmp_path, capsys):
+    art = tmp_path / "art"
+    bad = write(tmp_path / "corpus" / "data.jsonl", '{"text": "alpha beta gamma"}\n{"text": oops\n')
+    code, err = run_cli(stage_args(env, "prepare", art, train=[bad]), capsys)
+    assert_refused(code, err, "prepare", f"{bad} line 2", "not valid JSON")
+    assert_unpublished(art / "tokens")
+
+
+def test_jsonl_records_without_text_field(env, tmp_path, capsys):
+    art = tmp_path / "art"
+    bad = write(tmp_path / "corpus" / "data.jsonl", '{"body": "alpha beta gamma"}\n{"body": "delta"}\n')
+    code, err = run_cli(stage_args(env, "prepare", art, train=[bad]), capsys)
+    assert_refused(code, err, "prepare", f"{bad} line 1", "'text'")
+    assert_unpublished(art / "tokens")
+
+
+def test_good_jsonl_and_parquet_prepare(env, tmp_path, capsys):
+    art = tmp_path / "art"
+    texts = [p.read_text() for p in sorted(env["train"].glob("*.txt"))]
+    write(tmp_path / "corpus" / "train" / "a.jsonl", "".join(json.dumps({"text": t, "id": i}) + "\n"
+                                                             for i, t in enumerate(texts[:2])))
+    pq.write_table(pa.table({"text": texts[2:], "id": list(range(len(texts) - 2))}),
+                   tmp_path / "corpus" / "train" / "b.parquet")
+    val = [p.read_text() for p in sorted(env["validation"].glob("*.txt"))]
+    write(tmp_path / "corpus" / "validation" / "v.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in val))
+    code, err = run_cli(stage_args(env, "prepare", art, train=[tmp_path / "corpus" / "train" / "*"],
+                                   validation=[tmp_path / "corpus" / "validation" / "*"],
+                                   corpus__format="auto"), capsys)
+    assert code == 0, err
+    splits = open_artifact(str(art / "tokens"), "tokens").manifest["stats"]["splits"]
+    assert splits["train"]["documents"] == len(texts)
+    assert splits["validation"]["documents"] == len(val)
+
+
+def test_empty_validation_split(env, tmp_path, capsys):
+    art = tmp_path / "art"
+    code, err = run_cli(stage_args(env, "prepare", art, validation=[], corpus__validation_fraction=0), capsys)
+    assert_refused(code, err, "prepare", "validation split", "corpus.validation")
+    assert_unpublished(art / "tokens")
+
+
+# -- encode -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prepared(env, tmp_path_factory):
+    """A published token store made with the tiny model's tokenizer."""
+    art = tmp_path_factory.mktemp("prepared") / "art"
+    assert main(stage_args(env, "prepare", art)) == 0
+    return art
+
+
+def keys_dirs(art: Path) -> tuple[Path, Path]:
+    return art / "keys" / "train", art / "keys" / "validation"
+
+
+def test_encode_missing_model(env, prepared, tmp_path, capsys):
+    model = str(tmp_path / "no_such_model")
+    code, err = run_cli(stage_args(env, "encode", prepared, encode__model=model), capsys)
+    assert_refused(code, err, "encode", model, "does not exist")
+    assert_unpublished(*keys_dirs(prepared))
+
+
+def test_encode_non_causal_lm(env, prepared, tmp_path, capsys):
+    model = tmp_path / "t5"
+    T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=400).save_pretrained(model)
+    code, err = run_cli(stage_args(env, "encode", prepared, encode__model=str(model)), capsys)
+    assert_refused(code, err, "encode", str(model), "cannot load as a causal LM")
+    assert_unpublished(*keys_dirs(prepared))
+
+
+def test_encode_block_size_beyond_positions(env, prepared, capsys):
+    code, err = run_cli(stage_args(env, "encode", prepared, encode__block_size=128, encode__stride=64), capsys)
+    assert_refused(code, err, "encode", "encode.block_size: 128 exceeds the maximum positions (64)",
+                   str(env["model"]))
+    assert_unpublished(*keys_dirs(prepared))
+
+
+def test_encode_stride_not_below_block_size(env, prepared, capsys):
+    code, err = run_cli(stage_args(env, "encode", prepared, encode__block_size=32, encode__stride=32), capsys)
+    assert_refused(code, err, "encode", "encode.stride", "smaller than block_size")
+    assert_unpublished(*keys_dirs(prepared))
+
+
+def test_encode_before_prepare(env, tmp_path, capsys):
+    art = tmp_path / "art"
+    code, err = run_cli(stage_args(env, "encode", art), capsys)
+    assert_refused(code, err, "encode", str(art / "tokens"), "no artifact here")
+    assert_unpublished(*keys_dirs(art))
+
+
+def test_jsonl_decode_errors_give_the_file_offset(env, tmp_path, capsys):
+    """Offsets in JSONL errors count from the start of the file, not of the line."""
+    first = b'{"text": "first line"}\n'
+    bad = write(tmp_path / "x.jsonl", first + b'{"text": "ok \xff"}\n')
+    code, err = run_cli(stage_args(env, "prepare", tmp_path / "art", train=[bad], validation=[bad]), capsys)
+    assert_refused(code, err, "prepare", f"{bad} line 2: not valid UTF-8 at byte offset {len(first) + 13}")
+    assert_unpublished(tmp_path / "art" / "tokens")
+
+
+def test_failed_attempt_does_not_force_rebuild(env, tmp_path, capsys):
+    """A prepare that failed on bad input finished no shard; the corrected rerun needs no --rebuild."""
+    art = tmp_path / "art"
+    code, err = run_cli(stage_args(env, "prepare", art, train=[tmp_path / "nothing*.txt"]), capsys)
+    assert code == 1
+    code, err = run_cli(stage_args(env, "prepare", art, **{"encode__model": "/nonexistent/model"}), capsys)
+    assert_refused(code, err, "prepare", "/nonexistent/model: tokenizer directory does not exist")
+    code, err = run_cli(stage_args(env, "prepare", art), capsys)
+    assert code == 0, err
+    assert open_artifact(str(art / "tokens"), "tokens").manifest["counts"]["train_tokens"] > 0
