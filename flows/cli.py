@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                                           "params, code version, build time and run ids of every ancestor.")
     lin.add_argument("path", metavar="PATH")
     lin.add_argument("--json", action="store_true", help="print the tree as JSON")
+    bench = commands.add_parser("bench", help="measure stage speed and memory against bare library loops",
+                                description="Run benchmark parts and print a table of figures (ratios are "
+                                            "stage / bare library, measured in one run on this machine).")
+    bench.add_argument("--only", action="append", choices=["encode", "encode_rss", "storage"],
+                       help="run only this part (repeatable)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object of all figures")
+    bench.add_argument("--workdir", help="directory for the temporary workspace (default: system temp)")
     ver = commands.add_parser("verify", help="re-check an artifact's checksums and invariants",
                               description="Re-check checksums, shapes, dtypes, shard markers and per-store "
                                           "invariants. Exit 0 when sound, 1 listing each problem.")
@@ -142,7 +149,15 @@ def _cmd_verify(args, _beam_args) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "ls": _cmd_ls, "lineage": _cmd_lineage, "verify": _cmd_verify}
+def _cmd_bench(args, _beam_args) -> int:
+    from flows import bench
+
+    figures = bench.run(args.only, args.workdir)
+    print(json.dumps(figures) if args.json else bench.table(figures))
+    return 0
+
+
+_COMMANDS = {"bench": _cmd_bench, "run": _cmd_run, "ls": _cmd_ls, "lineage": _cmd_lineage, "verify": _cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

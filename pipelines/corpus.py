@@ -29,28 +29,35 @@ class CorpusError(MemforgeError):
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One input file: its index in the sorted file list, URI, format, size and split (None: by document)."""
+    """One input file: its index in the sorted file list, URI, name (path below the pattern's fixed
+    prefix, the same on every machine), format, size and split (None: split by document)."""
 
     index: int
     uri: str
+    name: str
     format: str
     size: int
     split: str | None
 
 
-def _expand(pattern: str, where: str) -> list[tuple[str, int]]:
+def _expand(pattern: str, where: str) -> list[tuple[str, str, int]]:
+    """(uri, name, size) of every file matching ``pattern``."""
     pattern = pattern.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
     filesystem, path = fs.filesystem(pattern)
     if any(ch in path for ch in GLOB_CHARS):
+        fixed = path[:min(path.index(ch) for ch in GLOB_CHARS if ch in path)]
         matches = sorted(filesystem.glob(path))
     else:
+        fixed = path
         matches = [path] if filesystem.exists(path) else []
+    base = fixed.rsplit("/", 1)[0] + "/" if "/" in fixed else ""
     files = [m for m in matches if filesystem.isfile(m)]
     if not files:
         raise CorpusError(f"{where}: no file matches {pattern!r}")
     protocol = filesystem.protocol if isinstance(filesystem.protocol, str) else filesystem.protocol[0]
     prefix = "" if protocol in ("file", "local") else f"{protocol}://"
-    return [(prefix + f.lstrip("/") if prefix else f, filesystem.size(f)) for f in files]
+    return [(prefix + f.lstrip("/") if prefix else f, f[len(base):] if f.startswith(base) else f, filesystem.size(f))
+            for f in files]
 
 
 def _format(uri: str, configured: str) -> str:
@@ -70,23 +77,24 @@ def source_files(params: CorpusParams) -> list[SourceFile]:
     files: list[SourceFile] = []
     total = 0
     for split, key, patterns in groups:
-        seen: dict[str, int] = {}
+        seen: dict[str, tuple[str, int]] = {}
         for i, pattern in enumerate(patterns):
-            for uri, size in _expand(pattern, f"{key}[{i}]"):
-                seen.setdefault(uri, size)
+            for uri, name, size in _expand(pattern, f"{key}[{i}]"):
+                seen.setdefault(uri, (name, size))
         for uri in sorted(seen):
-            if files and total + seen[uri] > params.max_bytes:
+            name, size = seen[uri]
+            if files and total + size > params.max_bytes:
                 break
-            files.append(SourceFile(len(files), uri, _format(uri, params.format), seen[uri], split))
-            total += seen[uri]
+            files.append(SourceFile(len(files), uri, name, _format(uri, params.format), size, split))
+            total += size
     return files
 
 
 def document_split(file: SourceFile, doc_index: int, validation_fraction: float) -> str:
-    """Deterministic split of one document: its file's split, or a hash of (file, index)."""
+    """Deterministic split of one document: its file's split, or a hash of (file name, index)."""
     if file.split is not None:
         return file.split
-    digest = hashlib.sha256(f"{file.uri}\0{doc_index}".encode()).digest()
+    digest = hashlib.sha256(f"{file.name}\0{doc_index}".encode()).digest()
     return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction else "train"
 
 

@@ -87,11 +87,17 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise EncoderError(f"{type(model).__name__}: cannot find its list of transformer blocks")
 
 
+class _Captured(Exception):
+    """Raised by the hook once the representation is kept: the rest of the forward pass is not needed."""
+
+
 class RepresentationCapture:
     """Registers a hook that keeps the configured representation of the last forward pass.
 
     ``ffn_input``: input of block ``layer``'s feed-forward sublayer (kNN-LM's choice);
     ``block_output``: output of block ``layer``; ``final``: output of the final norm.
+    The forward pass stops as soon as the representation is captured, so the layers after it
+    (for the default, the last feed-forward sublayer and the final norm) are never computed.
     """
 
     def __init__(self, model: torch.nn.Module, representation: str, layer: int):
@@ -117,12 +123,19 @@ class RepresentationCapture:
 
     def _keep_input(self, _module, args):
         self.value = args[0]
+        raise _Captured
 
     def _keep_output(self, _module, _args, output):
         self.value = output[0] if isinstance(output, tuple) else output
+        raise _Captured
 
     def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the base model (no LM head) on ``input_ids`` [B, T]; return the captured [B, T, d]."""
+        """Run the base model (no LM head) on ``input_ids`` [B, T] up to the hook; return the captured [B, T, d]."""
         self.value = None
-        model.base_model(input_ids=input_ids, use_cache=False)
+        try:
+            model.base_model(input_ids=input_ids, use_cache=False)
+        except _Captured:
+            pass
+        if self.value is None:
+            raise EncoderError(f"{type(model).__name__}: the representation hook did not fire")
         return self.value

@@ -45,7 +45,7 @@ def tokens_uri(params: Params) -> str:
 
 
 def _stage_params(params: Params, files: list[SourceFile]) -> dict:
-    listing = hashlib.sha256(json.dumps([(f.uri, f.size, f.split) for f in files]).encode()).hexdigest()
+    listing = hashlib.sha256(json.dumps([(f.name, f.size, f.split) for f in files]).encode()).hexdigest()
     return {
         "corpus": params.section("corpus"),
         "sources": {"files": len(files), "bytes": sum(f.size for f in files), "listing_sha256": listing},
@@ -182,7 +182,8 @@ def prepare(params: Params, *, rebuild: bool = False, beam_args: list[str] = ())
 def _publish(build: ArtifactBuild, plan: ShardPlan, params: Params, runner: str | None) -> str:
     root = build.uri
     markers = [build.markers.read(s) for s in plan.shards]
-    vocab_size = len(load_tokenizer(fs.local_dir(fs.join(root, TOKENIZER_DIR), tempfile.mkdtemp())))
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_size = len(load_tokenizer(fs.local_dir(fs.join(root, TOKENIZER_DIR), scratch)))
     splits, counts = {}, {"vocab_size": vocab_size}
     for split in SPLITS:
         offsets = PartOffsets.from_counts([(m_shard.name, m["stats"][f"{split}_tokens"])

@@ -1,0 +1,225 @@
+"""``memforge bench``: speed and memory of the stages against bare library baselines.
+
+Every ratio is measured in one run on this machine: the stage as users run it (Beam, stores,
+markers, checksums) against the bare library loop over the same data with the same thread count.
+Parts: ``encode`` (encode_vs_bare for a tiny and a small GPT-2), ``encode_rss`` (peak RSS of
+``memforge encode`` at 1x and 4x the corpus), ``storage`` (bytes per token on disk).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from storage import fs
+from storage.artifact import open_artifact
+from storage.params import Params, parse_params
+
+MODELS = {"tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2}, "small": {"n_layer": 4, "n_embd": 128, "n_head": 4}}
+CORPUS_BYTES = 1_000_000  # 1x; the 4x run reads four times as much of the standard library
+# encode_vs_bare corpus per model: large enough that Beam's fixed cost (~8 s to start two worker
+# processes that import torch and transformers, and to shut them down) is amortised.
+RATIO_SCALES = {"tiny": 24, "small": 4}
+BLOCK, STRIDE, VOCAB = 256, 128, 2048
+
+
+class Workspace:
+    """Models, corpora and params for one bench run, built on first use under a temp directory."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._models: dict[str, Path] = {}
+        self._prepared: dict[int, Params] = {}
+
+    def model(self, name: str) -> Path:
+        if name not in self._models:
+            import torch
+            from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+            from pipelines.corpus import read_documents, source_files
+            from pipelines.tokenizer import train_tokenizer
+
+            path = self.root / f"model-{name}"
+            corpus = parse_params({"corpus": self.corpus(1)}).corpus
+            texts = (t for f in source_files(corpus) for _, t in read_documents(f, corpus) if t)
+            train_tokenizer(texts, VOCAB, str(path))
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            torch.manual_seed(0)
+            GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=BLOCK, **MODELS[name],
+                                       bos_token_id=tokenizer.eos_token_id,
+                                       eos_token_id=tokenizer.eos_token_id)).save_pretrained(path)
+            self._models[name] = path
+        return self._models[name]
+
+    @staticmethod
+    def corpus(scale: int) -> dict:
+        return {"train": ["{stdlib}/**/*.py"], "max_bytes": CORPUS_BYTES * scale, "validation_fraction": 0.05}
+
+    def params(self, scale: int, model: str) -> Params:
+        """Params for an encode of the ``scale``x corpus with ``model`` (prepared once per scale)."""
+        params = parse_params({
+            "artifacts_dir": str(self.root / f"art-{scale}x"), "corpus": self.corpus(scale),
+            "encode": {"model": str(self.model("tiny")), "block_size": BLOCK, "stride": STRIDE, "batch_size": 8,
+                       "num_workers": 2, "threads_per_worker": 1},
+        })
+        if scale not in self._prepared:
+            from pipelines.prepare import prepare
+
+            prepare(params)
+            self._prepared[scale] = params
+        encode = {**params.section("encode"), "model": str(self.model(model))}
+        return params.model_copy(update={"encode": params.encode.model_copy(update=encode)})
+
+
+def _bare_encode_rows_per_second(params: Params, hooked: bool = False) -> tuple[float, int]:
+    """Datastore rows/s of a bare forward loop over the same windows, batch size and thread count.
+
+    ``hooked``: with the stage's own representation capture (which stops the forward pass once
+    the key is captured), isolating the pipeline's overhead from that saving.
+    """
+    import numpy as np
+    import torch
+
+    from pipelines.encode import windows_for_rows
+    from pipelines.encoder import RepresentationCapture, load_encoder
+    from pipelines.prepare import SPLITS, tokens_uri
+    from storage.stores import PartOffsets, TokenStore
+
+    tokens = open_artifact(tokens_uri(params), "tokens")
+    model = load_encoder(params.encode.model)
+    torch.set_num_threads(params.encode.num_workers * params.encode.threads_per_worker)
+    batches, rows = [], 0
+    for split in SPLITS:
+        offsets = PartOffsets.from_json(tokens.manifest["stats"]["splits"][split]["parts"])
+        stream = TokenStore.open(tokens.uri, split).read_rows(offsets, 0, offsets.total_rows).astype(np.int64)
+        windows = windows_for_rows(0, offsets.total_rows - 1, offsets.total_rows, BLOCK, STRIDE)
+        rows += offsets.total_rows - 1
+        by_length: dict[int, list] = {}
+        for w in windows:
+            by_length.setdefault(w.end - w.begin, []).append(torch.from_numpy(stream[w.begin:w.end]))
+        for group in by_length.values():
+            batches += [torch.stack(group[i:i + params.encode.batch_size])
+                        for i in range(0, len(group), params.encode.batch_size)]
+    capture = RepresentationCapture(model, params.encode.representation, params.encode.layer) if hooked else None
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            if capture is None:
+                model.base_model(input_ids=batch, use_cache=False)
+            else:
+                capture(model, batch)
+    return rows / (time.perf_counter() - started), rows
+
+
+def bench_encode(ws: Workspace) -> dict:
+    """encode_vs_bare: stage rows/s (wall time of the whole stage) / bare forward-loop rows/s;
+    encode_vs_bare_hooked: the same against a bare loop that also stops at the captured layer."""
+    from pipelines.encode import encode
+
+    figures = {}
+    for name in MODELS:
+        params = ws.params(RATIO_SCALES[name], name)
+        started = time.perf_counter()
+        encode(params, rebuild=True)
+        seconds = time.perf_counter() - started
+        rows = sum(open_artifact(fs.join(params.artifacts_dir, "keys", s)).manifest["counts"]["rows"]
+                   for s in ("train", "validation"))
+        bare, bare_rows = _bare_encode_rows_per_second(params)
+        hooked, _ = _bare_encode_rows_per_second(params, hooked=True)
+        assert bare_rows == rows
+        figures[f"encode_{name}_rows"] = rows
+        figures[f"encode_{name}_stage_rows_per_s"] = round(rows / seconds, 1)
+        figures[f"encode_{name}_bare_rows_per_s"] = round(bare, 1)
+        figures[f"encode_{name}_bare_hooked_rows_per_s"] = round(hooked, 1)
+        figures[f"encode_vs_bare_{name}"] = round(rows / seconds / bare, 3)
+        figures[f"encode_vs_bare_hooked_{name}"] = round(rows / seconds / hooked, 3)
+    return figures
+
+
+def _peak_tree_rss(command: list[str]) -> tuple[int, float]:
+    """Run ``command``; return the peak summed RSS of it and its children (bytes), and its wall time."""
+    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak, done = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            try:
+                tree = [process, *process.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    started = time.perf_counter()
+    sampler.start()
+    code = process.wait()
+    done.set()
+    sampler.join()
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {code}")
+    return peak, time.perf_counter() - started
+
+
+def bench_encode_rss(ws: Workspace) -> dict:
+    """Peak RSS (driver + Beam workers) of `memforge encode` at 1x and 4x the corpus, tiny model."""
+    figures = {}
+    for scale in (1, 4):
+        params = ws.params(scale, "tiny")
+        config = ws.root / f"params-{scale}x.json"
+        config.write_text(json.dumps(params.model_dump(mode="json")))
+        command = [str(Path(sys.executable).parent / "memforge"), "encode", "--params", str(config), "--rebuild"]
+        peak, _ = _peak_tree_rss(command)
+        figures[f"encode_peak_rss_mb_{scale}x"] = round(peak / 2**20, 1)
+    figures["encode_rss_4x_vs_1x"] = round(figures["encode_peak_rss_mb_4x"] / figures["encode_peak_rss_mb_1x"], 3)
+    return figures
+
+
+def _bytes(uri: str, suffixes: tuple[str, ...]) -> int:
+    filesystem, path = fs.filesystem(uri)
+    return sum(filesystem.size(fs.join(path, rel)) for rel in fs.list_files(uri) if rel.endswith(suffixes)
+               or "/c/" in rel)
+
+
+def bench_storage(ws: Workspace) -> dict:
+    """Bytes per token on disk: token store (Parquet) and key store (Zarr keys + values)."""
+    params = ws.params(4, "tiny")
+    tokens = open_artifact(fs.join(params.artifacts_dir, "tokens"))
+    n_tokens = tokens.manifest["counts"]["train_tokens"] + tokens.manifest["counts"]["validation_tokens"]
+    keys = fs.join(params.artifacts_dir, "keys", "train")
+    if not fs.exists(fs.join(keys, "_manifest.json")):
+        from pipelines.encode import encode
+
+        encode(params)
+    manifest = open_artifact(keys).manifest
+    rows, dim = manifest["counts"]["rows"], manifest["stats"]["hidden_size"]
+    return {
+        "tokens_bytes_per_token": round(_bytes(tokens.uri, (".parquet",)) / n_tokens, 3),
+        "keys_bytes_per_token": round(_bytes(keys, ()) / rows, 2),
+        "keys_raw_bytes_per_token": 2 * dim + 4,
+    }
+
+
+PARTS = {"encode": bench_encode, "encode_rss": bench_encode_rss, "storage": bench_storage}
+
+
+def run(only: list[str] | None = None, workdir: str | None = None) -> dict:
+    """Run the selected parts (all by default) and return one flat dict of figures."""
+    figures: dict = {}
+    with tempfile.TemporaryDirectory(dir=workdir) as scratch:
+        ws = Workspace(Path(scratch))
+        for name in only or list(PARTS):
+            figures.update(PARTS[name](ws))
+    return figures
+
+
+def table(figures: dict) -> str:
+    width = max(len(k) for k in figures)
+    return "\n".join(f"{key.ljust(width)}  {value}" for key, value in figures.items())

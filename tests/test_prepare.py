@@ -1,0 +1,68 @@
+"""prepare: corpus sources (default stdlib corpus, fsspec URLs), deterministic splits, the token store."""
+import sysconfig
+from uuid import uuid4
+
+import fsspec
+import numpy as np
+from transformers import AutoTokenizer
+
+from flows.cli import main
+from pipelines.corpus import document_split, source_files
+from storage.artifact import open_artifact
+from storage.params import CorpusParams
+from storage.shards import ShardPlan
+from storage.stores import PartOffsets, TokenStore
+from storage.verify import verify
+from tiny_lm import WORDS
+
+
+def test_default_corpus_is_the_standard_library_capped_in_sorted_order():
+    params = CorpusParams()
+    files = source_files(params)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    assert files and all(f.uri.startswith(stdlib) and f.uri.endswith(".py") for f in files)
+    assert [f.uri for f in files] == sorted(f.uri for f in files)
+    assert sum(f.size for f in files) <= params.max_bytes
+    assert [f.name for f in files] == [f.uri[len(stdlib) + 1:] for f in files]  # machine-independent names
+
+
+def test_split_by_document_depends_on_names_not_locations(tmp_path):
+    for where in ("a", "b"):
+        for i in range(40):
+            (tmp_path / where / "sub").mkdir(parents=True, exist_ok=True)
+            (tmp_path / where / "sub" / f"{i:02d}.txt").write_text(f"document {i}")
+    splits = [[document_split(f, 0, 0.25) for f in source_files(CorpusParams(train=[str(tmp_path / w / "*/*.txt")]))]
+              for w in ("a", "b")]
+    assert splits[0] == splits[1]
+    assert 0 < splits[0].count("validation") < 40
+
+
+def test_prepare_reads_an_fsspec_url_corpus(tmp_path, capsys):
+    """JSONL documents on memory://, tokenized with a freshly trained BPE tokenizer (in-process Beam runner)."""
+    base = f"memory://corpus-{uuid4().hex}"
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(WORDS, 40)) for _ in range(30)]
+    memory = fsspec.filesystem("memory")
+    memory.pipe_file(f"{base}/train.jsonl", "".join(f'{{"text": "{d}"}}\n' for d in docs[:25]).encode())
+    memory.pipe_file(f"{base}/valid.jsonl", "".join(f'{{"text": "{d}"}}\n' for d in docs[25:]).encode())
+    (tmp_path / "p.yaml").write_text("{}\n")
+    art = tmp_path / "art"
+    code = main(["prepare", "--params", str(tmp_path / "p.yaml"), "--set", f"artifacts_dir={art}",
+                 "--set", f"corpus.train=[{base}/train*.jsonl]", "--set", f"corpus.validation=[{base}/valid.jsonl]",
+                 "--set", "decoder.vocab_size=300", "--set", "encode.chunk_rows=16", "--set", "encode.shard_chunks=2",
+                 "--", "--direct_running_mode=in_memory"])
+    assert code == 0, capsys.readouterr().err
+    tokens = open_artifact(str(art / "tokens"), "tokens")
+    tokenizer = AutoTokenizer.from_pretrained(art / "tokens" / "tokenizer")
+    assert tokens.manifest["counts"]["vocab_size"] == len(tokenizer) <= 300
+    for split, texts in (("train", docs[:25]), ("validation", docs[25:])):
+        expected = [i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+        info = tokens.manifest["stats"]["splits"][split]
+        offsets = PartOffsets.from_json(info["parts"])
+        stream = TokenStore.open(tokens.uri, split).read_rows(offsets, 0, offsets.total_rows)
+        np.testing.assert_array_equal(stream, expected)
+        assert info["documents"] == len(texts) and info["datastore_rows"] == len(expected) - 1
+        plan = ShardPlan.from_json(__import__("json").loads((art / "tokens" / split / "datastore_plan.json").read_text()))
+        assert plan.total_rows == len(expected) - 1
+        assert all(s.rows == 32 for s in plan.shards[:-1])
+    assert verify(tokens.uri) == []
