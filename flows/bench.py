@@ -23,9 +23,9 @@ from storage.params import Params, parse_params
 
 MODELS = {"tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2}, "small": {"n_layer": 4, "n_embd": 128, "n_head": 4}}
 CORPUS_BYTES = 1_000_000  # 1x; the 4x run reads four times as much of the standard library
-# encode_vs_bare corpus per model: large enough that Beam's fixed cost (~8 s to start two worker
+# encode_vs_bare corpus per model: large enough that Beam's fixed cost (~8-10 s to start two worker
 # processes that import torch and transformers, and to shut them down) is amortised.
-RATIO_SCALES = {"tiny": 24, "small": 4}
+RATIO_SCALES = {"tiny": 24, "small": 12}
 BLOCK, STRIDE, VOCAB = 256, 128, 2048
 
 
@@ -59,7 +59,8 @@ class Workspace:
 
     @staticmethod
     def corpus(scale: int) -> dict:
-        return {"train": ["{stdlib}/**/*.py"], "max_bytes": CORPUS_BYTES * scale, "validation_fraction": 0.05}
+        return {"train": ["{stdlib}/**/*.py"], "max_bytes": CORPUS_BYTES * scale, "validation_fraction": 0.05,
+                "on_decode_error": "skip"}
 
     def params(self, scale: int, model: str) -> Params:
         """Params for an encode of the ``scale``x corpus with ``model`` (prepared once per scale)."""
