@@ -35,9 +35,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("train-decoder", "train the decoder LM from scratch or fine-tune a local HF model", ("decoder",)),
     Stage("encode", "hidden-state keys and next-token values for each split (Beam)",
           ("keys/train", "keys/validation"), "pipelines.encode:encode"),
-    Stage("index", "train the FAISS index once, then add key shards in parallel (Beam)", ("index",)),
+    Stage("index", "train the FAISS index once, then add key shards in parallel (Beam)", ("index",),
+          "pipelines.index:index"),
     Stage("targets", "kNN neighbours and distillation distributions for each split (Beam)",
-          ("targets/train", "targets/validation")),
+          ("targets/train", "targets/validation"), "pipelines.targets:targets"),
     Stage("train-memory", "train the MLP memory on the kNN targets", ("memory",)),
     Stage("evaluate", "perplexity and tokens/s of decoder, kNN-LM and decoder+memory", ("eval",)),
 )

@@ -94,6 +94,7 @@ class IndexParams(Section):
     nprobe: int = Field(default=32, gt=0)
     merge: Literal["none", "ondisk"] = "none"
     recall_queries: int = Field(default=256, gt=0)
+    recall_k: int = Field(default=64, gt=0)
     seed: int = 0
     threads: int = Field(default=0, ge=0)
 

@@ -1,0 +1,95 @@
+"""FAISS index files of the index artifact: choosing a factory, (de)serialising, searching shards."""
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+
+from storage import fs
+from storage.errors import MemforgeError
+from storage.params import IndexParams
+
+TRAINED = "trained.index"
+MERGED = "merged.index"
+MERGED_DATA = "merged.ivfdata"
+
+
+def shard_file(shard_name: str) -> str:
+    return f"shard-{shard_name}.index"
+
+
+def resolve_factory(params: IndexParams, n_rows: int, dim: int) -> str:
+    """``index.factory``, or for ``auto``: exact Flat for small datastores, else IVF-PQ sized by N and d."""
+    if params.factory != "auto":
+        return params.factory
+    if n_rows < params.flat_threshold:
+        return "Flat"
+    nlist = 2 ** round(math.log2(8 * math.sqrt(n_rows)))  # within 4..16 * sqrt(N)
+    m = max(c for c in range(1, min(64, dim) + 1) if dim % c == 0 and dim // c >= 2)
+    prefix = f"OPQ{m}_{m * (dim // m)}," if dim > 1024 else ""
+    return f"{prefix}IVF{nlist},PQ{m}"
+
+
+def build_empty(factory: str, dim: int) -> faiss.Index:
+    """An index from ``factory`` that accepts global ids (wrapped in an ID map when it has none)."""
+    try:
+        index = faiss.index_factory(dim, factory)
+    except RuntimeError as exc:
+        raise MemforgeError(f"index.factory: {factory!r} is not a valid FAISS factory string: "
+                            f"{str(exc).splitlines()[-1]}") from None
+    if ivf_of(index) is None and not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.IndexIDMap2(index)
+    return index
+
+
+def ivf_of(index: faiss.Index):
+    """The IVF part of ``index`` or None."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Set ``nprobe`` on an IVF index (refusing more probes than lists); no-op for others."""
+    ivf = ivf_of(index)
+    if ivf is None:
+        return
+    if nprobe > ivf.nlist:
+        raise MemforgeError(f"nprobe ({nprobe}) exceeds the index's nlist ({ivf.nlist})")
+    ivf.nprobe = nprobe
+
+
+def write(index: faiss.Index, uri: str) -> str:
+    """Serialise ``index`` to ``uri`` atomically; return its checksum."""
+    fs.write_bytes_atomic(uri, faiss.serialize_index(index).tobytes())
+    return fs.file_checksum(uri)
+
+
+def read(uri: str, mmap: bool = False) -> faiss.Index:
+    """Read an index; local files may be memory-mapped (FAISS's IO_FLAG_MMAP)."""
+    if fs.is_local(uri):
+        return faiss.read_index(fs.normalize(uri), faiss.IO_FLAG_MMAP if mmap else 0)
+    filesystem, path = fs.filesystem(uri)
+    with filesystem.open(path, "rb") as handle:
+        return faiss.deserialize_index(np.frombuffer(handle.read(), dtype=np.uint8))
+
+
+class ShardedIndex:
+    """The index artifact for search: every shard (or the merged index), results merged by distance."""
+
+    def __init__(self, index_uri: str, shard_names: list[str], nprobe: int, merged: bool):
+        files = [MERGED] if merged else [shard_file(n) for n in shard_names]
+        self.shards = [read(fs.join(index_uri, f), mmap=True) for f in files]
+        for shard in self.shards:
+            set_nprobe(shard, nprobe)
+        self.dim = self.shards[0].d
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest global ids and squared L2 distances over all shards."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        results = [shard.search(queries, k) for shard in self.shards]
+        if len(results) == 1:
+            return results[0]
+        return faiss.merge_knn_results(np.stack([d for d, _ in results]), np.stack([i for _, i in results]))

@@ -1,0 +1,163 @@
+"""index + targets on a small real-text datastore: exact distributions against a brute-force
+reference, self-exclusion by id, IVF-PQ recall, bad input."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.cli import main
+from storage.artifact import open_artifact
+from storage.stores import DistributionStore, KeyStore, NeighbourStore
+from storage.verify import verify
+from tiny_lm import make_gpt2, write_corpus
+
+K, WIDTH, T = 8, 8, 8.0
+
+
+@pytest.fixture(scope="module")
+def datastore(tmp_path_factory):
+    """Prepared and encoded tiny corpus (in-process Beam runner) with an exact index and targets."""
+    root = tmp_path_factory.mktemp("targets")
+    train = write_corpus(root / "corpus" / "train", 6, 120, seed=3)
+    write_corpus(root / "corpus" / "validation", 2, 60, seed=4)
+    model = make_gpt2(root / "model", [p.read_text() for p in train])
+    (root / "params.yaml").write_text("{}\n")
+    settings = {"artifacts_dir": root / "art", "encode.model": model,
+                "corpus.train": f"[{root}/corpus/train/*.txt]", "corpus.validation": f"[{root}/corpus/validation/*.txt]",
+                "encode.block_size": 32, "encode.stride": 16, "encode.chunk_rows": 64, "encode.shard_chunks": 2,
+                "targets.k": K, "targets.width": WIDTH, "targets.temperature": T}
+    args = ["--params", str(root / "params.yaml")]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    beam = ["--", "--direct_running_mode=in_memory"]
+    for stage in ("prepare", "encode", "index", "targets"):
+        assert main([stage, *args, *beam]) == 0, stage
+    return {"root": root, "art": root / "art", "args": args, "beam": beam}
+
+
+def reference(keys: np.ndarray, vals: np.ndarray, queries: np.ndarray, self_query: bool):
+    """Brute force in float64: squared L2 to every datastore row, own row excluded, top-K,
+    softmax(-d/T) summed per next token. Returns (ids, dists, {token: prob} per row, tie flags)."""
+    keys, queries = keys.astype(np.float64), queries.astype(np.float64)
+    dists = ((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
+    if self_query:
+        np.fill_diagonal(dists, np.inf)
+    order = np.argsort(dists, axis=1, kind="stable")
+    ids = order[:, :K]
+    near = np.take_along_axis(dists, ids, axis=1)
+    boundary_tie = np.isclose(near[:, -1], np.take_along_axis(dists, order[:, K:K + 1], axis=1)[:, 0], rtol=1e-6)
+    rows = []
+    for row_ids, row_d in zip(ids, near):
+        weights = np.exp(-(row_d - row_d.min()) / T)
+        probs: dict[int, float] = {}
+        for j, w in zip(row_ids, weights):
+            probs[int(vals[j])] = probs.get(int(vals[j]), 0.0) + w / weights.sum()
+        rows.append(probs)
+    return ids, near, rows, boundary_tie
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_exact_index_targets_equal_brute_force(datastore, split):
+    art = datastore["art"]
+    data = KeyStore.open(str(art / "keys" / "train"))
+    keys, vals = data.keys().astype(np.float32), data.vals()
+    queries = KeyStore.open(str(art / "keys" / split)).keys().astype(np.float32)
+    uri = str(art / "targets" / split)
+    neighbours, dist = NeighbourStore.open(uri), DistributionStore.open(uri)
+    ids, tokens, probs, truncated = neighbours.ids(), dist.tokens(), dist.probs(), dist.truncated()
+    ref_ids, ref_d, ref_rows, ties = reference(keys, vals, queries, self_query=split == "train")
+    assert ties.mean() < 0.2, "too many rows with a tie at the k-th neighbour to compare"
+    compared = 0
+    for row in np.nonzero(~ties)[0]:
+        assert set(ids[row]) == set(ref_ids[row]), row
+        np.testing.assert_allclose(np.sort(neighbours.dists(row, row + 1)[0]), ref_d[row], rtol=1e-5, atol=1e-5)
+        stored = {int(t): float(p) for t, p in zip(tokens[row], probs[row]) if t >= 0}
+        assert stored.keys() == ref_rows[row].keys(), row
+        for token, p in ref_rows[row].items():
+            assert abs(stored[token] - p) <= 1e-5, (row, token)
+        compared += 1
+    assert compared >= 0.8 * len(queries)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)  # width == k: nothing truncated
+    assert np.all(truncated <= 1e-6)
+    if split == "train":
+        assert not np.any(ids == np.arange(len(ids))[:, None]), "a row lists itself"
+    assert verify(uri) == []
+    manifest = open_artifact(uri, "targets").manifest
+    assert manifest["stats"]["self_query"] == (split == "train") and manifest["stats"]["k"] == K
+
+
+def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path):
+    """IVF-PQ: recall@k is measured and reported; top-1 token agrees with the exact targets on most rows."""
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("tokens", "keys"):
+        os.symlink(datastore["art"] / name, art / name)
+    args = [*datastore["args"], "--set", f"artifacts_dir={art}", "--set", "index.factory=IVF16,PQ8",
+            "--set", "index.nprobe=4", "--set", "index.train_points_per_list=39"]
+    for stage in ("index", "targets"):
+        assert main([stage, *args, *datastore["beam"]]) == 0
+    index = open_artifact(str(art / "index"), "index").manifest["stats"]
+    assert index["factory"] == "IVF16,PQ8" and index["nlist"] == 16 and index["nprobe"] == 4
+    assert 0.0 < index["recall_at_k"] <= 1.0 and index["recall_queries"] > 0
+    exact = DistributionStore.open(str(datastore["art"] / "targets" / "train")).tokens()[:, 0]
+    approx = DistributionStore.open(str(art / "targets" / "train")).tokens()[:, 0]
+    agreement = float((exact == approx).mean())
+    print(f"IVF16,PQ8 nprobe=4: recall@{index['recall_k']} = {index['recall_at_k']}, top-1 agreement {agreement:.3f}")
+    assert agreement > 0.5
+    ids = NeighbourStore.open(str(art / "targets" / "train")).ids()
+    assert not np.any(ids == np.arange(len(ids))[:, None])
+
+
+def test_same_document_window_excludes_nearby_rows(datastore, tmp_path):
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("tokens", "keys", "index"):
+        os.symlink(datastore["art"] / name, art / name)
+    window = 5
+    assert main(["targets", *datastore["args"], "--set", f"artifacts_dir={art}",
+                 "--set", f"targets.exclude_same_document_window={window}", *datastore["beam"]]) == 0
+    ids = NeighbourStore.open(str(art / "targets" / "train")).ids()
+    rows = np.arange(len(ids))[:, None]
+    tokens = json.loads((datastore["art"] / "tokens" / "_manifest.json").read_text())
+    assert tokens["counts"]["train_tokens"] == len(ids) + 1
+    # Every document here is far longer than the window, so most nearby rows share the query's document.
+    assert not np.any((np.abs(ids - rows) <= window) & (np.abs(ids - rows) > 0) & (ids >= 0)
+                      & (rows > window) & (rows < len(ids) - window - 200))
+
+
+@pytest.mark.parametrize("setting, message", [
+    (["targets.k=100000", "targets.width=8"], "targets.k: 100000 must be smaller than the datastore size"),
+    (["targets.nprobe=64", "index.factory=IVF16,Flat"], None),
+])
+def test_bad_targets_input(datastore, tmp_path, capsys, setting, message):
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("tokens", "keys", "index"):
+        os.symlink(datastore["art"] / name, art / name)
+    args = [*datastore["args"], "--set", f"artifacts_dir={art}"]
+    for item in setting:
+        args += ["--set", item]
+    if message is None:  # nprobe > nlist needs an IVF index first
+        (art / "index").unlink()
+        assert main(["index", *args, "--set", "index.nprobe=4", *datastore["beam"]]) == 0
+        message = "targets.nprobe: 64 exceeds the index's nlist (16)"
+    capsys.readouterr()
+    assert main(["targets", *args, *datastore["beam"]]) == 1
+    assert message in capsys.readouterr().err
+    assert not (art / "targets" / "train" / "_manifest.json").exists()
+
+
+def test_index_from_another_key_store_is_refused(datastore, tmp_path, capsys):
+    art = tmp_path / "art"
+    art.mkdir()
+    os.symlink(datastore["art"] / "tokens", art / "tokens")
+    os.symlink(datastore["art"] / "index", art / "index")
+    assert main(["encode", *datastore["args"], "--set", f"artifacts_dir={art}", "--set", "encode.dtype=float32",
+                 *datastore["beam"]]) == 0
+    capsys.readouterr()
+    assert main(["targets", *datastore["args"], "--set", f"artifacts_dir={art}", *datastore["beam"]]) == 1
+    assert "built from another key store" in capsys.readouterr().err
