@@ -69,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
                                           "params, code version, build time and run ids of every ancestor.")
     lin.add_argument("path", metavar="PATH")
     lin.add_argument("--json", action="store_true", help="print the tree as JSON")
+    ret = commands.add_parser("retemper", help="new distributions for another T (or smaller k) without searching",
+                              description="Rebuild the distributions of a targets artifact from its stored "
+                                          "neighbours for another temperature and optionally a smaller k; the "
+                                          "result equals a fresh `memforge targets` run with those params.")
+    ret.add_argument("targets", metavar="TARGETS", help="a targets artifact, e.g. artifacts/targets/train")
+    ret.add_argument("--temperature", type=float, required=True)
+    ret.add_argument("--k", type=int, help="keep only the k nearest stored neighbours (default: all)")
+    ret.add_argument("--out", metavar="PATH", help="output artifact (default: TARGETS-T<T>-k<k>)")
+    ret.add_argument("--rebuild", action="store_true", help="replace an existing different artifact at --out")
+    exp = commands.add_parser("explain", help="show one row's query, neighbours and distribution as text",
+                              description="Print the query's context and next token and, for each neighbour, "
+                                          "its context, next token, distance and probability.")
+    exp.add_argument("targets", metavar="TARGETS")
+    exp.add_argument("--row", type=int, required=True)
+    exp.add_argument("--context", type=int, default=24, help="tokens of context to show (default 24)")
     bench = commands.add_parser("bench", help="measure stage speed and memory against bare library loops",
                                 description="Run benchmark parts and print a table of figures (ratios are "
                                             "stage / bare library, measured in one run on this machine).")
@@ -157,7 +172,21 @@ def _cmd_bench(args, _beam_args) -> int:
     return 0
 
 
-_COMMANDS = {"bench": _cmd_bench, "run": _cmd_run, "ls": _cmd_ls, "lineage": _cmd_lineage, "verify": _cmd_verify}
+def _cmd_retemper(args, _beam_args) -> int:
+    from pipelines.retemper import retemper
+
+    print(retemper(args.targets, args.temperature, args.k, args.out, args.rebuild))
+    return 0
+
+
+def _cmd_explain(args, _beam_args) -> int:
+    from pipelines.retemper import explain
+
+    print(explain(args.targets, args.row, args.context))
+    return 0
+
+
+_COMMANDS = {"retemper": _cmd_retemper, "explain": _cmd_explain, "bench": _cmd_bench, "run": _cmd_run, "ls": _cmd_ls, "lineage": _cmd_lineage, "verify": _cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

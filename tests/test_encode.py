@@ -166,11 +166,11 @@ def test_sigkill_mid_encode_then_rerun_is_byte_identical(setup, tmp_path):
     process = subprocess.Popen([MEMFORGE, "encode", *args], start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (markers.exists() and any(markers.iterdir())):
+    while time.monotonic() < deadline and not (markers.exists() and any(markers.glob("*.json"))):
         time.sleep(0.005)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    done = len(list(markers.iterdir()))
+    done = len(list(markers.glob("*.json")))  # a marker being written when killed is only a temp file
     assert 0 < done < total, f"kill landed outside the run ({done}/{total} shards):\n{process.stdout.read()}"
     assert not (art / "keys" / "train" / "_manifest.json").exists()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,73 @@ def test_index_from_another_key_store_is_refused(datastore, tmp_path, capsys):
     capsys.readouterr()
     assert main(["targets", *datastore["args"], "--set", f"artifacts_dir={art}", *datastore["beam"]]) == 1
     assert "built from another key store" in capsys.readouterr().err
+
+
+def test_retemper_equals_a_fresh_run(datastore, tmp_path):
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("tokens", "keys", "index"):
+        os.symlink(datastore["art"] / name, art / name)
+    out = tmp_path / "retempered"
+    assert main(["retemper", str(datastore["art"] / "targets" / "train"), "--temperature", "2", "--k", "6",
+                 "--out", str(out)]) == 0
+    assert main(["targets", *datastore["args"], "--set", f"artifacts_dir={art}", "--set", "targets.temperature=2",
+                 "--set", "targets.k=6", "--set", "targets.width=6", *datastore["beam"]]) == 0
+    fresh = open_artifact(str(art / "targets" / "train"), "targets").manifest
+    again = open_artifact(str(out), "targets").manifest
+    assert again["fingerprint"] == fresh["fingerprint"]
+    assert again["files"] == fresh["files"]
+    assert verify(str(out)) == []
+
+
+def test_retemper_refuses_bad_values(datastore, tmp_path, capsys):
+    source = str(datastore["art"] / "targets" / "train")
+    assert main(["retemper", source, "--temperature", "0", "--out", str(tmp_path / "a")]) == 1
+    assert "--temperature: must be positive" in capsys.readouterr().err
+    assert main(["retemper", source, "--temperature", "2", "--k", str(K + 1), "--out", str(tmp_path / "b")]) == 1
+    assert f"--k: {K + 1} must be between 1 and the stored k ({K})" in capsys.readouterr().err
+
+
+def test_explain_prints_query_and_neighbours(datastore, capsys):
+    assert main(["explain", str(datastore["art"] / "targets" / "train"), "--row", "40", "--context", "8"]) == 0
+    out = capsys.readouterr().out
+    ids = NeighbourStore.open(str(datastore["art"] / "targets" / "train")).ids(40, 41)[0]
+    assert out.startswith(f"train row 40  (k={K}, T={T:g})")
+    assert "query context: " in out and "next token:" in out and "distribution: " in out
+    for rank, neighbour in enumerate(ids, 1):
+        assert f"#{rank:<3} id {neighbour}  distance " in out
+    assert main(["explain", str(datastore["art"] / "targets" / "train"), "--row", "999999"]) == 1
+
+
+def test_sigkill_mid_targets_then_rerun_is_byte_identical(datastore, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("tokens", "keys", "index"):
+        os.symlink(datastore["art"] / name, art / name)
+    args = [*datastore["args"], "--set", f"artifacts_dir={art}"]
+    memforge = str(Path(sys.executable).parent / "memforge")
+    markers = art / "targets" / "train" / "_shards"
+    total = json.loads((datastore["art"] / "targets" / "train" / "_manifest.json").read_text())["shards"]["count"]
+    process = subprocess.Popen([memforge, "targets", *args], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (markers.exists() and any(markers.glob("*.json"))):
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = len(list(markers.glob("*.json")))  # a marker being written when killed is only a temp file
+    assert 0 < done < total, f"kill landed outside the run ({done}/{total})"
+    rerun = subprocess.run([memforge, "targets", *args], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    skipped = int(re.search(r"targets: train: \d+ queries in \d+ shards; (\d+) already done \(skipped\)",
+                            rerun.stderr).group(1))
+    assert done <= skipped < total, rerun.stderr[-3000:]
+    for split in ("train", "validation"):
+        mine = json.loads((art / "targets" / split / "_manifest.json").read_text())["files"]
+        reference = json.loads((datastore["art"] / "targets" / split / "_manifest.json").read_text())["files"]
+        assert mine == reference

@@ -1,0 +1,110 @@
+"""``memforge retemper`` and ``memforge explain``: new distributions from stored neighbours, and a
+readable account of one row's retrieval."""
+from __future__ import annotations
+
+import logging
+import tempfile
+
+import numpy as np
+
+from pipelines.prepare import TOKENIZER_DIR
+from pipelines.targets import distribution_of
+from pipelines.tokenizer import load_tokenizer
+from storage import fs
+from storage.artifact import Artifact, ArtifactBuild, open_artifact
+from storage.errors import MemforgeError
+from storage.shards import load_plan
+from storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore
+
+log = logging.getLogger("memforge")
+
+
+def _inputs(artifact: Artifact) -> dict[str, Artifact]:
+    """The artifact's inputs as they are now; refuses any that changed since it was built."""
+    inputs = {}
+    for record in artifact.manifest["inputs"]:
+        current = open_artifact(record["uri"], record["kind"])
+        if current.fingerprint != record["fingerprint"]:
+            raise MemforgeError(f"{record['uri']}: changed since {artifact.uri} was built "
+                                f"(fingerprint {current.fingerprint[:12]}, recorded {record['fingerprint'][:12]})")
+        inputs[record["role"]] = current
+    return inputs
+
+
+def retemper(targets_uri: str, temperature: float, k: int | None = None, out: str | None = None,
+             rebuild: bool = False) -> str:
+    """Distributions for another temperature (and optionally a smaller k) from the stored
+    neighbours, without searching: the result equals a fresh ``targets`` run with those params."""
+    source = open_artifact(targets_uri, "targets")
+    params = source.params
+    k = k or params["k"]
+    if temperature <= 0:
+        raise MemforgeError(f"--temperature: must be positive, got {temperature}")
+    if not 0 < k <= params["k"]:
+        raise MemforgeError(f"--k: {k} must be between 1 and the stored k ({params['k']})")
+    width = min(params["width"], k)
+    new_params = {**params, "temperature": temperature, "k": k, "width": width}
+    out = fs.normalize(out or f"{source.uri}-T{temperature:g}-k{k}")
+    inputs = _inputs(source)
+    build = ArtifactBuild.begin(out, "targets", new_params, inputs, fmt=source.manifest["format"], rebuild=rebuild)
+    if build.up_to_date:
+        return out
+    stored_neighbours, stored = NeighbourStore.open(source.uri), DistributionStore.open(source.uri)
+    n_rows = stored_neighbours.rows.n_rows
+    chunk, unit = stored_neighbours.rows.array("ids").chunks[0], stored_neighbours.rows.unit_rows()
+    neighbours = NeighbourStore.create(out, n_rows, k, chunk, unit // chunk)
+    distributions = DistributionStore.create(out, n_rows, width, str(stored.rows.array("probs").dtype), chunk,
+                                             unit // chunk)
+    datastore = KeyStore.open(inputs["datastore"].uri)
+    plan = build.plan(load_plan(source.uri))
+    for shard in build.pending(plan):
+        ids = stored_neighbours.ids(shard.start, shard.stop)[:, :k]
+        dists = stored_neighbours.dists(shard.start, shard.stop)[:, :k]
+        files = neighbours.write_shard(shard, ids, dists)
+        files.update(distributions.write_shard(shard, *distribution_of(datastore, dists, ids, temperature, width)))
+        build.markers.mark_done(shard, files, {"rows": shard.rows})
+    stats = {**source.manifest["stats"], "temperature": temperature, "k": k, "width": width,
+             "retempered_from": source.uri}
+    build.publish(counts=source.manifest["counts"],
+                  arrays={**neighbours.rows.describe(), **distributions.rows.describe()}, stats=stats)
+    log.info("retemper: published %s (T=%g, k=%d)", out, temperature, k)
+    return out
+
+
+def explain(targets_uri: str, row: int, context: int = 24) -> str:
+    """The query's context and next token, then each neighbour's context, next token, distance, probability."""
+    targets = open_artifact(targets_uri, "targets")
+    inputs = _inputs(targets)
+    tokens = next(iter(_inputs(inputs["queries"]).values()))
+    n_rows = targets.manifest["counts"]["rows"]
+    if not 0 <= row < n_rows:
+        raise MemforgeError(f"--row: {row} is out of range (the artifact has {n_rows} rows)")
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = load_tokenizer(fs.local_dir(tokens.path(TOKENIZER_DIR), scratch))
+    splits = tokens.manifest["stats"]["splits"]
+
+    def window(split: str, datastore_row: int) -> tuple[str, str]:
+        offsets = PartOffsets.from_json(splits[split]["parts"])
+        start = max(0, datastore_row + 1 - context)
+        ids = TokenStore(tokens.uri, split).read_rows(offsets, start, datastore_row + 2)
+        return tokenizer.decode(ids[:-1]), tokenizer.decode(ids[-1:])
+
+    split, temperature = targets.params["split"], targets.params["temperature"]
+    ids = NeighbourStore.open(targets.uri).ids(row, row + 1)[0]
+    dists = NeighbourStore.open(targets.uri).dists(row, row + 1)[0]
+    valid = ids >= 0
+    weights = np.exp(-(dists[valid] - dists[valid].min()) / temperature)
+    probs = weights / weights.sum()
+    text, following = window(split, row)
+    lines = [f"{split} row {row}  (k={targets.params['k']}, T={temperature:g})",
+             f"query context: {text!r}", f"next token:    {following!r}", ""]
+    for rank, (neighbour, distance, p) in enumerate(zip(ids[valid], dists[valid], probs), 1):
+        text, following = window("train", int(neighbour))
+        lines.append(f"#{rank:<3} id {neighbour}  distance {distance:.4f}  p {p:.4f}  next {following!r}")
+        lines.append(f"     context: {text!r}")
+    dist = DistributionStore.open(targets.uri)
+    pairs = [(tokenizer.decode([int(t)]), float(p)) for t, p in zip(dist.tokens(row, row + 1)[0],
+                                                                     dist.probs(row, row + 1)[0]) if t >= 0]
+    lines += ["", "distribution: " + ", ".join(f"{t!r}: {p:.4f}" for t, p in pairs),
+              f"truncated mass: {float(dist.truncated(row, row + 1)[0]):.4f}"]
+    return "\n".join(lines)
