@@ -3,7 +3,8 @@
 Every ratio is measured in one run on this machine: the stage as users run it (Beam, stores,
 markers, checksums) against the bare library loop over the same data with the same thread count.
 Parts: ``encode`` (encode_vs_bare for a tiny and a small GPT-2), ``encode_rss`` (peak RSS of
-``memforge encode`` at 1x and 4x the corpus), ``storage`` (bytes per token on disk).
+``memforge encode`` at 1x and 4x the corpus), ``storage`` (bytes per token on disk), ``faiss``
+(index_vs_bare, targets_vs_bare, bytes per row of the target stores).
 """
 from __future__ import annotations
 
@@ -208,7 +209,82 @@ def bench_storage(ws: Workspace) -> dict:
     }
 
 
-PARTS = {"encode": bench_encode, "encode_rss": bench_encode_rss, "storage": bench_storage}
+FAISS_PARAMS = {"factory": "IVF1024,PQ16", "train_points_per_list": 39, "nprobe": 8}
+
+
+def _faiss_params(ws: Workspace) -> Params:
+    """The 1x tiny-model datastore (encoded once) with an IVF-PQ index configuration."""
+    from pipelines.encode import encode
+
+    params = ws.params(1, "tiny")
+    if not fs.exists(fs.join(params.artifacts_dir, "keys", "train", "_manifest.json")):
+        encode(params)
+    return params.model_copy(update={"index": params.index.model_copy(update=FAISS_PARAMS)})
+
+
+def _bare_index(params: Params):
+    """Train + add the whole key store into one index in one process (same factory, sample, threads)."""
+    import faiss
+    import numpy as np
+
+    from pipelines import faiss_index
+    from storage.stores import KeyStore
+
+    keys = KeyStore.open(fs.join(params.artifacts_dir, "keys", "train"))
+    vectors = np.ascontiguousarray(keys.keys(), dtype=np.float32)
+    started = time.perf_counter()
+    index = faiss_index.build_empty(params.index.factory, keys.dim)
+    nlist = faiss_index.ivf_of(index).nlist
+    sample = min(len(vectors), nlist * params.index.train_points_per_list)
+    rows = np.sort(np.random.default_rng(params.index.seed).choice(len(vectors), sample, replace=False))
+    index.train(vectors[rows])
+    index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    seconds = time.perf_counter() - started
+    faiss_index.set_nprobe(index, params.index.nprobe)
+    return index, seconds
+
+
+def bench_faiss(ws: Workspace) -> dict:
+    """index_vs_bare: bare train+add time / index stage time; targets_vs_bare: targets stage rows/s /
+    bare index.search rows/s (same index, k, nprobe); bytes per row of the target stores."""
+    import numpy as np
+
+    from pipelines.index import index
+    from pipelines.targets import targets
+    from storage.stores import KeyStore
+
+    params = _faiss_params(ws)
+    started = time.perf_counter()
+    index(params, rebuild=True)
+    index_seconds = time.perf_counter() - started
+    bare_index, bare_seconds = _bare_index(params)
+    started = time.perf_counter()
+    targets(params, rebuild=True)
+    targets_seconds = time.perf_counter() - started
+    rows, bare_search = 0, 0.0
+    for split, extra in (("train", 1), ("validation", 0)):
+        queries = np.ascontiguousarray(KeyStore.open(fs.join(params.artifacts_dir, "keys", split)).keys(),
+                                       dtype=np.float32)
+        started = time.perf_counter()
+        bare_index.search(queries, params.targets.k + extra)
+        bare_search += time.perf_counter() - started
+        rows += len(queries)
+    train = fs.join(params.artifacts_dir, "targets", "train")
+    train_rows = open_artifact(train).manifest["counts"]["rows"]
+    return {
+        "faiss_factory": params.index.factory, "faiss_rows": train_rows,
+        "index_stage_s": round(index_seconds, 2), "index_bare_s": round(bare_seconds, 2),
+        "index_vs_bare": round(bare_seconds / index_seconds, 3),
+        "targets_stage_rows_per_s": round(rows / targets_seconds, 1),
+        "targets_bare_rows_per_s": round(rows / bare_search, 1),
+        "targets_vs_bare": round((rows / targets_seconds) / (rows / bare_search), 3),
+        "recall_at_k": open_artifact(fs.join(params.artifacts_dir, "index")).manifest["stats"].get("recall_at_k"),
+        "neighbours_bytes_per_row": round(_bytes(fs.join(train, "neighbours.zarr"), ()) / train_rows, 2),
+        "distributions_bytes_per_row": round(_bytes(fs.join(train, "distributions.zarr"), ()) / train_rows, 2),
+    }
+
+
+PARTS = {"encode": bench_encode, "encode_rss": bench_encode_rss, "storage": bench_storage, "faiss": bench_faiss}
 
 
 def run(only: list[str] | None = None, workdir: str | None = None) -> dict:

@@ -77,19 +77,38 @@ def read(uri: str, mmap: bool = False) -> faiss.Index:
 
 
 class ShardedIndex:
-    """The index artifact for search: every shard (or the merged index), results merged by distance."""
+    """The index artifact for search: the merged index, or every shard.
+
+    IVF shards are copies of one trained index, so their inverted lists are stacked (FAISS's
+    ``HStackInvertedLists``) under one index: list i is the concatenation of the shards' lists i,
+    read from the memory-mapped shard files, and a query is quantized and its distance tables
+    built once. Other index types search each shard and merge the results by distance.
+    """
 
     def __init__(self, index_uri: str, shard_names: list[str], nprobe: int, merged: bool):
         files = [MERGED] if merged else [shard_file(n) for n in shard_names]
         self.shards = [read(fs.join(index_uri, f), mmap=True) for f in files]
-        for shard in self.shards:
-            set_nprobe(shard, nprobe)
+        ivfs = [ivf_of(shard) for shard in self.shards]
+        if len(self.shards) > 1 and all(ivf is not None for ivf in ivfs):
+            self.lists = faiss.InvertedListsPtrVector()
+            for ivf in ivfs:
+                self.lists.push_back(ivf.invlists)
+            self.stacked = faiss.HStackInvertedLists(self.lists.size(), self.lists.data())
+            combined = read(fs.join(index_uri, TRAINED))
+            ivf = ivf_of(combined)
+            ivf.replace_invlists(self.stacked, False)
+            ivf.ntotal = combined.ntotal = sum(shard.ntotal for shard in self.shards)
+            self.searchers = [combined]
+        else:
+            self.searchers = self.shards
+        for searcher in self.searchers:
+            set_nprobe(searcher, nprobe)
         self.dim = self.shards[0].d
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """k nearest global ids and squared L2 distances over all shards."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        results = [shard.search(queries, k) for shard in self.shards]
+        results = [searcher.search(queries, k) for searcher in self.searchers]
         if len(results) == 1:
             return results[0]
         return faiss.merge_knn_results(np.stack([d for d, _ in results]), np.stack([i for _, i in results]))

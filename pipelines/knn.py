@@ -21,12 +21,6 @@ def drop_ids(dists: np.ndarray, ids: np.ndarray, drop: np.ndarray, k: int) -> tu
     return np.ascontiguousarray(dists, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
 
 
-def sort_by_distance(dists: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row sorted by distance (stable, so equal distances keep their order)."""
-    order = np.argsort(dists, axis=1, kind="stable")
-    return np.take_along_axis(dists, order, axis=1), np.take_along_axis(ids, order, axis=1)
-
-
 def distributions(dists: np.ndarray, values: np.ndarray, temperature: float,
                   width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse kNN distributions of a batch: (tokens int32 [n, width], probs float32 [n, width], truncated [n]).

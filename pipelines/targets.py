@@ -39,12 +39,33 @@ def targets_uri(params: Params, split: str) -> str:
     return fs.join(params.artifacts_dir, "targets", split)
 
 
+def gather_neighbours(datastore: KeyStore, ids: np.ndarray, queries: np.ndarray | None = None):
+    """Values (int64, -1 where no neighbour) of neighbour ``ids`` and, given ``queries``, their exact
+    squared L2 distances (inf where no neighbour). Streams the datastore one Zarr chunk at a time,
+    so each chunk is read once per batch and no worker holds the whole datastore."""
+    values = np.full(ids.shape, knn.MISSING, dtype=np.int64)
+    dists = np.full(ids.shape, np.inf, dtype=np.float32) if queries is not None else None
+    rows, cols = np.nonzero(ids >= 0)
+    wanted = ids[rows, cols]
+    order = np.argsort(wanted, kind="stable")
+    rows, cols, wanted = rows[order], cols[order], wanted[order]
+    step, n_rows = datastore.rows.array("vals").chunks[0], datastore.rows.n_rows
+    bounds = np.searchsorted(wanted, np.arange(0, n_rows + step, step))
+    for chunk, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if a == b:
+            continue
+        start, stop = chunk * step, min((chunk + 1) * step, n_rows)
+        local = wanted[a:b] - start
+        values[rows[a:b], cols[a:b]] = datastore.vals(start, stop)[local]
+        if queries is not None:
+            difference = datastore.keys(start, stop).astype(np.float32)[local] - queries[rows[a:b]]
+            dists[rows[a:b], cols[a:b]] = np.einsum("ij,ij->i", difference, difference)
+    return values, dists
+
+
 def distribution_of(datastore: KeyStore, dists: np.ndarray, ids: np.ndarray, temperature: float, width: int):
     """Sparse distributions of a batch of neighbour rows (values read from the datastore by id)."""
-    values = np.full(ids.shape, knn.MISSING, dtype=np.int64)
-    valid = ids >= 0
-    if valid.any():
-        values[valid] = datastore.take(ids[valid], "vals")
+    values, _ = gather_neighbours(datastore, ids)
     return knn.distributions(dists, values, temperature, width)
 
 
@@ -74,17 +95,24 @@ class SearchShard(beam.DoFn):
         if self.markers.is_done(shard):
             return
         started = time.perf_counter()
-        dists, ids = self.neighbours_of(shard)
         spec = self.spec
-        tokens, probs, truncated = distribution_of(self.datastore, dists, ids, spec["temperature"], spec["width"])
+        queries = np.ascontiguousarray(self.queries.keys(shard.start, shard.stop), dtype=np.float32)
+        dists, ids = self.neighbours_of(shard, queries)
+        if spec["exact_distances"]:
+            values, exact = gather_neighbours(self.datastore, ids, queries)
+            order = np.argsort(exact, axis=1, kind="stable")
+            dists, ids, values = (np.take_along_axis(a, order, axis=1) for a in (exact, ids, values))
+        else:
+            values, _ = gather_neighbours(self.datastore, ids)
+        tokens, probs, truncated = knn.distributions(dists, values, spec["temperature"], spec["width"])
         files = self.neighbours.write_shard(shard, ids, dists)
         files.update(self.distributions.write_shard(shard, tokens, probs, truncated))
         self.markers.mark_done(shard, files, {"rows": shard.rows, "seconds": time.perf_counter() - started})
         yield shard.name
 
-    def neighbours_of(self, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+    def neighbours_of(self, shard: Shard, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Search, then drop the query itself (by id) and same-document neighbours; k per row."""
         spec = self.spec
-        queries = np.ascontiguousarray(self.queries.keys(shard.start, shard.stop), dtype=np.float32)
         extra = (1 + 2 * spec["window"]) if spec["self_query"] else 0
         dists, ids = self.index.search(queries, min(spec["k"] + extra, spec["datastore_rows"]))
         drop = np.zeros(ids.shape, dtype=bool)
@@ -93,15 +121,7 @@ class SearchShard(beam.DoFn):
             drop = ids == own
             if spec["window"]:
                 drop |= self.same_document_nearby(own, ids)
-        dists, ids = knn.drop_ids(dists, ids, drop, spec["k"])
-        if spec["exact_distances"]:
-            valid = ids >= 0
-            exact = np.full(dists.shape, np.inf, dtype=np.float32)
-            rows = np.nonzero(valid)[0]
-            difference = self.datastore.take(ids[valid]) - queries[rows]
-            exact[valid] = np.einsum("ij,ij->i", difference, difference)
-            dists, ids = knn.sort_by_distance(exact, ids)
-        return dists, ids
+        return knn.drop_ids(dists, ids, drop, spec["k"])
 
     def same_document_nearby(self, own: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Neighbours within ``window`` rows of the query whose value token is in the query's document."""

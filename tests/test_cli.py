@@ -37,8 +37,8 @@ def test_unimplemented_stage_exits_2(name, capsys):
 
 
 def test_run_names_missing_stages(tmp_path, capsys):
-    missing = [s.name for s in stages.select("index", "evaluate") if s.entry is None]
-    code = main(["run", "--set", f"artifacts_dir={tmp_path}", "--from", "index", "--until", "evaluate"])
+    missing = [s.name for s in stages.select("train-memory", "evaluate") if s.entry is None]
+    code = main(["run", "--set", f"artifacts_dir={tmp_path}", "--from", "train-memory", "--until", "evaluate"])
     err = capsys.readouterr().err
     if missing:
         assert code == 2
