@@ -130,10 +130,12 @@ def _cmd_ls(args, _beam_args) -> int:
     if not found:
         print(f"no artifacts under {fs.normalize(root)}")
         return 0
-    rows = [("PATH", "KIND", "STATUS", "ROWS", "FINGERPRINT", "WHEN")]
+    rows = [("PATH", "KIND", "STATUS", "ROWS", "FINGERPRINT", "WHEN", "NOTE")]
     for item in found:
+        stats = item["stats"]
+        note = f"recall@{stats['recall_k']}={stats['recall_at_k']}" if "recall_at_k" in stats else ""
         rows.append((item["uri"], item["kind"], item["status"], "" if item["rows"] is None else str(item["rows"]),
-                     (item["fingerprint"] or "")[:12], item["when"] or ""))
+                     (item["fingerprint"] or "")[:12], item["when"] or "", note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -8,7 +8,7 @@ import pytest
 from flows import stages
 from flows.cli import main
 
-COMMANDS = [*stages.STAGE_NAMES, "run", "ls", "lineage", "verify"]
+COMMANDS = [*stages.STAGE_NAMES, "run", "ls", "lineage", "verify", "retemper", "explain", "bench"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

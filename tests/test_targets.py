@@ -91,7 +91,7 @@ def test_exact_index_targets_equal_brute_force(datastore, split):
     assert manifest["stats"]["self_query"] == (split == "train") and manifest["stats"]["k"] == K
 
 
-def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path):
+def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys):
     """IVF-PQ: recall@k is measured and reported; top-1 token agrees with the exact targets on most rows."""
     art = tmp_path / "art"
     art.mkdir()
@@ -104,6 +104,8 @@ def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path):
     index = open_artifact(str(art / "index"), "index").manifest["stats"]
     assert index["factory"] == "IVF16,PQ8" and index["nlist"] == 16 and index["nprobe"] == 4
     assert 0.0 < index["recall_at_k"] <= 1.0 and index["recall_queries"] > 0
+    assert main(["ls", str(art)]) == 0 and f"recall@{index['recall_k']}={index['recall_at_k']}" in capsys.readouterr().out
+    assert main(["lineage", str(art / "index")]) == 0 and f"recall_at_k={index['recall_at_k']}" in capsys.readouterr().out
     exact = DistributionStore.open(str(datastore["art"] / "targets" / "train")).tokens()[:, 0]
     approx = DistributionStore.open(str(art / "targets" / "train")).tokens()[:, 0]
     agreement = float((exact == approx).mean())
