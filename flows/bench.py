@@ -224,7 +224,6 @@ def _faiss_params(ws: Workspace) -> Params:
 
 def _bare_index(params: Params):
     """Train + add the whole key store into one index in one process (same factory, sample, threads)."""
-    import faiss
     import numpy as np
 
     from pipelines import faiss_index

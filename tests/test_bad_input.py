@@ -23,7 +23,7 @@ def env(tmp_path_factory):
     """A tiny local GPT-2 (own tokenizer, n_positions=64), good train/validation text and an empty params file."""
     root = tmp_path_factory.mktemp("bad_input")
     train = write_corpus(root / "good" / "train", 4, 60, seed=1)
-    validation = write_corpus(root / "good" / "validation", 2, 40, seed=2)
+    write_corpus(root / "good" / "validation", 2, 40, seed=2)
     model = make_gpt2(root / "model", [p.read_text() for p in train])
     params = root / "empty.yaml"
     params.write_text("")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,10 +20,10 @@ from pipelines.encode import windows_for_rows
 from storage.artifact import open_artifact
 from storage.stores import KeyStore
 from storage.verify import verify
+from crash import kill_after_first_shard, rerun
 from tiny_lm import make_gpt2, write_corpus
 
 BLOCK, STRIDE = 32, 12
-MEMFORGE = str(Path(sys.executable).parent / "memforge")
 
 
 def stage_args(art: Path, model: Path, corpus: Path, *extra: str) -> list[str]:
@@ -163,20 +162,13 @@ def test_sigkill_mid_encode_then_rerun_is_byte_identical(setup, tmp_path):
     args = [*setup["args"], "--set", f"artifacts_dir={art}"]
     markers = art / "keys" / "train" / "_shards"
     total = json.loads((setup["art"] / "keys" / "train" / "_manifest.json").read_text())["shards"]["count"]
-    process = subprocess.Popen([MEMFORGE, "encode", *args], start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (markers.exists() and any(markers.glob("*.json"))):
-        time.sleep(0.005)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    done = len(list(markers.glob("*.json")))  # a marker being written when killed is only a temp file
-    assert 0 < done < total, f"kill landed outside the run ({done}/{total} shards):\n{process.stdout.read()}"
+    done = kill_after_first_shard(["encode", *args], markers)
+    assert 0 < done < total, f"kill landed outside the run ({done}/{total} shards)"
     assert not (art / "keys" / "train" / "_manifest.json").exists()
 
-    rerun = subprocess.run([MEMFORGE, "encode", *args], capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    skipped = int(rerun.stderr.split("encode: train: ")[1].split(" shards already done (skipped)")[0].split("; ")[1])
+    finished = rerun(["encode", *args])
+    assert finished.returncode == 0, finished.stderr
+    skipped = int(finished.stderr.split("encode: train: ")[1].split(" shards already done (skipped)")[0].split("; ")[1])
     assert skipped >= done
     for split in ("train", "validation"):
         assert manifest_files(art, split) == manifest_files(setup["art"], split)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from flows.cli import main
 from storage.artifact import open_artifact
 from storage.stores import DistributionStore, KeyStore, NeighbourStore
 from storage.verify import verify
+from crash import kill_after_first_shard, rerun
 from tiny_lm import make_gpt2, write_corpus
 
 K, WIDTH, T = 8, 8, 8.0
@@ -203,33 +203,20 @@ def test_explain_prints_query_and_neighbours(datastore, capsys):
 
 
 def test_sigkill_mid_targets_then_rerun_is_byte_identical(datastore, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     art = tmp_path / "art"
     art.mkdir()
     for name in ("tokens", "keys", "index"):
         os.symlink(datastore["art"] / name, art / name)
     args = [*datastore["args"], "--set", f"artifacts_dir={art}"]
-    memforge = str(Path(sys.executable).parent / "memforge")
     markers = art / "targets" / "train" / "_shards"
     total = json.loads((datastore["art"] / "targets" / "train" / "_manifest.json").read_text())["shards"]["count"]
-    process = subprocess.Popen([memforge, "targets", *args], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (markers.exists() and any(markers.glob("*.json"))):
-        time.sleep(0.002)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    done = len(list(markers.glob("*.json")))  # a marker being written when killed is only a temp file
+    done = kill_after_first_shard(["targets", *args], markers)
     assert 0 < done < total, f"kill landed outside the run ({done}/{total})"
-    rerun = subprocess.run([memforge, "targets", *args], capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
+    finished = rerun(["targets", *args])
+    assert finished.returncode == 0, finished.stderr
     skipped = int(re.search(r"targets: train: \d+ queries in \d+ shards; (\d+) already done \(skipped\)",
-                            rerun.stderr).group(1))
-    assert done <= skipped < total, rerun.stderr[-3000:]
+                            finished.stderr).group(1))
+    assert done <= skipped < total, finished.stderr[-3000:]
     for split in ("train", "validation"):
         mine = json.loads((art / "targets" / split / "_manifest.json").read_text())["files"]
         reference = json.loads((datastore["art"] / "targets" / split / "_manifest.json").read_text())["files"]

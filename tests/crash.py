@@ -1,0 +1,29 @@
+"""Crash a real `memforge` stage mid-run: SIGKILL its whole process group (Beam workers included)
+as soon as its first shard marker is durable."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MEMFORGE = str(Path(sys.executable).parent / "memforge")
+
+
+def kill_after_first_shard(args: list[str], markers: Path, timeout: float = 120) -> int:
+    """Run ``memforge ARGS``, kill it once ``markers`` holds a finished marker; return how many it finished."""
+    process = subprocess.Popen([MEMFORGE, *args], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (markers.exists() and any(markers.glob("*.json"))):
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return len(list(markers.glob("*.json")))  # a marker being written when killed is only a temp file
+
+
+def rerun(args: list[str]) -> subprocess.CompletedProcess:
+    """Run ``memforge ARGS`` to completion, capturing its log."""
+    return subprocess.run([MEMFORGE, *args], capture_output=True, text=True, timeout=300)
