@@ -160,10 +160,11 @@ def targets(params: Params, *, rebuild: bool = False, beam_args: list[str] = ())
     tokens = open_artifact(tokens_uri(params), "tokens")
     nprobe = params.targets.nprobe or params.index.nprobe
     index_plan = load_plan(index.uri)
-    runner = None
-    for split in SPLITS:
-        queries = open_artifact(keys_uri(params, split), "keys")
+    queries_by_split = {split: open_artifact(keys_uri(params, split), "keys") for split in SPLITS}
+    for queries in queries_by_split.values():  # every split is checked before any work starts
         check_compatible(params, index, datastore, queries)
+    runner = None
+    for split, queries in queries_by_split.items():
         runner = _targets_for_split(params, split, index, datastore, queries, tokens, nprobe,
                                     [s.name for s in index_plan.shards], rebuild, beam_args) or runner
     return fs.join(params.artifacts_dir, "targets")

@@ -221,3 +221,24 @@ def test_sigkill_mid_targets_then_rerun_is_byte_identical(datastore, tmp_path):
         mine = json.loads((art / "targets" / split / "_manifest.json").read_text())["files"]
         reference = json.loads((datastore["art"] / "targets" / split / "_manifest.json").read_text())["files"]
         assert mine == reference
+
+
+def test_query_dimension_must_match_the_index(datastore, tmp_path, capsys):
+    """Validation keys from another model (d=48) against a d=32 index are refused, naming both dimensions."""
+    other = tmp_path / "other"
+    other.mkdir()
+    os.symlink(datastore["art"] / "tokens", other / "tokens")
+    texts = [p.read_text() for p in sorted((datastore["root"] / "corpus" / "train").glob("*.txt"))]
+    wide = make_gpt2(tmp_path / "wide", texts, n_embd=48)
+    assert main(["encode", *datastore["args"], "--set", f"artifacts_dir={other}", "--set", f"encode.model={wide}",
+                 *datastore["beam"]]) == 0
+    art = tmp_path / "art"
+    (art / "keys").mkdir(parents=True)
+    for name in ("tokens", "index"):
+        os.symlink(datastore["art"] / name, art / name)
+    os.symlink(datastore["art"] / "keys" / "train", art / "keys" / "train")
+    os.symlink(other / "keys" / "validation", art / "keys" / "validation")
+    capsys.readouterr()
+    assert main(["targets", *datastore["args"], "--set", f"artifacts_dir={art}", *datastore["beam"]]) == 1
+    assert "key dimension 48 differs from the index dimension 32" in capsys.readouterr().err
+    assert not (art / "targets").exists()  # refused before any split started
