@@ -188,7 +188,8 @@ def _cmd_explain(args, _beam_args) -> int:
     return 0
 
 
-_COMMANDS = {"retemper": _cmd_retemper, "explain": _cmd_explain, "bench": _cmd_bench, "run": _cmd_run, "ls": _cmd_ls, "lineage": _cmd_lineage, "verify": _cmd_verify}
+_COMMANDS = {"run": _cmd_run, "ls": _cmd_ls, "lineage": _cmd_lineage, "verify": _cmd_verify,
+             "retemper": _cmd_retemper, "explain": _cmd_explain, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,9 +140,10 @@ def index(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -
         faiss.omp_set_num_threads(params.index.threads)
     faiss_index.build_empty(factory, keys.dim)  # a bad factory string fails here, before any work
     plan_uri = fs.join(root, "_plan.json")
-    training = _train(params, keys, factory, n_rows) if not fs.exists(plan_uri) else fs.read_json(
-        fs.join(root, "_training.json"))
-    fs.write_json_atomic(fs.join(root, "_training.json"), training)
+    training_uri = fs.join(root, "_training.json")
+    if not fs.exists(plan_uri):  # the plan is written only after training finished
+        fs.write_json_atomic(training_uri, _train(params, keys, factory, n_rows))
+    training = fs.read_json(training_uri)
     plan = build.plan(load_plan(keys_artifact.uri))
     pending = build.pending(plan)
     log.info("index: %s, %d key shards; %d already done (skipped), %d to add",

@@ -105,6 +105,7 @@ class TokenizeShard(beam.DoFn):
         shard = Shard(**element["shard"])
         if self.markers.is_done(shard):  # a retried bundle: the shard is already durable
             return
+        started = time.perf_counter()
         try:
             columns, stats = self._tokenize([SourceFile(**f) for f in element["files"]])
         except CorpusError as exc:
@@ -113,12 +114,11 @@ class TokenizeShard(beam.DoFn):
         files = {}
         for split in SPLITS:
             files.update(TokenStore(self.root, split).write_shard(shard, *columns[split]))
-        stats["seconds"] = time.perf_counter() - stats.pop("started")
+        stats["seconds"] = time.perf_counter() - started
         self.markers.mark_done(shard, files, stats)
         yield shard.name
 
     def _tokenize(self, files: list[SourceFile]):
-        started = time.perf_counter()
         eos = self.tokenizer.eos_token_id
         parts = {split: ([], [], []) for split in SPLITS}
         stats = {"skipped_documents": 0, "empty_documents": 0, "documents": {s: 0 for s in SPLITS}}
@@ -145,7 +145,6 @@ class TokenizeShard(beam.DoFn):
                               for c, d in zip((tokens, docs, positions), (np.int32, np.int64, np.int32))]
             stats[f"{split}_tokens"] = int(len(columns[split][0]))
         stats["rows"] = sum(stats[f"{s}_tokens"] for s in SPLITS)
-        stats["started"] = started
         return columns, stats
 
 

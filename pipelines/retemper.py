@@ -75,7 +75,7 @@ def explain(targets_uri: str, row: int, context: int = 24) -> str:
     """The query's context and next token, then each neighbour's context, next token, distance, probability."""
     targets = open_artifact(targets_uri, "targets")
     inputs = _inputs(targets)
-    tokens = next(iter(_inputs(inputs["queries"]).values()))
+    tokens = _inputs(inputs["queries"])["tokens"]
     n_rows = targets.manifest["counts"]["rows"]
     if not 0 <= row < n_rows:
         raise MemforgeError(f"--row: {row} is out of range (the artifact has {n_rows} rows)")

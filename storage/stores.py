@@ -84,14 +84,11 @@ class KeyStore:
     def vals(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self.rows.read("vals", start, stop)
 
-    def take(self, rows: np.ndarray, name: str = "keys") -> np.ndarray:
-        """Rows ``rows`` (any order, repeats allowed) of ``keys`` (as float32) or ``vals``;
-        Zarr reads only the chunks that hold them."""
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Keys (float32) of rows ``rows`` (any order, repeats allowed); Zarr reads only the chunks that hold them."""
         unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
-        array = self.rows.array(name)
-        raw = array.get_orthogonal_selection((unique,) + (slice(None),) * (array.ndim - 1))
-        if name == "keys":
-            raw = bfloat16_to_float32(raw) if self.key_dtype == "bfloat16" else raw.astype(np.float32)
+        raw = self.rows.array("keys").get_orthogonal_selection((unique, slice(None)))
+        raw = bfloat16_to_float32(raw) if self.key_dtype == "bfloat16" else raw.astype(np.float32)
         return raw[inverse]
 
 
