@@ -1,7 +1,12 @@
 """FAISS index files of the index artifact: choosing a factory, (de)serialising, searching shards."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import os
+import sys
+import threading
 
 import faiss
 import numpy as np
@@ -76,8 +81,39 @@ def read(uri: str, mmap: bool = False) -> faiss.Index:
         return faiss.deserialize_index(np.frombuffer(handle.read(), dtype=np.uint8))
 
 
+_STDOUT_SWAP = threading.Lock()  # worker threads open indexes concurrently; fd 1 is process-wide
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr():
+    """Send what native code prints to stdout to stderr instead (memforge's stdout carries results)."""
+    with _STDOUT_SWAP:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)
+        try:
+            yield
+        finally:
+            ctypes.CDLL(None).fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def read_merged(index_uri: str) -> faiss.Index:
+    """The on-disk merged index; its inverted lists are memory-mapped from ``merged.ivfdata`` found
+    beside it (so the artifact can move), never loaded into memory."""
+    if not fs.is_local(index_uri):
+        raise MemforgeError(f"{index_uri}: a merged on-disk index must be on local storage")
+    with native_stdout_to_stderr():  # FAISS prints a note about the data file's location
+        index = faiss.read_index(fs.normalize(fs.join(index_uri, MERGED)), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    # FAISS would start 32 prefetch threads per search call; the lists are paged in on first touch
+    # anyway, and those threads only compete with the searching workers for the cores.
+    faiss.downcast_InvertedLists(ivf_of(index).invlists).prefetch_nthread = 0
+    return index
+
+
 class ShardedIndex:
-    """The index artifact for search: the merged index, or every shard.
+    """The index artifact for search: the merged on-disk index, or every shard.
 
     IVF shards are copies of one trained index, so their inverted lists are stacked (FAISS's
     ``HStackInvertedLists``) under one index: list i is the concatenation of the shards' lists i,
@@ -86,8 +122,10 @@ class ShardedIndex:
     """
 
     def __init__(self, index_uri: str, shard_names: list[str], nprobe: int, merged: bool):
-        files = [MERGED] if merged else [shard_file(n) for n in shard_names]
-        self.shards = [read(fs.join(index_uri, f), mmap=True) for f in files]
+        if merged:
+            self.shards = [read_merged(index_uri)]
+        else:
+            self.shards = [read(fs.join(index_uri, shard_file(n)), mmap=True) for n in shard_names]
         ivfs = [ivf_of(shard) for shard in self.shards]
         if len(self.shards) > 1 and all(ivf is not None for ivf in ivfs):
             self.lists = faiss.InvertedListsPtrVector()

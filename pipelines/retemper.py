@@ -8,13 +8,14 @@ import tempfile
 import numpy as np
 
 from pipelines.prepare import TOKENIZER_DIR
-from pipelines.targets import distribution_of
+from pipelines import knn
+from pipelines.datastore_rows import DatastoreRows
 from pipelines.tokenizer import load_tokenizer
 from storage import fs
 from storage.artifact import Artifact, ArtifactBuild, open_artifact
 from storage.errors import MemforgeError
 from storage.shards import load_plan
-from storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore
+from storage.stores import DistributionStore, NeighbourStore, PartOffsets, TokenStore
 
 log = logging.getLogger("memforge")
 
@@ -55,13 +56,14 @@ def retemper(targets_uri: str, temperature: float, k: int | None = None, out: st
     neighbours = NeighbourStore.create(out, n_rows, k, chunk, unit // chunk)
     distributions = DistributionStore.create(out, n_rows, width, str(stored.rows.array("probs").dtype), chunk,
                                              unit // chunk)
-    datastore = KeyStore.open(inputs["datastore"].uri)
+    rows = DatastoreRows(inputs["index"].uri)
     plan = build.plan(load_plan(source.uri))
     for shard in build.pending(plan):
         ids = stored_neighbours.ids(shard.start, shard.stop)[:, :k]
         dists = stored_neighbours.dists(shard.start, shard.stop)[:, :k]
         files = neighbours.write_shard(shard, ids, dists)
-        files.update(distributions.write_shard(shard, *distribution_of(datastore, dists, ids, temperature, width)))
+        sparse = knn.distributions(dists, rows.values_of(ids), temperature, width)
+        files.update(distributions.write_shard(shard, *sparse))
         build.markers.mark_done(shard, files, {"rows": shard.rows})
     stats = {**source.manifest["stats"], "temperature": temperature, "k": k, "width": width,
              "retempered_from": source.uri}

@@ -1,11 +1,13 @@
 """Storage roots as local paths or fsspec URLs: joining, atomic writes, checksums."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import uuid
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -47,28 +49,47 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` so readers see either nothing or the whole file.
+@contextlib.contextmanager
+def atomic_writer(uri: str) -> Iterator[BinaryIO]:
+    """A binary file handle whose content appears at ``uri`` only when the block exits cleanly.
 
-    Locally: temp file in the same directory, fsync, rename, fsync the directory.
-    Object stores publish a PUT atomically, so a direct write is already atomic there.
+    Locally: temp file in the same directory, fsync, rename, fsync the directory. Object
+    stores: the file is staged locally and uploaded with one PUT, which they publish atomically.
     """
     fs, path = filesystem(uri)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}{TEMP_INFIX}{uuid.uuid4().hex}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
+    local = isinstance(fs, LocalFileSystem)
+    tmp = f"{path}{TEMP_INFIX}{uuid.uuid4().hex}" if local else None
+    with (open(tmp, "wb") if local else tempfile.NamedTemporaryFile("w+b")) as handle:
+        try:
+            yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if local:
+                os.fsync(handle.fileno())
+        except BaseException:
+            if local:
+                os.unlink(tmp)
+            raise
+        if not local:
+            fs.put_file(handle.name, path)
+    if local:
         os.replace(tmp, path)
         dir_fd = os.open(parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` so readers see either nothing or the whole file."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        with atomic_writer(uri) as handle:
+            handle.write(data)
     else:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, data)
 
 

@@ -91,12 +91,14 @@ class IndexParams(Section):
     factory: str = "auto"
     flat_threshold: int = Field(default=200_000, gt=0)
     train_points_per_list: int = Field(default=64, ge=39, le=256)
+    train_sample: int = Field(default=65536, gt=0)  # for trainable indexes without IVF lists (PQ, SQ, ...)
     nprobe: int = Field(default=32, gt=0)
-    merge: Literal["none", "ondisk"] = "none"
+    merge: Literal["auto", "none", "ondisk"] = "auto"  # auto: ondisk for IVF on local storage
+    exact_keys: bool = True  # a float32 copy of the keys (4*d bytes/row) for targets.exact_distances
     recall_queries: int = Field(default=256, gt=0)
     recall_k: int = Field(default=64, gt=0)
     seed: int = 0
-    threads: int = Field(default=0, ge=0)
+    threads: int = Field(default=0, ge=0)  # FAISS threads: training (0: all cores); per worker (0: encode's)
 
 
 class TargetsParams(Section):
@@ -109,6 +111,7 @@ class TargetsParams(Section):
     exact_distances: bool = True
     exclude_same_document_window: int = Field(default=0, ge=0)
     probs_dtype: Literal["float32", "float16"] = "float32"
+    shard_chunks: int = Field(default=8, gt=0)  # rows per work shard = encode.chunk_rows * this
 
     @field_validator("width")
     @classmethod

@@ -101,7 +101,8 @@ class NeighbourStore:
     @classmethod
     def create(cls, root: str, n_rows: int, k: int, chunk_rows: int = 4096, shard_chunks: int = 8,
                sub: str = "neighbours.zarr") -> "NeighbourStore":
-        specs = [ArraySpec("ids", "int64", (k,), -1), ArraySpec("dists", "float32", (k,), np.inf)]
+        specs = [ArraySpec("ids", "int64", (k,), -1, "lz4-shuffle"),
+                 ArraySpec("dists", "float32", (k,), np.inf, "lz4-shuffle")]
         return cls(ZarrRows.create(root, specs, n_rows, chunk_rows, shard_chunks, sub))
 
     @classmethod
@@ -134,8 +135,9 @@ class DistributionStore:
                shard_chunks: int = 8, sub: str = "distributions.zarr") -> "DistributionStore":
         if probs_dtype not in PROB_DTYPES:
             raise ArtifactError(f"probability dtype {probs_dtype!r} not supported ({', '.join(PROB_DTYPES)})")
-        specs = [ArraySpec("tokens", "int32", (width,), -1), ArraySpec("probs", probs_dtype, (width,), 0),
-                 ArraySpec("truncated", "float32", (), 0)]
+        specs = [ArraySpec("tokens", "int32", (width,), -1, "lz4-bitshuffle"),
+                 ArraySpec("probs", probs_dtype, (width,), 0, "lz4-bitshuffle"),
+                 ArraySpec("truncated", "float32", (), 0, "lz4-bitshuffle")]
         return cls(ZarrRows.create(root, specs, n_rows, chunk_rows, shard_chunks, sub))
 
     @classmethod

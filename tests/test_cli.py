@@ -64,14 +64,18 @@ def test_beam_options_pass_through_after_double_dash(tmp_path, capsys):
 def test_runner_options():
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
-    from pipelines.runner import DEFAULT_RUNNER, pipeline
+    from pipelines.runner import pipeline
 
     default, name = pipeline([], num_workers=3)
     direct = default.options.view_as(DirectOptions)
-    assert name == DEFAULT_RUNNER and type(default.runner).__name__ == "FnApiRunner"
+    assert name == "FnApiRunner(multi_processing)" and type(default.runner).__name__ == "FnApiRunner"
     assert (direct.direct_running_mode, direct.direct_num_workers) == ("multi_processing", 3)
-    in_memory, _ = pipeline(["--direct_running_mode=in_memory"], num_workers=3)
+    threads, name = pipeline([], num_workers=2, running_mode="multi_threading")
+    assert name == "FnApiRunner(multi_threading)"
+    assert threads.options.view_as(DirectOptions).direct_running_mode == "multi_threading"
+    in_memory, name = pipeline(["--direct_running_mode=in_memory"], num_workers=3, running_mode="multi_threading")
     assert in_memory.options.view_as(DirectOptions).direct_running_mode == "in_memory"
+    assert name == "FnApiRunner(in_memory)"
     flink, name = pipeline(["--runner=FlinkRunner", "--flink_master=host:8081"], num_workers=3)
     assert name == "FlinkRunner"
     assert flink.options.get_all_options()["flink_master"] == "host:8081"

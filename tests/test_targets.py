@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 
 from flows.cli import main
+from pipelines import faiss_index
 from storage.artifact import open_artifact
 from storage.stores import DistributionStore, KeyStore, NeighbourStore
 from storage.verify import verify
@@ -100,9 +102,12 @@ def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys):
     args = [*datastore["args"], "--set", f"artifacts_dir={art}", "--set", "index.factory=IVF16,PQ8",
             "--set", "index.nprobe=4", "--set", "index.train_points_per_list=39"]
     for stage in ("index", "targets"):
+        capsys.readouterr()
         assert main([stage, *args, *datastore["beam"]]) == 0
+        assert capsys.readouterr().out.splitlines() == [str(art / stage)], "stdout carries only the result"
     index = open_artifact(str(art / "index"), "index").manifest["stats"]
     assert index["factory"] == "IVF16,PQ8" and index["nlist"] == 16 and index["nprobe"] == 4
+    assert index["merge"] == "ondisk" and (art / "index" / "merged.ivfdata").is_file()
     assert 0.0 < index["recall_at_k"] <= 1.0 and index["recall_queries"] > 0
     assert main(["ls", str(art)]) == 0 and f"recall@{index['recall_k']}={index['recall_at_k']}" in capsys.readouterr().out
     assert main(["lineage", str(art / "index")]) == 0 and f"recall_at_k={index['recall_at_k']}" in capsys.readouterr().out
@@ -113,6 +118,31 @@ def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys):
     assert agreement > 0.5
     ids = NeighbourStore.open(str(art / "targets" / "train")).ids()
     assert not np.any(ids == np.arange(len(ids))[:, None])
+    # The merged index finds its lists beside it, so the artifact can move (e.g. dvc pull elsewhere).
+    queries = KeyStore.open(str(datastore["art"] / "keys" / "validation")).keys().astype(np.float32)
+    before = faiss_index.ShardedIndex(str(art / "index"), [], 4, merged=True).search(queries, K)
+    moved = tmp_path / "elsewhere" / "index"
+    shutil.copytree(art / "index", moved)
+    shutil.rmtree(art / "index")
+    after = faiss_index.ShardedIndex(str(moved), [], 4, merged=True).search(queries, K)
+    assert np.array_equal(before[1], after[1]) and np.array_equal(before[0], after[0])
+
+
+def test_pq_without_lists_trains_on_train_sample_and_fans_out_over_shards(datastore, tmp_path):
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("tokens", "keys"):
+        os.symlink(datastore["art"] / name, art / name)
+    args = [*datastore["args"], "--set", f"artifacts_dir={art}", "--set", "index.factory=PQ4",
+            "--set", "index.train_sample=300"]
+    for stage in ("index", "targets"):
+        assert main([stage, *args, *datastore["beam"]]) == 0
+    index = open_artifact(str(art / "index"), "index").manifest
+    assert index["stats"]["train_sample"] == 300 and index["stats"]["merge"] == "none"
+    assert index["shards"]["count"] > 1 and not (art / "index" / "merged.index").exists()
+    ids = NeighbourStore.open(str(art / "targets" / "train")).ids()
+    assert (ids >= 0).all() and not np.any(ids == np.arange(len(ids))[:, None])
+    assert verify(str(art / "targets" / "train")) == []
 
 
 def test_same_document_window_excludes_nearby_rows(datastore, tmp_path):
@@ -132,11 +162,14 @@ def test_same_document_window_excludes_nearby_rows(datastore, tmp_path):
                       & (rows > window) & (rows < len(ids) - window - 200))
 
 
-@pytest.mark.parametrize("setting, message", [
-    (["targets.k=100000", "targets.width=8"], "targets.k: 100000 must be smaller than the datastore size"),
-    (["targets.nprobe=64", "index.factory=IVF16,Flat"], None),
+@pytest.mark.parametrize("setting, new_index, message", [
+    (["targets.k=100000", "targets.width=8"], [], "targets.k: 100000 must be smaller than the datastore size"),
+    (["targets.nprobe=64", "index.factory=IVF16,Flat"], ["index.nprobe=4"],
+     "targets.nprobe: 64 exceeds the index's nlist (16)"),
+    (["index.exact_keys=false"], ["index.exact_keys=false"],
+     "targets.exact_distances: {art}/index has no exact keys (built with index.exact_keys: false)"),
 ])
-def test_bad_targets_input(datastore, tmp_path, capsys, setting, message):
+def test_bad_targets_input(datastore, tmp_path, capsys, setting, new_index, message):
     art = tmp_path / "art"
     art.mkdir()
     for name in ("tokens", "keys", "index"):
@@ -144,14 +177,24 @@ def test_bad_targets_input(datastore, tmp_path, capsys, setting, message):
     args = [*datastore["args"], "--set", f"artifacts_dir={art}"]
     for item in setting:
         args += ["--set", item]
-    if message is None:  # nprobe > nlist needs an IVF index first
+    if new_index:  # the fault is in how the index was built
         (art / "index").unlink()
-        assert main(["index", *args, "--set", "index.nprobe=4", *datastore["beam"]]) == 0
-        message = "targets.nprobe: 64 exceeds the index's nlist (16)"
+        index_args = [arg for item in new_index for arg in ("--set", item)]
+        assert main(["index", *args, *index_args, *datastore["beam"]]) == 0
     capsys.readouterr()
     assert main(["targets", *args, *datastore["beam"]]) == 1
-    assert message in capsys.readouterr().err
+    assert message.format(art=art) in capsys.readouterr().err
     assert not (art / "targets" / "train" / "_manifest.json").exists()
+
+
+def test_ondisk_merge_of_a_flat_index_is_refused_before_training(datastore, tmp_path, capsys):
+    art = tmp_path / "art"
+    art.mkdir()
+    os.symlink(datastore["art"] / "keys", art / "keys")
+    args = [*datastore["args"], "--set", f"artifacts_dir={art}", "--set", "index.merge=ondisk"]
+    assert main(["index", *args, *datastore["beam"]]) == 1
+    assert "index.merge: ondisk applies to IVF indexes only" in capsys.readouterr().err
+    assert not (art / "index" / "trained.index").exists() and not (art / "index" / "_manifest.json").exists()
 
 
 def test_index_from_another_key_store_is_refused(datastore, tmp_path, capsys):

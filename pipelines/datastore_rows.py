@@ -1,0 +1,81 @@
+"""The datastore in row order for search-time lookups, stored in the index artifact.
+
+``values.npy`` (int32, the next token of every datastore row) turns neighbour ids into tokens,
+and ``keys.f32.npy`` (the stored keys as float32, optional: ``index.exact_keys``) gives exact
+squared L2 distances for re-ranking PQ results. Both are plain ``.npy`` files that every search
+worker memory-maps, so the page cache holds one copy per machine rather than one per worker, and
+a lookup reads only the rows it needs. Distances are FAISS's ``fvec_L2sqr_by_idx`` (C++).
+"""
+from __future__ import annotations
+
+import io
+
+import faiss
+import numpy as np
+
+from storage import fs
+from storage.errors import ArtifactError
+from storage.shards import ShardPlan
+from storage.stores import KeyStore
+
+VALUES = "values.npy"
+KEYS = "keys.f32.npy"
+MISSING = -1
+
+
+def _write_npy(uri: str, dtype: np.dtype, shape: tuple[int, ...], blocks) -> None:
+    """Stream ``blocks`` (in row order) into one ``.npy`` file, published atomically."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    with fs.atomic_writer(uri) as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+        for block in blocks:
+            handle.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+
+
+def write(keys: KeyStore, plan: ShardPlan, root: str, exact_keys: bool) -> None:
+    """Write ``values.npy`` (and ``keys.f32.npy`` when ``exact_keys``) from the key store, one shard at
+    a time; a file already written (by an interrupted run) is kept."""
+    n_rows = keys.rows.n_rows
+    if not fs.exists(fs.join(root, VALUES)):
+        _write_npy(fs.join(root, VALUES), np.int32, (n_rows,), (keys.vals(s.start, s.stop) for s in plan.shards))
+    if exact_keys and not fs.exists(fs.join(root, KEYS)):
+        _write_npy(fs.join(root, KEYS), np.float32, (n_rows, keys.dim),
+                   (keys.keys(s.start, s.stop) for s in plan.shards))
+
+
+def _load(uri: str) -> np.ndarray:
+    if fs.is_local(uri):
+        return np.load(fs.normalize(uri), mmap_mode="r", allow_pickle=False)
+    filesystem, path = fs.filesystem(uri)
+    with filesystem.open(path, "rb") as handle:
+        return np.load(io.BytesIO(handle.read()), allow_pickle=False)
+
+
+class DatastoreRows:
+    """Values and (optionally) exact keys of the datastore, memory-mapped from an index artifact."""
+
+    def __init__(self, index_uri: str):
+        self.values = _load(fs.join(index_uri, VALUES))
+        keys_uri = fs.join(index_uri, KEYS)
+        self.keys = _load(keys_uri) if fs.exists(keys_uri) else None
+        self.index_uri = index_uri
+
+    def values_of(self, ids: np.ndarray) -> np.ndarray:
+        """Next tokens (int64) of neighbour ``ids``; -1 where the id is -1."""
+        found = np.asarray(self.values[np.maximum(ids, 0)], dtype=np.int64)
+        found[ids == MISSING] = MISSING
+        return found
+
+    def distances(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact squared L2 distances between each query and its neighbours ``ids`` (inf where -1)."""
+        if self.keys is None:
+            raise ArtifactError(f"{self.index_uri}: has no {KEYS} (built with index.exact_keys: false); "
+                                "set targets.exact_distances: false or rebuild the index with exact keys")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        lookup = np.ascontiguousarray(np.maximum(ids, 0), dtype=np.int64)
+        out = np.empty(ids.shape, dtype=np.float32)
+        base = np.asarray(self.keys)  # a memory map stays a view; FAISS reads only the rows it needs
+        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(base),
+                                faiss.swig_ptr(lookup), queries.shape[1], ids.shape[0], ids.shape[1])
+        out[ids == MISSING] = np.inf
+        return out
