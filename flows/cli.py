@@ -15,7 +15,6 @@ from storage.params import load_params
 from storage.verify import verify
 
 EXIT_PROBLEMS = 1
-EXIT_NOT_IMPLEMENTED = 2
 
 DESCRIPTION = """\
 memforge builds MLP-memory training data: corpus tokens, encoder hidden-state keys,
@@ -108,18 +107,13 @@ def _cmd_stage(args, beam_args) -> int:
 
 def _cmd_run(args, beam_args) -> int:
     params = load_params(args.params, args.overrides)
-    selected = stages.select(args.first, args.last)
-    missing = [s.name for s in selected if s.entry is None]
-    for item in selected:
-        if item.entry is None:
-            print(f"memforge run: {item.name}: not implemented yet; stopping before it", file=sys.stderr)
-            break
+    for item in stages.select(args.first, args.last):
         print(f"memforge run: {item.name}")
         stages.run_stage(item.name, params, rebuild=args.rebuild, beam_args=tuple(beam_args))
-    if missing:
-        print(f"memforge run: incomplete: stages not implemented yet: {', '.join(missing)}", file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
     print(f"memforge run: done; artifacts in {fs.normalize(params.artifacts_dir)}")
+    metrics = fs.join(params.artifacts_dir, "eval", "metrics.json")
+    if fs.exists(metrics):
+        print(f"memforge run: metrics in {metrics}")
     return 0
 
 
@@ -205,9 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     handler = _COMMANDS.get(args.command, _cmd_stage)
     try:
         return handler(args, beam_args)
-    except stages.StageNotImplemented as exc:
-        print(f"memforge {args.command}: {exc}", file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
     except MemforgeError as exc:
         print(f"memforge {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS

@@ -9,10 +9,6 @@ from storage.errors import MemforgeError
 from storage.params import Params
 
 
-class StageNotImplemented(MemforgeError):
-    """The stage exists in the product plan but has no implementation in this version."""
-
-
 @dataclass(frozen=True)
 class Stage:
     """A pipeline stage: CLI name, what it does, where its artifacts go, its implementation."""
@@ -20,11 +16,9 @@ class Stage:
     name: str
     summary: str
     outputs: tuple[str, ...]
-    entry: str | None = None
+    entry: str
 
     def function(self) -> Callable[..., Any]:
-        if self.entry is None:
-            raise StageNotImplemented(f"stage {self.name!r} is not implemented yet in this version of memforge")
         module, _, attribute = self.entry.partition(":")
         return getattr(importlib.import_module(module), attribute)
 
@@ -32,15 +26,17 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "read and tokenize the corpus into the token store (Beam)", ("tokens",),
           "pipelines.prepare:prepare"),
-    Stage("train-decoder", "train the decoder LM from scratch or fine-tune a local HF model", ("decoder",)),
+    Stage("train-decoder", "train the decoder LM from scratch or fine-tune a local HF model", ("decoder",),
+          "training.decoder:train_decoder"),
     Stage("encode", "hidden-state keys and next-token values for each split (Beam)",
           ("keys/train", "keys/validation"), "pipelines.encode:encode"),
     Stage("index", "train the FAISS index once, then add key shards in parallel (Beam)", ("index",),
           "pipelines.index:index"),
     Stage("targets", "kNN neighbours and distillation distributions for each split (Beam)",
           ("targets/train", "targets/validation"), "pipelines.targets:targets"),
-    Stage("train-memory", "train the MLP memory on the kNN targets", ("memory",)),
-    Stage("evaluate", "perplexity and tokens/s of decoder, kNN-LM and decoder+memory", ("eval",)),
+    Stage("train-memory", "train the MLP memory on the kNN targets", ("memory",), "training.memory:train_memory"),
+    Stage("evaluate", "perplexity and tokens/s of decoder, kNN-LM and decoder+memory", ("eval",),
+          "training.evaluate:evaluate"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 _BY_NAME = {s.name: s for s in STAGES}

@@ -80,7 +80,6 @@ class EncodeShard(beam.DoFn):
 
         spec = self.spec
         torch.set_num_threads(spec["threads"])
-        self.torch = torch
         self.model = load_encoder(spec["model_path"], spec["trust_remote_code"])
         self.capture = RepresentationCapture(self.model, spec["representation"], spec["layer"])
         self.splits = {
@@ -106,26 +105,34 @@ class EncodeShard(beam.DoFn):
         yield shard.name
 
     def encode_rows(self, reader: TokenStore, offsets: PartOffsets, start: int, stop: int):
-        """Keys (float32) and values (int32) of datastore rows ``[start, stop)``."""
         spec = self.spec
-        windows = windows_for_rows(start, stop, offsets.total_rows, spec["block_size"], spec["stride"])
-        base = windows[0].begin
-        tokens = reader.read_rows(offsets, base, windows[-1].end)
-        keys = np.empty((stop - start, spec["hidden_size"]), np.float32)
-        by_length: dict[int, list[Window]] = {}
-        for window in windows:
-            by_length.setdefault(window.end - window.begin, []).append(window)
-        batch_size = spec["batch_size"]
-        with self.torch.inference_mode():
-            for group in by_length.values():
-                for i in range(0, len(group), batch_size):
-                    batch = group[i:i + batch_size]
-                    ids = np.stack([tokens[w.begin - base:w.end - base] for w in batch]).astype(np.int64)
-                    states = self.capture(self.model, self.torch.from_numpy(ids)).float().numpy()
-                    for row, w in zip(states, batch):
-                        keys[w.first - 1 - start:w.stop - 1 - start] = row[w.first - 1 - w.begin:w.stop - 1 - w.begin]
-        vals = tokens[start + 1 - base:stop + 1 - base]
-        return keys, vals, sum(w.end - w.begin for w in windows)
+        return encode_rows(self.model, self.capture, reader, offsets, start, stop, spec["block_size"],
+                           spec["stride"], spec["batch_size"], spec["hidden_size"])
+
+
+def encode_rows(model, capture, reader: TokenStore, offsets: PartOffsets, start: int, stop: int, block_size: int,
+                stride: int, batch_size: int, hidden: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Keys (float32 [rows, hidden]), values (int32) and window tokens read, for datastore rows
+    ``[start, stop)``: the windows that own those targets, batched by length, through ``capture``."""
+    import torch
+
+    windows = windows_for_rows(start, stop, offsets.total_rows, block_size, stride)
+    base = windows[0].begin
+    tokens = reader.read_rows(offsets, base, windows[-1].end)
+    keys = np.empty((stop - start, hidden), np.float32)
+    by_length: dict[int, list[Window]] = {}
+    for window in windows:
+        by_length.setdefault(window.end - window.begin, []).append(window)
+    with torch.inference_mode():
+        for group in by_length.values():
+            for i in range(0, len(group), batch_size):
+                batch = group[i:i + batch_size]
+                ids = np.stack([tokens[w.begin - base:w.end - base] for w in batch]).astype(np.int64)
+                states = capture(model, torch.from_numpy(ids)).float().numpy()
+                for row, w in zip(states, batch):
+                    keys[w.first - 1 - start:w.stop - 1 - start] = row[w.first - 1 - w.begin:w.stop - 1 - w.begin]
+    vals = tokens[start + 1 - base:stop + 1 - base]
+    return keys, vals, sum(w.end - w.begin for w in windows)
 
 
 def _encoder_source(params: Params, tokens: Artifact) -> tuple[str, dict[str, Artifact]]:

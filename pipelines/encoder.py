@@ -49,7 +49,23 @@ def load_encoder(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
                                                      dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise EncoderError(f"{path}: cannot load as a causal LM ({type(config).__name__}): {exc}") from None
+    retie_output_embeddings(model, path)
     return model.eval()
+
+
+def retie_output_embeddings(model: torch.nn.Module, path: str) -> None:
+    """Tie the LM head to the input embeddings when the config says so and loading left it unset.
+
+    transformers 5 occasionally leaves a tied ``lm_head.weight`` (absent from the checkpoint) on the
+    meta device when another model was loaded earlier in the process; no parameter may stay there.
+    """
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and head is not None and head.weight.device.type == "meta":
+        head.weight = embeddings.weight
+    unloaded = [name for name, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+    if unloaded:
+        raise EncoderError(f"{path}: weights missing from the checkpoint: {', '.join(unloaded)}")
 
 
 def max_positions(model: torch.nn.Module) -> int | None:
@@ -97,11 +113,13 @@ class RepresentationCapture:
     ``ffn_input``: input of block ``layer``'s feed-forward sublayer (kNN-LM's choice);
     ``block_output``: output of block ``layer``; ``final``: output of the final norm.
     The forward pass stops as soon as the representation is captured, so the layers after it
-    (for the default, the last feed-forward sublayer and the final norm) are never computed.
+    (for the default, the last feed-forward sublayer and the final norm) are never computed;
+    with ``stop=False`` it runs on (to the logits, when the caller runs the whole model).
     """
 
-    def __init__(self, model: torch.nn.Module, representation: str, layer: int):
+    def __init__(self, model: torch.nn.Module, representation: str, layer: int, stop: bool = True):
         self.value: torch.Tensor | None = None
+        self.stop = stop
         blocks = transformer_blocks(model)
         if not -len(blocks) <= layer < len(blocks):
             raise EncoderError(f"encode.layer: {layer} is out of range for a model with {len(blocks)} blocks")
@@ -123,11 +141,13 @@ class RepresentationCapture:
 
     def _keep_input(self, _module, args):
         self.value = args[0]
-        raise _Captured
+        if self.stop:
+            raise _Captured
 
     def _keep_output(self, _module, _args, output):
         self.value = output[0] if isinstance(output, tuple) else output
-        raise _Captured
+        if self.stop:
+            raise _Captured
 
     def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the base model (no LM head) on ``input_ids`` [B, T] up to the hook; return the captured [B, T, d]."""

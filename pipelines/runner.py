@@ -15,8 +15,8 @@ def pipeline(beam_args: list[str], num_workers: int,
     to download the Prism binary) with ``num_workers`` workers in ``running_mode``:
     ``multi_processing`` for Python-heavy stages, ``multi_threading`` for stages whose work is in
     libraries that release the GIL (FAISS, numpy), which then skip starting worker processes.
-    ``beam_args`` override both (``--direct_running_mode=in_memory`` runs in this thread). Every option is passed to Beam,
-    e.g. ``--runner=FlinkRunner --flink_master=host:8081`` or ``--runner=PortableRunner
+    ``beam_args`` override both (``--direct_running_mode=in_memory`` runs in this thread). Every
+    option is passed to Beam, e.g. ``--runner=FlinkRunner --flink_master=host:8081`` or ``--runner=PortableRunner
     --job_endpoint=localhost:8099 --environment_type=LOOPBACK``.
     """
     options = PipelineOptions(beam_args)

@@ -150,7 +150,8 @@ def _check_contents(uri: str, manifest: dict) -> Iterator[str]:
         for marker_array, check in _STORE_CHECKS.items():
             if marker_array in names:
                 yield from check(uri, sub, manifest)
-    yield from _check_token_parts(uri, manifest)
+    if manifest.get("kind") == "tokens":
+        yield from _check_token_parts(uri, manifest)
 
 
 def verify(uri: str) -> list[str]:

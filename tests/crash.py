@@ -8,19 +8,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 MEMFORGE = str(Path(sys.executable).parent / "memforge")
 
 
-def kill_after_first_shard(args: list[str], markers: Path, timeout: float = 120) -> int:
-    """Run ``memforge ARGS``, kill it once ``markers`` holds a finished marker; return how many it finished."""
+def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 120) -> None:
+    """Run ``memforge ARGS`` and SIGKILL its process group as soon as ``ready()`` is true."""
     process = subprocess.Popen([MEMFORGE, *args], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not (markers.exists() and any(markers.glob("*.json"))):
+    while time.monotonic() < deadline and not ready() and process.poll() is None:
         time.sleep(0.002)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def kill_after_first_shard(args: list[str], markers: Path, timeout: float = 120) -> int:
+    """Run ``memforge ARGS``, kill it once ``markers`` holds a finished marker; return how many it finished."""
+    kill_when(args, lambda: markers.exists() and any(markers.glob("*.json")), timeout)
     return len(list(markers.glob("*.json")))  # a marker being written when killed is only a temp file
 
 

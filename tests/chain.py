@@ -1,0 +1,39 @@
+"""The whole tiny demo chain for the training tests: prepare -> train-decoder -> encode -> index ->
+targets -> train-memory on a small Greek-letter corpus, with settings small enough for CI."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.cli import main
+from tiny_lm import write_corpus
+
+SETTINGS = {"decoder.vocab_size": 320, "decoder.n_layer": 2, "decoder.n_head": 2, "decoder.n_embd": 48,
+            "decoder.block_size": 32, "decoder.batch_size": 8, "decoder.max_steps": 40, "decoder.warmup_steps": 5,
+            "decoder.learning_rate": 0.005, "decoder.checkpoint_every": 40,
+            "encode.block_size": 32, "encode.stride": 16, "encode.chunk_rows": 64, "encode.shard_chunks": 2,
+            "targets.k": 8, "targets.width": 8, "targets.temperature": 4.0,
+            "memory.depth": 2, "memory.hidden_mult": 2, "memory.batch_size": 64, "memory.max_steps": 30,
+            "memory.warmup_steps": 3, "memory.learning_rate": 0.003, "memory.checkpoint_every": 10,
+            "memory.shuffle_buffer_chunks": 2, "evaluate.k": 8, "evaluate.temperature": 4.0}
+
+
+def stage_args(root, art, **overrides) -> list[str]:
+    settings = {"artifacts_dir": art, "corpus.train": f"[{root}/corpus/train/*.txt]",
+                "corpus.validation": f"[{root}/corpus/validation/*.txt]", **SETTINGS, **overrides}
+    args = ["--params", str(root / "params.yaml")]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def build_chain(root: Path) -> dict:
+    """Run every stage up to train-memory under ``root``; returns where things are."""
+    write_corpus(root / "corpus" / "train", 6, 150, seed=7)
+    write_corpus(root / "corpus" / "validation", 2, 60, seed=8)
+    (root / "params.yaml").write_text("{}\n")
+    args = stage_args(root, root / "art")
+    beam = ["--", "--direct_running_mode=in_memory"]
+    for stage in ("prepare", "train-decoder", "encode", "index", "targets"):
+        assert main([stage, *args, *beam]) == 0, stage
+    assert main(["train-memory", *args]) == 0
+    return {"root": root, "art": root / "art", "args": args}

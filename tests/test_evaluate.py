@@ -1,0 +1,92 @@
+"""evaluate on the tiny chain: kNN-LM log-probabilities equal a brute-force reference written here;
+metrics, per-token log-probabilities and plots are written and verified."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from chain import stage_args
+from flows.cli import main
+from pipelines.encoder import load_encoder
+from storage.artifact import open_artifact
+from storage.stores import KeyStore, TokenStore
+from storage.verify import verify
+
+LAMBDA, K, T = 0.25, 8, 4.0
+
+
+@pytest.fixture(scope="module")
+def evaluated(chain):
+    assert main(["evaluate", *chain["args"]]) == 0
+    return chain["art"] / "eval"
+
+
+def reference_knnlm(art, block_size=32, stride=16) -> np.ndarray:
+    """log(λ p_kNN + (1-λ) p_dec) of every validation row: the model run on each row's context
+    (the kNN-LM window that owns the row), the FFN input of the last block as query, exact
+    distances to every datastore key in float64, softmax(-d/T) over the k nearest."""
+    model = load_encoder(str(art / "decoder" / "model"))
+    captured = {}
+    model.transformer.h[-1].mlp.register_forward_pre_hook(lambda _m, args: captured.update(q=args[0]))
+    tokens = open_artifact(str(art / "tokens"), "tokens")
+    parts = tokens.manifest["stats"]["splits"]["validation"]["parts"]
+    stream = np.concatenate([TokenStore(tokens.uri, "validation").read_shard(name).column("token").to_numpy()
+                             for name, _, _ in parts]).astype(np.int64)
+    datastore = KeyStore.open(str(art / "keys" / "train"))
+    keys, values = datastore.keys().astype(np.float64), datastore.vals().astype(np.int64)
+    out = []
+    for row in range(len(stream) - 1):
+        target = row + 1
+        window = 0 if target < block_size else (target - block_size) // stride + 1
+        begin = window * stride
+        with torch.no_grad():
+            logits = model(torch.from_numpy(stream[begin:target])[None]).logits[0, -1].double()
+        query = captured["q"][0, -1].double().numpy()
+        p_dec = torch.softmax(logits, -1)[stream[target]].item()
+        dists = ((keys - query) ** 2).sum(1)
+        nearest = np.argsort(dists, kind="stable")[:K]
+        weights = np.exp(-(dists[nearest] - dists[nearest].min()) / T)
+        p_knn = weights[values[nearest] == stream[target]].sum() / weights.sum()
+        out.append(np.log(LAMBDA * p_knn + (1 - LAMBDA) * p_dec))
+    return np.array(out)
+
+
+def test_knnlm_log_probs_equal_a_brute_force_reference(evaluated, chain):
+    table = pq.read_table(evaluated / "token_log_probs.parquet")
+    reference = reference_knnlm(chain["art"])
+    assert table.num_rows == len(reference)
+    difference = np.abs(table.column("knnlm").to_numpy() - reference)
+    print(f"kNN-LM log-prob vs reference: max |diff| {difference.max():.2e} over {len(reference)} tokens")
+    assert difference.max() < 1e-5
+
+
+def test_metrics_plots_and_manifest(evaluated):
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert set(metrics["perplexity"]) == {"decoder", "knnlm", "memory"}
+    assert all(value > 1 for value in metrics["perplexity"].values())
+    assert all(value > 0 for value in metrics["tokens_per_second"].values())
+    sweep = json.loads((evaluated / "lambda.json").read_text())
+    assert [point["lambda"] for point in sweep] == [0.0, 0.1, 0.25, 0.4, 0.6, 0.8]
+    assert sweep[0]["knnlm"] == sweep[0]["memory"] == pytest.approx(metrics["perplexity"]["decoder"], rel=1e-3)
+    curves = json.loads((evaluated / "loss.json").read_text())
+    assert {point["model"] for point in curves} == {"decoder", "memory"}
+    for name in ("lambda.png", "loss.png"):
+        assert (evaluated / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert verify(str(evaluated)) == []
+    print("evaluate:", json.dumps(metrics["perplexity"]), json.dumps(metrics["tokens_per_second"]))
+
+
+def test_evaluate_refuses_nprobe_beyond_nlist(chain, tmp_path, capsys):
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("tokens", "decoder", "keys", "targets", "memory"):
+        (art / name).symlink_to(chain["art"] / name)
+    args = stage_args(chain["root"], art, **{"index.factory": "IVF4,Flat", "index.nprobe": 2, "evaluate.nprobe": 16})
+    assert main(["index", *args, "--", "--direct_running_mode=in_memory"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", *args]) == 1
+    assert "evaluate.nprobe: 16 exceeds the index's nlist (4)" in capsys.readouterr().err

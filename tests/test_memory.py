@@ -1,0 +1,101 @@
+"""train-memory on a real tiny chain (prepare -> train-decoder -> encode -> index -> targets, see chain.py):
+offline and online query states agree, the loss falls, SIGKILL resumes to the same result, and
+targets that do not belong to the key store or the decoder are refused."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from crash import kill_when, rerun
+from flows.cli import main
+from pipelines.encoder import RepresentationCapture, load_encoder
+from storage.artifact import open_artifact
+from storage.stores import KeyStore
+from storage.verify import verify
+from chain import stage_args
+from training.memory_data import DecoderStates, KeyStoreStates
+from training.mlp_memory import MLPMemory
+
+def linked(chain, tmp_path, names=("tokens", "decoder", "keys", "index", "targets")):
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in names:
+        (art / name).symlink_to(chain["art"] / name)
+    return art
+
+
+def test_offline_memory_learns_and_loads(chain):
+    memory = chain["art"] / "memory"
+    manifest = open_artifact(str(memory), "memory").manifest
+    assert manifest["stats"]["mode"] == "offline" and manifest["params"]["resolved_mode"] == "offline"
+    curve = json.loads((memory / "loss.json").read_text())
+    assert len(curve) == 30 and np.mean([p["kl"] for p in curve[-5:]]) < np.mean([p["kl"] for p in curve[:5]])
+    model = MLPMemory.load(str(memory / "model"))
+    decoder = load_encoder(str(chain["art"] / "decoder" / "model"))
+    assert model.config.input_dim == 48 and model.config.vocab_size == decoder.config.vocab_size
+    assert torch.equal(model.head.weight, decoder.get_output_embeddings().weight)  # lm_head: frozen
+    assert verify(str(memory)) == []
+
+
+def test_online_states_are_the_stored_keys(chain):
+    """Online mode runs the decoder on the windows that own the rows: the same states as encode stored."""
+    decoder = load_encoder(str(chain["art"] / "decoder" / "model"))
+    tokens = open_artifact(str(chain["art"] / "tokens"), "tokens")
+    online = DecoderStates(decoder, RepresentationCapture(decoder, "ffn_input", -1), tokens.uri,
+                           tokens.manifest["stats"]["splits"]["train"]["parts"], 32, 16, 8, 48)
+    offline = KeyStoreStates(KeyStore.open(str(chain["art"] / "keys" / "train")))
+    for start, stop in ((0, 64), (300, 400)):
+        np.testing.assert_allclose(online(start, stop), offline(start, stop), rtol=2e-3, atol=2e-3)
+
+
+def test_online_mode_trains(chain, tmp_path):
+    art = linked(chain, tmp_path)
+    assert main(["train-memory", *stage_args(chain["root"], art, **{"memory.mode": "online",
+                                                                     "memory.max_steps": 5})]) == 0
+    assert open_artifact(str(art / "memory"), "memory").manifest["stats"]["mode"] == "online"
+
+
+def test_sigkill_resumes_from_the_last_checkpoint(chain, tmp_path):
+    art = linked(chain, tmp_path)
+    args = ["train-memory", *stage_args(chain["root"], art)]
+    checkpoints = art / "memory" / "_checkpoints"
+    kill_when(args, lambda: any(checkpoints.glob("step-*/trainer.json")))
+    done = sorted(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("step-*/trainer.json"))
+    assert done and done[-1] < 30 and not (art / "memory" / "_manifest.json").exists()
+    result = rerun(args)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from the checkpoint of step {done[-1]}" in result.stderr
+    resumed = open_artifact(str(art / "memory"), "memory").manifest
+    uninterrupted = open_artifact(str(chain["art"] / "memory"), "memory").manifest
+    assert resumed["stats"]["resumed_from_step"] == done[-1]
+    print(f"final loss resumed {resumed['stats']['final_loss']}, uninterrupted {uninterrupted['stats']['final_loss']}")
+    assert resumed["stats"]["final_loss"] == pytest.approx(uninterrupted["stats"]["final_loss"], abs=1e-5)
+    assert resumed["files"]["model/model.safetensors"] == uninterrupted["files"]["model/model.safetensors"]
+
+
+def _edited_targets(chain, tmp_path, edit) -> list[str]:
+    art = linked(chain, tmp_path, ("tokens", "decoder", "keys", "index"))
+    shutil.copytree(chain["art"] / "targets", art / "targets")
+    manifest = art / "targets" / "train" / "_manifest.json"
+    data = json.loads(manifest.read_text())
+    edit(data)
+    manifest.write_text(json.dumps(data))
+    return ["train-memory", *stage_args(chain["root"], art)]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["counts"].update(vocab_size=999), "vocabulary of 999 tokens, but the decoder has"),
+    (lambda m: m["counts"].update(rows=m["counts"]["rows"] - 64), "rows do not align with the"),
+    (lambda m: next(i for i in m["inputs"] if i["role"] == "queries").update(fingerprint="f" * 64),
+     "built from another key store (encoder fingerprint ffffffffffff)"),
+])
+def test_mismatched_targets_are_refused(chain, tmp_path, capsys, edit, message):
+    args = _edited_targets(chain, tmp_path, edit)
+    capsys.readouterr()
+    assert main(args) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "art" / "memory").exists()

@@ -1,0 +1,81 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+``<artifact>/_checkpoints/step-NNNNNNN/`` holds ``state.safetensors`` (model weights, optimizer
+tensors, torch RNG state) and ``trainer.json`` (step, optimizer hyper-parameters, data position,
+loss history), written last: a checkpoint without it is incomplete and ignored. Both files are
+written atomically; only the newest ``keep`` checkpoints stay. Data order is a function of the
+seed and the step, so the step is the data position.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from safetensors.torch import load, save
+
+from storage import fs
+
+log = logging.getLogger("memforge")
+
+DIR = "_checkpoints"
+STATE = "state.safetensors"
+TRAINER = "trainer.json"
+
+
+def _step_dir(root: str, step: int) -> str:
+    return fs.join(root, DIR, f"step-{step:07d}")
+
+
+class Checkpoints:
+    """Save and restore a training run's state under one artifact directory."""
+
+    def __init__(self, root: str, keep: int = 2):
+        self.root, self.keep = fs.normalize(root), keep
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        names = {rel.split("/")[0] for rel in fs.list_files(fs.join(self.root, DIR)) if rel.endswith("/" + TRAINER)}
+        return sorted(int(name.split("-")[1]) for name in names)
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict) -> None:
+        """Write the checkpoint of ``step`` (trainer.json last), then drop the oldest beyond ``keep``."""
+        tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        optimizer_state = optimizer.state_dict()
+        scalars = {}
+        for index, entry in optimizer_state["state"].items():
+            for name, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.{index}.{name}"] = value.contiguous()
+                else:
+                    scalars[f"{index}.{name}"] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        where = _step_dir(self.root, step)
+        fs.write_bytes_atomic(fs.join(where, STATE), save(tensors))
+        fs.write_json_atomic(fs.join(where, TRAINER), {
+            **trainer, "step": step,
+            "optimizer": {"param_groups": optimizer_state["param_groups"], "scalars": scalars},
+        })
+        for old in self.steps()[:-self.keep]:
+            fs.remove_tree(_step_dir(self.root, old))
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+        """Load the newest complete checkpoint into ``model``, ``optimizer`` and torch's RNG; return its
+        trainer record, or None when there is none."""
+        steps = self.steps()
+        if not steps:
+            return None
+        where = _step_dir(self.root, steps[-1])
+        filesystem, path = fs.filesystem(fs.join(where, STATE))
+        with filesystem.open(path, "rb") as handle:
+            tensors = load(handle.read())
+        record = fs.read_json(fs.join(where, TRAINER))
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        optimizer_entries = [(k[len("optimizer."):], v) for k, v in tensors.items() if k.startswith("optimizer.")]
+        for key, value in [*optimizer_entries, *record["optimizer"]["scalars"].items()]:
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": record["optimizer"]["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        log.info("resuming from the checkpoint of step %d (%s)", record["step"], where)
+        return record

@@ -1,0 +1,128 @@
+"""``memforge train-decoder``: language-model training of the decoder on the token store.
+
+From scratch (``decoder.init: null``: a GPT-2 sized by the ``decoder`` params, with the token
+store's tokenizer) or fine-tuning a local Hugging Face causal LM (``decoder.init: PATH``, whose
+tokenizer must be the token store's). Random blocks of the train stream, AdamW with warmup and
+cosine or linear decay, gradient accumulation, a checkpoint every ``decoder.checkpoint_every``
+steps; a rerun resumes from the newest checkpoint. Output ``<artifacts_dir>/decoder``: ``model/``
+(config, safetensors, tokenizer: what ``from_pretrained`` loads), ``loss.json`` (the training
+curve) and the manifest with validation and unigram perplexities.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.encode import decoder_uri
+from pipelines.encoder import retie_output_embeddings
+from pipelines.prepare import TOKENIZER_DIR, tokens_uri
+from pipelines.tokenizer import load_tokenizer
+from storage import fs
+from storage.artifact import ArtifactBuild, open_artifact
+from storage.errors import MemforgeError
+from storage.params import DecoderParams, Params
+from training.checkpoint import DIR as CHECKPOINTS_DIR
+from training.checkpoint import Checkpoints
+from training.lm_eval import perplexity, target_log_probs, unigram_log_probs
+from training.optim import adamw, learning_rate_at, set_learning_rate
+from training.token_stream import TokenStream
+
+log = logging.getLogger("memforge")
+
+MODEL_DIR = "model"
+LOSS_CURVE = "loss.json"
+
+
+def build_model(config: DecoderParams, tokenizer) -> torch.nn.Module:
+    """A fresh GPT-2 sized by ``config`` for ``tokenizer``, or the local HF model at ``config.init``."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    if config.init is None:
+        return GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tokenizer), n_positions=config.block_size, n_layer=config.n_layer,
+            n_head=config.n_head, n_embd=config.n_embd,
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.init, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise MemforgeError(f"decoder.init: {config.init}: cannot load a causal LM: {exc}") from None
+    retie_output_embeddings(model, config.init)
+    if load_tokenizer(config.init).get_vocab() != tokenizer.get_vocab():
+        raise MemforgeError(f"decoder.init: {config.init}: its tokenizer differs from the token store's; "
+                            "run prepare with this model's tokenizer (decoder.init or encode.model)")
+    return model
+
+
+def _check_block_size(model: torch.nn.Module, config: DecoderParams) -> None:
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and config.block_size > limit:
+        raise MemforgeError(f"decoder.block_size: {config.block_size} exceeds the model's {limit} positions")
+
+
+def train_decoder(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -> str:
+    """Train (or resume training) the decoder; returns the decoder artifact's location."""
+    config = params.decoder
+    tokens = open_artifact(tokens_uri(params), "tokens")
+    uri = decoder_uri(params)
+    build = ArtifactBuild.begin(uri, "decoder", params.section("decoder"), {"tokens": tokens}, fmt="huggingface",
+                                rebuild=rebuild)
+    if build.up_to_date:
+        log.info("train-decoder: %s is up to date (fingerprint %s)", uri, build.fingerprint[:12])
+        return uri
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = load_tokenizer(fs.local_dir(tokens.path(TOKENIZER_DIR), scratch))
+    torch.manual_seed(config.seed)  # initial weights and dropout; a resumed run restores the RNG state
+    model = build_model(config, tokenizer)
+    _check_block_size(model, config)
+    optimizer = adamw(model, config.learning_rate, config.weight_decay)
+    checkpoints = Checkpoints(uri)
+    record = checkpoints.restore(model, optimizer) or {"step": 0, "losses": []}
+    train = TokenStream(tokens, "train")
+    losses = record["losses"]
+    started, first_step = time.perf_counter(), record["step"]
+    model.train()
+    for step in range(first_step, config.max_steps):
+        set_learning_rate(optimizer, learning_rate_at(step, config.learning_rate, config.warmup_steps,
+                                                      config.max_steps, config.schedule))
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            block = torch.from_numpy(train.random_blocks(config.seed, step, micro, config.batch_size,
+                                                         config.block_size + 1))
+            logits = model(block[:, :-1]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten()) / config.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append([step + 1, round(step_loss, 6)])
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
+            checkpoints.save(step + 1, model, optimizer, {"losses": losses})
+            log.info("train-decoder: step %d/%d, loss %.4f", step + 1, config.max_steps, step_loss)
+    seconds = time.perf_counter() - started
+    trained_tokens = (config.max_steps - first_step) * config.grad_accum * config.batch_size * config.block_size
+
+    validation = TokenStream(tokens, "validation")
+    validation_ppl = perplexity(target_log_probs(model, validation, config.block_size))
+    unigram_ppl = perplexity(unigram_log_probs(train, validation, len(tokenizer)))
+    log.info("train-decoder: validation perplexity %.2f (unigram baseline %.2f)", validation_ppl, unigram_ppl)
+    with tempfile.TemporaryDirectory() as scratch:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        fs.upload_dir(scratch, fs.join(uri, MODEL_DIR))
+    fs.write_json_atomic(fs.join(uri, LOSS_CURVE), [{"step": s, "loss": v} for s, v in losses])
+    fs.remove_tree(fs.join(uri, CHECKPOINTS_DIR))  # the final model is saved; the artifact keeps only it
+    build.publish(
+        counts={"steps": config.max_steps, "parameters": sum(p.numel() for p in model.parameters()),
+                "vocab_size": len(tokenizer), "validation_tokens": validation.n_tokens},
+        stats={"final_train_loss": losses[-1][1], "validation_perplexity": round(validation_ppl, 4),
+               "unigram_perplexity": round(unigram_ppl, 4), "resumed_from_step": first_step,
+               "train_tokens_per_second": round(trained_tokens / seconds, 1) if seconds > 0 else None,
+               "init": config.init or "scratch"},
+    )
+    log.info("train-decoder: published %s", uri)
+    return uri

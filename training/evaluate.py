@@ -1,0 +1,201 @@
+"""``memforge evaluate``: validation perplexity and speed of (a) the decoder, (b) kNN-LM, the decoder
+interpolated with a live kNN search over the index, and (c) the decoder + MLP memory.
+
+All three score the same validation rows with the same contexts: the windows that ``encode`` used
+for the validation key store (so row i predicts token i+1). Each is one timed pass over the
+split in one run: (a) the decoder alone, (b) the decoder with the query representation captured
+on the way, a FAISS search (k, nprobe, exact re-ranking when the index has exact keys) and
+p = λ·p_kNN + (1−λ)·p_dec, (c) the decoder with the memory's input captured, the memory, and
+p = λ·p_mem + (1−λ)·p_dec. Output ``<artifacts_dir>/eval``: ``metrics.json`` (DVC metrics),
+``token_log_probs.parquet`` (per row: target, log p of decoder, kNN, memory), ``lambda.json`` and
+``loss.json`` (DVC plots data) and their PNGs.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipelines import faiss_index, knn
+from pipelines.datastore_rows import DatastoreRows
+from pipelines.encode import Window, keys_uri, windows_for_rows
+from pipelines.encoder import RepresentationCapture, load_encoder, model_fingerprint
+from pipelines.index import index_uri
+from pipelines.prepare import tokens_uri
+from storage import fs
+from storage.artifact import ArtifactBuild, open_artifact
+from storage.errors import MemforgeError
+from storage.params import Params
+from storage.shards import load_plan
+from training.memory import decoder_source, memory_uri
+from training.mlp_memory import MLPMemory
+from training.token_stream import TokenStream
+
+log = logging.getLogger("memforge")
+
+
+def eval_uri(params: Params) -> str:
+    return fs.join(params.artifacts_dir, "eval")
+
+
+def _batches(windows: list[Window], batch_size: int):
+    """Windows grouped by length (so they stack), ``batch_size`` at a time."""
+    by_length: dict[int, list[Window]] = {}
+    for window in windows:
+        by_length.setdefault(window.end - window.begin, []).append(window)
+    for group in by_length.values():
+        for i in range(0, len(group), batch_size):
+            yield group[i:i + batch_size]
+
+
+class Scorer:
+    """One pass over the validation windows: per row, the target's log-probability under the
+    decoder and the representations captured on the way (query, memory input)."""
+
+    def __init__(self, decoder, stream: TokenStream, n_rows: int, block_size: int, stride: int, batch_size: int):
+        self.decoder, self.stream, self.n_rows, self.batch_size = decoder, stream, n_rows, batch_size
+        self.windows = windows_for_rows(0, n_rows, stream.n_tokens, block_size, stride)
+        self.tokens = stream.slice(0, stream.n_tokens)
+
+    @torch.inference_mode()
+    def run(self, captures: list[RepresentationCapture], on_batch) -> np.ndarray:
+        """log p_dec(target) for every row; ``on_batch(rows, targets, logp_dec_rows, captured)`` may
+        replace each batch's log-probabilities (kNN-LM, memory)."""
+        out = np.empty(self.n_rows, np.float64)
+        for batch in _batches(self.windows, self.batch_size):
+            ids = torch.from_numpy(np.stack([self.tokens[w.begin:w.end] for w in batch]))
+            logits = self.decoder(input_ids=ids, use_cache=False).logits.float()
+            log_p = torch.log_softmax(logits, -1)
+            rows, positions, members = [], [], []
+            for b, w in enumerate(batch):
+                span = np.arange(w.first - 1, w.stop - 1)  # datastore rows == positions of the context
+                rows.append(span)
+                positions.append(span - w.begin)
+                members.append(np.full(len(span), b))
+            rows, positions, members = (np.concatenate(a) for a in (rows, positions, members))
+            targets = torch.from_numpy(self.tokens[rows + 1])
+            logp_dec = log_p[members, positions].gather(1, targets[:, None])[:, 0].double().numpy()
+            captured = [c.value[members, positions].float() for c in captures]
+            out[rows] = on_batch(rows, targets.numpy(), logp_dec, captured) if on_batch else logp_dec
+        return out
+
+
+def _mix(logp_dec: np.ndarray, p_other: np.ndarray, lam: float) -> np.ndarray:
+    return np.log(lam * p_other + (1 - lam) * np.exp(logp_dec))
+
+
+def _perplexity(log_probs: np.ndarray) -> float:
+    return float(math.exp(-np.mean(log_probs)))
+
+
+def evaluate(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -> str:
+    """Score the validation split three ways and write metrics, per-token log-probs and plots."""
+    config = params.evaluate
+    tokens = open_artifact(tokens_uri(params), "tokens")
+    queries = open_artifact(keys_uri(params, "validation"), "keys")
+    index = open_artifact(index_uri(params), "index")
+    memory_artifact = open_artifact(memory_uri(params), "memory")
+    decoder_path, decoder_inputs = decoder_source(params)
+    stats = queries.manifest["stats"]
+    if stats["model_fingerprint"] != model_fingerprint(decoder_path):
+        raise MemforgeError(f"evaluate: kNN-LM queries come from the decoder's forward pass, but {queries.uri} "
+                            "was encoded by another model; encode with the decoder (encode.model: null)")
+    nlist = index.manifest["stats"]["nlist"]
+    if nlist is not None and config.nprobe > nlist:
+        raise MemforgeError(f"evaluate.nprobe: {config.nprobe} exceeds the index's nlist ({nlist})")
+    build = ArtifactBuild.begin(eval_uri(params), "evaluation", params.section("evaluate"),
+                                {"tokens": tokens, "queries": queries, "index": index, "memory": memory_artifact,
+                                 **decoder_inputs}, fmt="metrics", rebuild=rebuild)
+    if build.up_to_date:
+        return build.uri
+    decoder = load_encoder(decoder_path, params.encode.trust_remote_code)
+    with tempfile.TemporaryDirectory() as scratch:
+        memory = MLPMemory.load(fs.local_dir(memory_artifact.path("model"), scratch))
+    memory_params = memory_artifact.manifest["params"]
+    searcher = faiss_index.ShardedIndex(index.uri, [s.name for s in load_plan(index.uri).shards], config.nprobe,
+                                        index.manifest["stats"]["merge"] == "ondisk")
+    rows_store = DatastoreRows(index.uri)
+    exact = rows_store.keys is not None
+    scorer = Scorer(decoder, TokenStream(tokens, "validation"), queries.manifest["counts"]["rows"],
+                    stats["block_size"], stats["stride"], config.batch_size)
+    k = min(config.k, index.manifest["counts"]["rows"])
+
+    def knn_probs(rows, targets, logp_dec, captured):
+        query = np.ascontiguousarray(captured[0].numpy(), dtype=np.float32)
+        dists, ids = searcher.search(query, k)
+        values = rows_store.values_of(ids)
+        if exact:
+            dists, ids, values = knn.sort_by_distance(rows_store.distances(query, ids), ids, values)
+        logits = np.where(values >= 0, -dists.astype(np.float64) / config.temperature, -np.inf)
+        weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p_knn[rows] = (weights * (values == targets[:, None])).sum(1) / weights.sum(1)
+        return _mix(logp_dec, p_knn[rows], config.knn_lambda)
+
+    def memory_probs(rows, targets, logp_dec, captured):
+        logp = torch.log_softmax(memory(captured[0]).float(), -1).gather(1, torch.from_numpy(targets)[:, None])
+        p_mem[rows] = np.exp(logp[:, 0].double().numpy())
+        return _mix(logp_dec, p_mem[rows], config.memory_lambda)
+
+    n_rows = scorer.n_rows
+    p_knn, p_mem = np.zeros(n_rows), np.zeros(n_rows)
+    if params.index.threads:
+        faiss.omp_set_num_threads(params.index.threads)
+    timings, log_probs = {}, {}
+    passes = {
+        "decoder": ([], None),
+        "knnlm": ([RepresentationCapture(decoder, stats["representation"], stats["layer"], stop=False)], knn_probs),
+        "memory": ([RepresentationCapture(decoder, memory_params["representation"], memory_params["input_layer"],
+                                          stop=False)], memory_probs),
+    }
+    for name, (captures, on_batch) in passes.items():
+        started = time.perf_counter()
+        log_probs[name] = scorer.run(captures, on_batch)
+        timings[name] = time.perf_counter() - started
+        for capture in captures:
+            capture.handle.remove()
+    decoder_logp = log_probs["decoder"]
+    perplexity = {name: _perplexity(values) for name, values in log_probs.items()}
+    gain = perplexity["decoder"] - perplexity["knnlm"]
+    metrics = {
+        "perplexity": {name: round(value, 4) for name, value in perplexity.items()},
+        "tokens_per_second": {name: round(n_rows / seconds, 1) for name, seconds in timings.items()},
+        "memory_gain_recovered": round((perplexity["decoder"] - perplexity["memory"]) / gain, 4) if gain else None,
+        "rows": n_rows, "knn_lambda": config.knn_lambda, "memory_lambda": config.memory_lambda, "k": k,
+        "temperature": config.temperature, "nprobe": config.nprobe, "exact_distances": exact,
+    }
+    sweep = [{"lambda": lam, "knnlm": round(_perplexity(_mix(decoder_logp, p_knn, lam)), 4),
+              "memory": round(_perplexity(_mix(decoder_logp, p_mem, lam)), 4)} for lam in config.lambda_grid]
+    _write_outputs(build.uri, metrics, sweep, log_probs, scorer, params)
+    build.publish(counts={"rows": n_rows}, stats=metrics)
+    log.info("evaluate: perplexity decoder %.3f, kNN-LM %.3f, decoder+memory %.3f; metrics in %s",
+             perplexity["decoder"], perplexity["knnlm"], perplexity["memory"], fs.join(build.uri, "metrics.json"))
+    return fs.join(build.uri, "metrics.json")
+
+
+def _write_outputs(uri: str, metrics: dict, sweep: list[dict], log_probs: dict, scorer: Scorer,
+                   params: Params) -> None:
+    from training import plots
+
+    fs.write_json_atomic(fs.join(uri, "metrics.json"), metrics)
+    fs.write_json_atomic(fs.join(uri, "lambda.json"), sweep)
+    rows = np.arange(scorer.n_rows)
+    table = pa.table({"row": rows, "target": scorer.tokens[rows + 1].astype(np.int32),
+                      **{name: values for name, values in log_probs.items()}})
+    with fs.atomic_writer(fs.join(uri, "token_log_probs.parquet")) as handle:
+        pq.write_table(table, handle)
+    curves = {}
+    for name, artifact_dir in (("decoder", fs.join(params.artifacts_dir, "decoder")),
+                               ("memory", memory_uri(params))):
+        curve_uri = fs.join(artifact_dir, "loss.json")
+        if fs.exists(curve_uri):
+            curves[name] = fs.read_json(curve_uri)
+    fs.write_json_atomic(fs.join(uri, "loss.json"), [{"model": name, "step": point["step"], "loss": point["loss"]}
+                                                     for name, curve in curves.items() for point in curve])
+    plots.write(uri, sweep, curves)

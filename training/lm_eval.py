@@ -1,0 +1,33 @@
+"""Perplexity of a causal LM over a token stream, and the unigram baseline it must beat."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from training.token_stream import TokenStream
+
+
+@torch.inference_mode()
+def target_log_probs(model: torch.nn.Module, stream: TokenStream, block_size: int) -> np.ndarray:
+    """log p(token_t | tokens_<t) under ``model`` for every token of ``stream`` after the first,
+    in order (blocks of ``block_size`` context tokens, each token predicted once)."""
+    model.eval()
+    out = []
+    for _, block in stream.blocks(block_size + 1):
+        ids = torch.from_numpy(block)[None]
+        logits = model(ids[:, :-1]).logits.float()
+        out.append(torch.log_softmax(logits, -1)[0].gather(-1, ids[0, 1:, None])[:, 0].numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def perplexity(log_probs: np.ndarray) -> float:
+    return float(math.exp(-log_probs.mean()))
+
+
+def unigram_log_probs(train: TokenStream, targets: TokenStream, vocab_size: int) -> np.ndarray:
+    """log p(token) of every ``targets`` token after the first under add-one-smoothed train counts."""
+    counts = train.counts(vocab_size).astype(np.float64) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return log_p[targets.slice(1, targets.n_tokens)]

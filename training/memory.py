@@ -1,0 +1,173 @@
+"""``memforge train-memory``: train the MLP memory to imitate the kNN distributions.
+
+Loss = α·KL(p_kNN ‖ p_mem) + (1−α)·CE(next token), with p_kNN the stored sparse distribution
+(renormalised over its stored tokens) and log p_mem gathered at those tokens only: no dense
+[rows, vocab] target exists anywhere. Query states are the decoder's hidden states at
+``memory.input_layer``: read from the key store when the decoder is the encoder at that layer
+(offline), else computed by running the frozen decoder (online). Checkpoints and resume as for
+the decoder. Output ``<artifacts_dir>/memory``: ``model/`` (config.json + model.safetensors),
+``loss.json`` and the manifest.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.encode import decoder_uri, keys_uri
+from pipelines.encoder import RepresentationCapture, hidden_size, load_encoder, model_fingerprint, transformer_blocks
+from pipelines.prepare import tokens_uri
+from pipelines.targets import targets_uri
+from storage import fs
+from storage.artifact import Artifact, ArtifactBuild, open_artifact
+from storage.errors import MemforgeError
+from storage.params import Params
+from storage.stores import DistributionStore, KeyStore
+from training.checkpoint import DIR as CHECKPOINTS_DIR
+from training.checkpoint import Checkpoints
+from training.memory_data import DecoderStates, KeyStoreStates, MemoryRows
+from training.mlp_memory import MemoryConfig
+from training.optim import adamw, learning_rate_at, set_learning_rate
+
+log = logging.getLogger("memforge")
+
+MODEL_DIR = "model"
+LOSS_CURVE = "loss.json"
+
+
+def memory_uri(params: Params) -> str:
+    return fs.join(params.artifacts_dir, "memory")
+
+
+def memory_loss(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor, next_token: torch.Tensor,
+                alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(α·KL + (1−α)·CE, KL, CE) of a batch from its sparse targets (tokens -1 = padding)."""
+    log_q = torch.log_softmax(logits.float(), dim=-1)
+    p = torch.where(tokens >= 0, probs, torch.zeros_like(probs))
+    mass = p.sum(dim=1, keepdim=True)
+    has_targets = mass[:, 0] > 0
+    p = p / mass.clamp_min(1e-12)
+    log_q_at = log_q.gather(1, tokens.clamp_min(0).long())
+    kl_rows = (p * (torch.log(p.clamp_min(1e-30)) - log_q_at)).sum(dim=1)
+    kl = kl_rows[has_targets].mean() if bool(has_targets.any()) else log_q.new_zeros(())
+    ce = F.nll_loss(log_q, next_token)
+    return alpha * kl + (1 - alpha) * ce, kl, ce
+
+
+def decoder_source(params: Params) -> tuple[str, dict[str, Artifact]]:
+    """The decoder's local model directory (the trained decoder, else ``encode.model``) and its artifact."""
+    uri = decoder_uri(params)
+    if fs.exists(fs.join(uri, "_manifest.json")):
+        decoder = open_artifact(uri, "decoder")
+        return fs.local_dir(decoder.path("model"), tempfile.mkdtemp()), {"decoder": decoder}
+    if params.encode.model:
+        return params.encode.model, {}
+    raise MemforgeError(f"{uri}: no trained decoder and encode.model is null; run `memforge train-decoder` "
+                        "or set encode.model to a local HF causal LM")
+
+
+def check_targets(targets: Artifact, keys: Artifact, decoder_vocab: int) -> None:
+    """Refuse targets that do not belong to this key store or do not fit the decoder's vocabulary."""
+    built_from = next((i["fingerprint"] for i in targets.manifest["inputs"] if i["role"] == "queries"), None)
+    if built_from != keys.fingerprint:
+        raise MemforgeError(f"{targets.uri}: built from another key store (encoder fingerprint "
+                            f"{str(built_from)[:12]}), not {keys.uri} ({keys.fingerprint[:12]}); rerun targets")
+    if targets.manifest["counts"]["rows"] != keys.manifest["counts"]["rows"]:
+        raise MemforgeError(f"{targets.uri}: {targets.manifest['counts']['rows']} rows do not align with the "
+                            f"{keys.manifest['counts']['rows']} rows of {keys.uri}")
+    vocab = targets.manifest["counts"]["vocab_size"]
+    if vocab != decoder_vocab:
+        raise MemforgeError(f"{targets.uri}: vocabulary of {vocab} tokens, but the decoder has {decoder_vocab}")
+
+
+def _offline(params: Params, keys: Artifact, decoder_path: str, n_blocks: int) -> bool:
+    """True when the stored keys are the decoder's states at the memory's input layer."""
+    stats = keys.manifest["stats"]
+    same_model = stats["model_fingerprint"] == model_fingerprint(decoder_path)
+    same_layer = stats["layer"] % n_blocks == params.memory.input_layer % n_blocks
+    possible = same_model and same_layer and stats["representation"] == params.encode.representation
+    if params.memory.mode == "offline" and not possible:
+        raise MemforgeError(f"memory.mode: offline needs the key store to hold the decoder's states at layer "
+                            f"{params.memory.input_layer}, but {keys.uri} was encoded by another model or layer "
+                            f"(model {stats['model_fingerprint'][:12]}, layer {stats['layer']}); use online or auto")
+    return possible and params.memory.mode != "online"
+
+
+def train_memory(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -> str:
+    """Train (or resume training) the MLP memory; returns the memory artifact's location."""
+    config = params.memory
+    targets = open_artifact(targets_uri(params, "train"), "targets")
+    keys = open_artifact(keys_uri(params, "train"), "keys")
+    decoder_path, inputs = decoder_source(params)
+    decoder = load_encoder(decoder_path, params.encode.trust_remote_code)
+    check_targets(targets, keys, int(decoder.config.vocab_size))
+    offline = _offline(params, keys, decoder_path, len(transformer_blocks(decoder)))
+    section = {**params.section("memory"), "resolved_mode": "offline" if offline else "online",
+               "representation": params.encode.representation}
+    uri = memory_uri(params)
+    build = ArtifactBuild.begin(uri, "memory", section, {"targets": targets, "keys": keys, **inputs},
+                                fmt="safetensors", rebuild=rebuild)
+    if build.up_to_date:
+        log.info("train-memory: %s is up to date (fingerprint %s)", uri, build.fingerprint[:12])
+        return uri
+    torch.manual_seed(config.seed)
+    memory = MemoryConfig(hidden_size(decoder), int(decoder.config.vocab_size), config.depth, config.hidden_mult,
+                          config.activation, config.lm_head).build()
+    if config.lm_head != "own":
+        memory.use_decoder_head(decoder.get_output_embeddings().weight.detach())
+    optimizer = adamw(memory, config.learning_rate, config.weight_decay)
+    checkpoints = Checkpoints(uri)
+    record = checkpoints.restore(memory, optimizer) or {"step": 0, "losses": []}
+    key_store = KeyStore.open(keys.uri)
+    if offline:
+        states = KeyStoreStates(key_store)
+    else:
+        tokens = open_artifact(tokens_uri(params), "tokens")
+        capture = RepresentationCapture(decoder, params.encode.representation, config.input_layer)
+        states = DecoderStates(decoder, capture, tokens.uri, tokens.manifest["stats"]["splits"]["train"]["parts"],
+                               keys.manifest["stats"]["block_size"], keys.manifest["stats"]["stride"],
+                               params.encode.batch_size, hidden_size(decoder))
+    distributions = DistributionStore.open(targets.uri)
+    rows = MemoryRows(states, key_store, distributions, distributions.rows.array("tokens").chunks[0],
+                      config.shuffle_buffer_chunks, config.seed)
+    losses, first_step = record["losses"], record["step"]
+    log.info("train-memory: %s mode, %d rows, steps %d..%d", "offline" if offline else "online", rows.n_rows,
+             first_step, config.max_steps)
+    started = time.perf_counter()
+    memory.train()
+    batches = rows.batches(first_step, config.batch_size)
+    for step in range(first_step, config.max_steps):
+        batch = next(batches)
+        set_learning_rate(optimizer, learning_rate_at(step, config.learning_rate, config.warmup_steps,
+                                                      config.max_steps))
+        loss, kl, ce = memory_loss(memory(torch.from_numpy(batch.states)), torch.from_numpy(batch.tokens),
+                                   torch.from_numpy(batch.probs), torch.from_numpy(batch.next_token), config.alpha)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(memory.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append([step + 1, round(loss.item(), 6), round(kl.item(), 6), round(ce.item(), 6)])
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
+            checkpoints.save(step + 1, memory, optimizer, {"losses": losses})
+            log.info("train-memory: step %d/%d, loss %.4f (KL %.4f, CE %.4f)", step + 1, config.max_steps,
+                     *losses[-1][1:])
+    seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as scratch:
+        memory.save(scratch)
+        fs.upload_dir(scratch, fs.join(uri, MODEL_DIR))
+    fs.write_json_atomic(fs.join(uri, LOSS_CURVE),
+                         [{"step": s, "loss": v, "kl": kl, "ce": ce} for s, v, kl, ce in losses])
+    fs.remove_tree(fs.join(uri, CHECKPOINTS_DIR))
+    build.publish(
+        counts={"steps": config.max_steps, "rows": rows.n_rows, "vocab_size": memory.config.vocab_size,
+                "parameters": sum(p.numel() for p in memory.parameters())},
+        stats={"mode": "offline" if offline else "online", "final_loss": losses[-1][1], "final_kl": losses[-1][2],
+               "final_ce": losses[-1][3], "resumed_from_step": first_step, "input_dim": memory.config.input_dim,
+               "rows_per_second": round((config.max_steps - first_step) * config.batch_size / seconds, 1)
+               if seconds > 0 else None},
+    )
+    log.info("train-memory: published %s", uri)
+    return uri
