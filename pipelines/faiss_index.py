@@ -30,7 +30,7 @@ def resolve_factory(params: IndexParams, n_rows: int, dim: int) -> str:
         return params.factory
     if n_rows < params.flat_threshold:
         return "Flat"
-    nlist = 2 ** round(math.log2(8 * math.sqrt(n_rows)))  # within 4..16 * sqrt(N)
+    nlist = 2 ** math.ceil(math.log2(4 * math.sqrt(n_rows)))  # low in 4..16 * sqrt(N): quick to train
     m = max(c for c in range(1, min(64, dim) + 1) if dim % c == 0 and dim // c >= 2)
     prefix = f"OPQ{m}_{m * (dim // m)}," if dim > 1024 else ""
     return f"{prefix}IVF{nlist},PQ{m}"

@@ -28,7 +28,7 @@ class CorpusParams(Section):
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"
     on_decode_error: Literal["error", "skip"] = "error"
-    max_bytes: int = Field(default=2_000_000, gt=0)
+    max_bytes: int = Field(default=1_000_000, gt=0)
     shard_bytes: int = Field(default=256_000, gt=0)
 
 
@@ -39,9 +39,9 @@ class DecoderParams(Section):
     vocab_size: int = Field(default=4096, gt=0)
     n_layer: int = Field(default=4, gt=0)
     n_head: int = Field(default=4, gt=0)
-    n_embd: int = Field(default=256, gt=0)
+    n_embd: int = Field(default=128, gt=0)
     block_size: int = Field(default=256, gt=0)
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=8, gt=0)
     grad_accum: int = Field(default=1, gt=0)
     learning_rate: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
@@ -90,7 +90,7 @@ class IndexParams(Section):
 
     factory: str = "auto"
     flat_threshold: int = Field(default=200_000, gt=0)
-    train_points_per_list: int = Field(default=64, ge=39, le=256)
+    train_points_per_list: int = Field(default=39, ge=39, le=256)
     train_sample: int = Field(default=65536, gt=0)  # for trainable indexes without IVF lists (PQ, SQ, ...)
     nprobe: int = Field(default=32, gt=0)
     merge: Literal["auto", "none", "ondisk"] = "auto"  # auto: ondisk for IVF on local storage
