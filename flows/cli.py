@@ -117,6 +117,17 @@ def _cmd_run(args, beam_args) -> int:
     return 0
 
 
+def _note(stats: dict) -> str:
+    """The figure users look for first: index recall, decoder or evaluation perplexities."""
+    if "recall_at_k" in stats:
+        return f"recall@{stats['recall_k']}={stats['recall_at_k']}"
+    if "validation_perplexity" in stats:
+        return f"ppl={stats['validation_perplexity']:g} (unigram {stats['unigram_perplexity']:g})"
+    if "perplexity" in stats:
+        return "ppl " + " ".join(f"{name}={value:g}" for name, value in stats["perplexity"].items())
+    return ""
+
+
 def _cmd_ls(args, _beam_args) -> int:
     params = load_params(args.params, args.overrides)
     root = args.dir or params.artifacts_dir
@@ -126,10 +137,8 @@ def _cmd_ls(args, _beam_args) -> int:
         return 0
     rows = [("PATH", "KIND", "STATUS", "ROWS", "FINGERPRINT", "WHEN", "NOTE")]
     for item in found:
-        stats = item["stats"]
-        note = f"recall@{stats['recall_k']}={stats['recall_at_k']}" if "recall_at_k" in stats else ""
         rows.append((item["uri"], item["kind"], item["status"], "" if item["rows"] is None else str(item["rows"]),
-                     (item["fingerprint"] or "")[:12], item["when"] or "", note))
+                     (item["fingerprint"] or "")[:12], item["when"] or "", _note(item["stats"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -64,7 +64,7 @@ def test_knnlm_log_probs_equal_a_brute_force_reference(evaluated, chain):
     assert difference.max() < 1e-5
 
 
-def test_metrics_plots_and_manifest(evaluated):
+def test_metrics_plots_and_manifest(evaluated, capsys):
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert set(metrics["perplexity"]) == {"decoder", "knnlm", "memory"}
     assert all(value > 1 for value in metrics["perplexity"].values())
@@ -77,6 +77,9 @@ def test_metrics_plots_and_manifest(evaluated):
     for name in ("lambda.png", "loss.png"):
         assert (evaluated / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert verify(str(evaluated)) == []
+    assert main(["ls", str(evaluated.parent)]) == 0
+    listing = capsys.readouterr().out
+    assert f"ppl decoder={metrics['perplexity']['decoder']:g}" in listing and "ppl=" in listing
     print("evaluate:", json.dumps(metrics["perplexity"]), json.dumps(metrics["tokens_per_second"]))
 
 
