@@ -133,10 +133,10 @@ class MemoryParams(Section):
     mode: Literal["auto", "offline", "online"] = "auto"
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     batch_size: int = Field(default=512, gt=0)
-    learning_rate: float = Field(default=1e-3, gt=0)
+    learning_rate: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=50, ge=0)
-    max_steps: int = Field(default=1000, gt=0)
+    max_steps: int = Field(default=4000, gt=0)
     shuffle_buffer_chunks: int = Field(default=4, gt=0)
     checkpoint_every: int = Field(default=200, gt=0)
     seed: int = 0
