@@ -13,6 +13,7 @@ import io
 import faiss
 import numpy as np
 
+from pipelines.knn import MISSING, sort_by_distance
 from storage import fs
 from storage.errors import ArtifactError
 from storage.shards import ShardPlan
@@ -20,7 +21,6 @@ from storage.stores import KeyStore
 
 VALUES = "values.npy"
 KEYS = "keys.f32.npy"
-MISSING = -1
 
 
 def _write_npy(uri: str, dtype: np.dtype, shape: tuple[int, ...], blocks) -> None:
@@ -79,3 +79,11 @@ class DatastoreRows:
                                 faiss.swig_ptr(lookup), queries.shape[1], ids.shape[0], ids.shape[1])
         out[ids == MISSING] = np.inf
         return out
+
+    def neighbours(self, queries: np.ndarray, dists: np.ndarray, ids: np.ndarray,
+                   exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(distances, ids, values) of search results; with ``exact`` re-ranked by exact distance."""
+        values = self.values_of(ids)
+        if exact:
+            return sort_by_distance(self.distances(queries, ids), ids, values)
+        return dists, ids, values

@@ -59,6 +59,16 @@ def windows_for_rows(start: int, stop: int, n_tokens: int, block_size: int, stri
     return windows
 
 
+def window_batches(windows: list[Window], batch_size: int):
+    """Windows grouped by length (so a batch stacks into one tensor), ``batch_size`` at a time."""
+    by_length: dict[int, list[Window]] = {}
+    for window in windows:
+        by_length.setdefault(window.end - window.begin, []).append(window)
+    for group in by_length.values():
+        for i in range(0, len(group), batch_size):
+            yield group[i:i + batch_size]
+
+
 def keys_uri(params: Params, split: str) -> str:
     return fs.join(params.artifacts_dir, "keys", split)
 
@@ -120,17 +130,12 @@ def encode_rows(model, capture, reader: TokenStore, offsets: PartOffsets, start:
     base = windows[0].begin
     tokens = reader.read_rows(offsets, base, windows[-1].end)
     keys = np.empty((stop - start, hidden), np.float32)
-    by_length: dict[int, list[Window]] = {}
-    for window in windows:
-        by_length.setdefault(window.end - window.begin, []).append(window)
     with torch.inference_mode():
-        for group in by_length.values():
-            for i in range(0, len(group), batch_size):
-                batch = group[i:i + batch_size]
-                ids = np.stack([tokens[w.begin - base:w.end - base] for w in batch]).astype(np.int64)
-                states = capture(model, torch.from_numpy(ids)).float().numpy()
-                for row, w in zip(states, batch):
-                    keys[w.first - 1 - start:w.stop - 1 - start] = row[w.first - 1 - w.begin:w.stop - 1 - w.begin]
+        for batch in window_batches(windows, batch_size):
+            ids = np.stack([tokens[w.begin - base:w.end - base] for w in batch]).astype(np.int64)
+            states = capture(model, torch.from_numpy(ids)).float().numpy()
+            for row, w in zip(states, batch):
+                keys[w.first - 1 - start:w.stop - 1 - start] = row[w.first - 1 - w.begin:w.stop - 1 - w.begin]
     vals = tokens[start + 1 - base:stop + 1 - base]
     return keys, vals, sum(w.end - w.begin for w in windows)
 

@@ -18,7 +18,7 @@ import apache_beam as beam
 import faiss
 import numpy as np
 
-from pipelines import datastore_rows, faiss_index
+from pipelines import datastore_rows, faiss_index, knn
 from pipelines.datastore_rows import DatastoreRows
 from pipelines.encode import keys_uri
 from pipelines.progress import ShardProgress
@@ -75,7 +75,7 @@ def exact_knn(blocks, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     for start, block in blocks:
         block = np.ascontiguousarray(block, dtype=np.float32)
         dists, ids = faiss.knn(queries, block, min(k, len(block)))
-        dists, ids = _pad(dists, ids + start, k)
+        dists, ids = knn.pad_to_k(dists, ids + start, k)
         if best is not None:
             dists, ids = faiss.merge_knn_results(np.stack([best[0], dists]), np.stack([best[1], ids]))
         best = (dists, ids)
@@ -90,14 +90,6 @@ def key_blocks(keys: KeyStore, plan: ShardPlan, rows: DatastoreRows):
         yield shard.start, source
 
 
-def _pad(dists: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    missing = k - ids.shape[1]
-    if missing <= 0:
-        return dists, ids
-    return (np.pad(dists, ((0, 0), (0, missing)), constant_values=np.inf),
-            np.pad(ids, ((0, 0), (0, missing)), constant_values=-1))
-
-
 def recall_at_k(index: faiss_index.ShardedIndex, blocks, queries: np.ndarray, k: int) -> float:
     """Mean fraction of the exact k nearest neighbours (over key ``blocks``) that the index returns."""
     _, exact = exact_knn(blocks, queries, k)
@@ -106,8 +98,8 @@ def recall_at_k(index: faiss_index.ShardedIndex, blocks, queries: np.ndarray, k:
     return float(np.mean(hits))
 
 
-def _train(params: Params, keys: KeyStore, factory: str, n_rows: int) -> dict:
-    index = faiss_index.build_empty(factory, keys.dim)
+def _train(params: Params, keys: KeyStore, index: faiss.Index, factory: str, n_rows: int) -> dict:
+    """Train ``index`` (fresh from ``factory``) on a seeded sample of keys and write ``trained.index``."""
     ivf = faiss_index.ivf_of(index)
     sample_size = 0
     if not index.is_trained:
@@ -170,7 +162,7 @@ def index(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -
         rows_written = background.submit(datastore_rows.write, KeyStore.open(keys_artifact.uri), plan_of_keys,
                                          root, params.index.exact_keys)
         if not fs.exists(plan_uri):  # the plan is written only after training finished
-            fs.write_json_atomic(training_uri, _train(params, keys, factory, n_rows))
+            fs.write_json_atomic(training_uri, _train(params, keys, empty, factory, n_rows))
         training = fs.read_json(training_uri)
         plan = build.plan(plan_of_keys)
         pending = build.pending(plan)

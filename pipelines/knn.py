@@ -26,7 +26,8 @@ def _first_columns(sort_key: np.ndarray, k: int) -> np.ndarray:
     return (packed[:, :k] & ((1 << bits) - 1)).astype(np.intp)
 
 
-def _pad(dists: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_to_k(dists: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of at least ``k`` columns (padding: id -1, distance inf), as contiguous float32 / int64."""
     missing = k - ids.shape[1]
     if missing > 0:
         dists = np.pad(dists, ((0, 0), (0, missing)), constant_values=np.inf)
@@ -41,7 +42,7 @@ def drop_ids(dists: np.ndarray, ids: np.ndarray, drop: np.ndarray, k: int) -> tu
     columns = _first_columns(~keep, k)  # kept entries first, in their original order
     ids = np.take_along_axis(np.where(keep, ids, MISSING), columns, axis=1)
     dists = np.take_along_axis(np.where(keep, dists, np.inf), columns, axis=1)
-    return _pad(dists, ids, k)
+    return pad_to_k(dists, ids, k)
 
 
 def sort_by_distance(dists: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, ...]:

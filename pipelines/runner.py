@@ -6,7 +6,6 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 
-
 def pipeline(beam_args: list[str], num_workers: int,
              running_mode: str = "multi_processing") -> tuple[beam.Pipeline, str]:
     """A Beam pipeline and the name of its runner.
@@ -16,8 +15,8 @@ def pipeline(beam_args: list[str], num_workers: int,
     ``multi_processing`` for Python-heavy stages, ``multi_threading`` for stages whose work is in
     libraries that release the GIL (FAISS, numpy), which then skip starting worker processes.
     ``beam_args`` override both (``--direct_running_mode=in_memory`` runs in this thread). Every
-    option is passed to Beam, e.g. ``--runner=FlinkRunner --flink_master=host:8081`` or ``--runner=PortableRunner
-    --job_endpoint=localhost:8099 --environment_type=LOOPBACK``.
+    option is passed to Beam, e.g. ``--runner=FlinkRunner --flink_master=host:8081`` or
+    ``--runner=PortableRunner --job_endpoint=localhost:8099 --environment_type=LOOPBACK``.
     """
     options = PipelineOptions(beam_args)
     runner = options.view_as(StandardOptions).runner

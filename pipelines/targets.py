@@ -74,9 +74,7 @@ class SearchShard(beam.DoFn):
         faiss.omp_set_num_threads(common["threads"])  # per call: OpenMP settings are per thread under multi_threading
         queries = np.ascontiguousarray(queries_store.keys(shard.start, shard.stop), dtype=np.float32)
         dists, ids = self.neighbours_of(shard, queries, self.splits[split]["self_query"])
-        values = self.rows.values_of(ids)
-        if common["exact_distances"]:
-            dists, ids, values = knn.sort_by_distance(self.rows.distances(queries, ids), ids, values)
+        dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"])
         tokens, probs, truncated = knn.distributions(dists, values, common["temperature"], common["width"])
         files = neighbours.write_shard(shard, ids, dists)
         files.update(distributions.write_shard(shard, tokens, probs, truncated))

@@ -13,7 +13,6 @@ p = λ·p_mem + (1−λ)·p_dec. Output ``<artifacts_dir>/eval``: ``metrics.json
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 
@@ -23,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines import faiss_index, knn
+from pipelines import faiss_index
 from pipelines.datastore_rows import DatastoreRows
-from pipelines.encode import Window, keys_uri, windows_for_rows
+from pipelines.encode import keys_uri, window_batches, windows_for_rows
 from pipelines.encoder import RepresentationCapture, load_encoder, model_fingerprint
 from pipelines.index import index_uri
 from pipelines.prepare import tokens_uri
@@ -36,6 +35,7 @@ from storage.params import Params
 from storage.shards import load_plan
 from training.memory import decoder_source, memory_uri
 from training.mlp_memory import MLPMemory
+from training.lm_eval import perplexity
 from training.token_stream import TokenStream
 
 log = logging.getLogger("memforge")
@@ -45,22 +45,12 @@ def eval_uri(params: Params) -> str:
     return fs.join(params.artifacts_dir, "eval")
 
 
-def _batches(windows: list[Window], batch_size: int):
-    """Windows grouped by length (so they stack), ``batch_size`` at a time."""
-    by_length: dict[int, list[Window]] = {}
-    for window in windows:
-        by_length.setdefault(window.end - window.begin, []).append(window)
-    for group in by_length.values():
-        for i in range(0, len(group), batch_size):
-            yield group[i:i + batch_size]
-
-
 class Scorer:
     """One pass over the validation windows: per row, the target's log-probability under the
     decoder and the representations captured on the way (query, memory input)."""
 
     def __init__(self, decoder, stream: TokenStream, n_rows: int, block_size: int, stride: int, batch_size: int):
-        self.decoder, self.stream, self.n_rows, self.batch_size = decoder, stream, n_rows, batch_size
+        self.decoder, self.n_rows, self.batch_size = decoder, n_rows, batch_size
         self.windows = windows_for_rows(0, n_rows, stream.n_tokens, block_size, stride)
         self.tokens = stream.slice(0, stream.n_tokens)
 
@@ -69,7 +59,7 @@ class Scorer:
         """log p_dec(target) for every row; ``on_batch(rows, targets, logp_dec_rows, captured)`` may
         replace each batch's log-probabilities (kNN-LM, memory)."""
         out = np.empty(self.n_rows, np.float64)
-        for batch in _batches(self.windows, self.batch_size):
+        for batch in window_batches(self.windows, self.batch_size):
             ids = torch.from_numpy(np.stack([self.tokens[w.begin:w.end] for w in batch]))
             logits = self.decoder(input_ids=ids, use_cache=False).logits.float()
             log_p = torch.log_softmax(logits, -1)
@@ -89,10 +79,6 @@ class Scorer:
 
 def _mix(logp_dec: np.ndarray, p_other: np.ndarray, lam: float) -> np.ndarray:
     return np.log(lam * p_other + (1 - lam) * np.exp(logp_dec))
-
-
-def _perplexity(log_probs: np.ndarray) -> float:
-    return float(math.exp(-np.mean(log_probs)))
 
 
 def evaluate(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -> str:
@@ -129,10 +115,7 @@ def evaluate(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()
 
     def knn_probs(rows, targets, logp_dec, captured):
         query = np.ascontiguousarray(captured[0].numpy(), dtype=np.float32)
-        dists, ids = searcher.search(query, k)
-        values = rows_store.values_of(ids)
-        if exact:
-            dists, ids, values = knn.sort_by_distance(rows_store.distances(query, ids), ids, values)
+        dists, ids, values = rows_store.neighbours(query, *searcher.search(query, k), exact)
         logits = np.where(values >= 0, -dists.astype(np.float64) / config.temperature, -np.inf)
         weights = np.exp(logits - logits.max(axis=1, keepdims=True))
         p_knn[rows] = (weights * (values == targets[:, None])).sum(1) / weights.sum(1)
@@ -161,21 +144,22 @@ def evaluate(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()
         for capture in captures:
             capture.handle.remove()
     decoder_logp = log_probs["decoder"]
-    perplexity = {name: _perplexity(values) for name, values in log_probs.items()}
-    gain = perplexity["decoder"] - perplexity["knnlm"]
+    perplexities = {name: perplexity(values) for name, values in log_probs.items()}
+    gain = perplexities["decoder"] - perplexities["knnlm"]
     metrics = {
-        "perplexity": {name: round(value, 4) for name, value in perplexity.items()},
+        "perplexity": {name: round(value, 4) for name, value in perplexities.items()},
         "tokens_per_second": {name: round(n_rows / seconds, 1) for name, seconds in timings.items()},
-        "memory_gain_recovered": round((perplexity["decoder"] - perplexity["memory"]) / gain, 4) if gain else None,
+        "memory_gain_recovered": round((perplexities["decoder"] - perplexities["memory"]) / gain, 4) if gain else None,
         "rows": n_rows, "knn_lambda": config.knn_lambda, "memory_lambda": config.memory_lambda, "k": k,
         "temperature": config.temperature, "nprobe": config.nprobe, "exact_distances": exact,
     }
-    sweep = [{"lambda": lam, "knnlm": round(_perplexity(_mix(decoder_logp, p_knn, lam)), 4),
-              "memory": round(_perplexity(_mix(decoder_logp, p_mem, lam)), 4)} for lam in config.lambda_grid]
+    sweep = [{"lambda": lam, "knnlm": round(perplexity(_mix(decoder_logp, p_knn, lam)), 4),
+              "memory": round(perplexity(_mix(decoder_logp, p_mem, lam)), 4)} for lam in config.lambda_grid]
     _write_outputs(build.uri, metrics, sweep, log_probs, scorer, params)
     build.publish(counts={"rows": n_rows}, stats=metrics)
     log.info("evaluate: perplexity decoder %.3f, kNN-LM %.3f, decoder+memory %.3f; metrics in %s",
-             perplexity["decoder"], perplexity["knnlm"], perplexity["memory"], fs.join(build.uri, "metrics.json"))
+             perplexities["decoder"], perplexities["knnlm"], perplexities["memory"],
+             fs.join(build.uri, "metrics.json"))
     return fs.join(build.uri, "metrics.json")
 
 
