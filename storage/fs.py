@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import uuid
 from typing import Any, BinaryIO, Iterator
@@ -123,9 +124,14 @@ def list_files(uri: str) -> list[str]:
     return sorted(p[len(root) + 1:] for p in fs.find(root) if p != root)
 
 
+# Zarr's LocalStore writes each chunk to ``<chunk>.<uuid4 hex>.partial`` and then renames it.
+_ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
 def is_temporary(rel: str) -> bool:
-    """True for the temp files of ``write_bytes_atomic`` (debris when a writer was killed mid-write)."""
-    return TEMP_INFIX in rel.rsplit("/", 1)[-1]
+    """True for the temp files of our atomic writers and of Zarr's (debris of a writer killed mid-write)."""
+    name = rel.rsplit("/", 1)[-1]
+    return TEMP_INFIX in name or _ZARR_PARTIAL.search(name) is not None
 
 
 def remove_tree(uri: str) -> None:

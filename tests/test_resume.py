@@ -234,3 +234,19 @@ def test_attempt_that_finished_no_shard_is_replaced_without_rebuild(tmp_path):
     result = toy_stage.run(uri, seed=SEED, rows=ROWS)
     assert result == {"skipped": 0, "written": N_SHARDS, "up_to_date": False}
     assert open_artifact(uri, "keys").params == {"seed": SEED, "rows": ROWS}
+
+
+def test_debris_of_a_zarr_write_killed_mid_chunk_is_not_published(tmp_path):
+    """Zarr's LocalStore writes ``<chunk>.<uuid>.partial`` then renames; a SIGKILL in between leaves it behind."""
+    uri, clean = tmp_path / "keys", tmp_path / "clean"
+    crash(uri)
+    chunk_dir = uri / "datastore.zarr/keys/c/3"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    debris = chunk_dir / f"0.{'ab' * 16}.partial"
+    debris.write_bytes(b"half a chunk")
+
+    assert run_stage(uri).returncode == 0
+    toy_stage.run(str(clean), SEED, ROWS)
+    assert not debris.exists()
+    assert open_artifact(str(uri)).manifest["files"] == open_artifact(str(clean)).manifest["files"]
+    assert verify(str(uri)) == []
