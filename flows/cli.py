@@ -8,6 +8,7 @@ import sys
 
 from flows import stages
 from storage import fs
+from storage.artifact import REBUILD_OUTDATED
 from storage.errors import MemforgeError
 from storage.lineage import lineage, render
 from storage.listing import find_artifacts, summarise
@@ -50,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
               "unless --rebuild.\nBeam pipeline options go after `--`.",
             formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_params_options(sub)
-        sub.add_argument("--rebuild", action="store_true",
-                         help="discard an existing or interrupted artifact built with other params, inputs or code")
+        replace = sub.add_mutually_exclusive_group()
+        replace.add_argument("--rebuild", action="store_true",
+                             help="discard whatever artifact is there and build it again")
+        replace.add_argument("--replace-outdated", action="store_true",
+                             help="replace an artifact built with other params, inputs or code (what dvc repro "
+                                  "runs); an interrupted build of the same ones still resumes")
     run = commands.add_parser("run", help="run the end-to-end build (all stages in order)",
                               description="Run the stages in order: " + " -> ".join(stages.STAGE_NAMES)
                               + ". Finished stages are skipped; interrupted ones resume.")
@@ -99,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_stage(args, beam_args) -> int:
     params = load_params(args.params, args.overrides)
-    result = stages.run_stage(args.command, params, rebuild=args.rebuild, beam_args=tuple(beam_args))
+    rebuild = True if args.rebuild else REBUILD_OUTDATED if args.replace_outdated else False
+    result = stages.run_stage(args.command, params, rebuild=rebuild, beam_args=tuple(beam_args))
     if result is not None:
         print(result)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,9 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "_manifest.json"
 BUILD_NAME = "_build.json"
 _BOOKKEEPING = (MANIFEST_NAME, BUILD_NAME)
+# ``rebuild`` value that replaces only artifacts built with other params, inputs or code.
+REBUILD_OUTDATED = "outdated"
+_log = logging.getLogger("memforge.artifact")
 
 
 def fingerprint(kind: str, params: dict, input_fingerprints: dict[str, str], code: dict) -> str:
@@ -106,7 +110,7 @@ class ArtifactBuild:
         self.params = params
         self.inputs = inputs
         self.format = fmt
-        self.code = provenance.code_version()
+        self.code = provenance.code_version(kind)
         self.fingerprint = fingerprint(kind, params, {r: a.fingerprint for r, a in inputs.items()}, self.code)
         self.started_at = started_at
         self.up_to_date = up_to_date
@@ -114,35 +118,47 @@ class ArtifactBuild:
 
     @classmethod
     def begin(cls, uri: str, kind: str, params: dict, inputs: dict[str, Artifact] | None = None,
-              fmt: str = "directory", rebuild: bool = False) -> "ArtifactBuild":
-        """Start, resume, or refuse a build of ``kind`` at ``uri`` (see class doc)."""
+              fmt: str = "directory", rebuild: bool | str = False) -> "ArtifactBuild":
+        """Start, resume, or refuse a build of ``kind`` at ``uri``.
+
+        ``rebuild``: False refuses to replace an artifact (published or interrupted) built with other
+        params, inputs or code; True discards whatever is there; ``"outdated"`` (what orchestrators pass:
+        they have decided the stage must run) replaces such an artifact but still resumes an
+        interrupted build of this very fingerprint and keeps an up-to-date one.
+        """
+        if rebuild not in (False, True, REBUILD_OUTDATED):
+            raise ArtifactError(f"rebuild must be False, True or {REBUILD_OUTDATED!r}, not {rebuild!r}")
         uri = fs.normalize(uri)
         build = cls(uri, kind, params, dict(inputs or {}), fmt, provenance.now(), up_to_date=False)
         manifest_uri, state_uri = fs.join(uri, MANIFEST_NAME), fs.join(uri, BUILD_NAME)
-        if rebuild:
+        if rebuild is True:
             fs.remove_tree(uri)
         elif fs.exists(manifest_uri):
             found = read_manifest(uri)["fingerprint"]
             if found == build.fingerprint:
                 build.up_to_date = True
                 return build
-            raise ArtifactError(
-                f"{uri}: a different {kind} artifact is published here (fingerprint {found[:12]}, "
-                f"this run {build.fingerprint[:12]}: params, inputs or code changed); pass --rebuild to replace it"
-            )
+            if rebuild != REBUILD_OUTDATED:
+                raise ArtifactError(
+                    f"{uri}: a different {kind} artifact is published here (fingerprint {found[:12]}, "
+                    f"this run {build.fingerprint[:12]}: params, inputs or code changed); pass --rebuild to "
+                    "replace it"
+                )
+            _log.info("%s: replacing the outdated %s artifact (fingerprint %s, now %s)",
+                      uri, kind, found[:12], build.fingerprint[:12])
+            fs.remove_tree(uri)
         elif fs.exists(state_uri):
             state = fs.read_json(state_uri)
-            if state.get("fingerprint") != build.fingerprint and not build.markers.done_names():
-                fs.remove_tree(uri)  # an attempt that finished no shard holds no work worth keeping
-            elif state.get("fingerprint") != build.fingerprint:
+            if state.get("fingerprint") == build.fingerprint:
+                build.started_at = state.get("started_at", build.started_at)
+                return build
+            if build.markers.done_names() and rebuild != REBUILD_OUTDATED:
                 raise ArtifactError(
                     f"{uri}: holds an interrupted build with other params, inputs or code "
                     f"(fingerprint {str(state.get('fingerprint'))[:12]}, this run {build.fingerprint[:12]}); "
                     "pass --rebuild to discard it"
                 )
-            else:
-                build.started_at = state.get("started_at", build.started_at)
-                return build
+            fs.remove_tree(uri)  # no finished shard, or the orchestrator replaces outdated work
         elif fs.list_files(uri):
             raise ArtifactError(f"{uri}: exists and is not a memforge artifact; move it away or pass --rebuild")
         fs.write_json_atomic(state_uri, {

@@ -14,7 +14,6 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGE_NAME = "memforge"
-SOURCE_PACKAGES = ("storage", "pipelines", "flows", "training")
 ENVIRONMENT_PACKAGES = (
     "torch", "transformers", "tokenizers", "faiss-cpu", "apache-beam", "prefect",
     "zarr", "pyarrow", "numpy", "dvc",
@@ -43,29 +42,45 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
-@functools.lru_cache(maxsize=1)
-def source_digest() -> str:
-    """sha256 over memforge's own Python sources (path + content), so any code change shows."""
+# The packages whose code determines an artifact's content, by artifact kind. Orchestration (flows/)
+# never does, so editing a flow or the CLI leaves every artifact up to date; dvc.yaml's code deps match.
+PIPELINE_PACKAGES = ("storage", "pipelines")
+CONTENT_PACKAGES = ("storage", "pipelines", "training")
+_PACKAGES_BY_KIND = {"tokens": PIPELINE_PACKAGES, "keys": PIPELINE_PACKAGES, "index": PIPELINE_PACKAGES,
+                     "targets": PIPELINE_PACKAGES}
+
+
+def code_packages(kind: str) -> tuple[str, ...]:
+    """The source packages that determine an artifact of ``kind`` (training kinds: all content packages)."""
+    return _PACKAGES_BY_KIND.get(kind, CONTENT_PACKAGES)
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest(packages: tuple[str, ...]) -> str:
+    """sha256 over the Python sources (path + content) of ``packages``, so any code change there shows."""
     root = _source_root()
     digest = hashlib.sha256()
-    for package in SOURCE_PACKAGES:
+    for package in packages:
         for file in sorted((root / package).rglob("*.py")):
             digest.update(file.relative_to(root).as_posix().encode() + b"\0")
             digest.update(file.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> dict:
-    """Package version, source digest, and the git commit with its dirty flag when in a checkout."""
+@functools.lru_cache(maxsize=None)
+def code_version(kind: str) -> dict:
+    """Package version, digest of the sources that determine an artifact of ``kind``, and the git
+    commit with its dirty flag when in a checkout."""
     sha = _git("rev-parse", "HEAD")
     dirty = None
     if sha is not None:
         status = _git("status", "--porcelain", "--untracked-files=no")
         dirty = bool(status) if status is not None else None
+    packages = code_packages(kind)
     return {
         "package_version": _package_version(PACKAGE_NAME),
-        "source_digest": source_digest(),
+        "source_digest": source_digest(packages),
+        "source_packages": list(packages),
         "git_sha": sha,
         "git_dirty": dirty,
     }

@@ -15,7 +15,7 @@ import pytest
 import toy_stage
 from flows.cli import main
 from storage import fs
-from storage.artifact import BUILD_NAME, MANIFEST_NAME, ArtifactBuild, open_artifact
+from storage.artifact import BUILD_NAME, MANIFEST_NAME, REBUILD_OUTDATED, ArtifactBuild, open_artifact
 from storage.errors import ArtifactError
 from storage.shards import MARKERS_DIR, PLAN_NAME, ShardPlan, load_plan
 from storage.stores import KeyStore
@@ -250,3 +250,24 @@ def test_debris_of_a_zarr_write_killed_mid_chunk_is_not_published(tmp_path):
     assert not debris.exists()
     assert open_artifact(str(uri)).manifest["files"] == open_artifact(str(clean)).manifest["files"]
     assert verify(str(uri)) == []
+
+
+def test_rebuild_outdated_replaces_other_fingerprints_and_resumes_its_own(tmp_path):
+    """What orchestrators pass: an outdated artifact (published or interrupted) is replaced, an
+    interrupted build of the same fingerprint resumes, an up-to-date one is kept."""
+    uri = tmp_path / "keys"
+    toy_stage.run(str(uri), seed=1, rows=ROWS)
+    assert toy_stage.run(str(uri), SEED, ROWS, rebuild=REBUILD_OUTDATED) == {
+        "skipped": 0, "written": N_SHARDS, "up_to_date": False}
+    assert_holds_seed(uri, SEED)
+    assert toy_stage.run(str(uri), SEED, ROWS, rebuild=REBUILD_OUTDATED)["up_to_date"] is True
+
+    crash(uri := tmp_path / "interrupted")  # the same fingerprint: resumed, not restarted
+    assert toy_stage.run(str(uri), SEED, ROWS, rebuild=REBUILD_OUTDATED) == {
+        "skipped": KILL_AFTER, "written": N_SHARDS - KILL_AFTER, "up_to_date": False}
+
+    crash(uri := tmp_path / "other", seed=1)  # other params, with finished shards: discarded
+    assert toy_stage.run(str(uri), SEED, ROWS, rebuild=REBUILD_OUTDATED)["written"] == N_SHARDS
+    assert_holds_seed(uri, SEED)
+    with pytest.raises(ArtifactError, match="rebuild must be"):
+        ArtifactBuild.begin(str(uri), "keys", {}, rebuild="sometimes")

@@ -29,7 +29,7 @@ def shard_data(seed: int, shard_id: int, n_rows: int) -> tuple[np.ndarray, np.nd
     return keys, vals
 
 
-def run(uri: str, seed: int, rows: int, rebuild: bool = False, die_after: int | None = None) -> dict:
+def run(uri: str, seed: int, rows: int, rebuild: bool | str = False, die_after: int | None = None) -> dict:
     """Build (or resume) the toy keys artifact at ``uri``; return skipped/written/up_to_date."""
     build = ArtifactBuild.begin(uri, "keys", {"seed": seed, "rows": rows}, rebuild=rebuild)
     if build.up_to_date:
