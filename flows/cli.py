@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from flows import stages
@@ -39,6 +40,12 @@ def _add_params_options(parser: argparse.ArgumentParser) -> None:
                         help="override one param by dotted key, e.g. --set targets.k=128 (repeatable)")
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    _add_params_options(parser)
+    parser.add_argument("--from", dest="first", choices=stages.STAGE_NAMES, help="first stage to run")
+    parser.add_argument("--until", dest="last", choices=stages.STAGE_NAMES, help="last stage to run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memforge", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,13 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
         replace.add_argument("--replace-outdated", action="store_true",
                              help="replace an artifact built with other params, inputs or code (what dvc repro "
                                   "runs); an interrupted build of the same ones still resumes")
-    run = commands.add_parser("run", help="run the end-to-end build (all stages in order)",
-                              description="Run the stages in order: " + " -> ".join(stages.STAGE_NAMES)
-                              + ". Finished stages are skipped; interrupted ones resume.")
-    _add_params_options(run)
-    run.add_argument("--from", dest="first", choices=stages.STAGE_NAMES, help="first stage to run")
-    run.add_argument("--until", dest="last", choices=stages.STAGE_NAMES, help="last stage to run")
+    run = commands.add_parser("run", help="run the build flow (all stages in order) with Prefect",
+                              description="Run the Prefect flow memforge-build: " + " -> ".join(stages.STAGE_NAMES)
+                              + ". Stages whose inputs, params and code are unchanged come from Prefect's cache; "
+                                "outdated artifacts are replaced; interrupted stages resume from their shards. "
+                                "Without PREFECT_API_URL Prefect starts a temporary local server.")
+    _add_run_options(run)
     run.add_argument("--rebuild", action="store_true", help="rebuild the selected stages' artifacts")
+    serve = commands.add_parser("serve", help="serve the build flow as a scheduled Prefect deployment",
+                                description="Serve memforge-build as the deployment memforge-build/<name> "
+                                            "(Prefect's flow.serve): it runs on the schedule and whenever "
+                                            "triggered (prefect deployment run memforge-build/<name>). "
+                                            "Needs PREFECT_API_URL (e.g. a `prefect server start`).")
+    _add_run_options(serve)
+    serve.add_argument("--cron", help="schedule (default: flow.cron in params)")
+    serve.add_argument("--name", default="memforge", help="deployment name (default: memforge)")
     ls = commands.add_parser("ls", help="list artifacts and their status",
                              description="List artifacts (published or incomplete) below DIR.")
     _add_params_options(ls)
@@ -111,15 +126,31 @@ def _cmd_stage(args, beam_args) -> int:
     return 0
 
 
+def _params_file(args) -> str | None:
+    """The params file as an absolute path (flow runs may start in another directory), or None."""
+    path = args.params or ("params.yaml" if os.path.exists("params.yaml") else None)
+    return os.path.abspath(path) if path else None
+
+
 def _cmd_run(args, beam_args) -> int:
+    load_params(args.params, args.overrides)  # bad params fail here, before any flow run starts
+    from flows.build import build
+
+    result = build(params_file=_params_file(args), overrides=args.overrides, first=args.first, last=args.last,
+                   rebuild=args.rebuild, beam_args=beam_args)
+    print(f"memforge run: done; artifacts in {result['artifacts_dir']}")
+    if result["metrics"]:
+        print(f"memforge run: metrics in {result['metrics']}")
+    return 0
+
+
+def _cmd_serve(args, beam_args) -> int:
     params = load_params(args.params, args.overrides)
-    for item in stages.select(args.first, args.last):
-        print(f"memforge run: {item.name}")
-        stages.run_stage(item.name, params, rebuild=args.rebuild, beam_args=tuple(beam_args))
-    print(f"memforge run: done; artifacts in {fs.normalize(params.artifacts_dir)}")
-    metrics = fs.join(params.artifacts_dir, "eval", "metrics.json")
-    if fs.exists(metrics):
-        print(f"memforge run: metrics in {metrics}")
+    from flows.build import build
+
+    build.serve(name=args.name, cron=args.cron or params.flow.cron, parameters={
+        "params_file": _params_file(args), "overrides": args.overrides, "first": args.first, "last": args.last,
+        "beam_args": beam_args})
     return 0
 
 
@@ -197,7 +228,7 @@ def _cmd_explain(args, _beam_args) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "ls": _cmd_ls, "lineage": _cmd_lineage, "verify": _cmd_verify,
+_COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "ls": _cmd_ls, "lineage": _cmd_lineage, "verify": _cmd_verify,
              "retemper": _cmd_retemper, "explain": _cmd_explain, "bench": _cmd_bench}
 
 

@@ -25,10 +25,19 @@ class Stage:
     inputs: tuple[str, ...]
     params: tuple[str, ...]
     code: tuple[str, ...]
+    external: str | None = None  # function(params) -> description of inputs from outside the artifacts
 
     def function(self) -> Callable[..., Any]:
-        module, _, attribute = self.entry.partition(":")
-        return getattr(importlib.import_module(module), attribute)
+        return _load(self.entry)
+
+    def external_inputs(self, params: Params) -> Any:
+        """What this stage reads from outside the artifacts (prepare: the corpus files), or None."""
+        return _load(self.external)(params) if self.external else None
+
+
+def _load(entry: str) -> Callable[..., Any]:
+    module, _, attribute = entry.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 _PIPELINES = ("pipelines", "storage")
@@ -37,7 +46,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("prepare", "read and tokenize the corpus into the token store (Beam)", ("tokens",),
           "pipelines.prepare:prepare", (),
           ("artifacts_dir", "corpus", "decoder.init", "decoder.vocab_size", "encode.model",
-           "encode.trust_remote_code", "encode.chunk_rows", "encode.shard_chunks", "encode.num_workers"), _PIPELINES),
+           "encode.trust_remote_code", "encode.chunk_rows", "encode.shard_chunks", "encode.num_workers"), _PIPELINES,
+          external="pipelines.prepare:corpus_sources"),
     Stage("train-decoder", "train the decoder LM from scratch or fine-tune a local HF model", ("decoder",),
           "training.decoder:train_decoder", ("tokens",), ("artifacts_dir", "decoder"), _TRAINING),
     Stage("encode", "hidden-state keys and next-token values for each split (Beam)",

@@ -44,11 +44,21 @@ def tokens_uri(params: Params) -> str:
     return fs.join(params.artifacts_dir, "tokens")
 
 
-def _stage_params(params: Params, files: list[SourceFile]) -> dict:
+def _sources(files: list[SourceFile]) -> dict:
     listing = hashlib.sha256(json.dumps([(f.name, f.size, f.split) for f in files]).encode()).hexdigest()
+    return {"files": len(files), "bytes": sum(f.size for f in files), "listing_sha256": listing}
+
+
+def corpus_sources(params: Params) -> dict:
+    """What the corpus files are right now (count, bytes, listing hash): prepare's input from outside
+    the artifacts, part of its fingerprint and of the Prefect cache key."""
+    return _sources(source_files(params.corpus))
+
+
+def _stage_params(params: Params, files: list[SourceFile]) -> dict:
     return {
         "corpus": params.section("corpus"),
-        "sources": {"files": len(files), "bytes": sum(f.size for f in files), "listing_sha256": listing},
+        "sources": _sources(files),
         "tokenizer": {"from": params.encode.model or params.decoder.init, "vocab_size": params.decoder.vocab_size,
                       "trust_remote_code": params.encode.trust_remote_code},
         "datastore": {"chunk_rows": params.encode.chunk_rows, "shard_chunks": params.encode.shard_chunks},

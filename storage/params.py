@@ -154,6 +154,14 @@ class EvaluateParams(Section):
     batch_size: int = Field(default=8, gt=0)
 
 
+class FlowParams(Section):
+    """The Prefect build flow (``memforge run`` / ``serve``): retries of transient failures, schedule."""
+
+    retries: int = Field(default=2, ge=0)
+    retry_delay_s: float = Field(default=10.0, ge=0)
+    cron: str = "0 3 * * *"
+
+
 class Params(Section):
     """The whole of ``params.yaml``."""
 
@@ -165,10 +173,18 @@ class Params(Section):
     targets: TargetsParams = Field(default_factory=TargetsParams)
     memory: MemoryParams = Field(default_factory=MemoryParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    flow: FlowParams = Field(default_factory=FlowParams)
 
     def section(self, name: str) -> dict[str, Any]:
         """The resolved section ``name`` as plain JSON-able data (what manifests record)."""
         return getattr(self, name).model_dump(mode="json")
+
+    def value(self, dotted: str) -> Any:
+        """The JSON-able value of a dotted key (``"targets.k"``) or a whole section (``"targets"``)."""
+        node: Any = self.model_dump(mode="json")
+        for part in dotted.split("."):
+            node = node[part]
+        return node
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -1,0 +1,164 @@
+"""Prefect flows: ``memforge-build`` (the whole chain) and one flow per stage.
+
+Each stage is one Prefect task that calls the same stage function as the CLI and DVC
+(``flows.stages.run_stage``) and returns the paths and fingerprints of what it published,
+never arrays. Its cache key (``stage_cache_key``) hashes what determines its output: the stage's
+params keys, the fingerprints in its input artifacts' manifests, its external inputs (prepare:
+the corpus listing) and the digest of its code packages; results persist as JSON. So a rerun
+on unchanged inputs, scheduled or after a failure, finishes every stage as ``Cached``, a changed
+param reruns that stage and what reads its output, and a stage interrupted mid-way resumes from
+its shard markers. Transient errors are retried with exponential backoff (``flow`` params);
+bad input (``MemforgeError``) never is.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+# Prefect's logger also carries memforge's own log lines (stage progress, Beam worker threads) to the
+# flow run's log; it must be set before prefect configures logging on import.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "memforge")
+# Machines running memforge are often offline; the temporary server would log a telemetry error.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, runtime, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.tasks import exponential_backoff  # noqa: E402
+
+from flows import stages  # noqa: E402
+from storage import fs, provenance  # noqa: E402
+from storage.artifact import REBUILD_OUTDATED, read_manifest  # noqa: E402
+from storage.errors import ArtifactError, MemforgeError  # noqa: E402
+from storage.params import Params, load_params  # noqa: E402
+
+BUILD_FLOW = "memforge-build"
+
+
+def published(params: Params, paths: tuple[str, ...]) -> dict[str, str | None]:
+    """Fingerprint of each artifact path under ``artifacts_dir``; None where nothing is published."""
+    found: dict[str, str | None] = {}
+    for path in paths:
+        try:
+            found[path] = read_manifest(fs.join(params.artifacts_dir, path))["fingerprint"]
+        except ArtifactError:
+            found[path] = None
+    return found
+
+
+def stage_cache_key(_context, parameters: dict[str, Any]) -> str:
+    """Prefect cache key of a stage task: params keys it reads, input manifests' fingerprints,
+    external inputs, code digest and where the artifacts live (see module doc)."""
+    item = stages.stage(parameters["stage"])
+    params = Params.model_validate(parameters["params"])
+    payload = {
+        "stage": item.name,
+        "artifacts": fs.normalize(params.artifacts_dir),
+        "params": {key: params.value(key) for key in item.params},
+        "inputs": published(params, item.inputs),
+        "external": item.external_inputs(params),
+        "code": provenance.source_digest(item.code),
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"memforge-{item.name}-{digest[:40]}"
+
+
+def _transient(_task, _task_run, state) -> bool:
+    """Retry unless the stage refused bad input (params, artifacts, data): those fail the same way again."""
+    return not isinstance(state.data, MemforgeError)
+
+
+def _markdown(item: stages.Stage, params: Params) -> str:
+    """The Prefect artifact of one stage: each output's path, fingerprint, counts, figures, key params."""
+    lines = [f"### memforge {item.name}", "",
+             "| artifact | fingerprint | counts | figures |", "|---|---|---|---|"]
+    for path in item.outputs:
+        manifest = read_manifest(fs.join(params.artifacts_dir, path))
+        figures = {k: v for k, v in manifest.get("stats", {}).items() if isinstance(v, (int, float, str))}
+        lines.append(f"| `{fs.join(params.artifacts_dir, path)}` | `{manifest['fingerprint'][:16]}` | "
+                     f"{_pairs(manifest.get('counts', {}))} | {_pairs(figures)} |")
+    scalars = {}
+    for key in item.params:
+        value = params.value(key)
+        scalars.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    lines += ["", "params: " + _pairs({k: v for k, v in scalars.items() if not isinstance(v, (dict, list))})]
+    return "\n".join(lines)
+
+
+def _pairs(mapping: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in mapping.items() if not isinstance(v, (dict, list))) or "-"
+
+
+@task(cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json",
+      retry_condition_fn=_transient)
+def stage_task(stage: str, params: dict, upstream: dict[str, str | None], rebuild: bool | str,
+               beam_args: list[str]) -> dict:
+    """Run one stage; returns its outputs' fingerprints. ``upstream``: its inputs' fingerprints."""
+    item = stages.stage(stage)
+    resolved = Params.model_validate(params)
+    logger = get_run_logger()
+    if rebuild is True and runtime.task_run.run_count > 1:
+        rebuild = REBUILD_OUTDATED  # a retry resumes what the first attempt rebuilt
+    logger.info("%s: inputs %s", stage, {k: (v or "-")[:12] for k, v in upstream.items()} or "-")
+    stages.run_stage(stage, resolved, rebuild=rebuild, beam_args=tuple(beam_args))
+    outputs = published(resolved, item.outputs)
+    create_markdown_artifact(markdown=_markdown(item, resolved), key=f"memforge-{stage}",
+                             description=f"memforge {stage}: what it published")
+    logger.info("%s: published %s", stage, {k: (v or "-")[:12] for k, v in outputs.items()})
+    return {"stage": stage, "outputs": outputs}
+
+
+def run_stage_task(item: stages.Stage, params: Params, upstream: dict[str, str | None], rebuild: bool,
+                   beam_args: list[str]) -> dict[str, str | None]:
+    """Submit one stage task; refresh its cache when its outputs are missing or were replaced since."""
+    options = {"name": item.name, "task_run_name": item.name, "retries": params.flow.retries,
+               "retry_delay_seconds": exponential_backoff(params.flow.retry_delay_s)}
+    current = published(params, item.outputs)
+    refresh = rebuild or None in current.values()
+    arguments = (item.name, params.model_dump(mode="json"), {path: upstream.get(path) for path in item.inputs},
+                 True if rebuild else REBUILD_OUTDATED, list(beam_args))
+    state = stage_task.with_options(**options, refresh_cache=refresh)(*arguments, return_state=True)
+    result = state.result()
+    if result["outputs"] != published(params, item.outputs):  # a cached record of artifacts replaced since
+        state = stage_task.with_options(**options, refresh_cache=True)(*arguments, return_state=True)
+        result = state.result()
+    get_run_logger().info("stage %s: %s", item.name, state.name)
+    return result["outputs"]
+
+
+def run_chain(params_file: str | None, overrides: list[str] | None, first: str | None, last: str | None,
+              rebuild: bool, beam_args: list[str] | None) -> dict:
+    """The body of the build flow and of the per-stage flows: the selected stages in order."""
+    params = load_params(params_file, list(overrides or []))
+    logger = get_run_logger()
+    selected = stages.select(first, last)
+    outputs: dict[str, str | None] = {}
+    for item in selected:
+        if item.name == "train-decoder" and params.encode.model and len(selected) > 1:
+            logger.info("train-decoder: skipped, encode.model %s is the decoder", params.encode.model)
+            continue
+        outputs.update(run_stage_task(item, params, outputs, rebuild, list(beam_args or [])))
+    metrics = fs.join(params.artifacts_dir, "eval", "metrics.json")
+    return {"artifacts_dir": fs.normalize(params.artifacts_dir), "fingerprints": outputs,
+            "metrics": metrics if fs.exists(metrics) else None}
+
+
+@flow(name=BUILD_FLOW, description="memforge: prepare -> (train-decoder) -> encode -> index -> targets -> "
+                                    "train-memory -> evaluate")
+def build(params_file: str | None = None, overrides: list[str] | None = None, first: str | None = None,
+          last: str | None = None, rebuild: bool = False, beam_args: list[str] | None = None) -> dict:
+    """The whole chain (or ``first``..``last``): prepare, train-decoder when the decoder encodes, encode,
+    index, targets, then memory training and evaluation. Finished stages come from the cache."""
+    return run_chain(params_file, overrides, first, last, rebuild, beam_args)
+
+
+def _stage_flow(name: str):
+    @flow(name=f"memforge-{name}", description=stages.stage(name).summary)
+    def stage_flow(params_file: str | None = None, overrides: list[str] | None = None, rebuild: bool = False,
+                   beam_args: list[str] | None = None) -> dict:
+        return run_chain(params_file, overrides, name, name, rebuild, beam_args)
+    return stage_flow
+
+
+STAGE_FLOWS = {item.name: _stage_flow(item.name) for item in stages.STAGES}
