@@ -110,8 +110,9 @@ def stage_task(stage: str, params: dict, upstream: dict[str, str | None], rebuil
 
 
 def run_stage_task(item: stages.Stage, params: Params, upstream: dict[str, str | None], rebuild: bool,
-                   beam_args: list[str]) -> dict[str, str | None]:
-    """Submit one stage task; refresh its cache when its outputs are missing or were replaced since."""
+                   beam_args: list[str]) -> tuple[dict[str, str | None], str]:
+    """Submit one stage task; refresh its cache when its outputs are missing or were replaced since.
+    Returns its outputs' fingerprints and the task's final state name (Completed, Cached)."""
     options = {"name": item.name, "task_run_name": item.name, "retries": params.flow.retries,
                "retry_delay_seconds": exponential_backoff(params.flow.retry_delay_s)}
     current = published(params, item.outputs)
@@ -124,7 +125,7 @@ def run_stage_task(item: stages.Stage, params: Params, upstream: dict[str, str |
         state = stage_task.with_options(**options, refresh_cache=True)(*arguments, return_state=True)
         result = state.result()
     get_run_logger().info("stage %s: %s", item.name, state.name)
-    return result["outputs"]
+    return result["outputs"], state.name
 
 
 def run_chain(params_file: str | None, overrides: list[str] | None, first: str | None, last: str | None,
@@ -134,13 +135,16 @@ def run_chain(params_file: str | None, overrides: list[str] | None, first: str |
     logger = get_run_logger()
     selected = stages.select(first, last)
     outputs: dict[str, str | None] = {}
+    states: dict[str, str] = {}
     for item in selected:
         if item.name == "train-decoder" and params.encode.model and len(selected) > 1:
             logger.info("train-decoder: skipped, encode.model %s is the decoder", params.encode.model)
+            states[item.name] = "Skipped"
             continue
-        outputs.update(run_stage_task(item, params, outputs, rebuild, list(beam_args or [])))
+        found, states[item.name] = run_stage_task(item, params, outputs, rebuild, list(beam_args or []))
+        outputs.update(found)
     metrics = fs.join(params.artifacts_dir, "eval", "metrics.json")
-    return {"artifacts_dir": fs.normalize(params.artifacts_dir), "fingerprints": outputs,
+    return {"artifacts_dir": fs.normalize(params.artifacts_dir), "stages": states, "fingerprints": outputs,
             "metrics": metrics if fs.exists(metrics) else None}
 
 

@@ -138,6 +138,8 @@ def _cmd_run(args, beam_args) -> int:
 
     result = build(params_file=_params_file(args), overrides=args.overrides, first=args.first, last=args.last,
                    rebuild=args.rebuild, beam_args=beam_args)
+    for name, state in result["stages"].items():
+        print(f"memforge run: {name}: {state}")
     print(f"memforge run: done; artifacts in {result['artifacts_dir']}")
     if result["metrics"]:
         print(f"memforge run: metrics in {result['metrics']}")

@@ -1,7 +1,9 @@
 """Upstream lineage of an artifact, followed through the ``inputs`` of each manifest."""
 from __future__ import annotations
 
+from storage import fs
 from storage.artifact import read_manifest
+from storage.dvc_lock import dvc_agreement
 from storage.errors import ArtifactError
 
 
@@ -28,6 +30,7 @@ def lineage(uri: str, role: str | None = None, expected_fingerprint: str | None 
         "flow_run_id": run.get("flow_run_id"),
         "counts": manifest.get("counts", {}),
         "stats": manifest.get("stats", {}),
+        "dvc": dvc_agreement(uri) if fs.is_local(uri) else None,
     })
     if expected_fingerprint and expected_fingerprint != manifest["fingerprint"]:
         node["stale_input"] = f"built from fingerprint {expected_fingerprint[:12]}, upstream is now " \
@@ -65,6 +68,10 @@ def render(node: dict, prefix: str = "", last: bool = True, root: bool = True) -
                      + (f"  prefect flow run {node['flow_run_id']}" if node.get("flow_run_id") else ""))
         if node.get("stats"):
             lines.append(f"{child_prefix}    stats: {_scalars(node['stats'])}")
+        if node.get("dvc"):
+            dvc = node["dvc"]
+            lines.append(f"{child_prefix}    {'dvc' if dvc['agrees'] else '! dvc'}: stage {dvc['stage']} "
+                         f"({', '.join(dvc['outs'])}): {dvc['detail']}")
         if "stale_input" in node:
             lines.append(f"{child_prefix}    ! stale: {node['stale_input']}")
     for i, child in enumerate(node["inputs"]):

@@ -37,3 +37,21 @@ def build_chain(root: Path) -> dict:
         assert main([stage, *args, *beam]) == 0, stage
     assert main(["train-memory", *args]) == 0
     return {"root": root, "art": root / "art", "args": args}
+
+
+def write_project(root: Path, art: Path | str = "artifacts") -> Path:
+    """A tiny project under ``root``: the corpus and a complete params.yaml of the shipped params with
+    ``SETTINGS`` (what `memforge run`, Prefect and DVC read); returns the params file."""
+    import yaml
+
+    from storage.params import load_params
+
+    write_corpus(root / "corpus" / "train", 6, 150, seed=7)
+    write_corpus(root / "corpus" / "validation", 2, 60, seed=8)
+    settings = {"artifacts_dir": art, "corpus.train": f"[{root}/corpus/train/*.txt]",
+                "corpus.validation": f"[{root}/corpus/validation/*.txt]", "flow.retry_delay_s": 0, **SETTINGS}
+    params = load_params(Path(__file__).resolve().parent.parent / "params.yaml",
+                         [f"{key}={value}" for key, value in settings.items()])
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return path

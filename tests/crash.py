@@ -13,9 +13,9 @@ from typing import Callable
 MEMFORGE = str(Path(sys.executable).parent / "memforge")
 
 
-def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 120) -> None:
+def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 120, env: dict | None = None) -> None:
     """Run ``memforge ARGS`` and SIGKILL its process group as soon as ``ready()`` is true."""
-    process = subprocess.Popen([MEMFORGE, *args], start_new_session=True,
+    process = subprocess.Popen([MEMFORGE, *args], start_new_session=True, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not ready() and process.poll() is None:

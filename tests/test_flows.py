@@ -1,0 +1,176 @@
+"""The Prefect build flow: caching by input fingerprints, params and code; reruns downstream of a
+changed param; retries only transient errors; a SIGKILLed `memforge run` resumes; `memforge serve`."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import httpx
+from prefect.settings import get_current_settings
+from prefect.testing.utilities import prefect_test_harness
+
+import training.evaluate
+import pipelines.targets
+from chain import write_project
+from crash import MEMFORGE, kill_when
+from flows.build import STAGE_FLOWS, build
+from flows.stages import STAGE_NAMES
+from storage.errors import MemforgeError
+
+BEAM = ["--direct_running_mode=in_memory"]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _latest_artifact(key: str) -> str:
+    """The newest Prefect artifact's data under ``key``, read over the REST API (the pinned client's
+    ``read_artifacts`` sends null filters that this server version rejects with 422)."""
+    body = {"artifacts": {"key": {"any_": [key]}}, "sort": "UPDATED_DESC", "limit": 1, "offset": 0}
+    response = httpx.post(f"{get_current_settings().api.url}/artifacts/filter", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()[0]["data"]
+
+
+def test_build_flow_caches_finished_stages_and_reruns_what_a_param_change_reaches(harness, tmp_path, monkeypatch):
+    params = str(write_project(tmp_path, tmp_path / "art"))
+
+    first = build(params_file=params, beam_args=BEAM)
+    assert first["stages"] == dict.fromkeys(STAGE_NAMES, "Completed")
+    assert json.loads(Path(first["metrics"]).read_text())["perplexity"]["knnlm"] > 0
+
+    # Unchanged inputs: no stage runs again.
+    assert build(params_file=params, beam_args=BEAM)["stages"] == dict.fromkeys(STAGE_NAMES, "Cached")
+    assert STAGE_FLOWS["index"](params_file=params, beam_args=BEAM)["stages"] == {"index": "Cached"}
+
+    # One param changed: that stage and what reads its output rerun, nothing upstream.
+    third = build(params_file=params, overrides=["targets.temperature=2.0"], beam_args=BEAM)
+    upstream = ("prepare", "train-decoder", "encode", "index")
+    assert third["stages"] == {name: "Cached" if name in upstream else "Completed" for name in STAGE_NAMES}
+    assert third["fingerprints"]["tokens"] == first["fingerprints"]["tokens"]
+    assert third["fingerprints"]["targets/train"] != first["fingerprints"]["targets/train"]
+
+    # Each stage published a Prefect artifact naming its artifact path and fingerprint.
+    markdown = _latest_artifact("memforge-targets")
+    assert f"`{third['fingerprints']['targets/train'][:16]}`" in markdown
+    assert str(tmp_path / "art" / "targets" / "train") in markdown
+
+    # A transient error is retried (and the retry succeeds); bad input is not retried.
+    calls = {"evaluate": 0, "targets": 0}
+    real_evaluate, real_targets = training.evaluate.evaluate, pipelines.targets.targets
+
+    def flaky_evaluate(*args, **kwargs):
+        calls["evaluate"] += 1
+        if calls["evaluate"] == 1:
+            raise OSError("object store timed out")
+        return real_evaluate(*args, **kwargs)
+
+    def counted_targets(*args, **kwargs):
+        calls["targets"] += 1
+        return real_targets(*args, **kwargs)
+
+    monkeypatch.setattr(training.evaluate, "evaluate", flaky_evaluate)
+    monkeypatch.setattr(pipelines.targets, "targets", counted_targets)
+    retried = build(params_file=params, overrides=["targets.temperature=2.0", "evaluate.knn_lambda=0.3"],
+                    beam_args=BEAM)
+    assert retried["stages"]["evaluate"] == "Completed" and calls["evaluate"] == 2
+    with pytest.raises(MemforgeError, match="targets.k: 5000 must be smaller"):
+        build(params_file=params, overrides=["targets.k=5000", "targets.width=8"], beam_args=BEAM)
+    assert calls["targets"] == 1  # flow.retries is 2, but bad input fails the same way every time
+
+
+def test_sigkilled_run_resumes_from_cached_stages_and_finished_shards(tmp_path):
+    params = str(write_project(tmp_path, tmp_path / "art"))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    markers = tmp_path / "art" / "keys" / "train" / "_shards"
+    args = ["run", "--params", params, "--", *BEAM]
+    kill_when(args, lambda: markers.exists() and any(markers.glob("*.json")), timeout=240, env=env)
+    done = len(list(markers.glob("*.json")))
+    assert not (tmp_path / "art" / "keys" / "train" / "_manifest.json").exists(), "killed after encode finished"
+
+    rerun = subprocess.run([MEMFORGE, *args], capture_output=True, text=True, timeout=400, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "memforge run: prepare: Cached" in rerun.stdout
+    assert "memforge run: train-decoder: Cached" in rerun.stdout
+    assert "memforge run: encode: Completed" in rerun.stdout
+    skipped = int(re.search(r"encode: train: \d+ rows in \d+ shards; (\d+) shards already done", rerun.stderr)[1])
+    assert skipped >= done > 0
+    assert f"metrics in {tmp_path / 'art' / 'eval' / 'metrics.json'}" in rerun.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "prefect server exited"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"prefect server at {url} not healthy after {timeout} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_served_deployment_runs_when_triggered(tmp_path):
+    """`memforge serve` against a real `prefect server start`; a triggered run reaches Completed."""
+    params = str(write_project(tmp_path, tmp_path / "art"))
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              start_new_session=True, stdout=(logs / "server.out").open("w"), stderr=subprocess.STDOUT)
+    served = None
+    try:
+        _wait_healthy(api, server)
+        served = subprocess.Popen([MEMFORGE, "serve", "--params", params, "--until", "prepare", "--cron", "0 0 1 1 *",
+                                   "--", *BEAM], env=env, start_new_session=True,
+                                  stdout=(logs / "serve.out").open("w"), stderr=subprocess.STDOUT)
+        deadline, triggered = time.monotonic() + 120, None
+        while time.monotonic() < deadline:  # the deployment exists once serve has registered it
+            assert served.poll() is None, (logs / "serve.out").read_text()[-3000:]
+            triggered = subprocess.run([PREFECT, "deployment", "run", "memforge-build/memforge", "--watch",
+                                        "--watch-timeout", "240"], env=env, capture_output=True, text=True,
+                                       timeout=300)
+            if "not found" not in triggered.stdout + triggered.stderr:
+                break
+            time.sleep(1)
+        assert triggered is not None and triggered.returncode == 0, (
+            triggered.stdout[-2000:], (logs / "serve.out").read_text()[-3000:])
+        assert "Completed" in triggered.stdout
+        assert (tmp_path / "art" / "tokens" / "_manifest.json").exists()
+    finally:
+        if served is not None:
+            _stop(served)
+        _stop(server)
+    assert server.poll() is not None
