@@ -147,7 +147,7 @@ class EvaluateParams(Section):
 
     knn_lambda: float = Field(default=0.25, ge=0.0, le=1.0)
     memory_lambda: float = Field(default=0.25, ge=0.0, le=1.0)
-    k: int = Field(default=64, gt=0)
+    k: int = Field(default=1024, gt=0)
     temperature: float = Field(default=1.0, gt=0)
     nprobe: int = Field(default=32, gt=0)
     lambda_grid: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.25, 0.4, 0.6, 0.8])
