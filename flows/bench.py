@@ -9,6 +9,7 @@ Parts: ``encode`` (encode_vs_bare for a tiny and a small GPT-2), ``encode_rss`` 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,8 @@ import psutil
 
 from storage import fs
 from storage.artifact import open_artifact
-from storage.params import Params, parse_params
+from storage.errors import MemforgeError
+from storage.params import Params, load_params, parse_params
 
 MODELS = {"tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2}, "small": {"n_layer": 4, "n_embd": 128, "n_head": 4}}
 CORPUS_BYTES = 1_000_000  # 1x; the 4x run reads four times as much of the standard library
@@ -313,7 +315,45 @@ def bench_faiss(ws: Workspace) -> dict:
     }
 
 
-PARTS = {"encode": bench_encode, "encode_rss": bench_encode_rss, "storage": bench_storage, "faiss": bench_faiss}
+# The artifacts evaluate reads: the demo's, linked into the bench workspace so its eval is the bench's own.
+EVALUATE_INPUTS = ("tokens", "decoder", "keys", "index", "memory")
+MEMORY_RUNS = 5  # tokens/s per model: the median over this many evaluate runs
+
+
+def bench_memory(ws: Workspace) -> dict:
+    """memory_vs_decoder, memory_vs_knnlm: tokens/s of decoder + memory ÷ decoder alone and ÷ kNN-LM over
+    the same validation tokens in one process, each the median of ``MEMORY_RUNS`` ``evaluate`` runs over
+    the demo's artifacts (``artifacts_dir`` of ./params.yaml, built by ``memforge run``)."""
+    from training.evaluate import evaluate
+
+    params = load_params()
+    demo = fs.normalize(params.artifacts_dir)
+    missing = [name for name in ("tokens", "decoder", "keys/validation", "index", "memory")
+               if not fs.exists(fs.join(demo, name, "_manifest.json"))]
+    if missing:
+        raise MemforgeError(f"bench memory: {demo} lacks the demo's {', '.join(missing)}: run `memforge run` first")
+    linked = ws.root / "demo-artifacts"
+    linked.mkdir()
+    for name in EVALUATE_INPUTS:
+        (linked / name).symlink_to(fs.join(demo, name), target_is_directory=True)
+    runs = []
+    for _ in range(MEMORY_RUNS):  # one evaluate pass over the demo's validation split is only ~0.5-4 s
+        runs.append(fs.read_json(evaluate(params.model_copy(update={"artifacts_dir": str(linked)}), rebuild=True)))
+    metrics = runs[0]
+    speed = {name: statistics.median(run["tokens_per_second"][name] for run in runs)
+             for name in ("decoder", "knnlm", "memory")}
+    perplexity = metrics["perplexity"]
+    return {
+        "memory_bench_tokens": metrics["rows"], "memory_bench_knn_k": metrics["k"], "memory_bench_runs": MEMORY_RUNS,
+        **{f"{name}_tokens_per_s": speed[name] for name in ("decoder", "knnlm", "memory")},
+        **{f"{name}_perplexity": perplexity[name] for name in ("decoder", "knnlm", "memory")},
+        "memory_vs_decoder": round(speed["memory"] / speed["decoder"], 3),
+        "memory_vs_knnlm": round(speed["memory"] / speed["knnlm"], 3),
+    }
+
+
+PARTS = {"encode": bench_encode, "encode_rss": bench_encode_rss, "storage": bench_storage, "faiss": bench_faiss,
+         "memory": bench_memory}
 
 
 def run(only: list[str] | None = None, workdir: str | None = None) -> dict:

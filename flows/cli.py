@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure stage speed and memory against bare library loops",
                                 description="Run benchmark parts and print a table of figures (ratios are "
                                             "stage / bare library, measured in one run on this machine).")
-    bench.add_argument("--only", action="append", choices=["encode", "encode_rss", "storage", "faiss"],
+    bench.add_argument("--only", action="append", choices=["encode", "encode_rss", "storage", "faiss", "memory"],
                        help="run only this part (repeatable)")
     bench.add_argument("--json", action="store_true", help="print one JSON object of all figures")
     bench.add_argument("--workdir", help="directory for the temporary workspace (default: system temp)")

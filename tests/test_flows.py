@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from storage.errors import MemforgeError
 
 BEAM = ["--direct_running_mode=in_memory"]
 PREFECT = str(Path(sys.executable).parent / "prefect")
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +171,23 @@ def test_served_deployment_runs_when_triggered(tmp_path):
             triggered.stdout[-2000:], (logs / "serve.out").read_text()[-3000:])
         assert "Completed" in triggered.stdout
         assert (tmp_path / "art" / "tokens" / "_manifest.json").exists()
+
+        # prefect.yaml describes the same flow for a work pool: it deploys to this server as written.
+        project = tmp_path / "project"
+        project.mkdir()
+        for name in ("prefect.yaml", "params.yaml", "flows", "storage", "pipelines", "training"):
+            copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+            copy(REPO / name, project / name)
+
+        def prefect(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([PREFECT, *args], cwd=project, env=env, capture_output=True, text=True,
+                                  timeout=120)
+
+        assert prefect("work-pool", "create", "memforge", "--type", "process").returncode == 0
+        deployed = prefect("--no-prompt", "deploy", "--name", "memforge-nightly")
+        assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+        inspected = prefect("deployment", "inspect", "memforge-build/memforge-nightly")
+        assert inspected.returncode == 0 and "0 3 * * *" in inspected.stdout, inspected.stdout[-2000:]
     finally:
         if served is not None:
             _stop(served)
