@@ -101,7 +101,10 @@ def stage_task(stage: str, params: dict, upstream: dict[str, str | None], rebuil
     if rebuild is True and runtime.task_run.run_count > 1:
         rebuild = REBUILD_OUTDATED  # a retry resumes what the first attempt rebuilt
     logger.info("%s: inputs %s", stage, {k: (v or "-")[:12] for k, v in upstream.items()} or "-")
-    stages.run_stage(stage, resolved, rebuild=rebuild, beam_args=tuple(beam_args))
+    try:
+        stages.run_stage(stage, resolved, rebuild=rebuild, beam_args=tuple(beam_args))
+    except MemforgeError as exc:
+        raise MemforgeError(f"stage {stage}: {exc}") from exc
     outputs = published(resolved, item.outputs)
     create_markdown_artifact(markdown=_markdown(item, resolved), key=f"memforge-{stage}",
                              description=f"memforge {stage}: what it published")

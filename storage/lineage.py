@@ -49,13 +49,21 @@ def _scalars(mapping: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in mapping.items() if not isinstance(v, (dict, list)))
 
 
-def render(node: dict, prefix: str = "", last: bool = True, root: bool = True) -> list[str]:
-    """Text tree of a lineage node, one block of lines per artifact."""
+def render(node: dict, prefix: str = "", last: bool = True, root: bool = True,
+           shown: set[tuple[str, str]] | None = None) -> list[str]:
+    """Text tree of a lineage node, one block of lines per artifact; an artifact reached again by
+    another path is one line pointing up."""
+    shown = set() if shown is None else shown
     branch = "" if root else ("└── " if last else "├── ")
     child_prefix = prefix + ("" if root else ("    " if last else "│   "))
     role = f"[{node['role']}] " if node.get("role") else ""
     fingerprint = (node.get("fingerprint") or "?")[:16]
     lines = [f"{prefix}{branch}{role}{node.get('kind', '?')}  {node['uri']}  fingerprint {fingerprint}"]
+    identity = (node["uri"], node.get("fingerprint") or "?")
+    if identity in shown and "error" not in node:
+        lines[0] += "  (shown above)"
+        return lines
+    shown.add(identity)
     if "error" in node:
         lines.append(f"{child_prefix}    ! {node['error']}")
     else:
@@ -75,5 +83,5 @@ def render(node: dict, prefix: str = "", last: bool = True, root: bool = True) -
         if "stale_input" in node:
             lines.append(f"{child_prefix}    ! stale: {node['stale_input']}")
     for i, child in enumerate(node["inputs"]):
-        lines += render(child, child_prefix, i == len(node["inputs"]) - 1, root=False)
+        lines += render(child, child_prefix, i == len(node["inputs"]) - 1, root=False, shown=shown)
     return lines

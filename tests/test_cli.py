@@ -33,8 +33,9 @@ def test_console_script_is_installed():
 def test_run_stops_at_the_first_failing_stage(tmp_path, capsys):
     code = main(["run", "--set", f"artifacts_dir={tmp_path}", "--from", "train-memory", "--until", "evaluate"])
     captured = capsys.readouterr()
-    assert code == 1 and "memforge run: train-memory" in captured.out and "evaluate" not in captured.out
+    assert code == 1 and "memforge run: error: stage train-memory: " in captured.err
     assert "no trained decoder and encode.model is null" in captured.err or "no artifact here" in captured.err
+    assert not (tmp_path / "eval").exists() and "evaluate" not in captured.out
 
 
 def test_run_rejects_reversed_range(capsys):

@@ -15,8 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import httpx
-from prefect.settings import get_current_settings
+from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
 import training.evaluate
@@ -38,15 +37,6 @@ def harness():
         yield
 
 
-def _latest_artifact(key: str) -> str:
-    """The newest Prefect artifact's data under ``key``, read over the REST API (the pinned client's
-    ``read_artifacts`` sends null filters that this server version rejects with 422)."""
-    body = {"artifacts": {"key": {"any_": [key]}}, "sort": "UPDATED_DESC", "limit": 1, "offset": 0}
-    response = httpx.post(f"{get_current_settings().api.url}/artifacts/filter", json=body, timeout=30)
-    response.raise_for_status()
-    return response.json()[0]["data"]
-
-
 def test_build_flow_caches_finished_stages_and_reruns_what_a_param_change_reaches(harness, tmp_path, monkeypatch):
     params = str(write_project(tmp_path, tmp_path / "art"))
 
@@ -66,7 +56,7 @@ def test_build_flow_caches_finished_stages_and_reruns_what_a_param_change_reache
     assert third["fingerprints"]["targets/train"] != first["fingerprints"]["targets/train"]
 
     # Each stage published a Prefect artifact naming its artifact path and fingerprint.
-    markdown = _latest_artifact("memforge-targets")
+    markdown = Artifact.get("memforge-targets").data
     assert f"`{third['fingerprints']['targets/train'][:16]}`" in markdown
     assert str(tmp_path / "art" / "targets" / "train") in markdown
 

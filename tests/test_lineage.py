@@ -8,6 +8,7 @@ import pytest
 
 from flows.cli import main
 from storage.artifact import ArtifactBuild, open_artifact
+from storage.lineage import render
 from storage.shards import ShardPlan
 from storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
 from storage.verify import verify
@@ -196,3 +197,16 @@ def test_lineage_of_missing_or_unpublished_path_fails(tmp_path, capsys):
     ArtifactBuild.begin(str(unpublished), "keys", {"seed": 0})
     assert main(["lineage", str(unpublished)]) != 0
     assert "not published" in capsys.readouterr().out
+
+
+def test_lineage_text_shows_a_shared_ancestor_once():
+    """A diamond (targets <- keys, targets <- index <- keys): the second path to keys is one line."""
+    def node(kind, uri, inputs=()):
+        return {"role": kind, "uri": uri, "kind": kind, "fingerprint": uri * 4, "params": {}, "code": {},
+                "created": "2026-01-01", "run_id": "r", "stats": {}, "inputs": list(inputs)}
+
+    keys = node("keys", "/a/keys", [node("tokens", "/a/tokens")])
+    lines = render(node("targets", "/a/targets", [keys, node("index", "/a/index", [keys])]))
+    assert sum("/a/tokens" in line for line in lines) == 1
+    repeated = [line for line in lines if "/a/keys" in line]
+    assert len(repeated) == 2 and repeated[1].endswith("(shown above)") and "(shown above)" not in repeated[0]
