@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 
 import apache_beam as beam
+from apache_beam.utils import shared
 import faiss
 import numpy as np
 
@@ -40,20 +41,31 @@ def targets_uri(params: Params, split: str) -> str:
     return fs.join(params.artifacts_dir, "targets", split)
 
 
-class SearchShard(beam.DoFn):
-    """Neighbours and distributions of one query shard of either split; both stores' files under one marker.
+class _SearchResources:
+    """What every search worker of a process reads: the index and the datastore rows (weak-referenceable
+    for Beam's ``Shared``)."""
 
-    ``setup`` opens the index (merged or shards, memory-mapped) and the datastore rows once per worker.
-    """
-
-    def __init__(self, common: dict, splits: dict[str, dict]):
-        self.common, self.splits = common, splits
-
-    def setup(self) -> None:
-        common = self.common
+    def __init__(self, common: dict):
         self.index = faiss_index.ShardedIndex(common["index_uri"], common["index_shards"], common["nprobe"],
                                               common["merged"])
         self.rows = datastore_rows.DatastoreRows(common["index_uri"])
+
+
+class SearchShard(beam.DoFn):
+    """Neighbours and distributions of one query shard of either split; both stores' files under one marker.
+
+    ``setup`` opens the index (merged or shards, memory-mapped) and the datastore rows once per worker
+    process: worker threads share them through Beam's ``Shared`` handle, so an IVF-PQ index's
+    precomputed distance tables sit in the CPU caches once, not once per thread.
+    """
+
+    def __init__(self, common: dict, splits: dict[str, dict], search_resources: shared.Shared):
+        self.common, self.splits, self.search_resources = common, splits, search_resources
+
+    def setup(self) -> None:
+        common = self.common
+        resources = self.search_resources.acquire(lambda: _SearchResources(common))
+        self.index, self.rows = resources.index, resources.rows
         self.outputs = {}
         for split, spec in self.splits.items():
             self.outputs[split] = (KeyStore.open(spec["queries_uri"]),
@@ -162,7 +174,7 @@ def targets(params: Params, *, rebuild: bool = False, beam_args: list[str] = ())
                 progress.enter_context(ShardProgress(f"targets {split}", spec["out_uri"], pending, unit="queries"))
             with beam_pipeline as p:
                 (p | "shards" >> beam.Create(elements) | beam.Reshuffle()
-                   | "search" >> beam.ParDo(SearchShard(common, splits)))
+                   | "search" >> beam.ParDo(SearchShard(common, splits, shared.Shared())))
     for split, build in builds.items():
         _publish_split(build, params, index, datastore, queries_by_split[split], splits[split], nprobe, runner)
     return fs.join(params.artifacts_dir, "targets")
