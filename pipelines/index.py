@@ -157,13 +157,14 @@ def index(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -
     plan_uri = fs.join(root, "_plan.json")
     training_uri = fs.join(root, "_training.json")
     plan_of_keys = load_plan(keys_artifact.uri)
+    if not fs.exists(plan_uri):  # the plan is written only after training finished
+        fs.write_json_atomic(training_uri, _train(params, keys, empty, factory, n_rows))
+    training = fs.read_json(training_uri)
     with concurrent.futures.ThreadPoolExecutor(1) as background:
-        # The datastore in row order (mostly I/O) is written while the index trains and adds.
+        # The datastore in row order is written while Beam starts and adds the shards; not during
+        # training, whose OpenMP threads hold every core and stall when one of them is preempted.
         rows_written = background.submit(datastore_rows.write, KeyStore.open(keys_artifact.uri), plan_of_keys,
                                          root, params.index.exact_keys)
-        if not fs.exists(plan_uri):  # the plan is written only after training finished
-            fs.write_json_atomic(training_uri, _train(params, keys, empty, factory, n_rows))
-        training = fs.read_json(training_uri)
         plan = build.plan(plan_of_keys)
         pending = build.pending(plan)
         log.info("index: %s, %d key shards; %d already done (skipped), %d to add",
