@@ -5,6 +5,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from storage import provenance
 from storage.errors import MemforgeError
 from storage.params import Params
 
@@ -40,8 +41,8 @@ def _load(entry: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), attribute)
 
 
-_PIPELINES = ("pipelines", "storage")
-_TRAINING = ("training", "pipelines", "storage")
+# Code packages per stage: the same ones that determine its artifacts' fingerprints.
+_PIPELINES, _TRAINING = provenance.PIPELINE_PACKAGES, provenance.CONTENT_PACKAGES
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "read and tokenize the corpus into the token store (Beam)", ("tokens",),
           "pipelines.prepare:prepare", (),
