@@ -31,6 +31,7 @@ from flows import stages  # noqa: E402
 from storage import fs, provenance  # noqa: E402
 from storage.artifact import REBUILD_OUTDATED, read_manifest  # noqa: E402
 from storage.errors import ArtifactError, MemforgeError  # noqa: E402
+from storage.lineage import scalar_pairs  # noqa: E402
 from storage.params import Params, load_params  # noqa: E402
 
 BUILD_FLOW = "memforge-build"
@@ -75,19 +76,15 @@ def _markdown(item: stages.Stage, params: Params) -> str:
              "| artifact | fingerprint | counts | figures |", "|---|---|---|---|"]
     for path in item.outputs:
         manifest = read_manifest(fs.join(params.artifacts_dir, path))
-        figures = {k: v for k, v in manifest.get("stats", {}).items() if isinstance(v, (int, float, str))}
         lines.append(f"| `{fs.join(params.artifacts_dir, path)}` | `{manifest['fingerprint'][:16]}` | "
-                     f"{_pairs(manifest.get('counts', {}))} | {_pairs(figures)} |")
+                     f"{scalar_pairs(manifest.get('counts', {})) or '-'} | "
+                     f"{scalar_pairs(manifest.get('stats', {})) or '-'} |")
     scalars = {}
     for key in item.params:
         value = params.value(key)
         scalars.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    lines += ["", "params: " + _pairs({k: v for k, v in scalars.items() if not isinstance(v, (dict, list))})]
+    lines += ["", "params: " + (scalar_pairs(scalars) or "-")]
     return "\n".join(lines)
-
-
-def _pairs(mapping: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in mapping.items() if not isinstance(v, (dict, list))) or "-"
 
 
 @task(cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json",

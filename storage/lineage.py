@@ -45,7 +45,8 @@ def lineage(uri: str, role: str | None = None, expected_fingerprint: str | None 
     return node
 
 
-def _scalars(mapping: dict) -> str:
+def scalar_pairs(mapping: dict) -> str:
+    """``key=value`` for the scalar entries of ``mapping`` (nested sections left out), space-separated."""
     return " ".join(f"{k}={v}" for k, v in mapping.items() if not isinstance(v, (dict, list)))
 
 
@@ -69,13 +70,13 @@ def render(node: dict, prefix: str = "", last: bool = True, root: bool = True,
     else:
         code = node["code"]
         sha = (code.get("git_sha") or "no-git")[:12] + ("+dirty" if code.get("git_dirty") else "")
-        lines.append(f"{child_prefix}    params: {_scalars(node['params']) or '-'}")
+        lines.append(f"{child_prefix}    params: {scalar_pairs(node['params']) or '-'}")
         lines.append(f"{child_prefix}    code: memforge {code.get('package_version')} {sha} "
                      f"src {code.get('source_digest', '?')[:12]}")
         lines.append(f"{child_prefix}    built: {node['created']}  run {node['run_id']}"
                      + (f"  prefect flow run {node['flow_run_id']}" if node.get("flow_run_id") else ""))
         if node.get("stats"):
-            lines.append(f"{child_prefix}    stats: {_scalars(node['stats'])}")
+            lines.append(f"{child_prefix}    stats: {scalar_pairs(node['stats'])}")
         if node.get("dvc"):
             dvc = node["dvc"]
             lines.append(f"{child_prefix}    {'dvc' if dvc['agrees'] else '! dvc'}: stage {dvc['stage']} "
