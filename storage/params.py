@@ -151,7 +151,7 @@ class EvaluateParams(Section):
     temperature: float = Field(default=1.0, gt=0)
     nprobe: int = Field(default=32, gt=0)
     lambda_grid: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.25, 0.4, 0.6, 0.8])
-    batch_size: int = Field(default=8, gt=0)
+    batch_size: int = Field(default=4, gt=0)
 
 
 class FlowParams(Section):

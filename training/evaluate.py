@@ -12,6 +12,7 @@ p = λ·p_mem + (1−λ)·p_dec. Output ``<artifacts_dir>/eval``: ``metrics.json
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import tempfile
 import time
@@ -53,6 +54,9 @@ class Scorer:
         self.decoder, self.n_rows, self.batch_size = decoder, n_rows, batch_size
         self.windows = windows_for_rows(0, n_rows, stream.n_tokens, block_size, stride)
         self.tokens = stream.slice(0, stream.n_tokens)
+        # HF causal LMs that take ``logits_to_keep`` apply the LM head to the scored positions only
+        # (a window scores its last ``stride`` tokens: half the head's work and memory traffic)
+        self.trims_logits = "logits_to_keep" in inspect.signature(decoder.forward).parameters
 
     @torch.inference_mode()
     def run(self, captures: list[RepresentationCapture], on_batch) -> np.ndarray:
@@ -61,8 +65,6 @@ class Scorer:
         out = np.empty(self.n_rows, np.float64)
         for batch in window_batches(self.windows, self.batch_size):
             ids = torch.from_numpy(np.stack([self.tokens[w.begin:w.end] for w in batch]))
-            logits = self.decoder(input_ids=ids, use_cache=False).logits.float()
-            log_p = torch.log_softmax(logits, -1)
             rows, positions, members = [], [], []
             for b, w in enumerate(batch):
                 span = np.arange(w.first - 1, w.stop - 1)  # datastore rows == positions of the context
@@ -70,11 +72,20 @@ class Scorer:
                 positions.append(span - w.begin)
                 members.append(np.full(len(span), b))
             rows, positions, members = (np.concatenate(a) for a in (rows, positions, members))
+            keep = {"logits_to_keep": ids.shape[1] - int(positions.min())} if self.trims_logits else {}
+            logits = self.decoder(input_ids=ids, use_cache=False, **keep).logits
             targets = torch.from_numpy(self.tokens[rows + 1])
-            logp_dec = log_p[members, positions].gather(1, targets[:, None])[:, 0].double().numpy()
+            scored = logits[members, positions - (ids.shape[1] - logits.shape[1])]
+            logp_dec = target_log_probs(scored, targets).numpy()
             captured = [c.value[members, positions].float() for c in captures]
             out[rows] = on_batch(rows, targets.numpy(), logp_dec, captured) if on_batch else logp_dec
         return out
+
+
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per row (float64), without materialising the normalised rows."""
+    logits = logits.float()
+    return (logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)).double()
 
 
 def _mix(logp_dec: np.ndarray, p_other: np.ndarray, lam: float) -> np.ndarray:
@@ -122,8 +133,7 @@ def evaluate(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()
         return _mix(logp_dec, p_knn[rows], config.knn_lambda)
 
     def memory_probs(rows, targets, logp_dec, captured):
-        logp = torch.log_softmax(memory(captured[0]).float(), -1).gather(1, torch.from_numpy(targets)[:, None])
-        p_mem[rows] = np.exp(logp[:, 0].double().numpy())
+        p_mem[rows] = np.exp(target_log_probs(memory(captured[0]), torch.from_numpy(targets)).numpy())
         return _mix(logp_dec, p_mem[rows], config.memory_lambda)
 
     n_rows = scorer.n_rows
