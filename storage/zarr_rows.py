@@ -66,6 +66,7 @@ class ZarrRows:
         self.sub = sub.strip("/")
         self.uri = fs.join(self.root, self.sub)
         self.group = group
+        self._arrays: dict[str, zarr.Array] = {}  # opened once: each open reads the array's zarr.json
 
     @classmethod
     def create(cls, root: str, specs: list[ArraySpec], n_rows: int, chunk_rows: int, shard_chunks: int,
@@ -115,10 +116,12 @@ class ZarrRows:
 
     def array(self, name: str) -> zarr.Array:
         """Array ``name``; it writes shards even when they hold only the fill value (a file per shard)."""
-        try:
-            return self.group[name].with_config(_WRITE_CONFIG)
-        except KeyError:
-            raise ArtifactError(f"{self.uri}: array {name!r} missing") from None
+        if name not in self._arrays:
+            try:
+                self._arrays[name] = self.group[name].with_config(_WRITE_CONFIG)
+            except KeyError:
+                raise ArtifactError(f"{self.uri}: array {name!r} missing") from None
+        return self._arrays[name]
 
     @property
     def n_rows(self) -> int:
