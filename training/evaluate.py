@@ -36,7 +36,7 @@ from storage.params import Params
 from storage.shards import load_plan
 from training.memory import decoder_source, memory_uri
 from training.mlp_memory import MLPMemory
-from training.lm_eval import perplexity
+from training.lm_eval import log_probs_at, perplexity
 from training.token_stream import TokenStream
 
 log = logging.getLogger("memforge")
@@ -76,16 +76,10 @@ class Scorer:
             logits = self.decoder(input_ids=ids, use_cache=False, **keep).logits
             targets = torch.from_numpy(self.tokens[rows + 1])
             scored = logits[members, positions - (ids.shape[1] - logits.shape[1])]
-            logp_dec = target_log_probs(scored, targets).numpy()
+            logp_dec = log_probs_at(scored, targets).numpy()
             captured = [c.value[members, positions].float() for c in captures]
             out[rows] = on_batch(rows, targets.numpy(), logp_dec, captured) if on_batch else logp_dec
         return out
-
-
-def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per row (float64), without materialising the normalised rows."""
-    logits = logits.float()
-    return (logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)).double()
 
 
 def _mix(logp_dec: np.ndarray, p_other: np.ndarray, lam: float) -> np.ndarray:
@@ -133,7 +127,7 @@ def evaluate(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()
         return _mix(logp_dec, p_knn[rows], config.knn_lambda)
 
     def memory_probs(rows, targets, logp_dec, captured):
-        p_mem[rows] = np.exp(target_log_probs(memory(captured[0]), torch.from_numpy(targets)).numpy())
+        p_mem[rows] = np.exp(log_probs_at(memory(captured[0]), torch.from_numpy(targets)).numpy())
         return _mix(logp_dec, p_mem[rows], config.memory_lambda)
 
     n_rows = scorer.n_rows

@@ -17,9 +17,15 @@ def target_log_probs(model: torch.nn.Module, stream: TokenStream, block_size: in
     out = []
     for _, block in stream.blocks(block_size + 1):
         ids = torch.from_numpy(block)[None]
-        logits = model(ids[:, :-1]).logits.float()
-        out.append(torch.log_softmax(logits, -1)[0].gather(-1, ids[0, 1:, None])[:, 0].numpy())
-    return np.concatenate(out).astype(np.float64)
+        out.append(log_probs_at(model(ids[:, :-1]).logits[0], ids[0, 1:]).numpy())
+    return np.concatenate(out)
+
+
+def log_probs_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] of each row of ``logits`` [rows, vocab] (float64): the target's
+    logit minus the row's logsumexp, without materialising the normalised rows."""
+    logits = logits.float()
+    return (logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)).double()
 
 
 def perplexity(log_probs: np.ndarray) -> float:
