@@ -73,9 +73,9 @@ class Workspace:
                        "num_workers": 2, "threads_per_worker": 1},
         })
         if scale not in self._prepared:
-            from pipelines.prepare import prepare
+            from flows.stages import run_stage
 
-            prepare(params)
+            run_stage("prepare", params)
             self._prepared[scale] = params
         encode = {**params.section("encode"), "model": str(self.model(model))}
         return params.model_copy(update={"encode": params.encode.model_copy(update=encode)})
@@ -90,12 +90,12 @@ def _bare_encode_rows_per_second(params: Params, hooked: bool = False) -> tuple[
     import numpy as np
     import torch
 
-    from pipelines.encode import windows_for_rows
     from pipelines.encoder import RepresentationCapture, load_encoder
-    from pipelines.prepare import SPLITS, tokens_uri
+    from pipelines.windows import windows_for_rows
+    from storage.paths import SPLITS, artifact_uri
     from storage.stores import PartOffsets, TokenStore
 
-    tokens = open_artifact(tokens_uri(params), "tokens")
+    tokens = open_artifact(artifact_uri(params.artifacts_dir, "tokens"), "tokens")
     model = load_encoder(params.encode.model)
     torch.set_num_threads(params.encode.num_workers * params.encode.threads_per_worker)
     batches, rows = [], 0
@@ -124,13 +124,13 @@ def _bare_encode_rows_per_second(params: Params, hooked: bool = False) -> tuple[
 def bench_encode(ws: Workspace) -> dict:
     """encode_vs_bare: stage rows/s (wall time of the whole stage) / bare forward-loop rows/s;
     encode_vs_bare_hooked: the same against a bare loop that also stops at the captured layer."""
-    from pipelines.encode import encode
+    from flows.stages import run_stage
 
     figures = {}
     for name in MODELS:
         params = ws.params(RATIO_SCALES[name], name)
         started = time.perf_counter()
-        encode(params, rebuild=True)
+        run_stage("encode", params, rebuild=True)
         seconds = time.perf_counter() - started
         rows = sum(open_artifact(fs.join(params.artifacts_dir, "keys", s)).manifest["counts"]["rows"]
                    for s in ("train", "validation"))
@@ -199,9 +199,9 @@ def bench_storage(ws: Workspace) -> dict:
     n_tokens = tokens.manifest["counts"]["train_tokens"] + tokens.manifest["counts"]["validation_tokens"]
     keys = fs.join(params.artifacts_dir, "keys", "train")
     if not fs.exists(fs.join(keys, "_manifest.json")):
-        from pipelines.encode import encode
+        from flows.stages import run_stage
 
-        encode(params)
+        run_stage("encode", params)
     manifest = open_artifact(keys).manifest
     rows, dim = manifest["counts"]["rows"], manifest["stats"]["hidden_size"]
     return {
@@ -224,11 +224,11 @@ TARGET_SHARD_CHUNKS = 1
 
 def _faiss_params(ws: Workspace) -> Params:
     """The 1x tiny-model datastore (encoded once) with the bench's index and target configuration."""
-    from pipelines.encode import encode
+    from flows.stages import run_stage
 
     params = ws.params(1, "tiny")
     if not fs.exists(fs.join(params.artifacts_dir, "keys", "train", "_manifest.json")):
-        encode(params)
+        run_stage("encode", params)
     return params.model_copy(update={
         "index": params.index.model_copy(update=FAISS_PARAMS),
         "targets": params.targets.model_copy(update={"shard_chunks": TARGET_SHARD_CHUNKS}),
@@ -263,7 +263,7 @@ def _targets_vs_bare(params: Params, bare_index, nprobe: int) -> tuple[float, fl
     import numpy as np
 
     from pipelines import faiss_index
-    from pipelines.targets import targets
+    from flows.stages import run_stage
     from storage.stores import KeyStore
 
     params = params.model_copy(update={"targets": params.targets.model_copy(update={"nprobe": nprobe})})
@@ -283,7 +283,7 @@ def _targets_vs_bare(params: Params, bare_index, nprobe: int) -> tuple[float, fl
     # by several per cent over a minute, and one bare run beside one stage run carries all of that drift.
     before = bare_seconds()
     started = time.perf_counter()
-    targets(params, rebuild=True)
+    run_stage("targets", params, rebuild=True)
     stage_seconds = time.perf_counter() - started
     bare = rows / ((before + bare_seconds()) / 2)
     stage = rows / stage_seconds
@@ -294,12 +294,12 @@ def bench_faiss(ws: Workspace) -> dict:
     """index_vs_bare: bare train+add time / index stage time; targets_vs_bare: targets stage rows/s /
     bare index.search rows/s (same index, k and nprobe); bytes per row of the target stores."""
     from pipelines import faiss_index
-    from pipelines.index import index
+    from flows.stages import run_stage
 
     params = _faiss_params(ws)
     bare_before = _bare_index_seconds(params)  # before and after the stage, averaged (see _targets_vs_bare)
     started = time.perf_counter()
-    index(params, rebuild=True)
+    run_stage("index", params, rebuild=True)
     index_seconds = time.perf_counter() - started
     bare_after = _bare_index_seconds(params)
     bare_seconds = (bare_before + bare_after) / 2
@@ -331,7 +331,7 @@ def bench_memory(ws: Workspace) -> dict:
     """memory_vs_decoder, memory_vs_knnlm: tokens/s of decoder + memory ÷ decoder alone and ÷ kNN-LM over
     the same validation tokens in one process, each the median of ``MEMORY_RUNS`` ``evaluate`` runs over
     the demo's artifacts (``artifacts_dir`` of ./params.yaml, built by ``memforge run``)."""
-    from training.evaluate import evaluate
+    from flows.stages import run_stage
 
     params = load_params()
     demo = fs.normalize(params.artifacts_dir)
@@ -345,7 +345,8 @@ def bench_memory(ws: Workspace) -> dict:
         (linked / name).symlink_to(fs.join(demo, name), target_is_directory=True)
     runs = []
     for _ in range(MEMORY_RUNS):  # one evaluate pass over the demo's validation split is only ~0.5-4 s
-        runs.append(fs.read_json(evaluate(params.model_copy(update={"artifacts_dir": str(linked)}), rebuild=True)))
+        evaluated = run_stage("evaluate", params.model_copy(update={"artifacts_dir": str(linked)}), rebuild=True)
+        runs.append(fs.read_json(fs.join(evaluated, "metrics.json")))
     metrics = runs[0]
     speed = {name: statistics.median(run["tokens_per_second"][name] for run in runs)
              for name in ("decoder", "knnlm", "memory")}

@@ -2,9 +2,10 @@
 
 Each stage is one Prefect task that calls the same stage function as the CLI and DVC
 (``flows.stages.run_stage``) and returns the paths and fingerprints of what it published,
-never arrays. Its cache key (``stage_cache_key``) hashes what determines its output: the stage's
-params keys, the fingerprints in its input artifacts' manifests, its external inputs (prepare:
-the corpus listing) and the digest of its code packages; results persist as JSON. So a rerun
+never arrays. Its cache key (``stage_cache_key``) hashes what determines its output, as its
+declaration says: its content params (never execution or layout params: more workers or another
+runner finish as ``Cached``), the content digests of its input artifacts, its external
+inputs (prepare: the corpus listing) and the digest of its code files; results persist as JSON. So a rerun
 on unchanged inputs, scheduled or after a failure, finishes every stage as ``Cached``, a changed
 param reruns that stage and what reads its output, and a stage interrupted mid-way resumes from
 its shard markers. Transient errors are retried with exponential backoff (``flow`` params);
@@ -28,38 +29,46 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
 from flows import stages  # noqa: E402
-from storage import fs, provenance  # noqa: E402
+from pipelines.stage import Context, Stage  # noqa: E402
+from storage import fs, paths, provenance  # noqa: E402
 from storage.artifact import REBUILD_OUTDATED, read_manifest  # noqa: E402
 from storage.errors import ArtifactError, MemforgeError  # noqa: E402
 from storage.lineage import scalar_pairs  # noqa: E402
 from storage.params import Params, load_params  # noqa: E402
+from storage.params_view import ParamsView  # noqa: E402
 
 BUILD_FLOW = "memforge-build"
 
 
-def published(params: Params, paths: tuple[str, ...]) -> dict[str, str | None]:
-    """Fingerprint of each artifact path under ``artifacts_dir``; None where nothing is published."""
+def published(params: Params, roles: tuple[str, ...], field: str = "fingerprint") -> dict[str, str | None]:
+    """``field`` (fingerprint, content_digest) of the artifact of each role; None where nothing is published."""
     found: dict[str, str | None] = {}
-    for path in paths:
+    for role in roles:
         try:
-            found[path] = read_manifest(fs.join(params.artifacts_dir, path))["fingerprint"]
+            found[role] = read_manifest(paths.artifact_uri(params.artifacts_dir, role))[field]
         except ArtifactError:
-            found[path] = None
+            found[role] = None
     return found
 
 
+def _declaration_context(item: Stage, params: Params) -> Context:
+    """A context for the stage's declaration-level questions (input roles, external inputs); no input opened."""
+    return Context(item, ParamsView(params, item.declared_keys(), item.name), params.artifacts_dir, {})
+
+
 def stage_cache_key(_context, parameters: dict[str, Any]) -> str:
-    """Prefect cache key of a stage task: params keys it reads, input manifests' fingerprints,
-    external inputs, code digest and where the artifacts live (see module doc)."""
+    """Prefect cache key of a stage task: its content params, input manifests' fingerprints, external
+    inputs, code digest and where the artifacts live (see module doc)."""
     item = stages.stage(parameters["stage"])
     params = Params.model_validate(parameters["params"])
+    ctx = _declaration_context(item, params)
     payload = {
         "stage": item.name,
         "artifacts": fs.normalize(params.artifacts_dir),
-        "params": {key: params.value(key) for key in item.params},
-        "inputs": published(params, item.inputs),
-        "external": item.external_inputs(params),
-        "code": provenance.source_digest(item.code),
+        "params": {key: params.value(key) for key in item.content},
+        "inputs": published(params, item.input_roles(ctx), "content_digest"),
+        "external": item.external(ctx),
+        "code": provenance.source_digest(item.code_files()),
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"memforge-{item.name}-{digest[:40]}"
@@ -70,20 +79,18 @@ def _transient(_task, _task_run, state) -> bool:
     return not isinstance(state.data, MemforgeError)
 
 
-def _markdown(item: stages.Stage, params: Params) -> str:
+def _markdown(item: Stage, params: Params) -> str:
     """The Prefect artifact of one stage: each output's path, fingerprint, counts, figures, key params."""
     lines = [f"### memforge {item.name}", "",
              "| artifact | fingerprint | counts | figures |", "|---|---|---|---|"]
-    for path in item.outputs:
-        manifest = read_manifest(fs.join(params.artifacts_dir, path))
-        lines.append(f"| `{fs.join(params.artifacts_dir, path)}` | `{manifest['fingerprint'][:16]}` | "
+    for role in item.outputs:
+        uri = paths.artifact_uri(params.artifacts_dir, role)
+        manifest = read_manifest(uri)
+        lines.append(f"| `{uri}` | `{manifest['fingerprint'][:16]}` | "
                      f"{scalar_pairs(manifest.get('counts', {})) or '-'} | "
                      f"{scalar_pairs(manifest.get('stats', {})) or '-'} |")
-    scalars = {}
-    for key in item.params:
-        value = params.value(key)
-        scalars.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    lines += ["", "params: " + (scalar_pairs(scalars) or "-")]
+    lines += ["", "params: " + (scalar_pairs({key: params.value(key) for key in item.content}) or "-"),
+              "execution: " + (scalar_pairs({key: params.value(key) for key in item.execution}) or "-")]
     return "\n".join(lines)
 
 
@@ -109,7 +116,7 @@ def stage_task(stage: str, params: dict, upstream: dict[str, str | None], rebuil
     return {"stage": stage, "outputs": outputs}
 
 
-def run_stage_task(item: stages.Stage, params: Params, upstream: dict[str, str | None], rebuild: bool,
+def run_stage_task(item: Stage, params: Params, upstream: dict[str, str | None], rebuild: bool,
                    beam_args: list[str]) -> tuple[dict[str, str | None], str]:
     """Submit one stage task; refresh its cache when its outputs are missing or were replaced since.
     Returns its outputs' fingerprints and the task's final state name (Completed, Cached)."""
@@ -117,7 +124,8 @@ def run_stage_task(item: stages.Stage, params: Params, upstream: dict[str, str |
                "retry_delay_seconds": exponential_backoff(params.flow.retry_delay_s)}
     current = published(params, item.outputs)
     refresh = rebuild or None in current.values()
-    arguments = (item.name, params.model_dump(mode="json"), {path: upstream.get(path) for path in item.inputs},
+    arguments = (item.name, params.model_dump(mode="json"),
+                 {role: upstream.get(role) for role in item.input_roles(_declaration_context(item, params))},
                  True if rebuild else REBUILD_OUTDATED, list(beam_args))
     state = stage_task.with_options(**options, refresh_cache=refresh)(*arguments, return_state=True)
     result = state.result()
@@ -143,7 +151,7 @@ def run_chain(params_file: str | None, overrides: list[str] | None, first: str |
             continue
         found, states[item.name] = run_stage_task(item, params, outputs, rebuild, list(beam_args or []))
         outputs.update(found)
-    metrics = fs.join(params.artifacts_dir, "eval", "metrics.json")
+    metrics = fs.join(paths.artifact_uri(params.artifacts_dir, "eval"), "metrics.json")
     return {"artifacts_dir": fs.normalize(params.artifacts_dir), "stages": states, "fingerprints": outputs,
             "metrics": metrics if fs.exists(metrics) else None}
 
@@ -165,4 +173,4 @@ def _stage_flow(name: str):
     return stage_flow
 
 
-STAGE_FLOWS = {item.name: _stage_flow(item.name) for item in stages.STAGES}
+STAGE_FLOWS = {item.name: _stage_flow(item.name) for item in stages.all_stages()}

@@ -42,15 +42,15 @@ def _add_params_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     _add_params_options(parser)
-    parser.add_argument("--from", dest="first", choices=stages.STAGE_NAMES, help="first stage to run")
-    parser.add_argument("--until", dest="last", choices=stages.STAGE_NAMES, help="last stage to run")
+    parser.add_argument("--from", dest="first", choices=stages.stage_names(), help="first stage to run")
+    parser.add_argument("--until", dest="last", choices=stages.stage_names(), help="last stage to run")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memforge", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for item in stages.STAGES:
+    for item in stages.all_stages():
         sub = commands.add_parser(
             item.name, help=item.summary,
             description=f"{item.summary}.\nWrites: " + ", ".join(f"<artifacts_dir>/{o}" for o in item.outputs)
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="replace an artifact built with other params, inputs or code (what dvc repro "
                                   "runs); an interrupted build of the same ones still resumes")
     run = commands.add_parser("run", help="run the build flow (all stages in order) with Prefect",
-                              description="Run the Prefect flow memforge-build: " + " -> ".join(stages.STAGE_NAMES)
+                              description="Run the Prefect flow memforge-build: " + " -> ".join(stages.stage_names())
                               + ". Stages whose inputs, params and code are unchanged come from Prefect's cache; "
                                 "outdated artifacts are replaced; interrupted stages resume from their shards. "
                                 "Without PREFECT_API_URL Prefect starts a temporary local server.")
@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only this part (repeatable)")
     bench.add_argument("--json", action="store_true", help="print one JSON object of all figures")
     bench.add_argument("--workdir", help="directory for the temporary workspace (default: system temp)")
+    dvc = commands.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations",
+                              description="Generate dvc.yaml (one DVC stage per memforge stage: its cmd, the code "
+                                          "files and input artifacts it depends on, its content params, its "
+                                          "outputs) and write it to FILE (default ./dvc.yaml).")
+    dvc.add_argument("--output", default="dvc.yaml", metavar="FILE", help="where to write it (- for stdout)")
     ver = commands.add_parser("verify", help="re-check an artifact's checksums and invariants",
                               description="Re-check checksums, shapes, dtypes, shard markers and per-store "
                                           "invariants. Exit 0 when sound, 1 listing each problem.")
@@ -208,6 +213,18 @@ def _cmd_verify(args, _beam_args) -> int:
     return 0
 
 
+def _cmd_dvc_yaml(args, _beam_args) -> int:
+    from flows.dvc_yaml import render
+
+    text = render(stages.all_stages())
+    if args.output == "-":
+        print(text, end="")
+    else:
+        with open(args.output, "w") as handle:
+            handle.write(text)
+    return 0
+
+
 def _cmd_bench(args, _beam_args) -> int:
     from flows import bench
 
@@ -231,7 +248,7 @@ def _cmd_explain(args, _beam_args) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "ls": _cmd_ls, "lineage": _cmd_lineage, "verify": _cmd_verify,
-             "retemper": _cmd_retemper, "explain": _cmd_explain, "bench": _cmd_bench}
+             "retemper": _cmd_retemper, "explain": _cmd_explain, "bench": _cmd_bench, "dvc-yaml": _cmd_dvc_yaml}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,95 +1,73 @@
-"""The stage registry: the one list of stages that the CLI, DVC and Prefect all call."""
+"""The stage registry, derived from the stage declarations: the CLI subcommands, the Prefect tasks and
+their cache keys, and dvc.yaml are all generated from it.
+
+The built-in stages come in pipeline order; ``MEMFORGE_STAGES`` (comma-separated ``module:Class``)
+appends stages declared elsewhere, e.g. a project's own stage written as one class.
+"""
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable
+import os
+from typing import Any
 
-from storage import provenance
+from pipelines.stage import Stage
 from storage.errors import MemforgeError
 from storage.params import Params
 
-
-@dataclass(frozen=True)
-class Stage:
-    """A pipeline stage: CLI name, what it does, its implementation, and what it reads and writes.
-
-    ``outputs`` and ``inputs`` are artifact paths under ``artifacts_dir``; ``params`` are the dotted
-    params keys the stage reads; ``code`` the source packages it runs. DVC's stage (dvc.yaml) and
-    Prefect's cache key are both derived from these, so the three never disagree.
-    """
-
-    name: str
-    summary: str
-    outputs: tuple[str, ...]
-    entry: str
-    inputs: tuple[str, ...]
-    params: tuple[str, ...]
-    code: tuple[str, ...]
-    external: str | None = None  # function(params) -> description of inputs from outside the artifacts
-
-    def function(self) -> Callable[..., Any]:
-        return _load(self.entry)
-
-    def external_inputs(self, params: Params) -> Any:
-        """What this stage reads from outside the artifacts (prepare: the corpus files), or None."""
-        return _load(self.external)(params) if self.external else None
+BUILTIN = ("pipelines.prepare:Prepare", "training.decoder:TrainDecoder", "pipelines.encode:Encode",
+           "pipelines.index:Index", "pipelines.targets:Targets", "training.memory:TrainMemory",
+           "training.evaluate:Evaluate")
+EXTRA_STAGES_ENV = "MEMFORGE_STAGES"
+_LOADED: dict[str, Stage] = {}
 
 
-def _load(entry: str) -> Callable[..., Any]:
-    module, _, attribute = entry.partition(":")
-    return getattr(importlib.import_module(module), attribute)
+def _load(entry: str) -> Stage:
+    if entry not in _LOADED:
+        module, _, name = entry.partition(":")
+        try:
+            declared = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise MemforgeError(f"{EXTRA_STAGES_ENV}: cannot load stage {entry!r}: {exc}") from None
+        if not (isinstance(declared, type) and issubclass(declared, Stage)):
+            raise MemforgeError(f"{EXTRA_STAGES_ENV}: {entry!r} is not a Stage class")
+        _LOADED[entry] = declared()
+    return _LOADED[entry]
 
 
-# Code packages per stage: the same ones that determine its artifacts' fingerprints.
-_PIPELINES, _TRAINING = provenance.PIPELINE_PACKAGES, provenance.CONTENT_PACKAGES
-STAGES: tuple[Stage, ...] = (
-    Stage("prepare", "read and tokenize the corpus into the token store (Beam)", ("tokens",),
-          "pipelines.prepare:prepare", (),
-          ("artifacts_dir", "corpus", "decoder.init", "decoder.vocab_size", "encode.model",
-           "encode.trust_remote_code", "encode.chunk_rows", "encode.shard_chunks", "encode.num_workers"), _PIPELINES,
-          external="pipelines.prepare:corpus_sources"),
-    Stage("train-decoder", "train the decoder LM from scratch or fine-tune a local HF model", ("decoder",),
-          "training.decoder:train_decoder", ("tokens",), ("artifacts_dir", "decoder"), _TRAINING),
-    Stage("encode", "hidden-state keys and next-token values for each split (Beam)",
-          ("keys/train", "keys/validation"), "pipelines.encode:encode", ("tokens", "decoder"),
-          ("artifacts_dir", "encode"), _PIPELINES),
-    Stage("index", "train the FAISS index once, then add key shards in parallel (Beam)", ("index",),
-          "pipelines.index:index", ("keys/train", "keys/validation"),
-          ("artifacts_dir", "index", "encode.num_workers", "encode.threads_per_worker"), _PIPELINES),
-    Stage("targets", "kNN neighbours and distillation distributions for each split (Beam)",
-          ("targets/train", "targets/validation"), "pipelines.targets:targets",
-          ("keys/train", "keys/validation", "index"),
-          ("artifacts_dir", "targets", "index.nprobe", "encode.chunk_rows", "encode.num_workers",
-           "encode.threads_per_worker"), _PIPELINES),
-    Stage("train-memory", "train the MLP memory on the kNN targets", ("memory",), "training.memory:train_memory",
-          ("decoder", "keys/train", "targets/train"),
-          ("artifacts_dir", "memory", "encode.model", "encode.representation", "encode.batch_size",
-           "encode.trust_remote_code"), _TRAINING),
-    Stage("evaluate", "perplexity and tokens/s of decoder, kNN-LM and decoder+memory", ("eval",),
-          "training.evaluate:evaluate", ("tokens", "decoder", "keys/validation", "index", "memory"),
-          ("artifacts_dir", "evaluate", "index.threads", "encode.trust_remote_code"), _TRAINING),
-)
-STAGE_NAMES = tuple(s.name for s in STAGES)
-_BY_NAME = {s.name: s for s in STAGES}
+def all_stages() -> tuple[Stage, ...]:
+    """Every stage in pipeline order: the built-in ones, then those ``MEMFORGE_STAGES`` names."""
+    extra = [e.strip() for e in os.environ.get(EXTRA_STAGES_ENV, "").split(",") if e.strip()]
+    found = tuple(_load(entry) for entry in (*BUILTIN, *extra))
+    names = [item.name for item in found]
+    if len(set(names)) != len(names):
+        raise MemforgeError(f"{EXTRA_STAGES_ENV}: stage names must be unique, got {names}")
+    return found
+
+
+def stage_names() -> tuple[str, ...]:
+    return tuple(item.name for item in all_stages())
 
 
 def stage(name: str) -> Stage:
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise MemforgeError(f"unknown stage {name!r} (stages: {', '.join(STAGE_NAMES)})") from None
+    for item in all_stages():
+        if item.name == name:
+            return item
+    raise MemforgeError(f"unknown stage {name!r} (stages: {', '.join(stage_names())})")
 
 
 def select(first: str | None = None, last: str | None = None) -> list[Stage]:
     """Stages from ``first`` to ``last`` inclusive, in pipeline order."""
-    start = STAGE_NAMES.index(stage(first).name) if first else 0
-    stop = STAGE_NAMES.index(stage(last).name) if last else len(STAGES) - 1
+    names = stage_names()
+    start = names.index(stage(first).name) if first else 0
+    stop = names.index(stage(last).name) if last else len(names) - 1
     if start > stop:
         raise MemforgeError(f"--from {first} comes after --until {last}")
-    return list(STAGES[start:stop + 1])
+    return list(all_stages()[start:stop + 1])
 
 
-def run_stage(name: str, params: Params, *, rebuild: bool | str = False, beam_args: tuple[str, ...] = ()) -> Any:
+def run_stage(name: str, params: Params, *, rebuild: bool | str = False, beam_args: tuple[str, ...] = (),
+              reads: set[str] | None = None) -> Any:
     """Run one stage with resolved params (the same call for CLI, DVC and Prefect)."""
-    return stage(name).function()(params, rebuild=rebuild, beam_args=list(beam_args))
+    from pipelines import executor
+
+    return executor.run_stage(stage(name), params, rebuild=rebuild, beam_args=beam_args, reads=reads)

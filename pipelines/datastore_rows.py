@@ -13,7 +13,7 @@ import io
 import faiss
 import numpy as np
 
-from pipelines.knn import MISSING, sort_by_distance
+from pipelines.neighbour_lists import MISSING, sort_by_distance
 from storage import fs
 from storage.errors import ArtifactError
 from storage.shards import ShardPlan

@@ -20,6 +20,11 @@ MERGED = "merged.index"
 MERGED_DATA = "merged.ivfdata"
 
 
+def worker_threads(params) -> int:
+    """FAISS threads per Beam worker: ``index.threads``, else ``encode.threads_per_worker``."""
+    return params.index.threads or params.encode.threads_per_worker
+
+
 def shard_file(shard_name: str) -> str:
     return f"shard-{shard_name}.index"
 

@@ -1,6 +1,10 @@
 """``memforge index``: train the FAISS index once on a random sample, then add each key-store
 shard in parallel (Beam) with its global row ids; merge the shards on disk (IVF, local storage).
 
+Its steps, in order, are named parts of the declaration: ``train`` (before the plan), ``add`` (the
+Beam shards), ``datastore_rows`` (beside the workers), ``merge`` and ``recall`` (at publish; recall
+reads the validation keys, a declared input).
+
 Output ``<artifacts_dir>/index``: ``trained.index``, ``shard-NNNNN.index`` (one per key-store
 shard), ``values.npy`` and ``keys.f32.npy`` (the datastore in row order for memory-mapped lookups,
 see ``datastore_rows``), and for ``index.merge: ondisk`` ``merged.index`` + ``merged.ivfdata``.
@@ -9,41 +13,25 @@ against exact search measured on held-out (validation) queries.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import time
-from dataclasses import asdict
 
-import apache_beam as beam
 import faiss
 import numpy as np
 
-from pipelines import datastore_rows, faiss_index, knn
+from pipelines import datastore_rows, faiss_index, neighbour_lists
 from pipelines.datastore_rows import DatastoreRows
-from pipelines.encode import keys_uri
-from pipelines.progress import ShardProgress
-from pipelines.runner import pipeline
+from pipelines.stage import Context, Published, ShardWorker, Stage
 from storage import fs
-from storage.artifact import ArtifactBuild, open_artifact
 from storage.errors import MemforgeError
-from storage.params import Params
-from storage.shards import Shard, ShardMarkers, ShardPlan, load_plan
+from storage.shards import Shard, ShardPlan, load_plan
 from storage.stores import KeyStore
 
 log = logging.getLogger("memforge")
+TRAINING_RECORD = "_training.json"
 
 
-def index_uri(params: Params) -> str:
-    return fs.join(params.artifacts_dir, "index")
-
-
-def worker_threads(params: Params) -> int:
-    """FAISS threads per Beam worker: ``index.threads``, else ``encode.threads_per_worker``."""
-    return params.index.threads or params.encode.threads_per_worker
-
-
-class AddShard(beam.DoFn):
-    """Add one key-store shard to a copy of the trained index with global ids; write it; mark it done."""
+class AddShards(ShardWorker):
+    """Add one key-store shard to a copy of the trained index with global ids; write it."""
 
     def __init__(self, index_uri: str, keys_uri: str, threads: int):
         self.index_uri, self.keys_uri, self.threads = index_uri, keys_uri, threads
@@ -51,22 +39,14 @@ class AddShard(beam.DoFn):
     def setup(self) -> None:
         self.trained = faiss_index.read(fs.join(self.index_uri, faiss_index.TRAINED))
         self.keys = KeyStore.open(self.keys_uri)
-        self.markers = ShardMarkers(self.index_uri)
 
-    def process(self, element: dict):
-        shard = Shard(**element)
-        if self.markers.is_done(shard):
-            return
+    def process(self, role: str, uri: str, shard: Shard):
         faiss.omp_set_num_threads(self.threads)  # per call: OpenMP settings are per thread under multi_threading
-        started = time.perf_counter()
         index = faiss.clone_index(self.trained)
         index.add_with_ids(np.ascontiguousarray(self.keys.keys(shard.start, shard.stop), dtype=np.float32),
                            np.arange(shard.start, shard.stop, dtype=np.int64))
         name = faiss_index.shard_file(shard.name)
-        checksum = faiss_index.write(index, fs.join(self.index_uri, name))
-        self.markers.mark_done(shard, {name: checksum}, {"rows": shard.rows,
-                                                         "seconds": time.perf_counter() - started})
-        yield shard.name
+        return {name: faiss_index.write(index, fs.join(self.index_uri, name))}, {}
 
 
 def exact_knn(blocks, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +55,7 @@ def exact_knn(blocks, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     for start, block in blocks:
         block = np.ascontiguousarray(block, dtype=np.float32)
         dists, ids = faiss.knn(queries, block, min(k, len(block)))
-        dists, ids = knn.pad_to_k(dists, ids + start, k)
+        dists, ids = neighbour_lists.pad_to_k(dists, ids + start, k)
         if best is not None:
             dists, ids = faiss.merge_knn_results(np.stack([best[0], dists]), np.stack([best[1], ids]))
         best = (dists, ids)
@@ -98,7 +78,7 @@ def recall_at_k(index: faiss_index.ShardedIndex, blocks, queries: np.ndarray, k:
     return float(np.mean(hits))
 
 
-def _train(params: Params, keys: KeyStore, index: faiss.Index, factory: str, n_rows: int) -> dict:
+def _train(params, keys: KeyStore, index: faiss.Index, factory: str, n_rows: int, root: str) -> dict:
     """Train ``index`` (fresh from ``factory``) on a seeded sample of keys and write ``trained.index``."""
     ivf = faiss_index.ivf_of(index)
     sample_size = 0
@@ -110,7 +90,7 @@ def _train(params: Params, keys: KeyStore, index: faiss.Index, factory: str, n_r
         index.train(np.ascontiguousarray(keys.take(rows), dtype=np.float32))
     if ivf is not None:
         faiss_index.set_nprobe(index, params.index.nprobe)
-    faiss_index.write(index, fs.join(index_uri(params), faiss_index.TRAINED))
+    faiss_index.write(index, fs.join(root, faiss_index.TRAINED))
     return {"train_sample": sample_size}
 
 
@@ -138,70 +118,90 @@ def _merge_ondisk(root: str, plan: ShardPlan) -> None:
     faiss_index.write(trained, fs.join(root, faiss_index.MERGED))
 
 
-def index(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -> str:
-    """Run the index stage over the train key store; returns the index artifact's location."""
-    keys_artifact = open_artifact(keys_uri(params, "train"), "keys")
-    keys = KeyStore.open(keys_artifact.uri)
-    n_rows = keys_artifact.manifest["counts"]["rows"]
-    factory = faiss_index.resolve_factory(params.index, n_rows, keys.dim)
-    section = {**params.section("index"), "resolved_factory": factory}
-    root = index_uri(params)
-    build = ArtifactBuild.begin(root, "index", section, {"keys": keys_artifact}, fmt="faiss", rebuild=rebuild)
-    if build.up_to_date:
-        log.info("index: %s is up to date (fingerprint %s)", root, build.fingerprint[:12])
-        return root
-    if params.index.threads:  # training runs here, on all cores unless set
-        faiss.omp_set_num_threads(params.index.threads)
-    empty = faiss_index.build_empty(factory, keys.dim)  # a bad factory string fails here, before any work
-    merge = _resolve_merge(params.index.merge, faiss_index.ivf_of(empty) is not None, root)
-    plan_uri = fs.join(root, "_plan.json")
-    training_uri = fs.join(root, "_training.json")
-    plan_of_keys = load_plan(keys_artifact.uri)
-    if not fs.exists(plan_uri):  # the plan is written only after training finished
-        fs.write_json_atomic(training_uri, _train(params, keys, empty, factory, n_rows))
-    training = fs.read_json(training_uri)
-    with concurrent.futures.ThreadPoolExecutor(1) as background:
-        # The datastore in row order is written while Beam starts and adds the shards; not during
-        # training, whose OpenMP threads hold every core and stall when one of them is preempted.
-        rows_written = background.submit(datastore_rows.write, KeyStore.open(keys_artifact.uri), plan_of_keys,
-                                         root, params.index.exact_keys)
-        plan = build.plan(plan_of_keys)
-        pending = build.pending(plan)
-        log.info("index: %s, %d key shards; %d already done (skipped), %d to add",
-                 factory, len(plan.shards), len(plan.shards) - len(pending), len(pending))
-        runner = None
-        if pending:
-            beam_pipeline, runner = pipeline(list(beam_args), params.encode.num_workers, "multi_threading")
-            with ShardProgress("index", root, pending, unit="keys"):
-                with beam_pipeline as p:
-                    (p | "shards" >> beam.Create([asdict(s) for s in pending]) | beam.Reshuffle()
-                       | "add" >> beam.ParDo(AddShard(root, keys_artifact.uri, worker_threads(params))))
-        rows_written.result()
-    if merge == "ondisk" and not fs.exists(fs.join(root, faiss_index.MERGED)):
-        _merge_ondisk(root, plan)
-    trained = faiss_index.read(fs.join(root, faiss_index.TRAINED))
-    ivf = faiss_index.ivf_of(trained)
-    searcher = faiss_index.ShardedIndex(root, [s.name for s in plan.shards], params.index.nprobe,
-                                        merged=merge == "ondisk")
-    stats = {
-        "factory": factory, "nlist": ivf.nlist if ivf is not None else None,
-        "code_size": trained.sa_code_size() if ivf is not None else 4 * keys.dim,
-        "nprobe": params.index.nprobe if ivf is not None else None,
-        "train_sample": training["train_sample"], "seed": params.index.seed, "faiss_version": faiss.__version__,
-        "merge": merge, "dim": keys.dim, "exact_keys": params.index.exact_keys,
-    }
-    queries_uri = keys_uri(params, "validation")
-    if fs.exists(fs.join(queries_uri, "_manifest.json")):
-        validation = KeyStore.open(queries_uri)
+class Index(Stage):
+    """The FAISS index over the train keys: train, add (Beam), datastore rows, merge, recall."""
+
+    name = "index"
+    summary = "train the FAISS index once, then add key shards in parallel (Beam)"
+    outputs = ("index",)
+    format = "faiss"
+    inputs = ("keys/train", "keys/validation")
+    content = ("index.factory", "index.flat_threshold", "index.train_points_per_list", "index.train_sample",
+               "index.nprobe", "index.merge", "index.exact_keys", "index.recall_queries", "index.recall_k",
+               "index.seed")
+    execution = ("index.threads", "encode.num_workers", "encode.threads_per_worker")
+    sharded = True
+    running_mode = "multi_threading"
+    progress_unit = "keys"
+    steps = ("train", "add", "datastore_rows", "merge", "recall")
+
+    def check(self, ctx: Context) -> None:
+        keys = ctx.inputs["keys/train"]
+        dim = keys.manifest["stats"]["hidden_size"]
+        factory = faiss_index.resolve_factory(ctx.params.index, keys.manifest["counts"]["rows"], dim)
+        empty = faiss_index.build_empty(factory, dim)  # a bad factory string fails here, before any work
+        ctx.scratch.update(factory=factory, merge=_resolve_merge(ctx.params.index.merge,
+                                                                 faiss_index.ivf_of(empty) is not None,
+                                                                 ctx.uri("index")))
+
+    def artifact_params(self, ctx: Context, role: str) -> dict:
+        return {**ctx.params.values(self.content, strip="index"), "resolved_factory": ctx.scratch["factory"]}
+
+    def artifact_inputs(self, ctx: Context, role: str) -> dict:
+        return {"keys": ctx.inputs["keys/train"], "recall_queries": ctx.inputs["keys/validation"]}
+
+    def before_plan(self, ctx: Context, role: str, build) -> None:
+        """Step ``train``: the index is trained once, before its plan is written."""
+        if ctx.params.index.threads:  # training runs in the driver, on all cores unless set
+            faiss.omp_set_num_threads(ctx.params.index.threads)
+        keys = ctx.inputs["keys/train"]
+        factory = ctx.scratch["factory"]
+        record = _train(ctx.params, KeyStore.open(keys.uri), faiss_index.build_empty(factory, keys.manifest["stats"][
+            "hidden_size"]), factory, keys.manifest["counts"]["rows"], build.uri)
+        fs.write_json_atomic(fs.join(build.uri, TRAINING_RECORD), record)
+
+    def plan(self, ctx: Context, role: str) -> ShardPlan:
+        """Step ``add``: one element per key-store shard."""
+        return load_plan(ctx.inputs["keys/train"].uri)
+
+    def worker(self, ctx: Context, roles: dict[str, str]) -> ShardWorker:
+        return AddShards(roles["index"], ctx.inputs["keys/train"].uri, faiss_index.worker_threads(ctx.params))
+
+    def beside_workers(self, ctx: Context, role: str):
+        """Step ``datastore_rows``: the datastore in row order, written while the workers add the shards
+        (not during training, whose OpenMP threads hold every core)."""
+        keys, root, exact = ctx.inputs["keys/train"].uri, ctx.uri(role), ctx.params.index.exact_keys
+        return lambda: datastore_rows.write(KeyStore.open(keys), load_plan(keys), root, exact)
+
+    def finalize(self, ctx: Context, role: str, build) -> Published:
+        root, plan = build.uri, load_plan(build.uri)
+        merge = ctx.scratch["merge"]
+        if merge == "ondisk" and not fs.exists(fs.join(root, faiss_index.MERGED)):
+            _merge_ondisk(root, plan)
+        keys = KeyStore.open(ctx.inputs["keys/train"].uri)
+        n_rows = keys.rows.n_rows
+        trained = faiss_index.read(fs.join(root, faiss_index.TRAINED))
+        ivf = faiss_index.ivf_of(trained)
+        stats = {
+            "factory": ctx.scratch["factory"], "nlist": ivf.nlist if ivf is not None else None,
+            "code_size": trained.sa_code_size() if ivf is not None else 4 * keys.dim,
+            "nprobe": ctx.params.index.nprobe if ivf is not None else None,
+            "train_sample": fs.read_json(fs.join(root, TRAINING_RECORD))["train_sample"],
+            "seed": ctx.params.index.seed, "faiss_version": faiss.__version__,
+            "merge": merge, "dim": keys.dim, "exact_keys": ctx.params.index.exact_keys,
+        }
+        stats.update(self.recall(ctx, root, plan, keys, merge))
+        return Published(counts={"rows": n_rows, "datastore_rows": n_rows, "dim": keys.dim}, stats=stats)
+
+    def recall(self, ctx: Context, root: str, plan: ShardPlan, keys: KeyStore, merge: str) -> dict:
+        """Step ``recall``: recall@k against exact search on a seeded sample of validation keys."""
+        searcher = faiss_index.ShardedIndex(root, [s.name for s in plan.shards], ctx.params.index.nprobe,
+                                            merged=merge == "ondisk")
+        validation = KeyStore.open(ctx.inputs["keys/validation"].uri)
         n_queries = validation.rows.n_rows
-        rows = np.sort(np.random.default_rng(params.index.seed + 1).choice(
-            n_queries, min(n_queries, params.index.recall_queries), replace=False))
-        k = min(params.index.recall_k, n_rows)
-        stats.update(recall_k=k, recall_queries=len(rows),
-                     recall_at_k=round(recall_at_k(searcher, key_blocks(keys, plan, DatastoreRows(root)),
-                                                   validation.take(rows), k), 4))
-        log.info("index: recall@%d = %.4f on %d held-out queries", k, stats["recall_at_k"], len(rows))
-    build.publish(counts={"rows": n_rows, "datastore_rows": n_rows, "dim": keys.dim}, stats=stats,
-                  beam_runner=runner)
-    log.info("index: published %s", root)
-    return root
+        rows = np.sort(np.random.default_rng(ctx.params.index.seed + 1).choice(
+            n_queries, min(n_queries, ctx.params.index.recall_queries), replace=False))
+        k = min(ctx.params.index.recall_k, keys.rows.n_rows)
+        found = round(recall_at_k(searcher, key_blocks(keys, plan, DatastoreRows(root)), validation.take(rows), k), 4)
+        log.info("index: recall@%d = %.4f on %d held-out queries", k, found, len(rows))
+        return {"recall_k": k, "recall_queries": len(rows), "recall_at_k": found}

@@ -1,8 +1,8 @@
 """``memforge prepare``: read the corpus, tokenize it in parallel (Beam), write the token store.
 
 Output ``<artifacts_dir>/tokens``: ``tokenizer/`` (HF directory), and per split
-``<split>/part-NNNNN.parquet`` (one part per work shard of input files) plus
-``<split>/datastore_plan.json``, the shard plan of the split's datastore rows for ``encode``.
+``<split>/part-NNNNN.parquet`` (one part per work shard of input files). It knows nothing of
+the key store's chunks: ``encode`` plans its own shards from the token counts.
 
 Each split is one token stream: documents in input order, each followed by the tokenizer's
 end-of-text token. Datastore row ``i`` is stream position ``i``: its key is the state after
@@ -15,54 +15,26 @@ import hashlib
 import json
 import logging
 import tempfile
-import time
 from dataclasses import asdict
 
-import apache_beam as beam
 import numpy as np
 
-from pipelines import worker_errors
 from pipelines.corpus import CorpusError, SourceFile, document_split, read_documents, source_files
-from pipelines.progress import ShardProgress
-from pipelines.runner import pipeline
+from pipelines.stage import Context, Published, ShardWorker, Stage
 from pipelines.tokenizer import load_tokenizer, train_tokenizer
 from storage import fs
-from storage.artifact import ArtifactBuild
-from storage.params import CorpusParams, Params
-from storage.shards import Shard, ShardMarkers, ShardPlan
-from storage.stores import PartOffsets, TokenStore
-from storage.zarr_rows import shard_geometry
+from storage.params import CorpusParams
+from storage.paths import SPLITS
+from storage.shards import Shard, ShardPlan, load_plan
+from storage.stores import TOKENIZER_DIR, PartOffsets, TokenStore
 
 log = logging.getLogger("memforge")
-SPLITS = ("train", "validation")
-TOKENIZER_DIR = "tokenizer"
-DATASTORE_PLAN = "datastore_plan.json"
 _DOC_ID_SHIFT = 32
-
-
-def tokens_uri(params: Params) -> str:
-    return fs.join(params.artifacts_dir, "tokens")
 
 
 def _sources(files: list[SourceFile]) -> dict:
     listing = hashlib.sha256(json.dumps([(f.name, f.size, f.split) for f in files]).encode()).hexdigest()
     return {"files": len(files), "bytes": sum(f.size for f in files), "listing_sha256": listing}
-
-
-def corpus_sources(params: Params) -> dict:
-    """What the corpus files are right now (count, bytes, listing hash): prepare's input from outside
-    the artifacts, part of its fingerprint and of the Prefect cache key."""
-    return _sources(source_files(params.corpus))
-
-
-def _stage_params(params: Params, files: list[SourceFile]) -> dict:
-    return {
-        "corpus": params.section("corpus"),
-        "sources": _sources(files),
-        "tokenizer": {"from": params.encode.model or params.decoder.init, "vocab_size": params.decoder.vocab_size,
-                      "trust_remote_code": params.encode.trust_remote_code},
-        "datastore": {"chunk_rows": params.encode.chunk_rows, "shard_chunks": params.encode.shard_chunks},
-    }
 
 
 def _train_texts(files: list[SourceFile], corpus: CorpusParams):
@@ -72,7 +44,7 @@ def _train_texts(files: list[SourceFile], corpus: CorpusParams):
                 yield text
 
 
-def _write_tokenizer(params: Params, files: list[SourceFile], uri: str) -> None:
+def _write_tokenizer(params, files: list[SourceFile], uri: str) -> None:
     """Copy the configured tokenizer into the artifact, or train one on the train split."""
     with tempfile.TemporaryDirectory() as scratch:
         source = params.encode.model or params.decoder.init
@@ -81,7 +53,7 @@ def _write_tokenizer(params: Params, files: list[SourceFile], uri: str) -> None:
         else:
             log.info("prepare: training a byte-level BPE tokenizer (vocab %d) on the train split",
                      params.decoder.vocab_size)
-            train_tokenizer(_train_texts(files, params.corpus), params.decoder.vocab_size, scratch)
+            train_tokenizer(_train_texts(files, corpus_params(params)), params.decoder.vocab_size, scratch)
         fs.upload_dir(scratch, uri)
 
 
@@ -95,38 +67,27 @@ def _shard_plan(files: list[SourceFile], shard_bytes: int) -> ShardPlan:
     return ShardPlan.from_sizes(sizes + [current])
 
 
-class TokenizeShard(beam.DoFn):
-    """One work shard: read its files, tokenize documents, write one Parquet part per split, mark done."""
+class TokenizeShards(ShardWorker):
+    """One work shard: read its files, tokenize documents, write one Parquet part per split."""
 
-    def __init__(self, root: str, corpus: dict, trust_remote_code: bool):
-        self.root, self.corpus, self.trust_remote_code = root, corpus, trust_remote_code
+    def __init__(self, root: str, corpus: dict, trust_remote_code: bool, files: list[dict]):
+        self.root, self.corpus, self.trust_remote_code, self.files = root, corpus, trust_remote_code, files
 
     def setup(self) -> None:
         self.params = CorpusParams(**self.corpus)
         self.scratch = tempfile.TemporaryDirectory()
         self.tokenizer = load_tokenizer(fs.local_dir(fs.join(self.root, TOKENIZER_DIR), self.scratch.name),
                                         self.trust_remote_code)
-        self.markers = ShardMarkers(self.root)
 
     def teardown(self) -> None:
         self.scratch.cleanup()
 
-    def process(self, element: dict):
-        shard = Shard(**element["shard"])
-        if self.markers.is_done(shard):  # a retried bundle: the shard is already durable
-            return
-        started = time.perf_counter()
-        try:
-            columns, stats = self._tokenize([SourceFile(**f) for f in element["files"]])
-        except CorpusError as exc:
-            worker_errors.report(self.root, shard, exc)
-            return
+    def process(self, role: str, uri: str, shard: Shard):
+        columns, stats = self._tokenize([SourceFile(**f) for f in self.files[shard.start:shard.stop]])
         files = {}
         for split in SPLITS:
             files.update(TokenStore(self.root, split).write_shard(shard, *columns[split]))
-        stats["seconds"] = time.perf_counter() - started
-        self.markers.mark_done(shard, files, stats)
-        yield shard.name
+        return files, stats
 
     def _tokenize(self, files: list[SourceFile]):
         eos = self.tokenizer.eos_token_id
@@ -158,64 +119,77 @@ class TokenizeShard(beam.DoFn):
         return columns, stats
 
 
-def prepare(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -> str:
-    """Run the prepare stage; returns the token artifact's location."""
-    root = tokens_uri(params)
-    files = source_files(params.corpus)
-    build = ArtifactBuild.begin(root, "tokens", _stage_params(params, files), fmt="parquet", rebuild=rebuild)
-    if build.up_to_date:
-        log.info("prepare: %s is up to date (fingerprint %s)", root, build.fingerprint[:12])
-        return root
-    tokenizer_uri = fs.join(root, TOKENIZER_DIR)
-    if not fs.exists(fs.join(root, "_plan.json")):  # the plan is written only once the tokenizer is complete
-        _write_tokenizer(params, files, tokenizer_uri)
-    plan = build.plan(_shard_plan(files, params.corpus.shard_bytes))
-    pending = build.pending(plan)
-    log.info("prepare: %d files (%d bytes) in %d shards; %d already done, %d to run",
-             len(files), sum(f.size for f in files), len(plan.shards), len(plan.shards) - len(pending), len(pending))
-    worker_errors.clear(root)
-    if pending:
-        elements = [{"shard": asdict(s), "files": [asdict(f) for f in files[s.start:s.stop]]} for s in pending]
-        beam_pipeline, runner = pipeline(list(beam_args), params.encode.num_workers)
-        with ShardProgress("prepare", root, pending, unit="tokens", total=0):
-            with beam_pipeline as p:
-                (p | "shards" >> beam.Create(elements) | beam.Reshuffle()
-                   | "tokenize" >> beam.ParDo(TokenizeShard(root, params.section("corpus"),
-                                                            params.encode.trust_remote_code)))
-        worker_errors.raise_reported(root, CorpusError)
-    else:
-        runner = None
-    return _publish(build, plan, params, runner)
+def corpus_params(params) -> CorpusParams:
+    """The corpus section (every key read through the stage's params view)."""
+    return CorpusParams(**{key.split(".", 1)[1]: params.value(key) for key in Prepare.content + Prepare.layout
+                           if key.startswith("corpus.")})
 
 
-def _publish(build: ArtifactBuild, plan: ShardPlan, params: Params, runner: str | None) -> str:
-    root = build.uri
-    markers = [build.markers.read(s) for s in plan.shards]
-    with tempfile.TemporaryDirectory() as scratch:
-        vocab_size = len(load_tokenizer(fs.local_dir(fs.join(root, TOKENIZER_DIR), scratch)))
-    splits, counts = {}, {"vocab_size": vocab_size}
-    for split in SPLITS:
-        offsets = PartOffsets.from_counts([(m_shard.name, m["stats"][f"{split}_tokens"])
-                                           for m_shard, m in zip(plan.shards, markers)])
-        documents = sum(m["stats"]["documents"][split] for m in markers)
-        if offsets.total_rows < 2:
-            what = "corpus.train" if split == "train" else "the validation split"
-            hint = ("all documents are empty or whitespace-only" if split == "train"
-                    else "set corpus.validation or raise corpus.validation_fraction")
-            raise CorpusError(f"{what}: fewer than 2 tokens ({documents} non-empty documents): {hint}")
-        _, unit = shard_geometry(offsets.total_rows - 1, params.encode.chunk_rows, params.encode.shard_chunks)
-        datastore = ShardPlan.even(offsets.total_rows - 1, unit)
-        fs.write_json_atomic(fs.join(root, split, DATASTORE_PLAN), datastore.to_json())
-        splits[split] = {"tokens": offsets.total_rows, "documents": documents, "datastore_rows": datastore.total_rows,
-                         "datastore_shards": len(datastore.shards), "parts": offsets.to_json()}
-        counts[f"{split}_tokens"] = offsets.total_rows
-    counts["rows"] = counts["train_tokens"]
-    stats = {
-        "splits": splits,
-        "skipped_documents": sum(m["stats"]["skipped_documents"] for m in markers),
-        "empty_documents": sum(m["stats"]["empty_documents"] for m in markers),
-    }
-    build.publish(counts=counts, stats=stats, beam_runner=runner)
-    log.info("prepare: published %s: %s train / %s validation tokens, vocab %d", root,
-             f"{counts['train_tokens']:,}", f"{counts['validation_tokens']:,}", vocab_size)
-    return root
+class Prepare(Stage):
+    """Read and tokenize the corpus into the token store (Beam): one element per group of input files."""
+
+    name = "prepare"
+    summary = "read and tokenize the corpus into the token store (Beam)"
+    outputs = ("tokens",)
+    format = "parquet"
+    content = ("corpus.train", "corpus.validation", "corpus.validation_fraction", "corpus.format",
+               "corpus.text_field", "corpus.on_decode_error", "corpus.max_bytes", "decoder.init",
+               "decoder.vocab_size", "encode.model")
+    layout = ("corpus.shard_bytes",)
+    execution = ("encode.num_workers", "encode.trust_remote_code")
+    sharded = True
+    progress_unit = "tokens"
+    progress_rows_known = False
+
+    def files(self, ctx: Context) -> list[SourceFile]:
+        if "files" not in ctx.scratch:
+            ctx.scratch["files"] = source_files(corpus_params(ctx.params))
+        return ctx.scratch["files"]
+
+    def external(self, ctx: Context) -> dict:
+        """What the corpus files are right now (count, bytes, listing hash)."""
+        return _sources(self.files(ctx))
+
+    def artifact_params(self, ctx: Context, role: str) -> dict:
+        return {**ctx.params.values(self.content), "sources": self.external(ctx)}
+
+    def before_plan(self, ctx: Context, role: str, build) -> None:
+        _write_tokenizer(ctx.params, self.files(ctx), fs.join(build.uri, TOKENIZER_DIR))
+
+    def plan(self, ctx: Context, role: str) -> ShardPlan:
+        files = self.files(ctx)
+        log.info("prepare: %d files (%d bytes)", len(files), sum(f.size for f in files))
+        return _shard_plan(files, ctx.params.corpus.shard_bytes)
+
+    def worker(self, ctx: Context, roles: dict[str, str]) -> ShardWorker:
+        return TokenizeShards(roles["tokens"], corpus_params(ctx.params).model_dump(mode="json"),
+                              ctx.params.encode.trust_remote_code, [asdict(f) for f in self.files(ctx)])
+
+    def finalize(self, ctx: Context, role: str, build) -> Published:
+        root = build.uri
+        plan = load_plan(root)
+        markers = [build.markers.read(s) for s in plan.shards]
+        with tempfile.TemporaryDirectory() as scratch:
+            vocab_size = len(load_tokenizer(fs.local_dir(fs.join(root, TOKENIZER_DIR), scratch)))
+        splits, counts = {}, {"vocab_size": vocab_size}
+        for split in SPLITS:
+            offsets = PartOffsets.from_counts([(m_shard.name, m["stats"][f"{split}_tokens"])
+                                               for m_shard, m in zip(plan.shards, markers)])
+            documents = sum(m["stats"]["documents"][split] for m in markers)
+            if offsets.total_rows < 2:
+                what = "corpus.train" if split == "train" else "the validation split"
+                hint = ("all documents are empty or whitespace-only" if split == "train"
+                        else "set corpus.validation or raise corpus.validation_fraction")
+                raise CorpusError(f"{what}: fewer than 2 tokens ({documents} non-empty documents): {hint}")
+            splits[split] = {"tokens": offsets.total_rows, "documents": documents,
+                             "datastore_rows": offsets.total_rows - 1, "parts": offsets.to_json()}
+            counts[f"{split}_tokens"] = offsets.total_rows
+        counts["rows"] = counts["train_tokens"]
+        stats = {
+            "splits": splits,
+            "skipped_documents": sum(m["stats"]["skipped_documents"] for m in markers),
+            "empty_documents": sum(m["stats"]["empty_documents"] for m in markers),
+        }
+        log.info("prepare: %s: %s train / %s validation tokens, vocab %d", root,
+                 f"{counts['train_tokens']:,}", f"{counts['validation_tokens']:,}", vocab_size)
+        return Published(counts=counts, stats=stats)

@@ -7,15 +7,16 @@ import tempfile
 
 import numpy as np
 
-from pipelines.prepare import TOKENIZER_DIR
-from pipelines import knn
+from pipelines import executor, knn
 from pipelines.datastore_rows import DatastoreRows
+from pipelines.stage import Published
+from pipelines.targets import Targets
 from pipelines.tokenizer import load_tokenizer
 from storage import fs
-from storage.artifact import Artifact, ArtifactBuild, open_artifact
+from storage.artifact import Artifact, open_artifact
 from storage.errors import MemforgeError
-from storage.shards import load_plan
-from storage.stores import DistributionStore, NeighbourStore, PartOffsets, TokenStore
+from storage.shards import Shard, load_layout, load_plan
+from storage.stores import TOKENIZER_DIR, DistributionStore, NeighbourStore, PartOffsets, TokenStore
 
 log = logging.getLogger("memforge")
 
@@ -25,9 +26,9 @@ def _inputs(artifact: Artifact) -> dict[str, Artifact]:
     inputs = {}
     for record in artifact.manifest["inputs"]:
         current = open_artifact(record["uri"], record["kind"])
-        if current.fingerprint != record["fingerprint"]:
+        if current.content_digest != record["content_digest"]:
             raise MemforgeError(f"{record['uri']}: changed since {artifact.uri} was built "
-                                f"(fingerprint {current.fingerprint[:12]}, recorded {record['fingerprint'][:12]})")
+                                f"(content {current.content_digest[:12]}, recorded {record['content_digest'][:12]})")
         inputs[record["role"]] = current
     return inputs
 
@@ -47,28 +48,35 @@ def retemper(targets_uri: str, temperature: float, k: int | None = None, out: st
     new_params = {**params, "temperature": temperature, "k": k, "width": width}
     out = fs.normalize(out or f"{source.uri}-T{temperature:g}-k{k}")
     inputs = _inputs(source)
-    build = ArtifactBuild.begin(out, "targets", new_params, inputs, fmt=source.manifest["format"], rebuild=rebuild)
-    if build.up_to_date:
-        return out
     stored_neighbours, stored = NeighbourStore.open(source.uri), DistributionStore.open(source.uri)
     n_rows = stored_neighbours.rows.n_rows
     chunk, unit = stored_neighbours.rows.array("ids").chunks[0], stored_neighbours.rows.unit_rows()
-    neighbours = NeighbourStore.create(out, n_rows, k, chunk, unit // chunk)
-    distributions = DistributionStore.create(out, n_rows, width, str(stored.rows.array("probs").dtype), chunk,
-                                             unit // chunk)
     rows = DatastoreRows(inputs["index"].uri)
-    plan = build.plan(load_plan(source.uri))
-    for shard in build.pending(plan):
+    created = {}
+
+    def create() -> None:
+        created["neighbours"] = NeighbourStore.create(out, n_rows, k, chunk, unit // chunk)
+        created["distributions"] = DistributionStore.create(out, n_rows, width, str(stored.rows.array("probs").dtype),
+                                                            chunk, unit // chunk)
+
+    def write(shard: Shard) -> dict[str, str]:
         ids = stored_neighbours.ids(shard.start, shard.stop)[:, :k]
         dists = stored_neighbours.dists(shard.start, shard.stop)[:, :k]
-        files = neighbours.write_shard(shard, ids, dists)
+        files = created["neighbours"].write_shard(shard, ids, dists)
         sparse = knn.distributions(dists, rows.values_of(ids), temperature, width)
-        files.update(distributions.write_shard(shard, *sparse))
-        build.markers.mark_done(shard, files, {"rows": shard.rows})
-    stats = {**source.manifest["stats"], "temperature": temperature, "k": k, "width": width,
-             "retempered_from": source.uri}
-    build.publish(counts=source.manifest["counts"],
-                  arrays={**neighbours.rows.describe(), **distributions.rows.describe()}, stats=stats)
+        files.update(created["distributions"].write_shard(shard, *sparse))
+        return files
+
+    def finalize() -> Published:
+        arrays = {**created["neighbours"].rows.describe(), **created["distributions"].rows.describe()}
+        stats = {**source.manifest["stats"], "temperature": temperature, "k": k, "width": width,
+                 "retempered_from": source.uri}
+        return Published(counts=source.manifest["counts"], arrays=arrays, stats=stats)
+
+    if not executor.derive(out, "targets", new_params, inputs, source.manifest["format"], rebuild,
+                           Targets.code_files(), load_plan(source.uri), load_layout(source.uri), create, write,
+                           finalize):
+        return out
     log.info("retemper: published %s (T=%g, k=%d)", out, temperature, k)
     return out
 

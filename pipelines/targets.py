@@ -10,35 +10,22 @@ width m) is derived from them, so ``memforge retemper`` can redo it for another 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from dataclasses import asdict
 
-import apache_beam as beam
 from apache_beam.utils import shared
 import faiss
 import numpy as np
 
 from pipelines import datastore_rows, faiss_index, knn
-from pipelines.encode import keys_uri
-from pipelines.index import index_uri, worker_threads
-from pipelines.prepare import SPLITS, tokens_uri
-from pipelines.progress import ShardProgress
-from pipelines.runner import pipeline
-from storage import fs
-from storage.artifact import Artifact, ArtifactBuild, open_artifact
+from pipelines.stage import Context, Published, ShardWorker, Stage
+from storage.artifact import Artifact, built_from, recorded_input
 from storage.errors import MemforgeError
-from storage.params import Params
-from storage.shards import Shard, ShardMarkers, load_plan
+from storage.paths import split_roles
+from storage.shards import Shard, ShardPlan, load_plan
 from storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore
 from storage.zarr_rows import shard_geometry
 
 log = logging.getLogger("memforge")
-
-
-def targets_uri(params: Params, split: str) -> str:
-    return fs.join(params.artifacts_dir, "targets", split)
 
 
 class _SearchResources:
@@ -51,7 +38,7 @@ class _SearchResources:
         self.rows = datastore_rows.DatastoreRows(common["index_uri"])
 
 
-class SearchShard(beam.DoFn):
+class SearchShards(ShardWorker):
     """Neighbours and distributions of one query shard of either split; both stores' files under one marker.
 
     ``setup`` opens the index (merged or shards, memory-mapped) and the datastore rows once per worker
@@ -67,31 +54,25 @@ class SearchShard(beam.DoFn):
         resources = self.search_resources.acquire(lambda: _SearchResources(common))
         self.index, self.rows = resources.index, resources.rows
         self.outputs = {}
-        for split, spec in self.splits.items():
-            self.outputs[split] = (KeyStore.open(spec["queries_uri"]),
-                                   NeighbourStore.open(spec["out_uri"], writable=True),
-                                   DistributionStore.open(spec["out_uri"], writable=True),
-                                   ShardMarkers(spec["out_uri"]))
+        for role, spec in self.splits.items():
+            self.outputs[role] = (KeyStore.open(spec["queries_uri"]),
+                                  NeighbourStore.open(spec["out_uri"], writable=True),
+                                  DistributionStore.open(spec["out_uri"], writable=True))
         self.docs = None
         if common["window"]:
             self.docs = (TokenStore(common["tokens_uri"], "train"), PartOffsets.from_json(common["parts"]))
 
-    def process(self, element: dict):
-        split, shard = element["split"], Shard(**element["shard"])
-        queries_store, neighbours, distributions, markers = self.outputs[split]
-        if markers.is_done(shard):
-            return
-        started = time.perf_counter()
+    def process(self, role: str, uri: str, shard: Shard):
+        queries_store, neighbours, distributions = self.outputs[role]
         common = self.common
         faiss.omp_set_num_threads(common["threads"])  # per call: OpenMP settings are per thread under multi_threading
         queries = np.ascontiguousarray(queries_store.keys(shard.start, shard.stop), dtype=np.float32)
-        dists, ids = self.neighbours_of(shard, queries, self.splits[split]["self_query"])
+        dists, ids = self.neighbours_of(shard, queries, self.splits[role]["self_query"])
         dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"])
         tokens, probs, truncated = knn.distributions(dists, values, common["temperature"], common["width"])
         files = neighbours.write_shard(shard, ids, dists)
         files.update(distributions.write_shard(shard, tokens, probs, truncated))
-        markers.mark_done(shard, files, {"rows": shard.rows, "seconds": time.perf_counter() - started})
-        yield f"{split}/{shard.name}"
+        return files, {}
 
     def neighbours_of(self, shard: Shard, queries: np.ndarray, self_query: bool) -> tuple[np.ndarray, np.ndarray]:
         """Search, then drop the query itself (by id) and same-document neighbours; k per row."""
@@ -118,15 +99,15 @@ class SearchShard(beam.DoFn):
         return near & (neighbour_docs == docs[own - first])
 
 
-def check_compatible(params: Params, index: Artifact, datastore: Artifact, queries: Artifact) -> None:
+def check_compatible(params, index: Artifact, datastore: Artifact, queries: Artifact) -> None:
     """Refuse inputs that cannot give meaningful targets, naming the value at fault."""
     n_rows, k = datastore.manifest["counts"]["rows"], params.targets.k
     if k >= n_rows:
         raise MemforgeError(f"targets.k: {k} must be smaller than the datastore size ({n_rows} rows)")
-    built_from = next((i["fingerprint"] for i in index.manifest["inputs"] if i["role"] == "keys"), None)
-    if built_from != datastore.fingerprint:
-        raise MemforgeError(f"{index.uri}: built from another key store (fingerprint {str(built_from)[:12]}), "
-                            f"not {datastore.uri} ({datastore.fingerprint[:12]}); rebuild the index")
+    if not built_from(index, "keys", datastore):
+        found = (recorded_input(index, "keys") or {}).get("content_digest")
+        raise MemforgeError(f"{index.uri}: built from another key store (content {str(found)[:12]}), "
+                            f"not {datastore.uri} ({datastore.content_digest[:12]}); rebuild the index")
     dim = queries.manifest["stats"]["hidden_size"]
     if dim != index.manifest["stats"]["dim"]:
         raise MemforgeError(f"{queries.uri}: key dimension {dim} differs from the index dimension "
@@ -139,83 +120,92 @@ def check_compatible(params: Params, index: Artifact, datastore: Artifact, queri
         raise MemforgeError(f"targets.nprobe: {nprobe} exceeds the index's nlist ({nlist})")
 
 
-def targets(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -> str:
-    """Run the targets stage for both splits (one Beam pipeline); returns the targets directory."""
-    index = open_artifact(index_uri(params), "index")
-    datastore = open_artifact(keys_uri(params, "train"), "keys")
-    tokens = open_artifact(tokens_uri(params), "tokens")
-    queries_by_split = {split: open_artifact(keys_uri(params, split), "keys") for split in SPLITS}
-    for queries in queries_by_split.values():  # every split is checked before any work starts
-        check_compatible(params, index, datastore, queries)
-    nprobe = params.targets.nprobe or params.index.nprobe
-    builds, splits, elements = {}, {}, []
-    for split, queries in queries_by_split.items():
-        begun = _begin_split(params, split, index, datastore, queries, tokens, nprobe, rebuild)
-        if begun is not None:
-            builds[split], splits[split], pending = begun
-            elements += [{"split": split, "shard": asdict(s)} for s in pending]
-    if not builds:
-        return fs.join(params.artifacts_dir, "targets")
-    common = {
-        "index_uri": index.uri, "index_shards": [s.name for s in load_plan(index.uri).shards],
-        "merged": index.manifest["stats"]["merge"] == "ondisk", "nprobe": nprobe,
-        "k": params.targets.k, "temperature": params.targets.temperature, "width": params.targets.width,
-        "exact_distances": params.targets.exact_distances, "datastore_rows": datastore.manifest["counts"]["rows"],
-        "window": params.targets.exclude_same_document_window,
-        "tokens_uri": tokens.uri, "parts": tokens.manifest["stats"]["splits"]["train"]["parts"],
-        "threads": worker_threads(params),
-    }
-    runner = None
-    if elements:
-        beam_pipeline, runner = pipeline(list(beam_args), params.encode.num_workers, "multi_threading")
-        with contextlib.ExitStack() as progress:
-            for split, spec in splits.items():
-                pending = [Shard(**e["shard"]) for e in elements if e["split"] == split]
-                progress.enter_context(ShardProgress(f"targets {split}", spec["out_uri"], pending, unit="queries"))
-            with beam_pipeline as p:
-                (p | "shards" >> beam.Create(elements) | beam.Reshuffle()
-                   | "search" >> beam.ParDo(SearchShard(common, splits, shared.Shared())))
-    for split, build in builds.items():
-        _publish_split(build, params, index, datastore, queries_by_split[split], splits[split], nprobe, runner)
-    return fs.join(params.artifacts_dir, "targets")
+class Targets(Stage):
+    """kNN neighbours and distillation distributions of both splits, one Beam pipeline."""
 
+    name = "targets"
+    summary = "kNN neighbours and distillation distributions for each split (Beam)"
+    outputs = split_roles("targets")
+    format = "zarr-v3"
+    inputs = ("keys/train", "keys/validation", "index", "tokens")
+    content = ("targets.k", "targets.temperature", "targets.width", "targets.nprobe", "targets.exact_distances",
+               "targets.exclude_same_document_window", "targets.probs_dtype", "index.nprobe")
+    layout = ("targets.shard_chunks", "encode.chunk_rows")
+    execution = ("encode.num_workers", "encode.threads_per_worker", "index.threads")
+    sharded = True
+    running_mode = "multi_threading"
+    progress_unit = "queries"
 
-def _begin_split(params, split, index, datastore, queries, tokens, nprobe, rebuild):
-    """Begin (or resume) one split's build and create its stores; None when it is up to date."""
-    uri = targets_uri(params, split)
-    section = {**params.section("targets"), "nprobe": nprobe, "split": split}
-    inputs = {"queries": queries, "index": index, "datastore": datastore}
-    if params.targets.exclude_same_document_window:
-        inputs["tokens"] = tokens
-    build = ArtifactBuild.begin(uri, "targets", section, inputs, fmt="zarr-v3", rebuild=rebuild)
-    if build.up_to_date:
-        log.info("targets: %s is up to date (fingerprint %s)", uri, build.fingerprint[:12])
-        return None
-    n_rows = queries.manifest["counts"]["rows"]
-    chunk_rows, shard_rows = shard_geometry(n_rows, params.encode.chunk_rows, params.targets.shard_chunks)
-    neighbours = NeighbourStore.create(uri, n_rows, params.targets.k, chunk_rows, shard_rows // chunk_rows)
-    DistributionStore.create(uri, n_rows, params.targets.width, params.targets.probs_dtype, chunk_rows,
-                             shard_rows // chunk_rows)
-    plan = build.plan(neighbours.rows.plan())  # one Beam element per Zarr shard of the target stores
-    pending = build.pending(plan)
-    log.info("targets: %s: %d queries in %d shards; %d already done (skipped), %d to run",
-             split, n_rows, len(plan.shards), len(plan.shards) - len(pending), len(pending))
-    spec = {"queries_uri": queries.uri, "out_uri": uri, "self_query": split == "train"}
-    return build, spec, pending
+    def input_roles(self, ctx: Context) -> tuple[str, ...]:
+        """The token store only when same-document neighbours are excluded (it holds the document ids)."""
+        return self.inputs if ctx.params.targets.exclude_same_document_window else self.inputs[:3]
 
+    def nprobe(self, ctx: Context) -> int:
+        return ctx.params.targets.nprobe or ctx.params.index.nprobe
 
-def _publish_split(build, params, index, datastore, queries, spec, nprobe, runner) -> None:
-    neighbours = NeighbourStore.open(spec["out_uri"], writable=True)
-    distributions = DistributionStore.open(spec["out_uri"], writable=True)
-    build.publish(
-        counts={"rows": queries.manifest["counts"]["rows"], "vocab_size": datastore.manifest["counts"]["vocab_size"],
-                "datastore_rows": datastore.manifest["counts"]["rows"], "query_offset": 0},
-        arrays={**neighbours.rows.describe(), **distributions.rows.describe()},
-        stats={"self_query": spec["self_query"], "k": params.targets.k, "temperature": params.targets.temperature,
-               "width": params.targets.width, "nprobe": nprobe, "exact_distances": params.targets.exact_distances,
-               "index_factory": index.manifest["stats"]["factory"],
-               "index_recall_at_k": index.manifest["stats"].get("recall_at_k"),
-               "faiss_version": index.manifest["stats"]["faiss_version"]},
-        beam_runner=runner,
-    )
-    log.info("targets: published %s", build.uri)
+    def check(self, ctx: Context) -> None:
+        """Every split is checked before any work starts."""
+        for role in split_roles("keys"):
+            check_compatible(ctx.params, ctx.inputs["index"], ctx.inputs["keys/train"], ctx.inputs[role])
+
+    def artifact_params(self, ctx: Context, role: str) -> dict:
+        values = ctx.params.values([key for key in self.content if key != "index.nprobe"], strip="targets")
+        return {**values, "nprobe": self.nprobe(ctx), "split": role.split("/")[1]}
+
+    def artifact_inputs(self, ctx: Context, role: str) -> dict:
+        inputs = {"queries": ctx.inputs["keys/" + role.split("/")[1]], "index": ctx.inputs["index"],
+                  "datastore": ctx.inputs["keys/train"]}
+        if "tokens" in ctx.inputs:
+            inputs["tokens"] = ctx.inputs["tokens"]
+        return inputs
+
+    def geometry(self, ctx: Context, role: str) -> tuple[int, int, int]:
+        """(query rows, chunk rows, shard rows) of the split's target stores."""
+        n_rows = ctx.inputs["keys/" + role.split("/")[1]].manifest["counts"]["rows"]
+        return (n_rows, *shard_geometry(n_rows, ctx.params.encode.chunk_rows, ctx.params.targets.shard_chunks))
+
+    def plan(self, ctx: Context, role: str) -> ShardPlan:
+        """One element per Zarr shard of the target stores."""
+        n_rows, _, shard_rows = self.geometry(ctx, role)
+        return ShardPlan.even(n_rows, shard_rows)
+
+    def create(self, ctx: Context, role: str, plan: ShardPlan) -> None:
+        n_rows, chunk_rows, shard_rows = self.geometry(ctx, role)
+        config = ctx.params.targets
+        NeighbourStore.create(ctx.uri(role), n_rows, config.k, chunk_rows, shard_rows // chunk_rows)
+        DistributionStore.create(ctx.uri(role), n_rows, config.width, config.probs_dtype, chunk_rows,
+                                 shard_rows // chunk_rows)
+
+    def worker(self, ctx: Context, roles: dict[str, str]) -> ShardWorker:
+        index, datastore, config = ctx.inputs["index"], ctx.inputs["keys/train"], ctx.params.targets
+        tokens = ctx.inputs.get("tokens")
+        common = {
+            "index_uri": index.uri, "index_shards": [s.name for s in load_plan(index.uri).shards],
+            "merged": index.manifest["stats"]["merge"] == "ondisk", "nprobe": self.nprobe(ctx),
+            "k": config.k, "temperature": config.temperature, "width": config.width,
+            "exact_distances": config.exact_distances, "datastore_rows": datastore.manifest["counts"]["rows"],
+            "window": config.exclude_same_document_window,
+            "tokens_uri": tokens.uri if tokens else None,
+            "parts": tokens.manifest["stats"]["splits"]["train"]["parts"] if tokens else None,
+            "threads": faiss_index.worker_threads(ctx.params),
+        }
+        splits = {role: {"queries_uri": ctx.inputs["keys/" + role.split("/")[1]].uri, "out_uri": uri,
+                         "self_query": role == "targets/train"} for role, uri in roles.items()}
+        return SearchShards(common, splits, shared.Shared())
+
+    def finalize(self, ctx: Context, role: str, build) -> Published:
+        index, datastore, config = ctx.inputs["index"], ctx.inputs["keys/train"], ctx.params.targets
+        neighbours = NeighbourStore.open(build.uri, writable=True)
+        distributions = DistributionStore.open(build.uri, writable=True)
+        queries = ctx.inputs["keys/" + role.split("/")[1]]
+        return Published(
+            counts={"rows": queries.manifest["counts"]["rows"],
+                    "vocab_size": datastore.manifest["counts"]["vocab_size"],
+                    "datastore_rows": datastore.manifest["counts"]["rows"], "query_offset": 0},
+            arrays={**neighbours.rows.describe(), **distributions.rows.describe()},
+            stats={"self_query": role == "targets/train", "k": config.k, "temperature": config.temperature,
+                   "width": config.width, "nprobe": self.nprobe(ctx), "exact_distances": config.exact_distances,
+                   "index_factory": index.manifest["stats"]["factory"],
+                   "index_recall_at_k": index.manifest["stats"].get("recall_at_k"),
+                   "faiss_version": index.manifest["stats"]["faiss_version"]},
+        )

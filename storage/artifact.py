@@ -14,9 +14,9 @@ from typing import Any
 
 from storage import fs, provenance
 from storage.errors import ArtifactError
-from storage.shards import MARKERS_DIR, PLAN_NAME, Shard, ShardMarkers, ShardPlan, load_plan, save_plan
+from storage.shards import MARKERS_DIR, PLAN_NAME, Shard, ShardMarkers, ShardPlan, load_layout, load_plan, save_plan
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: content_digest, execution; inputs enter fingerprints by content
 MANIFEST_NAME = "_manifest.json"
 BUILD_NAME = "_build.json"
 _BOOKKEEPING = (MANIFEST_NAME, BUILD_NAME)
@@ -25,14 +25,24 @@ REBUILD_OUTDATED = "outdated"
 _log = logging.getLogger("memforge.artifact")
 
 
-def fingerprint(kind: str, params: dict, input_fingerprints: dict[str, str], code: dict) -> str:
-    """Hash of what determines an artifact's content: kind, params, inputs' fingerprints, code."""
+def fingerprint(kind: str, params: dict, input_digests: dict[str, str], code: dict) -> str:
+    """Hash of what determines an artifact's content: kind, content params, inputs' content digests, code.
+
+    Inputs enter by what they hold, not by how they were made: an upstream rebuilt by other code into
+    the same bytes leaves this artifact up to date.
+    """
     payload = {
         "kind": kind,
         "params": params,
-        "inputs": dict(sorted(input_fingerprints.items())),
+        "inputs": dict(sorted(input_digests.items())),
         "code": {"package_version": code.get("package_version"), "source_digest": code["source_digest"]},
     }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def content_digest(kind: str, files: dict[str, str]) -> str:
+    """Hash of what an artifact holds: its kind and the checksum of every file."""
+    payload = {"kind": kind, "files": dict(sorted(files.items()))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -50,6 +60,11 @@ class Artifact:
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
+
+    @property
+    def content_digest(self) -> str:
+        """What the artifact holds (its files' checksums); what its consumers' fingerprints hash."""
+        return self.manifest["content_digest"]
 
     @property
     def params(self) -> dict:
@@ -93,7 +108,19 @@ def open_artifact(uri: str, kind: str | None = None) -> Artifact:
 
 
 def _input_record(role: str, artifact: Artifact) -> dict:
-    return {"role": role, "uri": artifact.uri, "kind": artifact.kind, "fingerprint": artifact.fingerprint}
+    return {"role": role, "uri": artifact.uri, "kind": artifact.kind, "fingerprint": artifact.fingerprint,
+            "content_digest": artifact.content_digest}
+
+
+def recorded_input(artifact: Artifact, role: str) -> dict | None:
+    """The record of input ``role`` in ``artifact``'s manifest, or None."""
+    return next((i for i in artifact.manifest.get("inputs", []) if i.get("role") == role), None)
+
+
+def built_from(artifact: Artifact, role: str, upstream: Artifact) -> bool:
+    """True when ``artifact`` was built from ``upstream``'s content as its input ``role``."""
+    record = recorded_input(artifact, role)
+    return record is not None and record.get("content_digest") == upstream.content_digest
 
 
 class ArtifactBuild:
@@ -104,22 +131,29 @@ class ArtifactBuild:
     """
 
     def __init__(self, uri: str, kind: str, params: dict, inputs: dict[str, Artifact], fmt: str,
-                 started_at: str, up_to_date: bool):
+                 started_at: str, up_to_date: bool, code_files: tuple[str, ...] = (),
+                 execution: dict | None = None):
         self.uri = uri
         self.kind = kind
         self.params = params
         self.inputs = inputs
         self.format = fmt
-        self.code = provenance.code_version(kind)
-        self.fingerprint = fingerprint(kind, params, {r: a.fingerprint for r, a in inputs.items()}, self.code)
+        self.code = provenance.code_version(tuple(code_files))
+        self.execution = execution or {}
+        self.fingerprint = fingerprint(kind, params, {r: a.content_digest for r, a in inputs.items()}, self.code)
         self.started_at = started_at
         self.up_to_date = up_to_date
         self.markers = ShardMarkers(uri)
 
     @classmethod
     def begin(cls, uri: str, kind: str, params: dict, inputs: dict[str, Artifact] | None = None,
-              fmt: str = "directory", rebuild: bool | str = False) -> "ArtifactBuild":
+              fmt: str = "directory", rebuild: bool | str = False, code_files: tuple[str, ...] = (),
+              execution: dict | None = None) -> "ArtifactBuild":
         """Start, resume, or refuse a build of ``kind`` at ``uri``.
+
+        ``params`` are the content params (they enter the fingerprint with the inputs' fingerprints and
+        the digest of ``code_files``); ``execution`` (workers, threads, batch sizes, runner options) is
+        recorded in the manifest as provenance only.
 
         ``rebuild``: False refuses to replace an artifact (published or interrupted) built with other
         params, inputs or code; True discards whatever is there; ``"outdated"`` (what orchestrators pass:
@@ -129,7 +163,8 @@ class ArtifactBuild:
         if rebuild not in (False, True, REBUILD_OUTDATED):
             raise ArtifactError(f"rebuild must be False, True or {REBUILD_OUTDATED!r}, not {rebuild!r}")
         uri = fs.normalize(uri)
-        build = cls(uri, kind, params, dict(inputs or {}), fmt, provenance.now(), up_to_date=False)
+        build = cls(uri, kind, params, dict(inputs or {}), fmt, provenance.now(), up_to_date=False,
+                    code_files=code_files, execution=execution)
         manifest_uri, state_uri = fs.join(uri, MANIFEST_NAME), fs.join(uri, BUILD_NAME)
         if rebuild is True:
             fs.remove_tree(uri)
@@ -161,17 +196,32 @@ class ArtifactBuild:
             fs.remove_tree(uri)  # no finished shard, or the orchestrator replaces outdated work
         elif fs.list_files(uri):
             raise ArtifactError(f"{uri}: exists and is not a memforge artifact; move it away or pass --rebuild")
-        fs.write_json_atomic(state_uri, {
-            "kind": kind, "fingerprint": build.fingerprint, "params": params,
-            "inputs": [_input_record(r, a) for r, a in build.inputs.items()],
-            "started_at": build.started_at, "run": provenance.run_identity(),
-        })
+        build.write_state()
         return build
 
+    def write_state(self) -> None:
+        """Record this build as in progress (``_build.json``)."""
+        fs.write_json_atomic(fs.join(self.uri, BUILD_NAME), {
+            "kind": self.kind, "fingerprint": self.fingerprint, "params": self.params,
+            "inputs": [_input_record(r, a) for r, a in self.inputs.items()],
+            "started_at": self.started_at, "run": provenance.run_identity(),
+        })
+
+    def restart(self) -> None:
+        """Discard this interrupted build's work (its plan no longer holds) and record it anew."""
+        fs.remove_tree(self.uri)
+        self.write_state()
+
     # -- shards ---------------------------------------------------------------------------
-    def plan(self, plan: ShardPlan) -> ShardPlan:
-        """Record the shard plan (once); on resume the stored plan must be identical."""
-        return save_plan(self.uri, plan)
+    def plan(self, plan: ShardPlan, layout: dict | None = None) -> ShardPlan:
+        """Record the shard plan and the layout it follows (once); on resume both must be identical."""
+        return save_plan(self.uri, plan, layout)
+
+    def stored_layout(self) -> tuple[ShardPlan, dict] | None:
+        """The plan and layout an interrupted build recorded, or None before planning."""
+        if not fs.exists(fs.join(self.uri, PLAN_NAME)):
+            return None
+        return load_plan(self.uri), load_layout(self.uri)
 
     def pending(self, plan: ShardPlan) -> list[Shard]:
         """Shards of ``plan`` that have no completion marker yet."""
@@ -204,21 +254,24 @@ class ArtifactBuild:
                     f"{self.uri}: cannot publish, {len(missing)} of {len(plan.shards)} shards have no "
                     f"completion marker (first: {missing[0].name})"
                 )
+        files = self._checksums(plan)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "kind": self.kind,
             "format": self.format,
             "fingerprint": self.fingerprint,
+            "content_digest": content_digest(self.kind, files),
             "params": self.params,
             "inputs": [_input_record(r, a) for r, a in self.inputs.items()],
             "code": self.code,
+            "execution": self.execution,
             "environment": provenance.environment(beam_runner),
             "run": {**provenance.run_identity(), "started_at": self.started_at, "finished_at": provenance.now()},
             "counts": counts,
             "arrays": arrays or {},
             "shards": {"count": len(plan.shards) if plan else 0},
             "stats": stats or {},
-            "files": self._checksums(plan),
+            "files": files,
         }
         fs.write_json_atomic(fs.join(self.uri, MANIFEST_NAME), manifest)
         fs.remove_tree(fs.join(self.uri, BUILD_NAME))

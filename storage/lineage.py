@@ -8,10 +8,11 @@ from storage.errors import ArtifactError
 
 
 def lineage(uri: str, role: str | None = None, expected_fingerprint: str | None = None,
-            _seen: frozenset[str] = frozenset()) -> dict:
-    """A tree node for ``uri``: kind, path, fingerprint, params, code, when, run, and its inputs' nodes.
+            _seen: frozenset[str] = frozenset(), expected_content: str | None = None) -> dict:
+    """A tree node for ``uri``: kind, path, fingerprint, params, how it was run (execution), code, when,
+    run, and its inputs' nodes.
 
-    A node whose upstream has changed since it was built (fingerprint differs from the one
+    A node whose upstream has changed since it was built (content digest differs from the one
     recorded as its input) carries ``stale_input``; an unreadable upstream carries ``error``.
     """
     node: dict = {"role": role, "uri": uri}
@@ -24,6 +25,7 @@ def lineage(uri: str, role: str | None = None, expected_fingerprint: str | None 
         "kind": manifest["kind"],
         "fingerprint": manifest["fingerprint"],
         "params": manifest.get("params", {}),
+        "execution": manifest.get("execution", {}),
         "code": manifest.get("code", {}),
         "created": run.get("finished_at"),
         "run_id": run.get("run_id"),
@@ -32,15 +34,16 @@ def lineage(uri: str, role: str | None = None, expected_fingerprint: str | None 
         "stats": manifest.get("stats", {}),
         "dvc": dvc_agreement(uri) if fs.is_local(uri) else None,
     })
-    if expected_fingerprint and expected_fingerprint != manifest["fingerprint"]:
-        node["stale_input"] = f"built from fingerprint {expected_fingerprint[:12]}, upstream is now " \
-                              f"{manifest['fingerprint'][:12]}"
+    if expected_content and expected_content != manifest.get("content_digest"):
+        node["stale_input"] = f"built from content {expected_content[:12]}, upstream now holds " \
+                              f"{str(manifest.get('content_digest'))[:12]} (fingerprint {manifest['fingerprint'][:12]})"
     if uri in _seen:
         node["error"] = "cycle in lineage"
         node["inputs"] = []
         return node
     node["inputs"] = [
-        lineage(i["uri"], i.get("role"), i.get("fingerprint"), _seen | {uri}) for i in manifest.get("inputs", [])
+        lineage(i["uri"], i.get("role"), i.get("fingerprint"), _seen | {uri}, i.get("content_digest"))
+        for i in manifest.get("inputs", [])
     ]
     return node
 
@@ -71,6 +74,8 @@ def render(node: dict, prefix: str = "", last: bool = True, root: bool = True,
         code = node["code"]
         sha = (code.get("git_sha") or "no-git")[:12] + ("+dirty" if code.get("git_dirty") else "")
         lines.append(f"{child_prefix}    params: {scalar_pairs(node['params']) or '-'}")
+        if node.get("execution"):  # how it was run: provenance, never part of the fingerprint
+            lines.append(f"{child_prefix}    execution: {scalar_pairs(node['execution'])}")
         lines.append(f"{child_prefix}    code: memforge {code.get('package_version')} {sha} "
                      f"src {code.get('source_digest', '?')[:12]}")
         lines.append(f"{child_prefix}    built: {node['created']}  run {node['run_id']}"

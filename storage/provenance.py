@@ -1,6 +1,7 @@
 """Where an artifact came from: code version, software environment and run identity."""
 from __future__ import annotations
 
+import ast
 import datetime as _dt
 import functools
 import hashlib
@@ -42,45 +43,96 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
-# The packages whose code determines an artifact's content, by artifact kind. Orchestration (flows/)
-# never does, so editing a flow or the CLI leaves every artifact up to date; dvc.yaml's code deps match.
-PIPELINE_PACKAGES = ("storage", "pipelines")
-CONTENT_PACKAGES = ("storage", "pipelines", "training")
-_PACKAGES_BY_KIND = {"tokens": PIPELINE_PACKAGES, "keys": PIPELINE_PACKAGES, "index": PIPELINE_PACKAGES,
-                     "targets": PIPELINE_PACKAGES}
+PROJECT_PACKAGES = ("storage", "pipelines", "training", "flows")
+# Modules that say how a stage runs, never what it writes: the declaration and executor machinery,
+# Beam options, progress, worker-error reports, the params schema (params values are hashed
+# themselves) and artifact locations. The import closure stops at them, so editing them leaves
+# every artifact up to date.
+EXECUTION_MODULES = frozenset({
+    "pipelines.stage", "pipelines.executor", "pipelines.runner", "pipelines.progress", "pipelines.worker_errors",
+    "storage.params", "storage.params_view", "storage.paths", "flows",
+})
 
 
-def code_packages(kind: str) -> tuple[str, ...]:
-    """The source packages that determine an artifact of ``kind`` (training kinds: all content packages)."""
-    return _PACKAGES_BY_KIND.get(kind, CONTENT_PACKAGES)
+def _module_file(name: str) -> Path | None:
+    """The source file of project module ``name`` (a package: its ``__init__.py``), or None."""
+    base = _source_root().joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(file: Path) -> set[str]:
+    """Project modules named by the import statements of ``file`` (anywhere in it, lazy ones included)."""
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] in PROJECT_PACKAGES:
+                found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {name for name in found if _module_file(name) is not None}
+
+
+def _excluded(name: str) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in EXECUTION_MODULES)
 
 
 @functools.lru_cache(maxsize=None)
-def source_digest(packages: tuple[str, ...]) -> str:
-    """sha256 over the Python sources (path + content) of ``packages``, so any code change there shows."""
+def code_files(module_file: str) -> tuple[str, ...]:
+    """The source files that determine what a stage writes: the stage's module file and the project
+    modules it imports, transitively (execution-only modules excluded); paths relative to the source
+    root, sorted."""
+    root = _source_root()
+    start = Path(module_file).resolve()
+    files, todo, seen = {start}, [start], set()
+    while todo:
+        file = todo.pop()
+        for name in sorted(_imported_modules(file)):
+            if name in seen or _excluded(name):
+                continue
+            seen.add(name)
+            found = _module_file(name)
+            if found not in files:
+                files.add(found)
+                todo.append(found)
+    return tuple(sorted(os.path.relpath(f, root) for f in files))
+
+
+def source_digest(files: tuple[str, ...]) -> str:
+    """sha256 over the given source files (path + content), so any code change there shows."""
     root = _source_root()
     digest = hashlib.sha256()
-    for package in packages:
-        for file in sorted((root / package).rglob("*.py")):
-            digest.update(file.relative_to(root).as_posix().encode() + b"\0")
-            digest.update(file.read_bytes() + b"\0")
+    for rel in files:
+        digest.update(Path(rel).as_posix().encode() + b"\0")
+        digest.update((root / rel).read_bytes() + b"\0")
     return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=None)
-def code_version(kind: str) -> dict:
-    """Package version, digest of the sources that determine an artifact of ``kind``, and the git
-    commit with its dirty flag when in a checkout."""
+def _git_state() -> tuple[str | None, bool | None]:
     sha = _git("rev-parse", "HEAD")
     dirty = None
     if sha is not None:
         status = _git("status", "--porcelain", "--untracked-files=no")
         dirty = bool(status) if status is not None else None
-    packages = code_packages(kind)
+    return sha, dirty
+
+
+def code_version(files: tuple[str, ...]) -> dict:
+    """Package version, digest and list of the source files that determine an artifact, and the git
+    commit with its dirty flag when in a checkout."""
+    sha, dirty = _git_state()
     return {
         "package_version": _package_version(PACKAGE_NAME),
-        "source_digest": source_digest(packages),
-        "source_packages": list(packages),
+        "source_digest": source_digest(files),
+        "source_files": list(files),
         "git_sha": sha,
         "git_dirty": dirty,
     }

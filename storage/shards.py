@@ -91,21 +91,27 @@ class ShardMarkers:
         return fs.read_json(self._marker(shard))
 
 
-def save_plan(artifact_uri: str, plan: ShardPlan) -> ShardPlan:
-    """Write the plan once; on resume require the stored plan to be the same one."""
+def save_plan(artifact_uri: str, plan: ShardPlan, layout: dict | None = None) -> ShardPlan:
+    """Write the plan (with the ``layout`` params it follows) once; on resume require the stored plan
+    to be the same one."""
     uri = fs.join(artifact_uri, PLAN_NAME)
     if fs.exists(uri):
         stored = load_plan(artifact_uri)
-        if stored != plan:
+        if stored != plan or load_layout(artifact_uri) != (layout or {}):
             raise ArtifactError(
                 f"{artifact_uri}: stored shard plan ({len(stored.shards)} shards, {stored.total_rows} rows) "
                 f"differs from the new one ({len(plan.shards)} shards, {plan.total_rows} rows); "
                 "pass --rebuild to discard the interrupted build"
             )
         return stored
-    fs.write_json_atomic(uri, plan.to_json())
+    fs.write_json_atomic(uri, {**plan.to_json(), "layout": layout or {}})
     return plan
 
 
 def load_plan(artifact_uri: str) -> ShardPlan:
     return ShardPlan.from_json(fs.read_json(fs.join(artifact_uri, PLAN_NAME)))
+
+
+def load_layout(artifact_uri: str) -> dict:
+    """The layout params (chunk and shard sizes) the stored plan was made for."""
+    return fs.read_json(fs.join(artifact_uri, PLAN_NAME)).get("layout", {})

@@ -21,6 +21,7 @@ from storage.shards import Shard
 from storage.zarr_rows import ArraySpec, ZarrRows
 
 KEY_DTYPES = ("float16", "float32", "bfloat16")
+TOKENIZER_DIR = "tokenizer"  # the token store's tokenizer (HF directory) inside the tokens artifact
 PROB_DTYPES = ("float32", "float16")
 
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from storage import fs
-from storage.artifact import BUILD_NAME, MANIFEST_NAME, read_manifest
+from storage.artifact import BUILD_NAME, MANIFEST_NAME, content_digest, read_manifest
 from storage.errors import ArtifactError
 from storage.shards import MARKERS_DIR, PLAN_NAME, ShardMarkers, load_plan
 from storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
@@ -23,6 +23,8 @@ PROB_TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 
 def _check_files(uri: str, manifest: dict) -> Iterator[str]:
     recorded = manifest.get("files", {})
+    if manifest.get("content_digest") != content_digest(manifest.get("kind"), recorded):
+        yield f"{MANIFEST_NAME}: content_digest does not match the recorded files (manifest edited)"
     present = set(fs.list_files(uri))
     for rel, checksum in recorded.items():
         if rel not in present:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.cli import main
+from flows.stages import run_stage
+from storage.params import load_params
 from tiny_lm import write_corpus
 
 SETTINGS = {"decoder.vocab_size": 320, "decoder.n_layer": 2, "decoder.n_head": 2, "decoder.n_embd": 48,
@@ -26,17 +27,24 @@ def stage_args(root, art, **overrides) -> list[str]:
     return args
 
 
+def overrides(args: list[str]) -> list[str]:
+    """The ``--set`` values of CLI ``args``."""
+    return [value for flag, value in zip(args, args[1:]) if flag == "--set"]
+
+
 def build_chain(root: Path) -> dict:
-    """Run every stage up to train-memory under ``root``; returns where things are."""
+    """Run every stage up to train-memory under ``root`` (the same call as the CLI's, recording the params
+    keys each stage reads); returns where things are and the reads."""
     write_corpus(root / "corpus" / "train", 6, 150, seed=7)
     write_corpus(root / "corpus" / "validation", 2, 60, seed=8)
     (root / "params.yaml").write_text("{}\n")
     args = stage_args(root, root / "art")
-    beam = ["--", "--direct_running_mode=in_memory"]
-    for stage in ("prepare", "train-decoder", "encode", "index", "targets"):
-        assert main([stage, *args, *beam]) == 0, stage
-    assert main(["train-memory", *args]) == 0
-    return {"root": root, "art": root / "art", "args": args}
+    params = load_params(root / "params.yaml", overrides(args))
+    reads = {}
+    for stage in ("prepare", "train-decoder", "encode", "index", "targets", "train-memory"):
+        reads[stage] = set()
+        run_stage(stage, params, beam_args=("--direct_running_mode=in_memory",), reads=reads[stage])
+    return {"root": root, "art": root / "art", "args": args, "reads": reads}
 
 
 def write_project(root: Path, art: Path | str = "artifacts") -> Path:

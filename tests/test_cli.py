@@ -8,7 +8,7 @@ import pytest
 from flows import stages
 from flows.cli import main
 
-COMMANDS = [*stages.STAGE_NAMES, "run", "ls", "lineage", "verify", "retemper", "explain", "bench"]
+COMMANDS = [*stages.stage_names(), "run", "ls", "lineage", "verify", "retemper", "explain", "bench", "dvc-yaml"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -18,7 +18,7 @@ def test_help_documents_each_command(command, capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert f"memforge {command}" in out
-    if command in stages.STAGE_NAMES:
+    if command in stages.stage_names():
         assert "--params" in out and "--set" in out and "--rebuild" in out
 
 

@@ -2,7 +2,9 @@
 what a changed param reaches; `dvc push`/`dvc pull` through a local remote; lineage reads dvc.lock."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +12,16 @@ from pathlib import Path
 import yaml
 
 from chain import write_project
-from flows.stages import STAGES
+from flows.dvc_yaml import render
+from flows.stages import all_stages
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+STAGES = all_stages()
 
 
-def _run(cwd: Path, *command: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
+def _run(cwd: Path, *command: str, **extra_env: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(cwd), **extra_env}
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, (command, done.stdout[-3000:], done.stderr[-3000:])
     return done.stdout + done.stderr
@@ -27,15 +31,18 @@ def _git(cwd: Path, *args: str) -> str:
     return _run(cwd, "git", "-c", "user.email=ci@memforge", "-c", "user.name=ci", *args)
 
 
-def test_dvc_yaml_mirrors_the_stage_registry():
+def test_dvc_yaml_is_generated_from_the_stage_declarations():
+    assert (REPO / "dvc.yaml").read_text() == render(all_stages()), "run `memforge dvc-yaml` and commit dvc.yaml"
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(dvc) == [item.name for item in STAGES]
     for item in STAGES:
         stage = dvc[item.name]
         assert stage["cmd"] == f"memforge {item.name} --replace-outdated"
-        assert stage["params"] == list(item.params)
-        top_dirs = list(dict.fromkeys("${artifacts_dir}/" + path.split("/")[0] for path in item.inputs))
-        assert stage["deps"] == list(item.code) + top_dirs
+        assert stage["params"] == ["artifacts_dir", *item.content]
+        assert not set(stage["params"]) & set(item.execution + item.layout)
+        top_dirs = list(dict.fromkeys("${artifacts_dir}/" + role.split("/")[0] for role in item.inputs))
+        assert stage["deps"] == list(item.code_files()) + top_dirs
+        assert all((REPO / dep).is_file() for dep in item.code_files())
         outs = [next(iter(out)) for out in stage["outs"]]
         if item.name == "evaluate":
             assert all(out.startswith("${artifacts_dir}/eval/") for out in outs)
@@ -44,9 +51,27 @@ def test_dvc_yaml_mirrors_the_stage_registry():
         assert all(next(iter(out.values()))["persist"] for out in stage["outs"])
 
 
+def _copy_working_tree(target: Path) -> None:
+    """The working tree (tracked and untracked files, not ignored ones) as a new git repository: the test
+    runs the code as it is, not the last commit."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, target / rel)
+    _git(target, "init", "-q")
+    _git(target, "add", "-A")
+    _git(target, "commit", "-q", "-m", "working tree")
+
+
+def _changed_stages(status: str) -> set[str]:
+    return {item.name for item in STAGES if f"{item.name}:" in status.split()}
+
+
 def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path):
     clone, copy, remote = tmp_path / "clone", tmp_path / "copy", tmp_path / "remote"
-    _git(tmp_path, "clone", "-q", str(REPO), str(clone))
+    _copy_working_tree(clone)
     params_file = write_project(clone)
 
     first = _run(clone, "dvc", "repro")
@@ -54,6 +79,24 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path):
         assert f"Running stage '{item.name}'" in first
     assert "train-memory" in _run(clone, "dvc", "dag")
     assert "Data and pipelines are up to date" in _run(clone, "dvc", "status")
+
+    # Execution params (workers, threads, batch sizes) and layout params (chunk sizes) change no artifact.
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["encode"].update(num_workers=1, threads_per_worker=2, batch_size=4, chunk_rows=32)
+    params["index"]["threads"] = 2
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "Data and pipelines are up to date" in _run(clone, "dvc", "status")
+    params_file.write_text(original)
+
+    # Code: each edit reaches the stages whose import closure holds the module (the rest follow through
+    # their inputs' content, below).
+    for module, reached in (("pipelines/corpus.py", {"prepare"}), ("pipelines/knn.py", {"targets"}),
+                            ("pipelines/executor.py", set())):
+        source = (clone / module).read_text()
+        (clone / module).write_text(source + "\n# an edit\n")
+        assert _changed_stages(_run(clone, "dvc", "status")) == reached, module
+        (clone / module).write_text(source)
 
     params = yaml.safe_load(params_file.read_text())
     params["targets"]["temperature"] = 2.0
@@ -70,6 +113,36 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path):
     assert "dvc: stage targets (artifacts/targets): outputs match dvc.lock" in lineage
     assert "temperature=2.0" in lineage
 
+    def published() -> dict[str, str]:
+        return {name: json.loads((clone / "artifacts" / name / "_manifest.json").read_text())["fingerprint"]
+                for name in ("tokens", "decoder", "keys/train", "index", "targets/train", "memory", "eval")}
+
+    # A change to the targets kernel (here: distributions at twice the temperature) rebuilds targets, then
+    # train-memory and evaluate, whose inputs now hold other data; nothing upstream.
+    before = published()
+    kernel = clone / "pipelines" / "knn.py"
+    original_kernel = kernel.read_text()
+    assert "logits = dists.astype(np.float64) / -temperature" in original_kernel
+    kernel.write_text(original_kernel.replace("/ -temperature", "/ -(2 * temperature)"))
+    changed = _run(clone, "dvc", "repro")
+    assert [item.name for item in STAGES if f"Running stage '{item.name}'" in changed] == [
+        "targets", "train-memory", "evaluate"]
+    after = published()
+    assert {name for name in before if before[name] != after[name]} == {"targets/train", "memory", "eval"}
+    kernel.write_text(original_kernel)
+    _run(clone, "dvc", "repro")
+
+    # A prepare-only edit reruns prepare into the same bytes: keys, index and targets stay up to date,
+    # since a stage depends on its inputs' content, not on how they were made.
+    before = published()
+    corpus = clone / "pipelines" / "corpus.py"
+    corpus.write_text(corpus.read_text() + "\n# an edit\n")
+    fourth = _run(clone, "dvc", "repro")
+    assert "Running stage 'prepare'" in fourth
+    after = published()
+    assert after.pop("tokens") != before.pop("tokens")
+    assert after == before
+
     _run(clone, "dvc", "remote", "add", "-d", "store", str(remote))
     _run(clone, "dvc", "push")
     _git(clone, "add", "dvc.lock", "params.yaml", ".dvc/config")
@@ -81,3 +154,13 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path):
     for rel in originals:
         assert (copy / rel).read_bytes() == (clone / rel).read_bytes(), rel
     assert "OK" in _run(copy, "memforge", "verify", "artifacts/targets/train")
+
+    # A stage declared as one class in a test file joins the generated dvc.yaml and runs there.
+    toy = {"MEMFORGE_STAGES": "test_declared_stage:TokenCounts",
+           "PYTHONPATH": f"{clone}{os.pathsep}{clone / 'tests'}"}
+    _run(clone, "memforge", "dvc-yaml", **toy)
+    assert "token-counts" in yaml.safe_load((clone / "dvc.yaml").read_text())["stages"]
+    third = _run(clone, "dvc", "repro", "token-counts", **toy)
+    assert "Running stage 'token-counts'" in third
+    assert [item.name for item in STAGES if f"Running stage '{item.name}'" in third] == []
+    assert "OK" in _run(clone, "memforge", "verify", "artifacts/token-counts", **toy)

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flows.cli import main
-from pipelines.encode import windows_for_rows
+from pipelines.windows import windows_for_rows
 from storage.artifact import open_artifact
 from storage.stores import KeyStore
 from storage.verify import verify
@@ -155,10 +155,6 @@ def test_sigkill_mid_encode_then_rerun_is_byte_identical(setup, tmp_path):
     art = tmp_path / "art"
     art.mkdir()
     os.symlink(setup["art"] / "tokens", art / "tokens")
-    args = [*setup["args"], "--set", f"artifacts_dir={art}", "--set", "encode.chunk_rows=64",
-            "--set", "encode.shard_chunks=1"]
-    # Other chunking than the prepared plan is refused: prepare must plan the datastore shards.
-    assert main(["encode", *args]) == 1
     args = [*setup["args"], "--set", f"artifacts_dir={art}"]
     markers = art / "keys" / "train" / "_shards"
     total = json.loads((setup["art"] / "keys" / "train" / "_manifest.json").read_text())["shards"]["count"]
@@ -173,6 +169,33 @@ def test_sigkill_mid_encode_then_rerun_is_byte_identical(setup, tmp_path):
     for split in ("train", "validation"):
         assert manifest_files(art, split) == manifest_files(setup["art"], split)
         assert verify(str(art / "keys" / split)) == []
+
+
+def test_interrupted_build_with_another_layout_restarts_its_plan(setup, tmp_path):
+    """Layout params (chunk and shard sizes) are not content: an interrupted build rerun with another
+    layout starts its plan over in the new layout (never mixing two) and holds the same keys."""
+    art = tmp_path / "art"
+    art.mkdir()
+    os.symlink(setup["art"] / "tokens", art / "tokens")
+    args = [*setup["args"], "--set", f"artifacts_dir={art}"]
+    done = kill_after_first_shard(["encode", *args], art / "keys" / "train" / "_shards")
+    assert done > 0 and not (art / "keys" / "train" / "_manifest.json").exists()
+
+    finished = rerun(["encode", *args, "--set", "encode.chunk_rows=8", "--set", "encode.shard_chunks=3"])
+    assert finished.returncode == 0, finished.stderr
+    assert "planned for another layout" in finished.stderr
+    assert "; 0 shards already done" in finished.stderr.split("encode: train: ")[1]
+    for split in ("train", "validation"):
+        rebuilt, original = KeyStore.open(str(art / "keys" / split)), KeyStore.open(str(setup["art"] / "keys" / split))
+        assert rebuilt.rows.array("keys").chunks[0] == 8 and rebuilt.rows.unit_rows() == 24
+        np.testing.assert_array_equal(rebuilt.keys(), original.keys())
+        np.testing.assert_array_equal(rebuilt.vals(), original.vals())
+        assert verify(str(art / "keys" / split)) == []
+        layout = json.loads((art / "keys" / split / "_plan.json").read_text())["layout"]
+        assert layout == {"encode.chunk_rows": 8, "encode.shard_chunks": 3}
+    # Finished, it stays up to date whatever layout is asked for next.
+    again = rerun(["encode", *args])
+    assert again.returncode == 0 and again.stderr.count("is up to date") == 2
 
 
 def free_port() -> int:

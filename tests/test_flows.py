@@ -23,10 +23,11 @@ import pipelines.targets
 from chain import write_project
 from crash import MEMFORGE, kill_when
 from flows.build import STAGE_FLOWS, build
-from flows.stages import STAGE_NAMES
+from flows.stages import stage_names
 from storage.errors import MemforgeError
 
 BEAM = ["--direct_running_mode=in_memory"]
+STAGE_NAMES = stage_names()
 PREFECT = str(Path(sys.executable).parent / "prefect")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,6 +49,13 @@ def test_build_flow_caches_finished_stages_and_reruns_what_a_param_change_reache
     assert build(params_file=params, beam_args=BEAM)["stages"] == dict.fromkeys(STAGE_NAMES, "Cached")
     assert STAGE_FLOWS["index"](params_file=params, beam_args=BEAM)["stages"] == {"index": "Cached"}
 
+    # How stages run (workers, threads, batch sizes) and how their data is chunked never outdate what they
+    # wrote: every stage stays Cached.
+    execution = ["encode.num_workers=1", "encode.threads_per_worker=2", "index.threads=2", "encode.batch_size=4",
+                 "encode.chunk_rows=32", "targets.shard_chunks=1"]
+    assert build(params_file=params, overrides=execution, beam_args=BEAM)["stages"] == dict.fromkeys(STAGE_NAMES,
+                                                                                                      "Cached")
+
     # One param changed: that stage and what reads its output rerun, nothing upstream.
     third = build(params_file=params, overrides=["targets.temperature=2.0"], beam_args=BEAM)
     upstream = ("prepare", "train-decoder", "encode", "index")
@@ -62,7 +70,7 @@ def test_build_flow_caches_finished_stages_and_reruns_what_a_param_change_reache
 
     # A transient error is retried (and the retry succeeds); bad input is not retried.
     calls = {"evaluate": 0, "targets": 0}
-    real_evaluate, real_targets = training.evaluate.evaluate, pipelines.targets.targets
+    real_evaluate, real_check = training.evaluate.evaluate, pipelines.targets.Targets.check
 
     def flaky_evaluate(*args, **kwargs):
         calls["evaluate"] += 1
@@ -70,12 +78,12 @@ def test_build_flow_caches_finished_stages_and_reruns_what_a_param_change_reache
             raise OSError("object store timed out")
         return real_evaluate(*args, **kwargs)
 
-    def counted_targets(*args, **kwargs):
+    def counted_check(*args, **kwargs):
         calls["targets"] += 1
-        return real_targets(*args, **kwargs)
+        return real_check(*args, **kwargs)
 
     monkeypatch.setattr(training.evaluate, "evaluate", flaky_evaluate)
-    monkeypatch.setattr(pipelines.targets, "targets", counted_targets)
+    monkeypatch.setattr(pipelines.targets.Targets, "check", counted_check)
     retried = build(params_file=params, overrides=["targets.temperature=2.0", "evaluate.knn_lambda=0.3"],
                     beam_args=BEAM)
     assert retried["stages"]["evaluate"] == "Completed" and calls["evaluate"] == 2

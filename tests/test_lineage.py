@@ -164,22 +164,22 @@ def test_lineage_json_tree(chain, capsys):
 
 def test_rebuilt_upstream_marks_input_stale(chain, capsys):
     tokens, keys, targets = chain
-    old_keys_fp = open_artifact(keys).fingerprint
+    old_keys = open_artifact(keys).content_digest
     build_keys(keys, tokens, seed=2, rebuild=True)
-    new_keys_fp = open_artifact(keys).fingerprint
-    assert new_keys_fp != old_keys_fp
+    new_keys_fp, new_keys = open_artifact(keys).fingerprint, open_artifact(keys).content_digest
+    assert new_keys != old_keys
     assert verify(targets) == []  # the targets themselves are intact, only out of date
 
     root = lineage_json(targets, capsys)
     keys_node = root["inputs"][0]
     assert keys_node["fingerprint"] == new_keys_fp
-    assert keys_node["stale_input"] == (f"built from fingerprint {old_keys_fp[:12]}, "
-                                        f"upstream is now {new_keys_fp[:12]}")
+    assert keys_node["stale_input"] == (f"built from content {old_keys[:12]}, upstream now holds "
+                                        f"{new_keys[:12]} (fingerprint {new_keys_fp[:12]})")
     assert "stale_input" not in root and "stale_input" not in keys_node["inputs"][0]
 
     assert main(["lineage", targets]) == 0
     out = capsys.readouterr().out
-    assert f"! stale: built from fingerprint {old_keys_fp[:12]}" in out
+    assert f"! stale: built from content {old_keys[:12]}" in out
     # The keys artifact's own lineage is not stale: it was built from the current tokens.
     assert "stale_input" not in lineage_json(keys, capsys)
 

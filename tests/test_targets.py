@@ -257,7 +257,7 @@ def test_sigkill_mid_targets_then_rerun_is_byte_identical(datastore, tmp_path):
     assert 0 < done < total, f"kill landed outside the run ({done}/{total})"
     finished = rerun(["targets", *args])
     assert finished.returncode == 0, finished.stderr
-    skipped = int(re.search(r"targets: train: \d+ queries in \d+ shards; (\d+) already done \(skipped\)",
+    skipped = int(re.search(r"targets: train: \d+ rows in \d+ shards; (\d+) shards already done \(skipped\)",
                             finished.stderr).group(1))
     assert done <= skipped < total, finished.stderr[-3000:]
     for split in ("train", "validation"):

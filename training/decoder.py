@@ -17,14 +17,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipelines.encode import decoder_uri
 from pipelines.encoder import retie_output_embeddings
-from pipelines.prepare import TOKENIZER_DIR, tokens_uri
+from pipelines.stage import Context, Published, Stage
 from pipelines.tokenizer import load_tokenizer
 from storage import fs
-from storage.artifact import ArtifactBuild, open_artifact
 from storage.errors import MemforgeError
-from storage.params import DecoderParams, Params
+from storage.stores import TOKENIZER_DIR
 from training.checkpoint import DIR as CHECKPOINTS_DIR
 from training.checkpoint import Checkpoints
 from training.lm_eval import perplexity, target_log_probs, unigram_log_probs
@@ -37,7 +35,7 @@ MODEL_DIR = "model"
 LOSS_CURVE = "loss.json"
 
 
-def build_model(config: DecoderParams, tokenizer) -> torch.nn.Module:
+def build_model(config, tokenizer) -> torch.nn.Module:
     """A fresh GPT-2 sized by ``config`` for ``tokenizer``, or the local HF model at ``config.init``."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -57,22 +55,34 @@ def build_model(config: DecoderParams, tokenizer) -> torch.nn.Module:
     return model
 
 
-def _check_block_size(model: torch.nn.Module, config: DecoderParams) -> None:
+def _check_block_size(model: torch.nn.Module, config) -> None:
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if limit is not None and config.block_size > limit:
         raise MemforgeError(f"decoder.block_size: {config.block_size} exceeds the model's {limit} positions")
 
 
-def train_decoder(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -> str:
-    """Train (or resume training) the decoder; returns the decoder artifact's location."""
-    config = params.decoder
-    tokens = open_artifact(tokens_uri(params), "tokens")
-    uri = decoder_uri(params)
-    build = ArtifactBuild.begin(uri, "decoder", params.section("decoder"), {"tokens": tokens}, fmt="huggingface",
-                                rebuild=rebuild)
-    if build.up_to_date:
-        log.info("train-decoder: %s is up to date (fingerprint %s)", uri, build.fingerprint[:12])
-        return uri
+class TrainDecoder(Stage):
+    """Language-model training of the decoder: one step loop with checkpoints."""
+
+    name = "train-decoder"
+    summary = "train the decoder LM from scratch or fine-tune a local HF model"
+    outputs = ("decoder",)
+    format = "huggingface"
+    inputs = ("tokens",)
+    content = ("decoder.init", "decoder.n_layer", "decoder.n_head", "decoder.n_embd", "decoder.block_size",
+               "decoder.batch_size", "decoder.grad_accum", "decoder.learning_rate", "decoder.weight_decay",
+               "decoder.warmup_steps", "decoder.max_steps", "decoder.schedule", "decoder.seed")
+    execution = ("decoder.checkpoint_every",)
+
+    def artifact_params(self, ctx: Context, role: str) -> dict:
+        return ctx.params.values(self.content, strip="decoder")
+
+    def run(self, ctx: Context, role: str, build) -> Published:
+        return train_decoder(ctx.params.decoder, ctx.inputs["tokens"], build.uri)
+
+
+def train_decoder(config, tokens, uri: str) -> Published:
+    """Train (or resume training) the decoder into ``uri``; returns what its manifest records."""
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = load_tokenizer(fs.local_dir(tokens.path(TOKENIZER_DIR), scratch))
     torch.manual_seed(config.seed)  # initial weights and dropout; a resumed run restores the RNG state
@@ -116,7 +126,7 @@ def train_decoder(params: Params, *, rebuild: bool = False, beam_args: list[str]
         fs.upload_dir(scratch, fs.join(uri, MODEL_DIR))
     fs.write_json_atomic(fs.join(uri, LOSS_CURVE), [{"step": s, "loss": v} for s, v in losses])
     fs.remove_tree(fs.join(uri, CHECKPOINTS_DIR))  # the final model is saved; the artifact keeps only it
-    build.publish(
+    return Published(
         counts={"steps": config.max_steps, "parameters": sum(p.numel() for p in model.parameters()),
                 "vocab_size": len(tokenizer), "validation_tokens": validation.n_tokens},
         stats={"final_train_loss": losses[-1][1], "validation_perplexity": round(validation_ppl, 4),
@@ -124,5 +134,3 @@ def train_decoder(params: Params, *, rebuild: bool = False, beam_args: list[str]
                "train_tokens_per_second": round(trained_tokens / seconds, 1) if seconds > 0 else None,
                "init": config.init or "scratch"},
     )
-    log.info("train-decoder: published %s", uri)
-    return uri

@@ -25,25 +25,18 @@ import torch
 
 from pipelines import faiss_index
 from pipelines.datastore_rows import DatastoreRows
-from pipelines.encode import keys_uri, window_batches, windows_for_rows
 from pipelines.encoder import RepresentationCapture, load_encoder, model_fingerprint
-from pipelines.index import index_uri
-from pipelines.prepare import tokens_uri
+from pipelines.named_decoder import decoder_inputs, decoder_path, external_decoder
+from pipelines.stage import Context, Published, Stage
+from pipelines.windows import window_batches, windows_for_rows
 from storage import fs
-from storage.artifact import ArtifactBuild, open_artifact
 from storage.errors import MemforgeError
-from storage.params import Params
 from storage.shards import load_plan
-from training.memory import decoder_source, memory_uri
 from training.mlp_memory import MLPMemory
 from training.lm_eval import log_probs_at, perplexity
 from training.token_stream import TokenStream
 
 log = logging.getLogger("memforge")
-
-
-def eval_uri(params: Params) -> str:
-    return fs.join(params.artifacts_dir, "eval")
 
 
 class Scorer:
@@ -86,26 +79,56 @@ def _mix(logp_dec: np.ndarray, p_other: np.ndarray, lam: float) -> np.ndarray:
     return np.log(lam * p_other + (1 - lam) * np.exp(logp_dec))
 
 
-def evaluate(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -> str:
-    """Score the validation split three ways and write metrics, per-token log-probs and plots."""
+class Evaluate(Stage):
+    """Perplexity and speed of the decoder, kNN-LM and decoder + memory on the validation split."""
+
+    name = "evaluate"
+    summary = "perplexity and tokens/s of decoder, kNN-LM and decoder+memory"
+    outputs = ("eval",)
+    format = "metrics"
+    inputs = ("tokens", "keys/validation", "index", "memory", "decoder")
+    content = ("evaluate.knn_lambda", "evaluate.memory_lambda", "evaluate.k", "evaluate.temperature",
+               "evaluate.nprobe", "evaluate.lambda_grid", "encode.model")
+    execution = ("evaluate.batch_size", "index.threads", "encode.trust_remote_code")
+    dvc_files = {"outs": ("_manifest.json", "token_log_probs.parquet"), "metrics": ("metrics.json",),
+                 "plots": (("lambda.json", {"x": "lambda"}), ("loss.json", {"x": "step", "y": "loss"}),
+                           "lambda.png", "loss.png")}
+
+    def input_roles(self, ctx: Context) -> tuple[str, ...]:
+        return self.inputs[:4] + decoder_inputs(ctx.params)
+
+    def check(self, ctx: Context) -> None:
+        queries, index = ctx.inputs["keys/validation"], ctx.inputs["index"]
+        path = ctx.scratch["decoder_path"] = decoder_path(ctx)
+        decoder_fingerprint = model_fingerprint(path)
+        encoded_by = queries.manifest["stats"]["model_fingerprint"]
+        if encoded_by != decoder_fingerprint:
+            raise MemforgeError(f"evaluate: kNN-LM queries come from the decoder's forward pass, but {queries.uri} "
+                                f"was encoded by model {encoded_by[:12]}, not by the decoder {path} "
+                                f"({decoder_fingerprint[:12]}); encode with the decoder (encode.model: null)")
+        nlist = index.manifest["stats"]["nlist"]
+        if nlist is not None and ctx.params.evaluate.nprobe > nlist:
+            raise MemforgeError(f"evaluate.nprobe: {ctx.params.evaluate.nprobe} exceeds the index's nlist ({nlist})")
+
+    def artifact_params(self, ctx: Context, role: str) -> dict:
+        values = ctx.params.values([key for key in self.content if key != "encode.model"], strip="evaluate")
+        return {**values, **external_decoder(ctx.params)}
+
+    def artifact_inputs(self, ctx: Context, role: str) -> dict:
+        named = {"decoder": ctx.inputs["decoder"]} if "decoder" in ctx.inputs else {}
+        return {"tokens": ctx.inputs["tokens"], "queries": ctx.inputs["keys/validation"], "index": ctx.inputs["index"],
+                "memory": ctx.inputs["memory"], **named}
+
+    def run(self, ctx: Context, role: str, build) -> Published:
+        return evaluate(ctx.params, ctx.scratch["decoder_path"], ctx.inputs, build.uri)
+
+
+def evaluate(params, decoder_path: str, inputs: dict, uri: str) -> Published:
+    """Score the validation split three ways and write metrics, per-token log-probs and plots into ``uri``."""
     config = params.evaluate
-    tokens = open_artifact(tokens_uri(params), "tokens")
-    queries = open_artifact(keys_uri(params, "validation"), "keys")
-    index = open_artifact(index_uri(params), "index")
-    memory_artifact = open_artifact(memory_uri(params), "memory")
-    decoder_path, decoder_inputs = decoder_source(params)
+    tokens, queries, index = inputs["tokens"], inputs["keys/validation"], inputs["index"]
+    memory_artifact = inputs["memory"]
     stats = queries.manifest["stats"]
-    if stats["model_fingerprint"] != model_fingerprint(decoder_path):
-        raise MemforgeError(f"evaluate: kNN-LM queries come from the decoder's forward pass, but {queries.uri} "
-                            "was encoded by another model; encode with the decoder (encode.model: null)")
-    nlist = index.manifest["stats"]["nlist"]
-    if nlist is not None and config.nprobe > nlist:
-        raise MemforgeError(f"evaluate.nprobe: {config.nprobe} exceeds the index's nlist ({nlist})")
-    build = ArtifactBuild.begin(eval_uri(params), "evaluation", params.section("evaluate"),
-                                {"tokens": tokens, "queries": queries, "index": index, "memory": memory_artifact,
-                                 **decoder_inputs}, fmt="metrics", rebuild=rebuild)
-    if build.up_to_date:
-        return build.uri
     decoder = load_encoder(decoder_path, params.encode.trust_remote_code)
     with tempfile.TemporaryDirectory() as scratch:
         memory = MLPMemory.load(fs.local_dir(memory_artifact.path("model"), scratch))
@@ -159,16 +182,14 @@ def evaluate(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()
     }
     sweep = [{"lambda": lam, "knnlm": round(perplexity(_mix(decoder_logp, p_knn, lam)), 4),
               "memory": round(perplexity(_mix(decoder_logp, p_mem, lam)), 4)} for lam in config.lambda_grid]
-    _write_outputs(build.uri, metrics, sweep, log_probs, scorer, params)
-    build.publish(counts={"rows": n_rows}, stats=metrics)
+    _write_outputs(uri, metrics, sweep, log_probs, scorer, inputs)
     log.info("evaluate: perplexity decoder %.3f, kNN-LM %.3f, decoder+memory %.3f; metrics in %s",
-             perplexities["decoder"], perplexities["knnlm"], perplexities["memory"],
-             fs.join(build.uri, "metrics.json"))
-    return fs.join(build.uri, "metrics.json")
+             perplexities["decoder"], perplexities["knnlm"], perplexities["memory"], fs.join(uri, "metrics.json"))
+    return Published(counts={"rows": n_rows}, stats=metrics)
 
 
 def _write_outputs(uri: str, metrics: dict, sweep: list[dict], log_probs: dict, scorer: Scorer,
-                   params: Params) -> None:
+                   inputs: dict) -> None:
     from training import plots
 
     fs.write_json_atomic(fs.join(uri, "metrics.json"), metrics)
@@ -179,9 +200,10 @@ def _write_outputs(uri: str, metrics: dict, sweep: list[dict], log_probs: dict, 
     with fs.atomic_writer(fs.join(uri, "token_log_probs.parquet")) as handle:
         pq.write_table(table, handle)
     curves = {}
-    for name, artifact_dir in (("decoder", fs.join(params.artifacts_dir, "decoder")),
-                               ("memory", memory_uri(params))):
-        curve_uri = fs.join(artifact_dir, "loss.json")
+    for name, role in (("decoder", "decoder"), ("memory", "memory")):
+        if role not in inputs:
+            continue
+        curve_uri = inputs[role].path("loss.json")
         if fs.exists(curve_uri):
             curves[name] = fs.read_json(curve_uri)
     fs.write_json_atomic(fs.join(uri, "loss.json"), [{"model": name, "step": point["step"], "loss": point["loss"]}

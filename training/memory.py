@@ -17,15 +17,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipelines.encode import decoder_uri, keys_uri
 from pipelines.encoder import RepresentationCapture, hidden_size, load_encoder, model_fingerprint, transformer_blocks
-from pipelines.prepare import tokens_uri
-from pipelines.targets import targets_uri
+from pipelines.stage import Context, Published, Stage
 from storage import fs
-from storage.artifact import Artifact, ArtifactBuild, open_artifact
+from storage.artifact import Artifact, built_from, recorded_input
 from storage.errors import MemforgeError
-from storage.params import Params
 from storage.stores import DistributionStore, KeyStore
+from pipelines.named_decoder import decoder_inputs, decoder_path, external_decoder
 from training.checkpoint import DIR as CHECKPOINTS_DIR
 from training.checkpoint import Checkpoints
 from training.memory_data import DecoderStates, KeyStoreStates, MemoryRows
@@ -36,10 +34,6 @@ log = logging.getLogger("memforge")
 
 MODEL_DIR = "model"
 LOSS_CURVE = "loss.json"
-
-
-def memory_uri(params: Params) -> str:
-    return fs.join(params.artifacts_dir, "memory")
 
 
 def memory_loss(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor, next_token: torch.Tensor,
@@ -57,24 +51,12 @@ def memory_loss(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor,
     return alpha * kl + (1 - alpha) * ce, kl, ce
 
 
-def decoder_source(params: Params) -> tuple[str, dict[str, Artifact]]:
-    """The decoder's local model directory (the trained decoder, else ``encode.model``) and its artifact."""
-    uri = decoder_uri(params)
-    if fs.exists(fs.join(uri, "_manifest.json")):
-        decoder = open_artifact(uri, "decoder")
-        return fs.local_dir(decoder.path("model"), tempfile.mkdtemp()), {"decoder": decoder}
-    if params.encode.model:
-        return params.encode.model, {}
-    raise MemforgeError(f"{uri}: no trained decoder and encode.model is null; run `memforge train-decoder` "
-                        "or set encode.model to a local HF causal LM")
-
-
 def check_targets(targets: Artifact, keys: Artifact, decoder_vocab: int) -> None:
     """Refuse targets that do not belong to this key store or do not fit the decoder's vocabulary."""
-    built_from = next((i["fingerprint"] for i in targets.manifest["inputs"] if i["role"] == "queries"), None)
-    if built_from != keys.fingerprint:
-        raise MemforgeError(f"{targets.uri}: built from another key store (encoder fingerprint "
-                            f"{str(built_from)[:12]}), not {keys.uri} ({keys.fingerprint[:12]}); rerun targets")
+    if not built_from(targets, "queries", keys):
+        found = (recorded_input(targets, "queries") or {}).get("content_digest")
+        raise MemforgeError(f"{targets.uri}: built from another key store (content {str(found)[:12]}), "
+                            f"not {keys.uri} ({keys.content_digest[:12]}); rerun targets")
     if targets.manifest["counts"]["rows"] != keys.manifest["counts"]["rows"]:
         raise MemforgeError(f"{targets.uri}: {targets.manifest['counts']['rows']} rows do not align with the "
                             f"{keys.manifest['counts']['rows']} rows of {keys.uri}")
@@ -83,7 +65,7 @@ def check_targets(targets: Artifact, keys: Artifact, decoder_vocab: int) -> None
         raise MemforgeError(f"{targets.uri}: vocabulary of {vocab} tokens, but the decoder has {decoder_vocab}")
 
 
-def _offline(params: Params, keys: Artifact, decoder_path: str, n_blocks: int) -> bool:
+def _offline(params, keys: Artifact, decoder_path: str, n_blocks: int) -> bool:
     """True when the stored keys are the decoder's states at the memory's input layer."""
     stats = keys.manifest["stats"]
     same_model = stats["model_fingerprint"] == model_fingerprint(decoder_path)
@@ -96,23 +78,48 @@ def _offline(params: Params, keys: Artifact, decoder_path: str, n_blocks: int) -
     return possible and params.memory.mode != "online"
 
 
-def train_memory(params: Params, *, rebuild: bool = False, beam_args: list[str] = ()) -> str:
-    """Train (or resume training) the MLP memory; returns the memory artifact's location."""
+class TrainMemory(Stage):
+    """MLP memory training on the kNN targets: one step loop with checkpoints."""
+
+    name = "train-memory"
+    summary = "train the MLP memory on the kNN targets"
+    outputs = ("memory",)
+    format = "safetensors"
+    inputs = ("targets/train", "keys/train", "tokens", "decoder")
+    content = ("memory.input_layer", "memory.depth", "memory.hidden_mult", "memory.activation", "memory.lm_head",
+               "memory.mode", "memory.alpha", "memory.batch_size", "memory.learning_rate", "memory.weight_decay",
+               "memory.warmup_steps", "memory.max_steps", "memory.shuffle_buffer_chunks", "memory.seed",
+               "encode.model", "encode.representation")
+    execution = ("memory.checkpoint_every", "encode.batch_size", "encode.trust_remote_code")
+
+    def input_roles(self, ctx: Context) -> tuple[str, ...]:
+        return self.inputs[:3] + decoder_inputs(ctx.params)
+
+    def check(self, ctx: Context) -> None:
+        path = ctx.scratch["decoder_path"] = decoder_path(ctx)
+        decoder = ctx.scratch["decoder"] = load_encoder(path, ctx.params.encode.trust_remote_code)
+        keys = ctx.inputs["keys/train"]
+        check_targets(ctx.inputs["targets/train"], keys, int(decoder.config.vocab_size))
+        ctx.scratch["offline"] = _offline(ctx.params, keys, path, len(transformer_blocks(decoder)))
+
+    def artifact_params(self, ctx: Context, role: str) -> dict:
+        values = ctx.params.values([key for key in self.content if key != "encode.model"], strip="memory")
+        values["representation"] = values.pop("encode.representation")
+        mode = "offline" if ctx.scratch["offline"] else "online"
+        return {**values, **external_decoder(ctx.params), "resolved_mode": mode}
+
+    def artifact_inputs(self, ctx: Context, role: str) -> dict:
+        named = {"decoder": ctx.inputs["decoder"]} if "decoder" in ctx.inputs else {}
+        return {"targets": ctx.inputs["targets/train"], "keys": ctx.inputs["keys/train"], **named}
+
+    def run(self, ctx: Context, role: str, build) -> Published:
+        return train_memory(ctx.params, ctx.scratch["decoder"], ctx.scratch["offline"], ctx.inputs, build.uri)
+
+
+def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], uri: str) -> Published:
+    """Train (or resume training) the MLP memory into ``uri``; returns what its manifest records."""
     config = params.memory
-    targets = open_artifact(targets_uri(params, "train"), "targets")
-    keys = open_artifact(keys_uri(params, "train"), "keys")
-    decoder_path, inputs = decoder_source(params)
-    decoder = load_encoder(decoder_path, params.encode.trust_remote_code)
-    check_targets(targets, keys, int(decoder.config.vocab_size))
-    offline = _offline(params, keys, decoder_path, len(transformer_blocks(decoder)))
-    section = {**params.section("memory"), "resolved_mode": "offline" if offline else "online",
-               "representation": params.encode.representation}
-    uri = memory_uri(params)
-    build = ArtifactBuild.begin(uri, "memory", section, {"targets": targets, "keys": keys, **inputs},
-                                fmt="safetensors", rebuild=rebuild)
-    if build.up_to_date:
-        log.info("train-memory: %s is up to date (fingerprint %s)", uri, build.fingerprint[:12])
-        return uri
+    targets, keys = inputs["targets/train"], inputs["keys/train"]
     torch.manual_seed(config.seed)
     memory = MemoryConfig(hidden_size(decoder), int(decoder.config.vocab_size), config.depth, config.hidden_mult,
                           config.activation, config.lm_head).build()
@@ -125,7 +132,7 @@ def train_memory(params: Params, *, rebuild: bool = False, beam_args: list[str] 
     if offline:
         states = KeyStoreStates(key_store)
     else:
-        tokens = open_artifact(tokens_uri(params), "tokens")
+        tokens = inputs["tokens"]
         capture = RepresentationCapture(decoder, params.encode.representation, config.input_layer)
         states = DecoderStates(decoder, capture, tokens.uri, tokens.manifest["stats"]["splits"]["train"]["parts"],
                                keys.manifest["stats"]["block_size"], keys.manifest["stats"]["stride"],
@@ -161,7 +168,7 @@ def train_memory(params: Params, *, rebuild: bool = False, beam_args: list[str] 
     fs.write_json_atomic(fs.join(uri, LOSS_CURVE),
                          [{"step": s, "loss": v, "kl": kl, "ce": ce} for s, v, kl, ce in losses])
     fs.remove_tree(fs.join(uri, CHECKPOINTS_DIR))
-    build.publish(
+    return Published(
         counts={"steps": config.max_steps, "rows": rows.n_rows, "vocab_size": memory.config.vocab_size,
                 "parameters": sum(p.numel() for p in memory.parameters())},
         stats={"mode": "offline" if offline else "online", "final_loss": losses[-1][1], "final_kl": losses[-1][2],
@@ -169,5 +176,3 @@ def train_memory(params: Params, *, rebuild: bool = False, beam_args: list[str] 
                "rows_per_second": round((config.max_steps - first_step) * config.batch_size / seconds, 1)
                if seconds > 0 else None},
     )
-    log.info("train-memory: published %s", uri)
-    return uri

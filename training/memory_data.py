@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipelines.encode import encode_rows
+from pipelines.windows import encode_rows
 from storage.stores import DistributionStore, KeyStore, PartOffsets, TokenStore
 
 

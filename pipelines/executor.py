@@ -1,0 +1,192 @@
+"""The one executor of every stage: open inputs, begin or resume each output, plan, run the shards as one
+Beam pipeline (or the stage's single unit of work), report progress and worker errors, publish.
+
+A stage only declares (``pipelines.stage``); this module is the only one that builds Beam pipelines,
+begins ``ArtifactBuild``s and drives progress.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import asdict
+from typing import Callable, Iterable
+
+import apache_beam as beam
+
+from pipelines import worker_errors
+from pipelines.progress import ShardProgress
+from pipelines.runner import pipeline
+from pipelines.stage import Context, Published, ShardWorker, Stage
+from storage import fs, paths
+from storage.artifact import ArtifactBuild, open_artifact
+from storage.errors import MemforgeError
+from storage.params import Params
+from storage.params_view import ParamsView
+from storage.shards import Shard, ShardMarkers, ShardPlan
+
+log = logging.getLogger("memforge")
+WORKERS_KEY = "encode.num_workers"  # Beam workers of the local runner; declared by every sharded stage
+
+
+def context(stage: Stage, params: Params, reads: set[str] | None = None) -> Context:
+    """The stage's context: a params view of its declared keys and its input artifacts, opened."""
+    ctx = Context(stage, ParamsView(params, stage.declared_keys(), stage.name, reads), params.artifacts_dir, {})
+    for role in stage.input_roles(ctx):
+        try:
+            ctx.inputs[role] = open_artifact(ctx.uri(role), paths.kind_of(role))
+        except MemforgeError as exc:
+            raise type(exc)(f"{stage.name} reads {role}: {exc}") from None
+    return ctx
+
+
+def run_stage(stage: Stage, params: Params, *, rebuild: bool | str = False, beam_args: Iterable[str] = (),
+              reads: set[str] | None = None) -> str:
+    """Run ``stage``: build what is missing or outdated, resume what was interrupted, skip what is up to
+    date. Returns the location of its output (their parent when it writes several). ``reads`` collects
+    the params keys the stage read."""
+    beam_args = list(beam_args)
+    ctx = context(stage, params, reads)
+    stage.check(ctx)
+    execution = {**ctx.params.values(stage.execution), **({"beam_args": beam_args} if beam_args else {})}
+    builds = {}
+    for role in stage.outputs:
+        build = ArtifactBuild.begin(ctx.uri(role), stage.kind(role), stage.artifact_params(ctx, role),
+                                    stage.artifact_inputs(ctx, role), fmt=stage.format, rebuild=rebuild,
+                                    code_files=stage.code_files(), execution=execution)
+        if build.up_to_date:
+            log.info("%s: %s is up to date (fingerprint %s)", stage.name, build.uri, build.fingerprint[:12])
+        else:
+            builds[role] = build
+    if stage.sharded and builds:
+        _run_shards(stage, ctx, builds, beam_args)
+    else:
+        for role, build in builds.items():
+            _publish(build, stage.run(ctx, role, build), None)
+    roles = stage.outputs
+    return ctx.uri(roles[0]) if len(roles) == 1 else fs.join(params.artifacts_dir, roles[0].split("/")[0])
+
+
+def _label(stage: Stage, role: str) -> str:
+    return role.rsplit("/", 1)[-1] if len(stage.outputs) > 1 else role
+
+
+def _plan_output(stage: Stage, ctx: Context, role: str, build: ArtifactBuild) -> tuple[ShardPlan, list[Shard]]:
+    """The output's plan, written once with its layout; an interrupted build of another layout restarts."""
+    layout = ctx.params.values(stage.layout)
+    stored = build.stored_layout()
+    if stored is None:
+        stage.before_plan(ctx, role, build)
+    plan = stage.plan(ctx, role)
+    if stored is not None and stored != (plan, layout):
+        log.info("%s: %s: the interrupted build was planned for another layout (%s); restarting it with %s",
+                 stage.name, build.uri, stored[1], layout)
+        build.restart()
+        stage.before_plan(ctx, role, build)
+    stage.create(ctx, role, plan)
+    build.plan(plan, layout)
+    pending = build.pending(plan)
+    log.info("%s: %s: %d rows in %d shards; %d shards already done (skipped), %d to run", stage.name,
+             _label(stage, role), plan.total_rows, len(plan.shards), len(plan.shards) - len(pending), len(pending))
+    worker_errors.clear(build.uri)
+    return plan, pending
+
+
+def _run_shards(stage: Stage, ctx: Context, builds: dict[str, ArtifactBuild], beam_args: list[str]) -> None:
+    pending = {role: _plan_output(stage, ctx, role, build)[1] for role, build in builds.items()}
+    elements = [{"role": role, "uri": builds[role].uri, "shard": asdict(shard)}
+                for role, shards in pending.items() for shard in shards]
+    beside = [work for work in (stage.beside_workers(ctx, role) for role in builds) if work is not None]
+    runner = None
+    with _in_threads(beside):
+        if elements:
+            worker = stage.worker(ctx, {role: build.uri for role, build in builds.items() if pending[role]})
+            beam_pipeline, runner = pipeline(beam_args, ctx.params.value(WORKERS_KEY), stage.running_mode)
+            started = time.perf_counter()
+            with contextlib.ExitStack() as progress:
+                for role, shards in pending.items():
+                    progress.enter_context(ShardProgress(f"{stage.name} {_label(stage, role)}", builds[role].uri,
+                                                         shards, unit=stage.progress_unit,
+                                                         total=None if stage.progress_rows_known else 0))
+                with beam_pipeline as p:
+                    (p | "shards" >> beam.Create(elements) | beam.Reshuffle()
+                       | stage.name >> beam.ParDo(RunShard(worker)))
+            log.info("%s: %d shards in %.1f s on %s", stage.name, len(elements), time.perf_counter() - started,
+                     runner)
+    for build in builds.values():
+        worker_errors.raise_reported(build.uri)
+    for role, build in builds.items():
+        _publish(build, stage.finalize(ctx, role, build), runner)
+
+
+@contextlib.contextmanager
+def _in_threads(work: list[Callable[[], None]]):
+    """Run ``work`` in driver threads for the duration of the block; re-raise their first error."""
+    errors: list[BaseException] = []
+
+    def guarded(job):
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the driver below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(job,), daemon=True) for job in work]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _publish(build: ArtifactBuild, published: Published, runner: str | None) -> None:
+    build.publish(counts=published.counts, arrays=published.arrays, stats=published.stats, beam_runner=runner)
+    log.info("%s: published %s", build.kind, build.uri)
+
+
+class RunShard(beam.DoFn):
+    """One Beam element = one shard of one output: skip it when already done, else let the stage's worker
+    write it, then mark it done. Bad input is reported (named, not retried), never raised."""
+
+    def __init__(self, worker: ShardWorker):
+        self.worker = worker
+
+    def setup(self) -> None:
+        self.worker.setup()
+        self.markers: dict[str, ShardMarkers] = {}
+
+    def teardown(self) -> None:
+        self.worker.teardown()
+
+    def process(self, element: dict):
+        uri, shard = element["uri"], Shard(**element["shard"])
+        markers = self.markers.setdefault(uri, ShardMarkers(uri))
+        if markers.is_done(shard):  # a retried bundle: the shard is already durable
+            return
+        started = time.perf_counter()
+        try:
+            files, stats = self.worker.process(element["role"], uri, shard)
+        except MemforgeError as exc:
+            worker_errors.report(uri, shard, exc)
+            return
+        markers.mark_done(shard, files, {"rows": shard.rows, **stats, "seconds": time.perf_counter() - started})
+        yield f"{element['role']}/{shard.name}"
+
+
+def derive(uri: str, kind: str, params: dict, inputs: dict, fmt: str, rebuild: bool | str,
+           code_files: tuple[str, ...], plan: ShardPlan, layout: dict, create: Callable[[], None],
+           write: Callable[[Shard], dict[str, str]], finalize: Callable[[], Published]) -> bool:
+    """Build an artifact derived in this process from another one, shard by shard with markers (resumable),
+    in the given plan and layout; False when an identical one is already published."""
+    build = ArtifactBuild.begin(uri, kind, params, inputs, fmt=fmt, rebuild=rebuild, code_files=code_files)
+    if build.up_to_date:
+        return False
+    create()
+    for shard in build.pending(build.plan(plan, layout)):
+        build.markers.mark_done(shard, write(shard), {"rows": shard.rows})
+    _publish(build, finalize(), None)
+    return True

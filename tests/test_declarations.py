@@ -1,0 +1,128 @@
+"""Stages as declarations: each reads exactly the params it declares; execution and layout params never
+outdate an artifact; an artifact's code is its stage's import closure, not whole packages."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chain import overrides, stage_args
+from flows.cli import main
+from flows.stages import all_stages, run_stage, stage
+from storage.params import load_params
+from storage.params_view import UndeclaredParamError
+
+REPO = Path(__file__).resolve().parent.parent
+EXECUTION_CHANGE = {"encode.num_workers": 1, "encode.threads_per_worker": 2, "index.threads": 2,
+                    "encode.batch_size": 4, "memory.checkpoint_every": 7, "decoder.checkpoint_every": 9,
+                    "evaluate.batch_size": 2}
+
+
+def linked(chain, art: Path, names=("tokens", "decoder", "keys", "index", "targets", "memory")) -> Path:
+    art.mkdir()
+    for name in names:
+        (art / name).symlink_to(chain["art"] / name)
+    return art
+
+
+def test_every_stage_reads_exactly_the_params_it_declares(chain, tmp_path):
+    """The chain fixture ran every stage up to train-memory through a recording params view; evaluate and
+    online train-memory (which reads the decoder's batch size) run here the same way."""
+    reads = {name: set(keys) for name, keys in chain["reads"].items()}
+    params = load_params(chain["root"] / "params.yaml", overrides(chain["args"]))
+    art = linked(chain, tmp_path / "art")
+    reads["evaluate"] = set()
+    run_stage("evaluate", params.model_copy(update={"artifacts_dir": str(art)}), reads=reads["evaluate"])
+    online = load_params(chain["root"] / "params.yaml",
+                         overrides(stage_args(chain["root"], tmp_path / "online", **{
+                             "memory.mode": "online", "memory.max_steps": 3})))
+    linked(chain, tmp_path / "online", names=("tokens", "decoder", "keys", "targets"))
+    run_stage("train-memory", online, reads=reads["train-memory"])
+    for item in all_stages():
+        declared = set(item.declared_keys())
+        assert reads[item.name] <= declared, (item.name, reads[item.name] - declared)
+        assert declared <= reads[item.name], f"{item.name} declares keys it never reads: {declared - reads[item.name]}"
+        assert len(declared) == len(item.declared_keys()), f"{item.name} declares a key twice"
+
+
+def test_reading_an_undeclared_key_fails_at_once(chain, tmp_path, monkeypatch):
+    art = linked(chain, tmp_path / "art", names=("keys",))
+    params = load_params(chain["root"] / "params.yaml", overrides(chain["args"]))
+    index = stage("index")
+    monkeypatch.setattr(type(index), "execution", ("encode.num_workers", "encode.threads_per_worker"))
+    with pytest.raises(UndeclaredParamError, match="stage index read params key 'index.threads'"):
+        run_stage("index", params.model_copy(update={"artifacts_dir": str(art)}))
+
+
+def fingerprints(art: Path) -> dict[str, str]:
+    return {str(m.parent.relative_to(art)): json.loads(m.read_text())["fingerprint"]
+            for m in sorted(art.glob("**/_manifest.json"))}
+
+
+def test_execution_and_layout_params_leave_every_artifact_up_to_date(chain, tmp_path, caplog):
+    art = chain["art"]
+    before = fingerprints(art)
+    changed = [*chain["args"], *[arg for key, value in EXECUTION_CHANGE.items() for arg in ("--set", f"{key}={value}")],
+               "--set", "encode.chunk_rows=32", "--set", "encode.shard_chunks=4", "--set", "targets.shard_chunks=2",
+               "--set", "corpus.shard_bytes=1000"]
+    with caplog.at_level("INFO", logger="memforge"):
+        for name in ("prepare", "train-decoder", "encode", "index", "targets", "train-memory"):
+            caplog.clear()
+            assert main([name, *changed]) == 0, name
+            assert "is up to date" in caplog.text, name
+            assert "published" not in caplog.text, name
+    assert fingerprints(art) == before
+
+
+def _digests(root: Path) -> dict[str, str]:
+    """Each stage's code digest as computed from the sources under ``root``."""
+    script = ("import json; from flows.stages import all_stages; from storage.provenance import source_digest;"
+              "print(json.dumps({s.name: source_digest(s.code_files()) for s in all_stages()}))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_code_digest_covers_the_stage_import_closure(tmp_path):
+    """On a scratch copy of the sources: each edit reaches exactly the stages that import the module
+    (train-memory and evaluate follow a targets change through their inputs' content, see test_dvc)."""
+    for package in ("storage", "pipelines", "training", "flows"):
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = _digests(tmp_path)
+    assert before == _digests(REPO)
+    for module, reached in (("pipelines/corpus.py", {"prepare"}),             # only prepare imports it
+                            ("pipelines/knn.py", {"targets"}),                # the targets kernel
+                            ("pipelines/neighbour_lists.py", {"index", "targets", "evaluate"}),
+                            ("storage/zarr_rows.py", {item.name for item in all_stages()}),
+                            ("pipelines/executor.py", set()),                 # how stages run, never what
+                            ("storage/params.py", set())):                    # they write
+        source = tmp_path / module
+        source.write_text(source.read_text() + "\n# an edit\n")
+        after = _digests(tmp_path)
+        assert {name for name in before if before[name] != after[name]} == reached, module
+        before = after
+
+
+def test_each_param_has_one_kind_and_params_yaml_marks_it():
+    kinds: dict[str, set[str]] = {}
+    for item in all_stages():
+        for kind in ("content", "layout", "execution"):
+            for key in getattr(item, kind):
+                kinds.setdefault(key, set()).add(kind)
+    assert {key: found for key, found in kinds.items() if len(found) > 1} == {}
+    marked, section = {}, None
+    for line in (REPO / "params.yaml").read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            section = line.split(":")[0]
+        elif line.startswith("  ") and not line.lstrip().startswith("#"):
+            key = f"{section}.{line.split(':')[0].strip()}"
+            comment = line.split("#", 1)[1] if "#" in line else ""
+            marked[key] = next((kind for kind in ("layout", "execution") if f"[{kind}]" in comment), "content")
+    for key, found in kinds.items():
+        assert marked[key] == next(iter(found)), key
