@@ -4,11 +4,11 @@ Each stage is one Prefect task that calls the same stage function as the CLI and
 (``flows.stages.run_stage``) and returns the paths and fingerprints of what it published,
 never arrays. Its cache key (``stage_cache_key``) hashes what determines its output, as its
 declaration says: its content params (never execution or layout params: more workers or another
-runner finish as ``Cached``), the content digests of its input artifacts, its external
-inputs (prepare: the corpus listing) and the digest of its code files; results persist as JSON. So a rerun
-on unchanged inputs, scheduled or after a failure, finishes every stage as ``Cached``, a changed
-param reruns that stage and what reads its output, and a stage interrupted mid-way resumes from
-its shard markers. Transient errors are retried with exponential backoff (``flow`` params);
+runner finish as ``Cached``), the content digests of its input artifacts, its external inputs
+(prepare: a hash of the corpus files' names and content) and the digest of its code files; results
+persist as JSON. So a rerun on unchanged inputs, scheduled or after a failure, finishes every stage
+as ``Cached``, a changed param reruns that stage and what reads its output, and a stage interrupted
+mid-way resumes from its shard markers. Transient errors are retried with exponential backoff (``flow`` params);
 bad input (``MemforgeError``) never is.
 """
 from __future__ import annotations

@@ -7,14 +7,17 @@ store's row counts and its layout params (Zarr chunk and shard sizes); windows a
 from __future__ import annotations
 
 import logging
+import tempfile
 
 from pipelines.named_decoder import decoder_inputs, decoder_path
 from pipelines.stage import Context, Published, ShardWorker, Stage
+from pipelines.tokenizer import check_same_tokenizer, load_tokenizer
 from pipelines.windows import encode_rows
+from storage import fs
 from storage.errors import MemforgeError
 from storage.paths import split_roles
 from storage.shards import Shard, ShardPlan
-from storage.stores import KeyStore, PartOffsets, TokenStore
+from storage.stores import TOKENIZER_DIR, KeyStore, PartOffsets, TokenStore
 from storage.zarr_rows import shard_geometry
 
 log = logging.getLogger("memforge")
@@ -97,6 +100,10 @@ class Encode(Stage):
             raise MemforgeError(f"{model_path}: model vocabulary ({spec['vocab_size']}) is smaller than the token "
                                 f"store's tokenizer ({tokens.manifest['counts']['vocab_size']}); "
                                 "prepare the corpus with this model's tokenizer")
+        if ctx.params.encode.model:  # token ids mean nothing to a model of another tokenizer
+            with tempfile.TemporaryDirectory() as scratch:
+                store_tokenizer = load_tokenizer(fs.local_dir(tokens.path(TOKENIZER_DIR), scratch))
+            check_same_tokenizer(model_path, store_tokenizer, "encode.model", ctx.params.encode.trust_remote_code)
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         spec = ctx.scratch["spec"]

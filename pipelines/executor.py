@@ -51,19 +51,23 @@ def run_stage(stage: Stage, params: Params, *, rebuild: bool | str = False, beam
     stage.check(ctx)
     execution = {**ctx.params.values(stage.execution), **({"beam_args": beam_args} if beam_args else {})}
     builds = {}
-    for role in stage.outputs:
-        build = ArtifactBuild.begin(ctx.uri(role), stage.kind(role), stage.artifact_params(ctx, role),
-                                    stage.artifact_inputs(ctx, role), fmt=stage.format, rebuild=rebuild,
-                                    code_files=stage.code_files(), execution=execution)
-        if build.up_to_date:
-            log.info("%s: %s is up to date (fingerprint %s)", stage.name, build.uri, build.fingerprint[:12])
+    try:
+        for role in stage.outputs:
+            build = ArtifactBuild.begin(ctx.uri(role), stage.kind(role), stage.artifact_params(ctx, role),
+                                        stage.artifact_inputs(ctx, role), fmt=stage.format, rebuild=rebuild,
+                                        code_files=stage.code_files(), execution=execution)
+            if build.up_to_date:
+                log.info("%s: %s is up to date (fingerprint %s)", stage.name, build.uri, build.fingerprint[:12])
+            else:
+                builds[role] = build
+        if stage.sharded and builds:
+            _run_shards(stage, ctx, builds, beam_args)
         else:
-            builds[role] = build
-    if stage.sharded and builds:
-        _run_shards(stage, ctx, builds, beam_args)
-    else:
-        for role, build in builds.items():
-            _publish(build, stage.run(ctx, role, build), None)
+            for role, build in builds.items():
+                _publish(build, stage.run(ctx, role, build), None)
+    finally:
+        for build in builds.values():  # a build that stopped gives up its lease; a rerun resumes it
+            build.release()
     roles = stage.outputs
     return ctx.uri(roles[0]) if len(roles) == 1 else fs.join(params.artifacts_dir, roles[0].split("/")[0])
 
@@ -185,8 +189,11 @@ def derive(uri: str, kind: str, params: dict, inputs: dict, fmt: str, rebuild: b
     build = ArtifactBuild.begin(uri, kind, params, inputs, fmt=fmt, rebuild=rebuild, code_files=code_files)
     if build.up_to_date:
         return False
-    create()
-    for shard in build.pending(build.plan(plan, layout)):
-        build.markers.mark_done(shard, write(shard), {"rows": shard.rows})
-    _publish(build, finalize(), None)
+    try:
+        create()
+        for shard in build.pending(build.plan(plan, layout)):
+            build.markers.mark_done(shard, write(shard), {"rows": shard.rows})
+        _publish(build, finalize(), None)
+    finally:
+        build.release()
     return True

@@ -140,8 +140,13 @@ class Index(Stage):
         dim = keys.manifest["stats"]["hidden_size"]
         factory = faiss_index.resolve_factory(ctx.params.index, keys.manifest["counts"]["rows"], dim)
         empty = faiss_index.build_empty(factory, dim)  # a bad factory string fails here, before any work
-        ctx.scratch.update(factory=factory, merge=_resolve_merge(ctx.params.index.merge,
-                                                                 faiss_index.ivf_of(empty) is not None,
+        ivf, n_rows = faiss_index.ivf_of(empty), keys.manifest["counts"]["rows"]
+        if ivf is not None and ivf.nlist > n_rows:
+            raise MemforgeError(f"index.factory: {factory} has {ivf.nlist} inverted lists, more than the "
+                                f"{n_rows} keys to train them on; use fewer lists (or factory: auto)")
+        if ivf is not None and ctx.params.index.nprobe > ivf.nlist:
+            raise MemforgeError(f"index.nprobe: {ctx.params.index.nprobe} exceeds the {ivf.nlist} lists of {factory}")
+        ctx.scratch.update(factory=factory, merge=_resolve_merge(ctx.params.index.merge, ivf is not None,
                                                                  ctx.uri("index")))
 
     def artifact_params(self, ctx: Context, role: str) -> dict:

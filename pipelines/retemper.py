@@ -3,6 +3,7 @@ readable account of one row's retrieval."""
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 
 import numpy as np
@@ -33,21 +34,34 @@ def _inputs(artifact: Artifact) -> dict[str, Artifact]:
     return inputs
 
 
+def _check_out(out: str, source: Artifact, inputs: dict[str, Artifact]) -> None:
+    """``--out`` may name a new place or an earlier retempered targets artifact, never its own source or
+    inputs, nor an artifact of another kind."""
+    for artifact in (source, *inputs.values()):
+        if out == artifact.uri or artifact.uri.startswith(out + "/") or out.startswith(artifact.uri + "/"):
+            raise MemforgeError(f"--out: {out} is (or holds, or lies inside) {artifact.uri}, which retemper reads")
+    if fs.exists(fs.join(out, "_manifest.json")):
+        kind = open_artifact(out).kind
+        if kind != "targets":
+            raise MemforgeError(f"--out: {out} holds a {kind} artifact, not targets; choose another path")
+
+
 def retemper(targets_uri: str, temperature: float, k: int | None = None, out: str | None = None,
              rebuild: bool = False) -> str:
     """Distributions for another temperature (and optionally a smaller k) from the stored
     neighbours, without searching: the result equals a fresh ``targets`` run with those params."""
     source = open_artifact(targets_uri, "targets")
     params = source.params
-    k = k or params["k"]
-    if temperature <= 0:
-        raise MemforgeError(f"--temperature: must be positive, got {temperature}")
+    k = params["k"] if k is None else k
+    if not (temperature > 0 and math.isfinite(temperature)):  # refuses NaN and infinity too
+        raise MemforgeError(f"--temperature: must be a positive finite number, got {temperature}")
     if not 0 < k <= params["k"]:
         raise MemforgeError(f"--k: {k} must be between 1 and the stored k ({params['k']})")
     width = min(params["width"], k)
     new_params = {**params, "temperature": temperature, "k": k, "width": width}
     out = fs.normalize(out or f"{source.uri}-T{temperature:g}-k{k}")
     inputs = _inputs(source)
+    _check_out(out, source, inputs)
     stored_neighbours, stored = NeighbourStore.open(source.uri), DistributionStore.open(source.uri)
     n_rows = stored_neighbours.rows.n_rows
     chunk, unit = stored_neighbours.rows.array("ids").chunks[0], stored_neighbours.rows.unit_rows()

@@ -97,8 +97,8 @@ class Stage:
         return self.inputs
 
     def external(self, ctx: Context) -> Any:
-        """What this stage reads from outside the artifacts (corpus listing, a model directory's
-        fingerprint); it enters the fingerprint and the Prefect cache key."""
+        """What this stage reads from outside the artifacts (the corpus files' content hash, a model
+        directory's fingerprint); it enters the fingerprint and the Prefect cache key."""
         return None
 
     def kind(self, role: str) -> str:

@@ -41,3 +41,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> None
         tokenizer_object=backend, eos_token=END_OF_TEXT, bos_token=END_OF_TEXT, unk_token=END_OF_TEXT
     )
     tokenizer.save_pretrained(out_dir)
+
+
+def check_same_tokenizer(model_path: str, store_tokenizer, what: str, trust_remote_code: bool = False) -> None:
+    """Refuse a model whose tokenizer is not the token store's (same vocabulary: every token, every id)."""
+    if load_tokenizer(model_path, trust_remote_code).get_vocab() != store_tokenizer.get_vocab():
+        raise MemforgeError(f"{what}: {model_path}: its tokenizer differs from the token store's; "
+                            "run prepare with this model's tokenizer (decoder.init or encode.model)")

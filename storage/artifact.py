@@ -14,12 +14,14 @@ from typing import Any
 
 from storage import fs, provenance
 from storage.errors import ArtifactError
+from storage.lease import LEASE_NAME, Lease
 from storage.shards import MARKERS_DIR, PLAN_NAME, Shard, ShardMarkers, ShardPlan, load_layout, load_plan, save_plan
 
 SCHEMA_VERSION = 2  # 2: content_digest, execution; inputs enter fingerprints by content
 MANIFEST_NAME = "_manifest.json"
 BUILD_NAME = "_build.json"
-_BOOKKEEPING = (MANIFEST_NAME, BUILD_NAME)
+CHECKPOINTS_DIR = "_checkpoints"  # training stages' resumable progress, like shard markers
+_BOOKKEEPING = (MANIFEST_NAME, BUILD_NAME, LEASE_NAME)
 # ``rebuild`` value that replaces only artifacts built with other params, inputs or code.
 REBUILD_OUTDATED = "outdated"
 _log = logging.getLogger("memforge.artifact")
@@ -144,6 +146,7 @@ class ArtifactBuild:
         self.started_at = started_at
         self.up_to_date = up_to_date
         self.markers = ShardMarkers(uri)
+        self.lease: Lease | None = None
 
     @classmethod
     def begin(cls, uri: str, kind: str, params: dict, inputs: dict[str, Artifact] | None = None,
@@ -166,38 +169,51 @@ class ArtifactBuild:
         build = cls(uri, kind, params, dict(inputs or {}), fmt, provenance.now(), up_to_date=False,
                     code_files=code_files, execution=execution)
         manifest_uri, state_uri = fs.join(uri, MANIFEST_NAME), fs.join(uri, BUILD_NAME)
+        if rebuild is not True and fs.exists(manifest_uri) and read_manifest(uri)["fingerprint"] == build.fingerprint:
+            build.up_to_date = True
+            return build
+        if rebuild is not True and not fs.exists(manifest_uri) and not fs.exists(state_uri) and \
+                [rel for rel in fs.list_files(uri) if rel != LEASE_NAME]:
+            raise ArtifactError(f"{uri}: exists and is not a memforge artifact; move it away or pass --rebuild")
+        build.lease = Lease(uri).acquire()  # one writer: nothing below deletes under a live build
+        try:
+            build._claim(rebuild)
+        except BaseException:
+            build.release()
+            raise
+        return build
+
+    def _claim(self, rebuild: bool | str) -> None:
+        """Clear what this build replaces (never the lease), keep what it resumes, record it as in progress."""
+        uri, kind = self.uri, self.kind
+        manifest_uri, state_uri = fs.join(uri, MANIFEST_NAME), fs.join(uri, BUILD_NAME)
         if rebuild is True:
-            fs.remove_tree(uri)
+            fs.remove_contents(uri, keep=(LEASE_NAME,))
         elif fs.exists(manifest_uri):
             found = read_manifest(uri)["fingerprint"]
-            if found == build.fingerprint:
-                build.up_to_date = True
-                return build
             if rebuild != REBUILD_OUTDATED:
                 raise ArtifactError(
                     f"{uri}: a different {kind} artifact is published here (fingerprint {found[:12]}, "
-                    f"this run {build.fingerprint[:12]}: params, inputs or code changed); pass --rebuild to "
+                    f"this run {self.fingerprint[:12]}: params, inputs or code changed); pass --rebuild to "
                     "replace it"
                 )
             _log.info("%s: replacing the outdated %s artifact (fingerprint %s, now %s)",
-                      uri, kind, found[:12], build.fingerprint[:12])
-            fs.remove_tree(uri)
+                      uri, kind, found[:12], self.fingerprint[:12])
+            fs.remove_contents(uri, keep=(LEASE_NAME,))
         elif fs.exists(state_uri):
             state = fs.read_json(state_uri)
-            if state.get("fingerprint") == build.fingerprint:
-                build.started_at = state.get("started_at", build.started_at)
-                return build
-            if build.markers.done_names() and rebuild != REBUILD_OUTDATED:
+            if state.get("fingerprint") == self.fingerprint:
+                self.started_at = state.get("started_at", self.started_at)
+                return
+            progress = self.markers.done_names() or fs.exists(fs.join(uri, CHECKPOINTS_DIR))
+            if progress and rebuild != REBUILD_OUTDATED:
                 raise ArtifactError(
                     f"{uri}: holds an interrupted build with other params, inputs or code "
-                    f"(fingerprint {str(state.get('fingerprint'))[:12]}, this run {build.fingerprint[:12]}); "
-                    "pass --rebuild to discard it"
+                    f"(fingerprint {str(state.get('fingerprint'))[:12]}, this run {self.fingerprint[:12]}) "
+                    "and its finished shards or checkpoints; pass --rebuild to discard them"
                 )
-            fs.remove_tree(uri)  # no finished shard, or the orchestrator replaces outdated work
-        elif fs.list_files(uri):
-            raise ArtifactError(f"{uri}: exists and is not a memforge artifact; move it away or pass --rebuild")
-        build.write_state()
-        return build
+            fs.remove_contents(uri, keep=(LEASE_NAME,))  # nothing finished, or the orchestrator replaces it
+        self.write_state()
 
     def write_state(self) -> None:
         """Record this build as in progress (``_build.json``)."""
@@ -209,8 +225,14 @@ class ArtifactBuild:
 
     def restart(self) -> None:
         """Discard this interrupted build's work (its plan no longer holds) and record it anew."""
-        fs.remove_tree(self.uri)
+        fs.remove_contents(self.uri, keep=(LEASE_NAME,))
         self.write_state()
+
+    def release(self) -> None:
+        """Give up the write lease (after publishing, or when the build stops)."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
     # -- shards ---------------------------------------------------------------------------
     def plan(self, plan: ShardPlan, layout: dict | None = None) -> ShardPlan:
@@ -275,4 +297,5 @@ class ArtifactBuild:
         }
         fs.write_json_atomic(fs.join(self.uri, MANIFEST_NAME), manifest)
         fs.remove_tree(fs.join(self.uri, BUILD_NAME))
+        self.release()
         return Artifact(self.uri, manifest)

@@ -38,7 +38,15 @@ def dvc_agreement(uri: str) -> dict | None:
     root = _project_root(artifact)
     if root is None:
         return None
-    repo = _repo(str(root))
+    from dvc.exceptions import DvcException
+
+    try:
+        return _agreement(_repo(str(root)), root, artifact)
+    except DvcException as exc:  # e.g. a DVC project outside a git repository: report it, never crash lineage
+        return {"stage": "?", "outs": [], "agrees": False, "detail": f"DVC cannot read {root}: {exc}"}
+
+
+def _agreement(repo, root: Path, artifact: Path) -> dict | None:
     for stage in repo.index.stages:
         outs = [out for out in stage.outs if _overlaps(Path(out.fs_path), artifact)]
         if not outs:

@@ -11,3 +11,7 @@ class ParamsError(MemforgeError):
 
 class ArtifactError(MemforgeError):
     """An artifact is missing, unpublished, of unknown schema, or refused for resume."""
+
+
+class DamagedFileError(ArtifactError, ValueError):
+    """A bookkeeping file (manifest, plan, marker, build record) is not valid JSON; the message names it."""

@@ -13,6 +13,8 @@ from typing import Any, BinaryIO, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.errors import DamagedFileError
+
 CHECKSUM_ALGORITHM = "sha256"
 _READ_BLOCK = 1 << 22
 TEMP_INFIX = ".tmp-"
@@ -100,9 +102,15 @@ def write_json_atomic(uri: str, obj: Any) -> None:
 
 
 def read_json(uri: str) -> Any:
+    """The JSON document at ``uri``; a damaged one is a ``DamagedFileError`` naming the file."""
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as handle:
-        return json.loads(handle.read())
+        data = handle.read()
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DamagedFileError(f"{uri}: damaged, not valid JSON ({exc}); remove the artifact directory or "
+                               "pass --rebuild") from None
 
 
 def file_checksum(uri: str) -> str:
@@ -138,6 +146,16 @@ def remove_tree(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def remove_contents(uri: str, keep: tuple[str, ...] = ()) -> None:
+    """Remove everything inside the directory ``uri`` except the top-level entries named in ``keep``."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return
+    for entry in fs.ls(path, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] not in keep:
+            fs.rm(entry, recursive=True)
 
 
 def upload_dir(local_dir: str, uri: str) -> None:

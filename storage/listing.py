@@ -30,17 +30,29 @@ def find_artifacts(root: str) -> list[str]:
     return found
 
 
+def _damaged(uri: str, reason: str) -> dict:
+    return {"uri": uri, "status": f"damaged: {reason}", "kind": "?", "rows": None, "fingerprint": None,
+            "when": None, "detail": reason, "stats": {}}
+
+
 def summarise(uri: str) -> dict:
-    """Status, kind, rows, fingerprint and build time of one artifact."""
+    """Status, kind, rows, fingerprint and build time of one artifact; a damaged one (unreadable manifest,
+    build record or plan) is reported as such, never raised."""
+    manifest_uri = fs.join(uri, MANIFEST_NAME)
     try:
         manifest = read_manifest(uri)
     except ArtifactError as exc:
-        state = fs.read_json(fs.join(uri, BUILD_NAME)) if fs.exists(fs.join(uri, BUILD_NAME)) else {}
-        progress = ""
-        if fs.exists(fs.join(uri, PLAN_NAME)):
-            plan = load_plan(uri)
-            done = len(ShardMarkers(uri).done_names())
-            progress = f" ({done}/{len(plan.shards)} shards done)"
+        if fs.exists(manifest_uri):  # present but unreadable: not an interrupted build
+            return _damaged(uri, str(exc))
+        try:
+            state = fs.read_json(fs.join(uri, BUILD_NAME)) if fs.exists(fs.join(uri, BUILD_NAME)) else {}
+            progress = ""
+            if fs.exists(fs.join(uri, PLAN_NAME)):
+                plan = load_plan(uri)
+                done = len(ShardMarkers(uri).done_names())
+                progress = f" ({done}/{len(plan.shards)} shards done)"
+        except (ValueError, KeyError, TypeError) as damage:
+            return _damaged(uri, f"unreadable build record or shard plan: {damage}")
         return {"uri": uri, "status": "incomplete" + progress, "kind": state.get("kind", "?"),
                 "rows": None, "fingerprint": state.get("fingerprint"), "when": state.get("started_at"),
                 "detail": str(exc), "stats": {}}

@@ -5,7 +5,7 @@ Unknown keys and bad values fail with the dotted path of the key and the reason.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -150,7 +150,8 @@ class EvaluateParams(Section):
     k: int = Field(default=1024, gt=0)
     temperature: float = Field(default=1.0, gt=0)
     nprobe: int = Field(default=32, gt=0)
-    lambda_grid: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.25, 0.4, 0.6, 0.8])
+    lambda_grid: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.0, 0.1, 0.25, 0.4, 0.6, 0.8], min_length=1)
     batch_size: int = Field(default=4, gt=0)
 
 

@@ -50,7 +50,7 @@ PROJECT_PACKAGES = ("storage", "pipelines", "training", "flows")
 # every artifact up to date.
 EXECUTION_MODULES = frozenset({
     "pipelines.stage", "pipelines.executor", "pipelines.runner", "pipelines.progress", "pipelines.worker_errors",
-    "storage.params", "storage.params_view", "storage.paths", "flows",
+    "storage.params", "storage.params_view", "storage.paths", "storage.lease", "flows",
 })
 
 

@@ -12,8 +12,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from storage import fs
-from storage.artifact import BUILD_NAME, MANIFEST_NAME, content_digest, read_manifest
+from storage.artifact import BUILD_NAME, MANIFEST_NAME, content_digest, fingerprint, read_manifest
 from storage.errors import ArtifactError
+from storage.lease import LEASE_NAME
 from storage.shards import MARKERS_DIR, PLAN_NAME, ShardMarkers, load_plan
 from storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
 from storage.zarr_rows import ZarrRows
@@ -21,10 +22,23 @@ from storage.zarr_rows import ZarrRows
 PROB_TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 
 
+def _check_identity(manifest: dict) -> Iterator[str]:
+    """The manifest's fingerprint and content digest, recomputed from what it records."""
+    inputs = {i.get("role"): i.get("content_digest") for i in manifest.get("inputs", [])}
+    try:
+        expected = fingerprint(manifest["kind"], manifest["params"], inputs, manifest["code"])
+    except (KeyError, TypeError) as exc:
+        yield f"{MANIFEST_NAME}: cannot recompute the fingerprint: missing {exc}"
+    else:
+        if expected != manifest.get("fingerprint"):
+            yield (f"{MANIFEST_NAME}: fingerprint {str(manifest.get('fingerprint'))[:12]} does not match its params, "
+                   f"inputs and code ({expected[:12]}): the manifest was edited")
+    if manifest.get("content_digest") != content_digest(manifest.get("kind"), manifest.get("files", {})):
+        yield f"{MANIFEST_NAME}: content_digest does not match the recorded files: the manifest was edited"
+
+
 def _check_files(uri: str, manifest: dict) -> Iterator[str]:
     recorded = manifest.get("files", {})
-    if manifest.get("content_digest") != content_digest(manifest.get("kind"), recorded):
-        yield f"{MANIFEST_NAME}: content_digest does not match the recorded files (manifest edited)"
     present = set(fs.list_files(uri))
     for rel, checksum in recorded.items():
         if rel not in present:
@@ -32,7 +46,7 @@ def _check_files(uri: str, manifest: dict) -> Iterator[str]:
         elif fs.file_checksum(fs.join(uri, rel)) != checksum:
             yield f"{rel}: checksum mismatch (content changed since publish)"
     for rel in sorted(present - set(recorded)):
-        if rel not in (MANIFEST_NAME, BUILD_NAME) and not rel.startswith(MARKERS_DIR + "/"):
+        if rel not in (MANIFEST_NAME, BUILD_NAME, LEASE_NAME) and not rel.startswith(MARKERS_DIR + "/"):
             yield f"{rel}: unexpected file (not in manifest)"
 
 
@@ -163,7 +177,8 @@ def verify(uri: str) -> list[str]:
         manifest = read_manifest(uri)
     except ArtifactError as exc:
         return [str(exc)]
-    problems = [*_check_files(uri, manifest), *_check_markers(uri), *_check_arrays(uri, manifest)]
+    problems = [*_check_identity(manifest), *_check_files(uri, manifest), *_check_markers(uri),
+                *_check_arrays(uri, manifest)]
     if problems:
         # Content checks read every row; they only make sense on files that match the manifest.
         return problems + ["content checks skipped: files do not match the manifest"]

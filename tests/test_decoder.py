@@ -73,16 +73,26 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(trained, tmp_path
     assert not (art / "decoder" / "_manifest.json").exists()
     done = sorted(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("step-*/trainer.json"))
     assert done and done[-1] < 60
+    # Checkpoints are progress like shard markers: a rerun with other params is refused, not restarted.
+    other = rerun(["train-decoder", *args, "--set", "decoder.learning_rate=0.002"])
+    assert other.returncode == 1 and "finished shards or checkpoints; pass --rebuild" in other.stderr, other.stderr
+    assert "Traceback" not in other.stderr
     result = rerun(["train-decoder", *args])
     assert result.returncode == 0, result.stderr
     assert f"resuming from the checkpoint of step {done[-1]}" in result.stderr
+    # The same run uninterrupted, in a process like the resumed one (torch's thread count, which this
+    # pytest process may have changed, decides the float summation order).
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "tokens").symlink_to(trained["art"] / "tokens")
+    assert rerun(["train-decoder", *settings_args(trained["root"], clean)]).returncode == 0
     resumed = open_artifact(str(art / "decoder"), "decoder").manifest
-    uninterrupted = open_artifact(str(trained["art"] / "decoder"), "decoder").manifest
+    uninterrupted = open_artifact(str(clean / "decoder"), "decoder").manifest
     assert resumed["stats"]["resumed_from_step"] == done[-1]
     assert resumed["files"]["model/model.safetensors"] == uninterrupted["files"]["model/model.safetensors"]
     assert resumed["stats"]["final_train_loss"] == uninterrupted["stats"]["final_train_loss"]
     assert json.loads((art / "decoder" / "loss.json").read_text()) == json.loads(
-        (trained["art"] / "decoder" / "loss.json").read_text())
+        (clean / "decoder" / "loss.json").read_text())
 
 
 def test_fine_tuning_needs_the_token_store_tokenizer(trained, tmp_path, capsys):

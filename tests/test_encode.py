@@ -198,6 +198,19 @@ def test_interrupted_build_with_another_layout_restarts_its_plan(setup, tmp_path
     assert again.returncode == 0 and again.stderr.count("is up to date") == 2
 
 
+def test_a_model_of_another_tokenizer_is_refused(setup, tmp_path, capsys):
+    """A larger vocabulary is not enough: the token ids must mean the same tokens to the encoder."""
+    other = make_gpt2(tmp_path / "other", [p.read_text() for p in setup["train"]], vocab_size=400)
+    art = tmp_path / "art"
+    art.mkdir()
+    os.symlink(setup["art"] / "tokens", art / "tokens")
+    capsys.readouterr()
+    assert main(["encode", *setup["args"], "--set", f"artifacts_dir={art}", "--set", f"encode.model={other}"]) == 1
+    err = capsys.readouterr().err
+    assert f"encode.model: {other}: its tokenizer differs from the token store's" in err
+    assert not (art / "keys").exists() or not any((art / "keys").rglob("_manifest.json"))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("localhost", 0))

@@ -3,6 +3,7 @@ metrics, per-token log-probabilities and plots are written and verified."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -93,3 +94,27 @@ def test_evaluate_refuses_nprobe_beyond_nlist(chain, tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", *args]) == 1
     assert "evaluate.nprobe: 16 exceeds the index's nlist (4)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, role, message", [
+    ("memory", "decoder", "was trained on another decoder (ffffffffffff)"),
+    ("index", "recall_queries", "belongs to another datastore"),
+])
+def test_evaluate_refuses_a_memory_or_index_of_other_inputs(chain, tmp_path, capsys, name, role, message):
+    """A memory trained on another decoder, an index of another datastore: refused, naming both."""
+    art = tmp_path / "art"
+    art.mkdir()
+    for linked in ("tokens", "decoder", "keys", "targets", "memory", "index"):
+        if linked == name:
+            shutil.copytree(chain["art"] / linked, art / linked)
+        else:
+            (art / linked).symlink_to(chain["art"] / linked)
+    manifest = art / name / "_manifest.json"
+    data = json.loads(manifest.read_text())
+    next(i for i in data["inputs"] if i["role"] == role)["content_digest"] = "f" * 64
+    manifest.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["evaluate", *stage_args(chain["root"], art)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and str(art / name) in err
+    assert not (art / "eval" / "_manifest.json").exists()

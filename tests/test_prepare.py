@@ -63,3 +63,24 @@ def test_prepare_reads_an_fsspec_url_corpus(tmp_path, capsys):
         assert info["documents"] == len(texts) and info["datastore_rows"] == len(expected) - 1
         assert not (art / "tokens" / split / "datastore_plan.json").exists()  # encode plans its own shards
     assert verify(tokens.uri) == []
+
+
+def test_a_corpus_file_edited_in_place_is_seen(tmp_path, capsys, caplog):
+    """Same name, same size, other bytes: the tokens are no longer up to date."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text(" ".join(WORDS[i:i + 20]) * 3)
+    (tmp_path / "p.yaml").write_text("{}\n")
+    args = ["prepare", "--params", str(tmp_path / "p.yaml"), "--set", f"artifacts_dir={tmp_path / 'art'}",
+            "--set", f"corpus.train=[{corpus}/*.txt]", "--set", "corpus.validation_fraction=0.4",
+            "--set", "decoder.vocab_size=300", "--", "--direct_running_mode=in_memory"]
+    assert main(args) == 0
+    with caplog.at_level("INFO", logger="memforge"):
+        assert main(args) == 0
+    assert "is up to date" in caplog.text
+    text = (corpus / "1.txt").read_text()
+    (corpus / "1.txt").write_text(text[::-1])  # same size, other content
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "a different tokens artifact is published here" in capsys.readouterr().err

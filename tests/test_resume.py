@@ -195,6 +195,7 @@ def test_resume_with_different_stored_plan_is_refused(tmp_path):
     assert load_plan(str(uri)) == ShardPlan.even(ROWS, 128)
     # The stored plan is still accepted, and a resume after the refusal completes normally.
     assert build.plan(ShardPlan.even(ROWS, 128)) == load_plan(str(uri))
+    build.release()  # one writer at a time: the resume below is a second build
     assert toy_stage.run(str(uri), SEED, ROWS) == {"skipped": KILL_AFTER, "written": N_SHARDS - KILL_AFTER,
                                                    "up_to_date": False}
     assert verify(str(uri)) == []
@@ -230,7 +231,7 @@ def test_killed_after_last_shard_publishes_without_rewriting(tmp_path, capsys):
 def test_attempt_that_finished_no_shard_is_replaced_without_rebuild(tmp_path):
     """A build that failed before any shard completed (e.g. bad input) holds no work: other params may replace it."""
     uri = str(tmp_path / "art")
-    ArtifactBuild.begin(uri, "keys", {"seed": 1, "rows": ROWS})  # started, then failed before any shard
+    ArtifactBuild.begin(uri, "keys", {"seed": 1, "rows": ROWS}).release()  # started, failed before any shard
     result = toy_stage.run(uri, seed=SEED, rows=ROWS)
     assert result == {"skipped": 0, "written": N_SHARDS, "up_to_date": False}
     assert open_artifact(uri, "keys").params == {"seed": SEED, "rows": ROWS}

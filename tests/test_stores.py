@@ -353,7 +353,7 @@ def test_create_again_on_resume_reuses_store_and_keeps_data(artifact_uri):
     plan = build.plan(store.rows.plan())
     first = plan.shards[1]
     build.markers.mark_done(first, store.write_shard(first, keys[first.start:first.stop], vals[first.start:first.stop]))
-    # -- interrupted here; a new run resumes --
+    build.release()  # -- interrupted here (its writer is gone); a new run resumes --
     build = ArtifactBuild.begin(artifact_uri, "keys", params)
     assert not build.up_to_date
     store = KeyStore.create(build.uri, n, dim, dtype="bfloat16", chunk_rows=8, shard_chunks=2)

@@ -229,7 +229,7 @@ def test_retemper_equals_a_fresh_run(datastore, tmp_path):
 def test_retemper_refuses_bad_values(datastore, tmp_path, capsys):
     source = str(datastore["art"] / "targets" / "train")
     assert main(["retemper", source, "--temperature", "0", "--out", str(tmp_path / "a")]) == 1
-    assert "--temperature: must be positive" in capsys.readouterr().err
+    assert "--temperature: must be a positive finite number" in capsys.readouterr().err
     assert main(["retemper", source, "--temperature", "2", "--k", str(K + 1), "--out", str(tmp_path / "b")]) == 1
     assert f"--k: {K + 1} must be between 1 and the stored k ({K})" in capsys.readouterr().err
 

@@ -1,7 +1,9 @@
 """``verify`` and ``memforge verify`` on real artifacts: sound ones pass, each kind of damage is named."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
@@ -190,6 +192,20 @@ def test_missing_shard_marker(tmp_path, capsys):
     assert problems[0] == "_shards/00001.json: missing completion marker for shard 00001 (rows 16..32)"
     assert not any("checksum" in p for p in problems)
     assert_cli_reports(uri, capsys, "_shards/00001.json", "shard 00001")
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m["params"].update(seed=99), "does not match its params, inputs and code"),
+    (lambda m: m["files"].update({"datastore.zarr/zarr.json": "0" * 64}), "content_digest does not match"),
+])
+def test_hand_edited_manifest(tmp_path, capsys, edit, problem):
+    """A manifest whose params (or file list) were edited by hand no longer matches its own fingerprint."""
+    uri = build_keys(str(tmp_path / "keys"))
+    manifest = json.loads(Path(uri, "_manifest.json").read_text())
+    edit(manifest)
+    Path(uri, "_manifest.json").write_text(json.dumps(manifest))
+    assert any(problem in p for p in verify(uri)), verify(uri)
+    assert_cli_reports(uri, capsys, "_manifest.json")
 
 
 # -- content invariants (files intact, checksums valid) ---------------------------------------------------

@@ -1,7 +1,8 @@
 """A tiny deterministic "keys" stage used only by tests; it drives the real artifact API.
 
-Run as a script: ``python tests/toy_stage.py OUT_URI --seed S --rows N [--rebuild] [--die-after K]``
-prints one JSON line with the result; ``--die-after K`` SIGKILLs the process after K shards.
+Run as a script: ``python tests/toy_stage.py OUT_URI --seed S --rows N [--rebuild] [--die-after K] [--sleep S]``
+prints one JSON line with the result; ``--die-after K`` SIGKILLs the process after K shards; ``--sleep S``
+waits S seconds after each shard (a slow writer).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import json
 import os
 import signal
+import time
 
 import numpy as np
 
@@ -29,23 +31,28 @@ def shard_data(seed: int, shard_id: int, n_rows: int) -> tuple[np.ndarray, np.nd
     return keys, vals
 
 
-def run(uri: str, seed: int, rows: int, rebuild: bool | str = False, die_after: int | None = None) -> dict:
+def run(uri: str, seed: int, rows: int, rebuild: bool | str = False, die_after: int | None = None,
+        sleep: float = 0.0) -> dict:
     """Build (or resume) the toy keys artifact at ``uri``; return skipped/written/up_to_date."""
     build = ArtifactBuild.begin(uri, "keys", {"seed": seed, "rows": rows}, rebuild=rebuild)
     if build.up_to_date:
         return {"skipped": 0, "written": 0, "up_to_date": True}
-    store = KeyStore.create(uri, rows, dim=DIM, dtype="float16", chunk_rows=CHUNK_ROWS, shard_chunks=SHARD_CHUNKS)
-    plan = build.plan(store.rows.plan())
-    pending = build.pending(plan)
-    written = 0
-    for shard in pending:
-        keys, vals = shard_data(seed, shard.id, shard.rows)
-        files = store.write_shard(shard, keys, vals)
-        build.markers.mark_done(shard, files)
-        written += 1
-        if die_after is not None and written >= die_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-    build.publish(counts={"rows": rows, "vocab_size": VOCAB}, arrays=store.rows.describe())
+    try:
+        store = KeyStore.create(uri, rows, dim=DIM, dtype="float16", chunk_rows=CHUNK_ROWS, shard_chunks=SHARD_CHUNKS)
+        plan = build.plan(store.rows.plan())
+        pending = build.pending(plan)
+        written = 0
+        for shard in pending:
+            keys, vals = shard_data(seed, shard.id, shard.rows)
+            files = store.write_shard(shard, keys, vals)
+            build.markers.mark_done(shard, files)
+            time.sleep(sleep)
+            written += 1
+            if die_after is not None and written >= die_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        build.publish(counts={"rows": rows, "vocab_size": VOCAB}, arrays=store.rows.describe())
+    finally:
+        build.release()  # a failed build gives up its lease, as the executor's do
     return {"skipped": len(plan.shards) - len(pending), "written": written, "up_to_date": False}
 
 
@@ -56,8 +63,10 @@ def _main() -> None:
     parser.add_argument("--rows", type=int, required=True)
     parser.add_argument("--rebuild", action="store_true")
     parser.add_argument("--die-after", type=int, default=None)
+    parser.add_argument("--sleep", type=float, default=0.0)
     args = parser.parse_args()
-    print(json.dumps(run(args.uri, args.seed, args.rows, rebuild=args.rebuild, die_after=args.die_after)))
+    print(json.dumps(run(args.uri, args.seed, args.rows, rebuild=args.rebuild, die_after=args.die_after,
+                         sleep=args.sleep)))
 
 
 if __name__ == "__main__":

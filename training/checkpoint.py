@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load, save
 
 from storage import fs
+from storage.artifact import CHECKPOINTS_DIR
 
 log = logging.getLogger("memforge")
 
-DIR = "_checkpoints"
+DIR = CHECKPOINTS_DIR  # the artifact layer treats it as resumable progress
 STATE = "state.safetensors"
 TRAINER = "trainer.json"
 

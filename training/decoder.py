@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pipelines.encoder import retie_output_embeddings
 from pipelines.stage import Context, Published, Stage
-from pipelines.tokenizer import load_tokenizer
+from pipelines.tokenizer import check_same_tokenizer, load_tokenizer
 from storage import fs
 from storage.errors import MemforgeError
 from storage.stores import TOKENIZER_DIR
@@ -49,9 +49,7 @@ def build_model(config, tokenizer) -> torch.nn.Module:
     except (OSError, ValueError) as exc:
         raise MemforgeError(f"decoder.init: {config.init}: cannot load a causal LM: {exc}") from None
     retie_output_embeddings(model, config.init)
-    if load_tokenizer(config.init).get_vocab() != tokenizer.get_vocab():
-        raise MemforgeError(f"decoder.init: {config.init}: its tokenizer differs from the token store's; "
-                            "run prepare with this model's tokenizer (decoder.init or encode.model)")
+    check_same_tokenizer(config.init, tokenizer, "decoder.init")
     return model
 
 
@@ -73,6 +71,13 @@ class TrainDecoder(Stage):
                "decoder.batch_size", "decoder.grad_accum", "decoder.learning_rate", "decoder.weight_decay",
                "decoder.warmup_steps", "decoder.max_steps", "decoder.schedule", "decoder.seed")
     execution = ("decoder.checkpoint_every",)
+
+    def check(self, ctx: Context) -> None:
+        tokens, block_size = ctx.inputs["tokens"], ctx.params.decoder.block_size
+        n_tokens = tokens.manifest["counts"]["train_tokens"]
+        if n_tokens < block_size + 1:
+            raise MemforgeError(f"decoder.block_size: {block_size} needs at least {block_size + 1} training "
+                                f"tokens, but {tokens.uri} has {n_tokens}; lower it or add text")
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         return ctx.params.values(self.content, strip="decoder")

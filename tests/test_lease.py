@@ -1,0 +1,63 @@
+"""One writer per artifact: a second writer is refused naming the holder, a dead holder's lease is taken
+over, and a --rebuild started beside a live build never deletes it (20 trials)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from storage.artifact import open_artifact
+from storage.errors import ArtifactError
+from storage.lease import LEASE_NAME, Lease
+from storage.verify import verify
+import toy_stage
+
+TOY = str(Path(__file__).resolve().parent / "toy_stage.py")
+TRIALS = 20
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    held = Lease(str(tmp_path / "a")).acquire()
+    with pytest.raises(ArtifactError, match=r"another writer is building this artifact: pid \d+ on "):
+        Lease(str(tmp_path / "a")).acquire()
+    held.release()
+    assert not (tmp_path / "a" / LEASE_NAME).exists()
+    Lease(str(tmp_path / "a")).acquire().release()
+
+
+def test_the_lease_of_a_dead_holder_is_taken_over(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "a").mkdir()
+    held = Lease(str(tmp_path / "a"))
+    record = {**held._record(), "pid": int(gone.stdout), "token": "dead"}
+    (tmp_path / "a" / LEASE_NAME).write_text(json.dumps(record))
+    held.acquire()
+    assert json.loads((tmp_path / "a" / LEASE_NAME).read_text())["token"] == held.token
+    held.release()
+
+
+def test_a_torn_lease_file_is_taken_over(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / LEASE_NAME).write_text('{"tok')
+    Lease(str(tmp_path / "a")).acquire().release()
+
+
+def test_rebuild_beside_a_live_build_is_refused_and_never_publishes_a_bad_artifact(tmp_path):
+    for trial in range(TRIALS):
+        uri = tmp_path / f"keys-{trial}"
+        writer = subprocess.Popen([sys.executable, TOY, str(uri), "--seed", "1", "--rows", "512",
+                                   "--sleep", "0.25"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not (uri / LEASE_NAME).exists() and time.monotonic() < deadline and writer.poll() is None:
+            time.sleep(0.005)
+        with pytest.raises(ArtifactError, match="another writer is building this artifact"):
+            toy_stage.run(str(uri), seed=2, rows=512, rebuild=True)
+        _, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err[-2000:]
+        manifest = open_artifact(str(uri), "keys").manifest
+        assert manifest["params"] == {"seed": 1, "rows": 512} and len(manifest["files"]) > 2
+        assert verify(str(uri)) == [] and not (uri / LEASE_NAME).exists()

@@ -1,0 +1,106 @@
+"""Bad values and wrong targets are refused up front with a named error, and nothing is written:
+params a stage cannot honour, retemper's own inputs or another kind of artifact as its --out."""
+from __future__ import annotations
+
+import pytest
+
+from chain import stage_args
+from flows.cli import main
+from storage.artifact import ArtifactBuild
+from storage.errors import ArtifactError
+from storage.stores import KeyStore
+from storage.verify import verify
+
+
+def refused(args: list[str], capsys, *expected: str) -> str:
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: " in err, err
+    for part in expected:
+        assert part in err, err
+    return err
+
+
+def linked(chain, tmp_path, names):
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in names:
+        (art / name).symlink_to(chain["art"] / name)
+    return art
+
+
+def test_decoder_block_size_beyond_the_training_tokens(chain, tmp_path, capsys):
+    art = linked(chain, tmp_path, ("tokens",))
+    refused(["train-decoder", *stage_args(chain["root"], art, **{"decoder.block_size": 100000})], capsys,
+            "decoder.block_size: 100000 needs at least 100001 training tokens")
+    assert not (art / "decoder").exists()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"index.factory": "IVF4096,Flat"}, "index.factory: IVF4096,Flat has 4096 inverted lists, more than the"),
+    ({"index.factory": "IVF4,Flat", "index.nprobe": 8}, "index.nprobe: 8 exceeds the 4 lists of IVF4,Flat"),
+])
+def test_index_params_the_datastore_cannot_honour(chain, tmp_path, capsys, settings, message):
+    art = linked(chain, tmp_path, ("keys",))
+    refused(["index", *stage_args(chain["root"], art, **settings)], capsys, message)
+    assert not (art / "index").exists()
+
+
+def test_lambda_grid_outside_zero_one(chain, capsys):
+    refused(["evaluate", *chain["args"], "--set", "evaluate.lambda_grid=[0.5, 1.5]"], capsys,
+            "evaluate.lambda_grid.1: Input should be less than or equal to 1")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "nan"], "--temperature: must be a positive finite number, got nan"),
+    (["--temperature", "2", "--k", "0"], "--k: 0 must be between 1 and the stored k"),
+])
+def test_retemper_bad_values(chain, tmp_path, capsys, extra, message):
+    refused(["retemper", str(chain["art"] / "targets" / "train"), *extra, "--out", str(tmp_path / "out")], capsys,
+            message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out, message", [
+    ("targets/train", "which retemper reads"),
+    ("index", "which retemper reads"),
+    ("targets", "which retemper reads"),
+    ("memory", "holds a memory artifact, not targets"),
+])
+def test_retemper_out_never_replaces_its_inputs_or_another_kind(chain, capsys, out, message):
+    source = chain["art"] / "targets" / "train"
+    refused(["retemper", str(source), "--temperature", "2", "--out", str(chain["art"] / out), "--rebuild"], capsys,
+            message)
+    for name in ("targets/train", "index", "memory"):
+        assert verify(str(chain["art"] / name)) == [], name
+
+
+def test_damaged_bookkeeping_is_named_and_ls_never_crashes(tmp_path, capsys):
+    """A torn plan, shard marker or manifest: `ls` lists the artifact as damaged with the reason, and a rerun
+    fails with an error naming the file instead of a bare JSONDecodeError."""
+    import toy_stage
+
+    published, interrupted = tmp_path / "art" / "published", tmp_path / "art" / "interrupted"
+    toy_stage.run(str(published), seed=1, rows=256)
+    build = ArtifactBuild.begin(str(interrupted), "keys", {"seed": 1, "rows": 256})  # one shard, then stopped
+    store = KeyStore.create(build.uri, 256, dim=toy_stage.DIM, chunk_rows=toy_stage.CHUNK_ROWS,
+                            shard_chunks=toy_stage.SHARD_CHUNKS)
+    first = build.plan(store.rows.plan()).shards[0]
+    build.markers.mark_done(first, store.write_shard(first, *toy_stage.shard_data(1, first.id, first.rows)))
+    build.release()
+    (published / "_manifest.json").write_text('{"schema_version": 2, "kind"')
+    (interrupted / "_plan.json").write_text("{")
+    capsys.readouterr()
+    assert main(["ls", str(tmp_path / "art")]) == 0
+    out = capsys.readouterr().out
+    assert "damaged: " in out and "_manifest.json" in out and "_plan.json" in out
+    with pytest.raises(ArtifactError, match=r"_plan.json: damaged, not valid JSON"):
+        toy_stage.run(str(interrupted), seed=1, rows=256)
+    (interrupted / "_plan.json").unlink()
+    next((interrupted / "_shards").glob("*.json")).write_text("{")
+    with pytest.raises(ArtifactError, match=r"_shards/00000.json: damaged, not valid JSON"):
+        toy_stage.run(str(interrupted), seed=1, rows=256)
+    assert not (interrupted / "_manifest.json").exists()
+    assert main(["verify", str(published)]) == 1
+    assert "_manifest.json: manifest is not valid JSON" in capsys.readouterr().out
