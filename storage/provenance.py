@@ -44,13 +44,15 @@ def _git(*args: str) -> str | None:
 
 
 PROJECT_PACKAGES = ("storage", "pipelines", "training", "flows")
-# Modules that say how a stage runs, never what it writes: the declaration and executor machinery,
-# Beam options, progress, worker-error reports, the params schema (params values are hashed
-# themselves) and artifact locations. The import closure stops at them, so editing them leaves
-# every artifact up to date.
+# Modules that say how a stage runs or how its artifacts are kept, never what they hold: the declaration
+# and executor machinery, Beam options, progress, worker-error reports, the params schema (params values
+# are hashed themselves), artifact locations, the write lease, manifests (a change to how fingerprints
+# or content digests are computed changes the values themselves) and shard plans/markers. The import
+# closure stops at them, so editing them leaves every artifact up to date.
 EXECUTION_MODULES = frozenset({
     "pipelines.stage", "pipelines.executor", "pipelines.runner", "pipelines.progress", "pipelines.worker_errors",
-    "storage.params", "storage.params_view", "storage.paths", "storage.lease", "flows",
+    "storage.params", "storage.params_view", "storage.paths", "storage.lease", "storage.artifact",
+    "storage.shards", "flows",
 })
 
 
