@@ -153,6 +153,9 @@ def _cmd_run(args, beam_args) -> int:
 
 def _cmd_serve(args, beam_args) -> int:
     params = load_params(args.params, args.overrides)
+    if not os.environ.get("PREFECT_API_URL"):  # a temporary server would never fire the schedule
+        raise MemforgeError("serve needs a Prefect server that outlives this process: start one with "
+                            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
     from flows.build import build
 
     build.serve(name=args.name, cron=args.cron or params.flow.cron, parameters={

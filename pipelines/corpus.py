@@ -44,12 +44,15 @@ def _expand(pattern: str, where: str) -> list[tuple[str, str, int]]:
     """(uri, name, size) of every file matching ``pattern``."""
     pattern = pattern.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
     filesystem, path = fs.filesystem(pattern)
-    if any(ch in path for ch in GLOB_CHARS):
+    if filesystem.isdir(path):  # a directory: every file below it
+        fixed = path.rstrip("/") + "/"
+        matches = sorted(filesystem.find(path))
+    elif filesystem.exists(path) or not any(ch in path for ch in GLOB_CHARS):  # an existing path is literal,
+        fixed = path                                                           # even with "[v1]" in its name
+        matches = [path] if filesystem.exists(path) else []
+    else:
         fixed = path[:min(path.index(ch) for ch in GLOB_CHARS if ch in path)]
         matches = sorted(filesystem.glob(path))
-    else:
-        fixed = path
-        matches = [path] if filesystem.exists(path) else []
     base = fixed.rsplit("/", 1)[0] + "/" if "/" in fixed else ""
     files = [m for m in matches if filesystem.isfile(m)]
     if not files:
@@ -68,22 +71,22 @@ def _format(uri: str, configured: str) -> str:
 
 
 def source_files(params: CorpusParams) -> list[SourceFile]:
-    """All input files, sorted per split, capped at ``max_bytes`` (whole files, at least one)."""
+    """All input files, sorted per split, each split capped at ``max_bytes`` (whole files, at least one)."""
     groups = [("train" if params.validation else None, "corpus.train", params.train)]
     if params.validation:
         groups.append(("validation", "corpus.validation", params.validation))
     if not params.train:
         raise CorpusError("corpus.train: no sources given (list paths, globs or URLs)")
     files: list[SourceFile] = []
-    total = 0
-    for split, key, patterns in groups:
+    for split, key, patterns in groups:  # each split has its own max_bytes budget
+        total = 0
         seen: dict[str, tuple[str, int]] = {}
         for i, pattern in enumerate(patterns):
             for uri, name, size in _expand(pattern, f"{key}[{i}]"):
                 seen.setdefault(uri, (name, size))
         for uri in sorted(seen):
             name, size = seen[uri]
-            if files and total + size > params.max_bytes:
+            if total and total + size > params.max_bytes:
                 break
             files.append(SourceFile(len(files), uri, name, _format(uri, params.format), size, split))
             total += size

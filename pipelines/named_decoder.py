@@ -5,6 +5,8 @@ Never whatever happens to be on disk: a trained decoder left from an earlier run
 """
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 
 from storage import fs
@@ -23,7 +25,13 @@ def decoder_inputs(params) -> tuple[str, ...]:
 
 
 def decoder_path(ctx) -> str:
-    """The decoder's local model directory."""
+    """The decoder's local model directory: the artifact's own on local storage, else a copy in a scratch
+    directory removed when the process exits."""
     if ctx.params.encode.model:
         return ctx.params.encode.model
-    return fs.local_dir(ctx.inputs["decoder"].path("model"), tempfile.mkdtemp())
+    model = ctx.inputs["decoder"].path("model")
+    if fs.is_local(model):
+        return fs.normalize(model)
+    scratch = tempfile.mkdtemp(prefix="memforge-decoder-")
+    atexit.register(shutil.rmtree, scratch, True)
+    return fs.local_dir(model, scratch)

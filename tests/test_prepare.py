@@ -84,3 +84,23 @@ def test_a_corpus_file_edited_in_place_is_seen(tmp_path, capsys, caplog):
     capsys.readouterr()
     assert main(args) == 1
     assert "a different tokens artifact is published here" in capsys.readouterr().err
+
+
+def test_corpus_paths_directories_literal_brackets_and_a_budget_per_split(tmp_path):
+    """A directory means its files; an existing path with "[v1]" in it is literal, not a glob; each split
+    has its own corpus.max_bytes, so a validation set is never squeezed out by a large train set."""
+    train, validation = tmp_path / "train", tmp_path / "valid [v1]"
+    for i in range(4):
+        (train / "sub").mkdir(parents=True, exist_ok=True)
+        (train / "sub" / f"{i}.txt").write_text("x" * 400)
+    validation.mkdir()
+    (validation / "a.txt").write_text("y" * 300)
+    literal = tmp_path / "notes[v1].txt"
+    literal.write_text("z" * 10)
+    files = source_files(CorpusParams(train=[str(train), str(literal)], validation=[str(validation / "a.txt")],
+                                      max_bytes=1000))
+    by_split = {split: [f.uri for f in files if f.split == split] for split in ("train", "validation")}
+    assert by_split["train"] == [str(literal), str(train / "sub" / "0.txt"), str(train / "sub" / "1.txt")]
+    assert by_split["validation"] == [str(validation / "a.txt")]  # 810 bytes of train did not use its budget
+    dir_files = source_files(CorpusParams(train=[str(train)], max_bytes=10_000))
+    assert [f.name for f in dir_files] == [f"sub/{i}.txt" for i in range(4)]

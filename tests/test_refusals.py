@@ -2,12 +2,18 @@
 params a stage cannot honour, retemper's own inputs or another kind of artifact as its --out."""
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
-from chain import stage_args
+from chain import overrides, stage_args
 from flows.cli import main
+from flows.stages import stage
+from pipelines import executor
+from pipelines.named_decoder import decoder_path
 from storage.artifact import ArtifactBuild
 from storage.errors import ArtifactError
+from storage.params import load_params
 from storage.stores import KeyStore
 from storage.verify import verify
 
@@ -104,3 +110,17 @@ def test_damaged_bookkeeping_is_named_and_ls_never_crashes(tmp_path, capsys):
     assert not (interrupted / "_manifest.json").exists()
     assert main(["verify", str(published)]) == 1
     assert "_manifest.json: manifest is not valid JSON" in capsys.readouterr().out
+
+
+def test_serve_without_a_server_says_how_to_start_one(chain, capsys, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    refused(["serve", *chain["args"]], capsys, "serve needs a Prefect server", "prefect server start")
+
+
+def test_the_trained_decoder_is_read_in_place_without_a_scratch_copy(chain, tmp_path, monkeypatch):
+    """No mkdtemp directory is left behind for a local decoder (it used to be one per run)."""
+    made = []
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(a) or str(tmp_path))
+    params = load_params(chain["root"] / "params.yaml", overrides(chain["args"]))
+    ctx = executor.context(stage("encode"), params)
+    assert decoder_path(ctx) == str(chain["art"] / "decoder" / "model") and made == []
