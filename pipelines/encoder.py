@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -47,6 +48,9 @@ def load_encoder(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                      dtype=torch.float32)
+    except pickle.UnpicklingError:  # torch's weights_only load refused code in a pickled checkpoint
+        raise EncoderError(f"{path}: its pickled checkpoint holds more than tensors, and memforge never unpickles "
+                           "code; convert the weights to safetensors from a trusted copy") from None
     except (OSError, ValueError) as exc:
         raise EncoderError(f"{path}: cannot load as a causal LM ({type(config).__name__}): {exc}") from None
     retie_output_embeddings(model, path)

@@ -2,20 +2,24 @@
 params a stage cannot honour, retemper's own inputs or another kind of artifact as its --out."""
 from __future__ import annotations
 
+import os
 import tempfile
 
 import pytest
+import torch
 
 from chain import overrides, stage_args
 from flows.cli import main
 from flows.stages import stage
 from pipelines import executor
+from pipelines.encoder import EncoderError, load_encoder
 from pipelines.named_decoder import decoder_path
 from storage.artifact import ArtifactBuild
 from storage.errors import ArtifactError
 from storage.params import load_params
 from storage.stores import KeyStore
 from storage.verify import verify
+from tiny_lm import WORDS, make_gpt2
 
 
 def refused(args: list[str], capsys, *expected: str) -> str:
@@ -124,3 +128,20 @@ def test_the_trained_decoder_is_read_in_place_without_a_scratch_copy(chain, tmp_
     params = load_params(chain["root"] / "params.yaml", overrides(chain["args"]))
     ctx = executor.context(stage("encode"), params)
     assert decoder_path(ctx) == str(chain["art"] / "decoder" / "model") and made == []
+
+
+class _Payload:
+    """Code in a pickled checkpoint: it must never run."""
+
+    def __reduce__(self):
+        return (print, ("PAYLOAD EXECUTED",))
+
+
+def test_a_pickled_checkpoint_with_code_is_refused_and_never_run(tmp_path, capsys):
+    model = make_gpt2(tmp_path / "model", [" ".join(WORDS)] * 5)
+    os.remove(model / "model.safetensors")
+    torch.save({"transformer.wte.weight": _Payload()}, model / "pytorch_model.bin")
+    capsys.readouterr()
+    with pytest.raises(EncoderError, match="pickled checkpoint holds more than tensors"):
+        load_encoder(str(model))
+    assert "PAYLOAD EXECUTED" not in capsys.readouterr().out
