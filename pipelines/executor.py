@@ -21,7 +21,7 @@ from pipelines.runner import pipeline
 from pipelines.stage import Context, Published, ShardWorker, Stage
 from storage import fs, paths
 from storage.artifact import ArtifactBuild, open_artifact
-from storage.errors import MemforgeError
+from storage.errors import ArtifactError, MemforgeError
 from storage.params import Params
 from storage.params_view import ParamsView
 from storage.shards import Shard, ShardMarkers, ShardPlan
@@ -35,10 +35,22 @@ def context(stage: Stage, params: Params, reads: set[str] | None = None) -> Cont
     ctx = Context(stage, ParamsView(params, stage.declared_keys(), stage.name, reads), params.artifacts_dir, {})
     for role in stage.input_roles(ctx):
         try:
-            ctx.inputs[role] = open_artifact(ctx.uri(role), paths.kind_of(role))
+            ctx.inputs[role] = _intact(open_artifact(ctx.uri(role), paths.kind_of(role)))
         except MemforgeError as exc:
             raise type(exc)(f"{stage.name} reads {role}: {exc}") from None
     return ctx
+
+
+def _intact(artifact):
+    """The artifact, once every file its manifest records is present (one listing; a missing Zarr shard
+    would otherwise read as fill values). Checksums are `memforge verify`'s: re-hashing GBs per run is not."""
+    present = set(fs.list_files(artifact.uri))
+    missing = sorted(rel for rel in artifact.manifest["files"] if rel not in present)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ArtifactError(f"{artifact.uri}: {missing[0]}{more} recorded in its manifest is missing; the artifact "
+                            "is damaged (memforge verify lists it): rebuild it")
+    return artifact
 
 
 def run_stage(stage: Stage, params: Params, *, rebuild: bool | str = False, beam_args: Iterable[str] = (),

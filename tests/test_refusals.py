@@ -3,6 +3,7 @@ params a stage cannot honour, retemper's own inputs or another kind of artifact 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -145,3 +146,15 @@ def test_a_pickled_checkpoint_with_code_is_refused_and_never_run(tmp_path, capsy
     with pytest.raises(EncoderError, match="pickled checkpoint holds more than tensors"):
         load_encoder(str(model))
     assert "PAYLOAD EXECUTED" not in capsys.readouterr().out
+
+
+def test_an_input_missing_a_recorded_file_is_refused(chain, tmp_path, capsys):
+    """A deleted Zarr shard of keys/train would read as all-zero keys: index --rebuild refuses instead."""
+    art = tmp_path / "art"
+    art.mkdir()
+    shutil.copytree(chain["art"] / "keys", art / "keys")
+    shard = sorted((art / "keys" / "train" / "datastore.zarr" / "keys").rglob("c/*/*"))[1]
+    shard.unlink()
+    refused(["index", *stage_args(chain["root"], art), "--rebuild"], capsys,
+            f"{shard.relative_to(art / 'keys' / 'train')} recorded in its manifest is missing")
+    assert not (art / "index").exists()
