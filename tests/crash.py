@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -14,14 +15,20 @@ MEMFORGE = str(Path(sys.executable).parent / "memforge")
 
 
 def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 120, env: dict | None = None) -> None:
-    """Run ``memforge ARGS`` and SIGKILL its process group as soon as ``ready()`` is true."""
-    process = subprocess.Popen([MEMFORGE, *args], start_new_session=True, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not ready() and process.poll() is None:
-        time.sleep(0.002)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    """Run ``memforge ARGS`` and SIGKILL its process group as soon as ``ready()`` is true; a run that ends
+    before that fails the test with the end of its log."""
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen([MEMFORGE, *args], start_new_session=True, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not ready() and process.poll() is None:
+            time.sleep(0.002)
+        if process.poll() is not None:
+            log.seek(0)
+            raise AssertionError(f"memforge {' '.join(args)} ended (exit {process.returncode}) before the kill point:\n"
+                                 + log.read().decode(errors="replace")[-3000:])
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def kill_after_first_shard(args: list[str], markers: Path, timeout: float = 120) -> int:
