@@ -12,11 +12,10 @@ import tempfile
 from storage import fs
 
 
-def external_decoder(params) -> dict:
-    """The named model's fingerprint (content of what a stage depends on) when it is not an artifact."""
-    from pipelines.encoder import model_fingerprint
-
-    return {"decoder": model_fingerprint(params.encode.model)} if params.encode.model else {}
+def external_decoder(params, fingerprint: str) -> dict:
+    """``{"decoder": fingerprint}`` when the decoder is a model outside the artifacts (its identity must enter
+    the fingerprint), else nothing (the decoder artifact is an input)."""
+    return {"decoder": fingerprint} if params.encode.model else {}
 
 
 def decoder_inputs(params) -> tuple[str, ...]:

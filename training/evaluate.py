@@ -101,7 +101,7 @@ class Evaluate(Stage):
     def check(self, ctx: Context) -> None:
         queries, index = ctx.inputs["keys/validation"], ctx.inputs["index"]
         path = ctx.scratch["decoder_path"] = decoder_path(ctx)
-        decoder_fingerprint = model_fingerprint(path)
+        decoder_fingerprint = ctx.scratch["decoder_fingerprint"] = model_fingerprint(path)  # hashes every weight
         encoded_by = queries.manifest["stats"]["model_fingerprint"]
         if encoded_by != decoder_fingerprint:
             raise MemforgeError(f"evaluate: kNN-LM queries come from the decoder's forward pass, but {queries.uri} "
@@ -123,7 +123,7 @@ class Evaluate(Stage):
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         values = ctx.params.values([key for key in self.content if key != "encode.model"], strip="evaluate")
-        return {**values, **external_decoder(ctx.params)}
+        return {**values, **external_decoder(ctx.params, ctx.scratch["decoder_fingerprint"])}
 
     def artifact_inputs(self, ctx: Context, role: str) -> dict:
         named = {"decoder": ctx.inputs["decoder"]} if "decoder" in ctx.inputs else {}

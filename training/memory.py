@@ -65,10 +65,10 @@ def check_targets(targets: Artifact, keys: Artifact, decoder_vocab: int) -> None
         raise MemforgeError(f"{targets.uri}: vocabulary of {vocab} tokens, but the decoder has {decoder_vocab}")
 
 
-def _offline(params, keys: Artifact, decoder_path: str, n_blocks: int) -> bool:
+def _offline(params, keys: Artifact, decoder_fingerprint: str, n_blocks: int) -> bool:
     """True when the stored keys are the decoder's states at the memory's input layer."""
     stats = keys.manifest["stats"]
-    same_model = stats["model_fingerprint"] == model_fingerprint(decoder_path)
+    same_model = stats["model_fingerprint"] == decoder_fingerprint
     same_layer = stats["layer"] % n_blocks == params.memory.input_layer % n_blocks
     possible = same_model and same_layer and stats["representation"] == params.encode.representation
     if params.memory.mode == "offline" and not possible:
@@ -100,13 +100,14 @@ class TrainMemory(Stage):
         decoder = ctx.scratch["decoder"] = load_encoder(path, ctx.params.encode.trust_remote_code)
         keys = ctx.inputs["keys/train"]
         check_targets(ctx.inputs["targets/train"], keys, int(decoder.config.vocab_size))
-        ctx.scratch["offline"] = _offline(ctx.params, keys, path, len(transformer_blocks(decoder)))
+        fingerprint = ctx.scratch["decoder_fingerprint"] = model_fingerprint(path)  # hashes every weight: once
+        ctx.scratch["offline"] = _offline(ctx.params, keys, fingerprint, len(transformer_blocks(decoder)))
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         values = ctx.params.values([key for key in self.content if key != "encode.model"], strip="memory")
         values["representation"] = values.pop("encode.representation")
         mode = "offline" if ctx.scratch["offline"] else "online"
-        return {**values, **external_decoder(ctx.params), "resolved_mode": mode}
+        return {**values, **external_decoder(ctx.params, ctx.scratch["decoder_fingerprint"]), "resolved_mode": mode}
 
     def artifact_inputs(self, ctx: Context, role: str) -> dict:
         named = {"decoder": ctx.inputs["decoder"]} if "decoder" in ctx.inputs else {}
