@@ -21,7 +21,9 @@ from pipelines.runner import pipeline
 from pipelines.stage import Context, Published, ShardWorker, Stage
 from storage import fs, paths
 from storage.artifact import ArtifactBuild, open_artifact
-from storage.errors import ArtifactError, MemforgeError
+from storage.intact import check_intact
+from storage.errors import (DiskFullError, MemforgeError, is_disk_full,
+                            is_out_of_memory)
 from storage.params import Params
 from storage.params_view import ParamsView
 from storage.shards import Shard, ShardMarkers, ShardPlan
@@ -35,22 +37,10 @@ def context(stage: Stage, params: Params, reads: set[str] | None = None) -> Cont
     ctx = Context(stage, ParamsView(params, stage.declared_keys(), stage.name, reads), params.artifacts_dir, {})
     for role in stage.input_roles(ctx):
         try:
-            ctx.inputs[role] = _intact(open_artifact(ctx.uri(role), paths.kind_of(role)))
+            ctx.inputs[role] = check_intact(open_artifact(ctx.uri(role), paths.kind_of(role)), params.check_inputs)
         except MemforgeError as exc:
             raise type(exc)(f"{stage.name} reads {role}: {exc}") from None
     return ctx
-
-
-def _intact(artifact):
-    """The artifact, once every file its manifest records is present (one listing; a missing Zarr shard
-    would otherwise read as fill values). Checksums are `memforge verify`'s: re-hashing GBs per run is not."""
-    present = set(fs.list_files(artifact.uri))
-    missing = sorted(rel for rel in artifact.manifest["files"] if rel not in present)
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ArtifactError(f"{artifact.uri}: {missing[0]}{more} recorded in its manifest is missing; the artifact "
-                            "is damaged (memforge verify lists it): rebuild it")
-    return artifact
 
 
 def run_stage(stage: Stage, params: Params, *, rebuild: bool | str = False, beam_args: Iterable[str] = (),
@@ -67,7 +57,8 @@ def run_stage(stage: Stage, params: Params, *, rebuild: bool | str = False, beam
         for role in stage.outputs:
             build = ArtifactBuild.begin(ctx.uri(role), stage.kind(role), stage.artifact_params(ctx, role),
                                         stage.artifact_inputs(ctx, role), fmt=stage.format, rebuild=rebuild,
-                                        code_files=stage.code_files(), execution=execution)
+                                        code_files=stage.code_files(), execution=execution,
+                                        root=params.artifacts_dir)
             if build.up_to_date:
                 log.info("%s: %s is up to date (fingerprint %s)", stage.name, build.uri, build.fingerprint[:12])
             else:
@@ -77,11 +68,37 @@ def run_stage(stage: Stage, params: Params, *, rebuild: bool | str = False, beam
         else:
             for role, build in builds.items():
                 _publish(build, stage.run(ctx, role, build), None)
+    except MemforgeError:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc) and builds:
+            raise _disk_full(stage, builds, exc) from None
+        if is_out_of_memory(exc):
+            raise _out_of_memory(stage, exc) from None
+        raise
     finally:
         for build in builds.values():  # a build that stopped gives up its lease; a rerun resumes it
             build.release()
     roles = stage.outputs
     return ctx.uri(roles[0]) if len(roles) == 1 else fs.join(params.artifacts_dir, roles[0].split("/")[0])
+
+
+def _disk_full(stage: Stage, builds: dict[str, ArtifactBuild], exc: Exception) -> DiskFullError:
+    """The named form of a write that found no space: which outputs, how much is free, what to do."""
+    where = ", ".join(build.uri for build in builds.values())
+    free = fs.free_space(next(iter(builds.values())).uri)
+    cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return DiskFullError(f"{where}: no space left on its filesystem{f' ({free})' if free else ''} while {stage.name} "
+                         f"wrote it ({cause}); free space or move artifacts_dir, then rerun: finished shards and "
+                         "checkpoints are kept and nothing was published")
+
+
+def _out_of_memory(stage: Stage, exc: Exception) -> MemforgeError:
+    """The named form of an allocation failure: which params size the stage's batches, and of which kind."""
+    batch = [f"{key} ({'execution' if key in stage.execution else 'content: another artifact'})"
+             for key in stage.declared_keys() if "batch" in key]
+    return MemforgeError(f"{stage.name} ran out of memory ({str(exc).strip().splitlines()[-1][:200]}); lower "
+                         f"{', '.join(batch) or 'its workers'}, then rerun: finished shards and checkpoints are kept")
 
 
 def _label(stage: Stage, role: str) -> str:
@@ -195,10 +212,12 @@ class RunShard(beam.DoFn):
 
 def derive(uri: str, kind: str, params: dict, inputs: dict, fmt: str, rebuild: bool | str,
            code_files: tuple[str, ...], plan: ShardPlan, layout: dict, create: Callable[[], None],
-           write: Callable[[Shard], dict[str, str]], finalize: Callable[[], Published]) -> bool:
+           write: Callable[[Shard], dict[str, str]], finalize: Callable[[], Published],
+           root: str | None = None) -> bool:
     """Build an artifact derived in this process from another one, shard by shard with markers (resumable),
     in the given plan and layout; False when an identical one is already published."""
-    build = ArtifactBuild.begin(uri, kind, params, inputs, fmt=fmt, rebuild=rebuild, code_files=code_files)
+    build = ArtifactBuild.begin(uri, kind, params, inputs, fmt=fmt, rebuild=rebuild, code_files=code_files,
+                                root=root)
     if build.up_to_date:
         return False
     try:

@@ -87,7 +87,12 @@ def _train(params, keys: KeyStore, index: faiss.Index, factory: str, n_rows: int
         sample_size = min(n_rows, wanted)
         rows = np.sort(np.random.default_rng(params.index.seed).choice(n_rows, sample_size, replace=False))
         log.info("index: training %s on %d sampled keys", factory, sample_size)
-        index.train(np.ascontiguousarray(keys.take(rows), dtype=np.float32))
+        try:
+            index.train(np.ascontiguousarray(keys.take(rows), dtype=np.float32))
+        except RuntimeError as exc:  # FAISS refuses what these params ask of this sample
+            raise MemforgeError(f"index.factory: FAISS cannot train {factory} on {sample_size} sampled keys "
+                                f"(index.train_points_per_list, index.train_sample): "
+                                f"{str(exc).strip().splitlines()[-1]}") from None
     if ivf is not None:
         faiss_index.set_nprobe(index, params.index.nprobe)
     faiss_index.write(index, fs.join(root, faiss_index.TRAINED))
@@ -115,6 +120,9 @@ def _merge_ondisk(root: str, plan: ShardPlan) -> None:
     fs.remove_tree(data)  # debris of an interrupted merge
     with faiss_index.native_stdout_to_stderr():  # FAISS prints the data file's size
         merge_ondisk(trained, [fs.join(root, faiss_index.shard_file(s.name)) for s in plan.shards], data)
+    # FAISS records the data file's path in the index; a bare name (read back from beside the index with
+    # IO_FLAG_ONDISK_SAME_DIR) keeps the artifact relocatable and its bytes independent of where it was built.
+    faiss.downcast_InvertedLists(faiss_index.ivf_of(trained).invlists).filename = faiss_index.MERGED_DATA
     faiss_index.write(trained, fs.join(root, faiss_index.MERGED))
 
 

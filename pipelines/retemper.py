@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 
 import numpy as np
@@ -14,7 +15,7 @@ from pipelines.stage import Published
 from pipelines.targets import Targets
 from pipelines.tokenizer import load_tokenizer
 from storage import fs
-from storage.artifact import Artifact, open_artifact
+from storage.artifact import Artifact, input_uri, open_artifact
 from storage.errors import MemforgeError
 from storage.shards import Shard, load_layout, load_plan
 from storage.stores import TOKENIZER_DIR, DistributionStore, NeighbourStore, PartOffsets, TokenStore
@@ -26,12 +27,22 @@ def _inputs(artifact: Artifact) -> dict[str, Artifact]:
     """The artifact's inputs as they are now; refuses any that changed since it was built."""
     inputs = {}
     for record in artifact.manifest["inputs"]:
-        current = open_artifact(record["uri"], record["kind"])
+        current = open_artifact(input_uri(artifact, record), record["kind"])
         if current.content_digest != record["content_digest"]:
-            raise MemforgeError(f"{record['uri']}: changed since {artifact.uri} was built "
+            raise MemforgeError(f"{current.uri}: changed since {artifact.uri} was built "
                                 f"(content {current.content_digest[:12]}, recorded {record['content_digest'][:12]})")
         inputs[record["role"]] = current
     return inputs
+
+
+def _artifacts_dir(artifact: Artifact) -> str | None:
+    """The artifacts directory ``artifact`` was built in: the common parent of it and the inputs its
+    manifest records by relative path (None when it records none so)."""
+    relative = [input_uri(artifact, r) for r in artifact.manifest["inputs"] if "://" not in r["uri"]
+                and not r["uri"].startswith("/")]
+    if not relative or not fs.is_local(artifact.uri):
+        return None
+    return os.path.commonpath([artifact.uri, *relative])
 
 
 def _check_out(out: str, source: Artifact, inputs: dict[str, Artifact]) -> None:
@@ -89,7 +100,7 @@ def retemper(targets_uri: str, temperature: float, k: int | None = None, out: st
 
     if not executor.derive(out, "targets", new_params, inputs, source.manifest["format"], rebuild,
                            Targets.code_files(), load_plan(source.uri), load_layout(source.uri), create, write,
-                           finalize):
+                           finalize, root=_artifacts_dir(source)):
         return out
     log.info("retemper: published %s (T=%g, k=%d)", out, temperature, k)
     return out

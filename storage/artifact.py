@@ -109,9 +109,17 @@ def open_artifact(uri: str, kind: str | None = None) -> Artifact:
     return Artifact(fs.normalize(uri), manifest)
 
 
-def _input_record(role: str, artifact: Artifact) -> dict:
-    return {"role": role, "uri": artifact.uri, "kind": artifact.kind, "fingerprint": artifact.fingerprint,
-            "content_digest": artifact.content_digest}
+def _input_record(role: str, artifact: Artifact, home: str, root: str | None) -> dict:
+    """How ``home``'s manifest names an input: relative to ``home`` (``../../tokens``) when both lie in
+    ``root`` (the artifacts directory), so that a moved or copied directory reads its own inputs."""
+    local = root is not None and fs.inside(home, root) and fs.inside(artifact.uri, root)
+    return {"role": role, "uri": fs.relative(artifact.uri, home) if local else artifact.uri, "kind": artifact.kind,
+            "fingerprint": artifact.fingerprint, "content_digest": artifact.content_digest}
+
+
+def input_uri(artifact: Artifact, record: dict) -> str:
+    """Where the input ``record`` of ``artifact``'s manifest is now (relative records follow a move)."""
+    return fs.resolve(artifact.uri, record["uri"])
 
 
 def recorded_input(artifact: Artifact, role: str) -> dict | None:
@@ -134,8 +142,9 @@ class ArtifactBuild:
 
     def __init__(self, uri: str, kind: str, params: dict, inputs: dict[str, Artifact], fmt: str,
                  started_at: str, up_to_date: bool, code_files: tuple[str, ...] = (),
-                 execution: dict | None = None):
+                 execution: dict | None = None, root: str | None = None):
         self.uri = uri
+        self.root = root
         self.kind = kind
         self.params = params
         self.inputs = inputs
@@ -151,12 +160,13 @@ class ArtifactBuild:
     @classmethod
     def begin(cls, uri: str, kind: str, params: dict, inputs: dict[str, Artifact] | None = None,
               fmt: str = "directory", rebuild: bool | str = False, code_files: tuple[str, ...] = (),
-              execution: dict | None = None) -> "ArtifactBuild":
+              execution: dict | None = None, root: str | None = None) -> "ArtifactBuild":
         """Start, resume, or refuse a build of ``kind`` at ``uri``.
 
         ``params`` are the content params (they enter the fingerprint with the inputs' fingerprints and
         the digest of ``code_files``); ``execution`` (workers, threads, batch sizes, runner options) is
-        recorded in the manifest as provenance only.
+        recorded in the manifest as provenance only. Inputs inside ``root`` (the artifacts directory)
+        are recorded by relative path.
 
         ``rebuild``: False refuses to replace an artifact (published or interrupted) built with other
         params, inputs or code; True discards whatever is there; ``"outdated"`` (what orchestrators pass:
@@ -167,7 +177,7 @@ class ArtifactBuild:
             raise ArtifactError(f"rebuild must be False, True or {REBUILD_OUTDATED!r}, not {rebuild!r}")
         uri = fs.normalize(uri)
         build = cls(uri, kind, params, dict(inputs or {}), fmt, provenance.now(), up_to_date=False,
-                    code_files=code_files, execution=execution)
+                    code_files=code_files, execution=execution, root=root)
         manifest_uri, state_uri = fs.join(uri, MANIFEST_NAME), fs.join(uri, BUILD_NAME)
         if rebuild is not True and fs.exists(manifest_uri) and read_manifest(uri)["fingerprint"] == build.fingerprint:
             build.up_to_date = True
@@ -219,9 +229,12 @@ class ArtifactBuild:
         """Record this build as in progress (``_build.json``)."""
         fs.write_json_atomic(fs.join(self.uri, BUILD_NAME), {
             "kind": self.kind, "fingerprint": self.fingerprint, "params": self.params,
-            "inputs": [_input_record(r, a) for r, a in self.inputs.items()],
+            "inputs": self._input_records(),
             "started_at": self.started_at, "run": provenance.run_identity(),
         })
+
+    def _input_records(self) -> list[dict]:
+        return [_input_record(r, a, self.uri, self.root) for r, a in self.inputs.items()]
 
     def restart(self) -> None:
         """Discard this interrupted build's work (its plan no longer holds) and record it anew."""
@@ -284,7 +297,7 @@ class ArtifactBuild:
             "fingerprint": self.fingerprint,
             "content_digest": content_digest(self.kind, files),
             "params": self.params,
-            "inputs": [_input_record(r, a) for r, a in self.inputs.items()],
+            "inputs": self._input_records(),
             "code": self.code,
             "execution": self.execution,
             "environment": provenance.environment(beam_runner),

@@ -5,7 +5,9 @@ import contextlib
 import hashlib
 import json
 import os
+import posixpath
 import re
+import shutil
 import tempfile
 import uuid
 from typing import Any, BinaryIO, Iterator
@@ -45,6 +47,49 @@ def join(uri: str, *parts: str) -> str:
     """Join path parts onto a local path or URL with '/'."""
     base = normalize(uri)
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+
+def _split_url(uri: str) -> tuple[str, str]:
+    """(scheme://bucket or '' for local paths, the path below it)."""
+    uri = normalize(uri)
+    if "://" not in uri:
+        return "", uri
+    scheme, rest = uri.split("://", 1)
+    bucket, _, path = rest.partition("/")
+    return f"{scheme}://{bucket}", "/" + path
+
+
+def inside(uri: str, root: str) -> bool:
+    """True when ``uri`` is ``root`` or lies below it (same filesystem)."""
+    (home, path), (root_home, root_path) = _split_url(uri), _split_url(root)
+    return home == root_home and (path == root_path or path.startswith(root_path.rstrip("/") + "/"))
+
+
+def relative(uri: str, start: str) -> str:
+    """``uri`` as a '/'-separated path relative to ``start`` (``../tokens``); both on one filesystem."""
+    (home, path), (start_home, start_path) = _split_url(uri), _split_url(start)
+    if home != start_home:
+        raise ValueError(f"{uri} and {start} are on different filesystems")
+    return posixpath.relpath(path, start_path)
+
+
+def resolve(start: str, ref: str) -> str:
+    """A recorded location: an absolute path or URL as it is, a relative one taken from ``start``."""
+    if "://" in ref or ref.startswith("/"):
+        return normalize(ref)
+    home, path = _split_url(start)
+    return home + posixpath.normpath(posixpath.join(path, ref)) if home else os.path.normpath(os.path.join(path, ref))
+
+
+def free_space(uri: str) -> str:
+    """'N GiB free of M GiB' on the local filesystem holding ``uri`` (its nearest existing parent); '' for URLs."""
+    if not is_local(uri):
+        return ""
+    path = normalize(uri)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    usage = shutil.disk_usage(path)
+    return f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.2f} GiB"
 
 
 def exists(uri: str) -> bool:
@@ -121,6 +166,12 @@ def file_checksum(uri: str) -> str:
         while block := handle.read(_READ_BLOCK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sizes(uri: str, rels: list[str]) -> list[int]:
+    """Sizes in bytes of the files ``rels`` below ``uri``."""
+    files, root = filesystem(uri)
+    return files.sizes([f"{root.rstrip('/')}/{rel}" for rel in rels]) if rels else []
 
 
 def list_files(uri: str) -> list[str]:

@@ -42,7 +42,7 @@ def lineage(uri: str, role: str | None = None, expected_fingerprint: str | None 
         node["inputs"] = []
         return node
     node["inputs"] = [
-        lineage(i["uri"], i.get("role"), i.get("fingerprint"), _seen | {uri}, i.get("content_digest"))
+        lineage(fs.resolve(uri, i["uri"]), i.get("role"), i.get("fingerprint"), _seen | {uri}, i.get("content_digest"))
         for i in manifest.get("inputs", [])
     ]
     return node

@@ -121,6 +121,7 @@ def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys):
     # The merged index finds its lists beside it, so the artifact can move (e.g. dvc pull elsewhere).
     queries = KeyStore.open(str(datastore["art"] / "keys" / "validation")).keys().astype(np.float32)
     before = faiss_index.ShardedIndex(str(art / "index"), [], 4, merged=True).search(queries, K)
+    assert str(art).encode() not in (art / "index" / "merged.index").read_bytes(), "no path inside the index"
     moved = tmp_path / "elsewhere" / "index"
     shutil.copytree(art / "index", moved)
     shutil.rmtree(art / "index")
