@@ -10,13 +10,14 @@ import sys
 from flows import stages
 from storage import fs
 from storage.artifact import REBUILD_OUTDATED
-from storage.errors import MemforgeError
+from storage.errors import MemforgeError, is_disk_full
 from storage.lineage import lineage, render
 from storage.listing import find_artifacts, summarise
 from storage.params import load_params
 from storage.verify import verify
 
 EXIT_PROBLEMS = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 DESCRIPTION = """\
 memforge builds MLP-memory training data: corpus tokens, encoder hidden-state keys,
@@ -140,9 +141,11 @@ def _params_file(args) -> str | None:
 def _cmd_run(args, beam_args) -> int:
     load_params(args.params, args.overrides)  # bad params fail here, before any flow run starts
     from flows.build import build
+    from flows.server import prefect_api
 
-    result = build(params_file=_params_file(args), overrides=args.overrides, first=args.first, last=args.last,
-                   rebuild=args.rebuild, beam_args=beam_args)
+    with prefect_api():  # on Ctrl-C: the stage stops, the flow run is reported, then the server stops
+        result = build(params_file=_params_file(args), overrides=args.overrides, first=args.first,
+                       last=args.last, rebuild=args.rebuild, beam_args=beam_args)
     for name, state in result["stages"].items():
         print(f"memforge run: {name}: {state}")
     print(f"memforge run: done; artifacts in {result['artifacts_dir']}")
@@ -153,7 +156,9 @@ def _cmd_run(args, beam_args) -> int:
 
 def _cmd_serve(args, beam_args) -> int:
     params = load_params(args.params, args.overrides)
-    if not os.environ.get("PREFECT_API_URL"):  # a temporary server would never fire the schedule
+    from flows.server import configured_api_url
+
+    if not configured_api_url():  # a temporary server would never fire the schedule
         raise MemforgeError("serve needs a Prefect server that outlives this process: start one with "
                             "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
     from flows.build import build
@@ -270,6 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     except MemforgeError as exc:
         print(f"memforge {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        where = exc.filename or "the output"
+        print(f"memforge {args.command}: error: {where}: no space left on its filesystem "
+              f"({fs.free_space(str(where)) if exc.filename else exc}); free space and rerun", file=sys.stderr)
+        return EXIT_PROBLEMS
+    except KeyboardInterrupt:
+        print(f"memforge {args.command}: interrupted; finished shards and checkpoints are kept, a rerun "
+              "resumes", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

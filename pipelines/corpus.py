@@ -97,7 +97,7 @@ def document_split(file: SourceFile, doc_index: int, validation_fraction: float)
     """Deterministic split of one document: its file's split, or a hash of (file name, index)."""
     if file.split is not None:
         return file.split
-    digest = hashlib.sha256(f"{file.name}\0{doc_index}".encode()).digest()
+    digest = hashlib.sha256(f"{file.name}\0{doc_index}".encode("utf-8", "surrogateescape")).digest()
     return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction else "train"
 
 

@@ -167,6 +167,7 @@ class Params(Section):
     """The whole of ``params.yaml``."""
 
     artifacts_dir: str = "artifacts"
+    check_inputs: Literal["sample", "full", "off"] = "sample"  # re-hash input files before a stage reads them
     corpus: CorpusParams = Field(default_factory=CorpusParams)
     decoder: DecoderParams = Field(default_factory=DecoderParams)
     encode: EncodeParams = Field(default_factory=EncodeParams)

@@ -47,12 +47,13 @@ PROJECT_PACKAGES = ("storage", "pipelines", "training", "flows")
 # Modules that say how a stage runs or how its artifacts are kept, never what they hold: the declaration
 # and executor machinery, Beam options, progress, worker-error reports, the params schema (params values
 # are hashed themselves), artifact locations, the write lease, manifests (a change to how fingerprints
-# or content digests are computed changes the values themselves) and shard plans/markers. The import
+# or content digests are computed changes the values themselves), shard plans/markers, the error classes
+# (what a refusal says) and the input checks. The import
 # closure stops at them, so editing them leaves every artifact up to date.
 EXECUTION_MODULES = frozenset({
     "pipelines.stage", "pipelines.executor", "pipelines.runner", "pipelines.progress", "pipelines.worker_errors",
     "storage.params", "storage.params_view", "storage.paths", "storage.lease", "storage.artifact",
-    "storage.shards", "flows",
+    "storage.shards", "storage.errors", "storage.intact", "flows",
 })
 
 

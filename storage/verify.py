@@ -22,7 +22,7 @@ from storage.zarr_rows import ZarrRows
 PROB_TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 
 
-def _check_identity(manifest: dict) -> Iterator[str]:
+def check_identity(manifest: dict) -> Iterator[str]:
     """The manifest's fingerprint and content digest, recomputed from what it records."""
     inputs = {i.get("role"): i.get("content_digest") for i in manifest.get("inputs", [])}
     try:
@@ -177,7 +177,7 @@ def verify(uri: str) -> list[str]:
         manifest = read_manifest(uri)
     except ArtifactError as exc:
         return [str(exc)]
-    problems = [*_check_identity(manifest), *_check_files(uri, manifest), *_check_markers(uri),
+    problems = [*check_identity(manifest), *_check_files(uri, manifest), *_check_markers(uri),
                 *_check_arrays(uri, manifest)]
     if problems:
         # Content checks read every row; they only make sense on files that match the manifest.

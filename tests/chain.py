@@ -63,3 +63,18 @@ def write_project(root: Path, art: Path | str = "artifacts") -> Path:
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     return path
+
+
+def rewrite_manifest(artifact_dir: Path, edit) -> None:
+    """Apply ``edit`` to an artifact's manifest and recompute its fingerprint, as another build would have
+    written it: only cross-artifact checks can then tell (a plain hand edit is refused earlier)."""
+    import json
+
+    from storage.artifact import fingerprint
+
+    manifest = artifact_dir / "_manifest.json"
+    data = json.loads(manifest.read_text())
+    edit(data)
+    data["fingerprint"] = fingerprint(data["kind"], data["params"],
+                                      {i["role"]: i["content_digest"] for i in data["inputs"]}, data["code"])
+    manifest.write_text(json.dumps(data))

@@ -14,9 +14,11 @@ from typing import Callable
 MEMFORGE = str(Path(sys.executable).parent / "memforge")
 
 
-def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 120, env: dict | None = None) -> None:
-    """Run ``memforge ARGS`` and SIGKILL its process group as soon as ``ready()`` is true; a run that ends
-    before that fails the test with the end of its log."""
+def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 120, env: dict | None = None,
+              sig: int = signal.SIGKILL, exit_within: float = 60) -> tuple[int, str]:
+    """Run ``memforge ARGS`` and send ``sig`` to its process group (SIGINT: a Ctrl-C at the terminal) as soon
+    as ``ready()`` is true; returns its exit code and log. A run that ends before that, or does not exit
+    within ``exit_within`` seconds of the signal, fails the test with the end of its log."""
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen([MEMFORGE, *args], start_new_session=True, env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
@@ -27,8 +29,17 @@ def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 120, 
             log.seek(0)
             raise AssertionError(f"memforge {' '.join(args)} ended (exit {process.returncode}) before the kill point:\n"
                                  + log.read().decode(errors="replace")[-3000:])
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=exit_within)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            log.seek(0)
+            raise AssertionError(f"memforge {' '.join(args)} still ran {exit_within} s after signal {sig}:\n"
+                                 + log.read().decode(errors="replace")[-3000:]) from None
+        log.seek(0)
+        return process.returncode, log.read().decode(errors="replace")
 
 
 def kill_after_first_shard(args: list[str], markers: Path, timeout: float = 120) -> int:

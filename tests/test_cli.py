@@ -82,3 +82,15 @@ def test_module_entry_point():
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "no artifact here" in result.stdout
+
+
+def test_exit_codes(tmp_path, capsys):
+    """0 success, 1 a named error or a problem found, 2 a command line that does not parse (130: test_flows)."""
+    assert main(["ls", str(tmp_path)]) == 0
+    assert main(["verify", str(tmp_path / "missing")]) == 1
+    assert main(["prepare", "--set", "targets.k=-1"]) == 1
+    assert "targets.k" in capsys.readouterr().err
+    for argv in (["no-such-command"], ["prepare", "--no-such-flag"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 2

@@ -98,20 +98,12 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path):
         assert _changed_stages(_run(clone, "dvc", "status")) == reached, module
         (clone / module).write_text(source)
 
-    params = yaml.safe_load(params_file.read_text())
+    # A changed param outdates the stage that declares it and, through their inputs, those after it.
+    params = yaml.safe_load(original)
     params["targets"]["temperature"] = 2.0
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    status = _run(clone, "dvc", "status")
-    assert "targets:" in status and "prepare:" not in status and "index:" not in status
-    second = _run(clone, "dvc", "repro")
-    rerun = [item.name for item in STAGES if f"Running stage '{item.name}'" in second]
-    assert rerun == ["targets", "train-memory", "evaluate"]
-    for name in ("prepare", "train-decoder", "encode", "index"):
-        assert f"Stage '{name}' didn't change, skipping" in second
-
-    lineage = _run(clone, "memforge", "lineage", "artifacts/targets/train")
-    assert "dvc: stage targets (artifacts/targets): outputs match dvc.lock" in lineage
-    assert "temperature=2.0" in lineage
+    assert _changed_stages(_run(clone, "dvc", "status")) == {"targets"}
+    params_file.write_text(original)
 
     def published() -> dict[str, str]:
         return {name: json.loads((clone / "artifacts" / name / "_manifest.json").read_text())["fingerprint"]
@@ -127,10 +119,12 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path):
     changed = _run(clone, "dvc", "repro")
     assert [item.name for item in STAGES if f"Running stage '{item.name}'" in changed] == [
         "targets", "train-memory", "evaluate"]
+    for name in ("prepare", "train-decoder", "encode", "index"):
+        assert f"Stage '{name}' didn't change, skipping" in changed
     after = published()
     assert {name for name in before if before[name] != after[name]} == {"targets/train", "memory", "eval"}
-    kernel.write_text(original_kernel)
-    _run(clone, "dvc", "repro")
+    lineage = _run(clone, "memforge", "lineage", "artifacts/targets/train")
+    assert "dvc: stage targets (artifacts/targets): outputs match dvc.lock" in lineage
 
     # A prepare-only edit reruns prepare into the same bytes: keys, index and targets stay up to date,
     # since a stage depends on its inputs' content, not on how they were made.

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from chain import stage_args
+from chain import rewrite_manifest, stage_args
 from flows.cli import main
 from pipelines.encoder import load_encoder
 from storage.artifact import open_artifact
@@ -109,10 +109,8 @@ def test_evaluate_refuses_a_memory_or_index_of_other_inputs(chain, tmp_path, cap
             shutil.copytree(chain["art"] / linked, art / linked)
         else:
             (art / linked).symlink_to(chain["art"] / linked)
-    manifest = art / name / "_manifest.json"
-    data = json.loads(manifest.read_text())
-    next(i for i in data["inputs"] if i["role"] == role)["content_digest"] = "f" * 64
-    manifest.write_text(json.dumps(data))
+    rewrite_manifest(art / name, lambda data: next(i for i in data["inputs"] if i["role"] == role).update(
+        content_digest="f" * 64))
     capsys.readouterr()
     assert main(["evaluate", *stage_args(chain["root"], art)]) == 1
     err = capsys.readouterr().err

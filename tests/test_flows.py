@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pipelines.targets
 from chain import write_project
 from crash import MEMFORGE, kill_when
 from flows.build import STAGE_FLOWS, build
+from flows.server import free_port, stop_process_group
 from flows.stages import stage_names
 from storage.errors import MemforgeError
 
@@ -92,14 +92,23 @@ def test_build_flow_caches_finished_stages_and_reruns_what_a_param_change_reache
     assert calls["targets"] == 1  # flow.retries is 2, but bad input fails the same way every time
 
 
-def test_sigkilled_run_resumes_from_cached_stages_and_finished_shards(tmp_path):
+def test_ctrl_c_stops_the_run_then_its_server_and_the_rerun_resumes(tmp_path):
+    """SIGINT to the run's process group, as a terminal's Ctrl-C sends it, in the middle of encode."""
     params = str(write_project(tmp_path, tmp_path / "art"))
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
     markers = tmp_path / "art" / "keys" / "train" / "_shards"
     args = ["run", "--params", params, "--", *BEAM]
-    kill_when(args, lambda: markers.exists() and any(markers.glob("*.json")), timeout=240, env=env)
+    code, log = kill_when(args, lambda: markers.exists() and any(markers.glob("*.json")), timeout=240, env=env,
+                          sig=signal.SIGINT, exit_within=30)
+    assert code == 130, log[-3000:]
+    assert "memforge run: interrupted" in log
+    server = re.search(r"temporary Prefect server at (\S+)", log)[1]
+    with pytest.raises(OSError):  # stopped with the run, after the flow
+        urllib.request.urlopen(f"{server}/health", timeout=2)
     done = len(list(markers.glob("*.json")))
-    assert not (tmp_path / "art" / "keys" / "train" / "_manifest.json").exists(), "killed after encode finished"
+    assert not (tmp_path / "art" / "keys" / "train" / "_manifest.json").exists(), "stopped after encode finished"
+    assert not (tmp_path / "art" / "keys" / "train" / "_lease.json").exists(), "the stopped build keeps no lease"
 
     rerun = subprocess.run([MEMFORGE, *args], capture_output=True, text=True, timeout=400, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -109,12 +118,6 @@ def test_sigkilled_run_resumes_from_cached_stages_and_finished_shards(tmp_path):
     skipped = int(re.search(r"encode: train: \d+ rows in \d+ shards; (\d+) shards already done", rerun.stderr)[1])
     assert skipped >= done > 0
     assert f"metrics in {tmp_path / 'art' / 'eval' / 'metrics.json'}" in rerun.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -130,20 +133,10 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> 
     raise AssertionError(f"prefect server at {url} not healthy after {timeout} s")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def test_served_deployment_runs_when_triggered(tmp_path):
     """`memforge serve` against a real `prefect server start`; a triggered run reaches Completed."""
     params = str(write_project(tmp_path, tmp_path / "art"))
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api}
     logs = tmp_path / "logs"
@@ -188,6 +181,6 @@ def test_served_deployment_runs_when_triggered(tmp_path):
         assert inspected.returncode == 0 and "0 3 * * *" in inspected.stdout, inspected.stdout[-2000:]
     finally:
         if served is not None:
-            _stop(served)
-        _stop(server)
+            stop_process_group(served)
+        stop_process_group(server)
     assert server.poll() is not None

@@ -61,3 +61,42 @@ def test_rebuild_beside_a_live_build_is_refused_and_never_publishes_a_bad_artifa
         manifest = open_artifact(str(uri), "keys").manifest
         assert manifest["params"] == {"seed": 1, "rows": 512} and len(manifest["files"]) > 2
         assert verify(str(uri)) == [] and not (uri / LEASE_NAME).exists()
+
+
+def test_two_train_memory_runs_at_once_then_ctrl_c(chain, tmp_path, capsys):
+    """The second run is refused by name while the first trains; a Ctrl-C then stops the first with exit 130,
+    its lease given up and its checkpoints kept, and the rerun resumes and publishes a sound memory."""
+    import signal
+
+    from chain import stage_args
+    from crash import MEMFORGE
+    from flows.cli import main
+
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("tokens", "decoder", "keys", "index", "targets"):
+        (art / name).symlink_to(chain["art"] / name)
+    args = ["train-memory", *stage_args(chain["root"], art, **{"memory.max_steps": 600,
+                                                                "memory.checkpoint_every": 50})]
+    first = subprocess.Popen([MEMFORGE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lease, checkpoints = art / "memory" / LEASE_NAME, art / "memory" / "_checkpoints"
+    deadline = time.monotonic() + 120
+    while not lease.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lease.exists(), first.communicate()[1][-3000:]
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{art / 'memory'}: another writer is building this artifact: pid {first.pid} on " in err, err
+    assert "Traceback" not in err
+    while not (checkpoints.exists() and any(checkpoints.glob("step-*/trainer.json"))) and first.poll() is None:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 130, err[-3000:]
+    assert "memforge train-memory: interrupted" in err and "Traceback" not in err, err[-3000:]
+    assert not lease.exists() and not (art / "memory" / "_manifest.json").exists()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert verify(str(art / "memory")) == [] and not lease.exists()
+    assert open_artifact(str(art / "memory"), "memory").manifest["stats"]["resumed_from_step"] > 0

@@ -16,7 +16,7 @@ from pipelines.encoder import RepresentationCapture, load_encoder
 from storage.artifact import open_artifact
 from storage.stores import KeyStore
 from storage.verify import verify
-from chain import stage_args
+from chain import rewrite_manifest, stage_args
 from training.memory_data import DecoderStates, KeyStoreStates
 from training.mlp_memory import MLPMemory
 
@@ -80,10 +80,7 @@ def test_sigkill_resumes_from_the_last_checkpoint(chain, tmp_path):
 def _edited_targets(chain, tmp_path, edit) -> list[str]:
     art = linked(chain, tmp_path, ("tokens", "decoder", "keys", "index"))
     shutil.copytree(chain["art"] / "targets", art / "targets")
-    manifest = art / "targets" / "train" / "_manifest.json"
-    data = json.loads(manifest.read_text())
-    edit(data)
-    manifest.write_text(json.dumps(data))
+    rewrite_manifest(art / "targets" / "train", edit)
     return ["train-memory", *stage_args(chain["root"], art)]
 
 

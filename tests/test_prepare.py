@@ -104,3 +104,24 @@ def test_corpus_paths_directories_literal_brackets_and_a_budget_per_split(tmp_pa
     assert by_split["validation"] == [str(validation / "a.txt")]  # 810 bytes of train did not use its budget
     dir_files = source_files(CorpusParams(train=[str(train)], max_bytes=10_000))
     assert [f.name for f in dir_files] == [f"sub/{i}.txt" for i in range(4)]
+
+
+def test_corpus_file_names_that_are_not_utf8(tmp_path, capsys):
+    """Linux file names are bytes: Latin-1 names are read, split by their bytes and hashed, never a coder error."""
+    rng = np.random.default_rng(1)
+    for directory, name, n_docs in (("train", b"caf\xe9.txt", 1), ("train", b"plain.txt", 1),
+                                    ("validation", b"v\xff\xfe.txt", 1)):
+        (tmp_path / directory).mkdir(exist_ok=True)
+        text = " ".join(rng.choice(WORDS, 200))
+        with open(bytes(tmp_path / directory) + b"/" + name, "wb") as handle:
+            handle.write(text.encode())
+    split = document_split(source_files(CorpusParams(train=[str(tmp_path / "train")]))[0], 0, 0.5)
+    assert split in ("train", "validation")
+    (tmp_path / "p.yaml").write_text("{}\n")
+    art = tmp_path / "art"
+    assert main(["prepare", "--params", str(tmp_path / "p.yaml"), "--set", f"artifacts_dir={art}",
+                 "--set", f"corpus.train=[{tmp_path / 'train'}]", "--set", f"corpus.validation=[{tmp_path / 'validation'}]",
+                 "--set", "decoder.vocab_size=300", "--", "--direct_running_mode=in_memory"]) == 0
+    tokens = open_artifact(str(art / "tokens"), "tokens")
+    assert verify(str(art / "tokens")) == []
+    assert tokens.manifest["counts"]["train_tokens"] > 300 and tokens.manifest["counts"]["validation_tokens"] > 100

@@ -2,9 +2,11 @@
 params a stage cannot honour, retemper's own inputs or another kind of artifact as its --out."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +160,92 @@ def test_an_input_missing_a_recorded_file_is_refused(chain, tmp_path, capsys):
     refused(["index", *stage_args(chain["root"], art), "--rebuild"], capsys,
             f"{shard.relative_to(art / 'keys' / 'train')} recorded in its manifest is missing")
     assert not (art / "index").exists()
+
+
+def test_an_input_whose_bytes_changed_or_manifest_was_edited_is_refused(chain, tmp_path, capsys):
+    """Same size, other bytes (a flipped byte in one key chunk); then a hand-edited param in a manifest."""
+    art = tmp_path / "art"
+    art.mkdir()
+    shutil.copytree(chain["art"] / "keys", art / "keys")
+    chunk = sorted((art / "keys" / "train" / "datastore.zarr" / "keys").rglob("c/*/*"))[1]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    refused(["index", *stage_args(chain["root"], art)], capsys,
+            f"{chunk.relative_to(art / 'keys' / 'train')}: checksum mismatch")
+    assert not (art / "index").exists()
+    shutil.rmtree(art / "keys")
+    shutil.copytree(chain["art"] / "keys", art / "keys")
+    manifest = art / "keys" / "validation" / "_manifest.json"
+    record = json.loads(manifest.read_text())
+    record["params"]["layer"] = 0 if record["params"].get("layer") else 1
+    manifest.write_text(json.dumps(record))
+    refused(["index", *stage_args(chain["root"], art)], capsys, "keys/validation", "the manifest was edited")
+    assert not (art / "index").exists()
+
+
+def test_the_default_input_check_rehashes_a_bounded_random_sample(chain, monkeypatch):
+    import random
+
+    from storage import intact
+    from storage.artifact import open_artifact
+
+    keys = open_artifact(str(chain["art"] / "keys" / "train"))
+    sizes = {p.relative_to(keys.uri).as_posix(): p.stat().st_size for p in Path(keys.uri).rglob("*") if p.is_file()}
+    monkeypatch.setattr(intact, "SAMPLE_BYTES", sorted(sizes.values())[-1])
+    picks = [intact._sample(keys, random.Random(seed)) for seed in range(6)]
+    for picked in picks:
+        assert sum(sizes[rel] for rel in picked) <= intact.SAMPLE_BYTES and picked
+    assert len({tuple(sorted(p)) for p in picks}) > 1, "each run samples afresh"
+    assert intact.check_intact(keys, "full") is keys and intact.check_intact(keys, "off") is keys
+
+
+def test_disk_full_is_a_named_error_and_the_rerun_resumes(chain, tmp_path, capsys, monkeypatch):
+    """ENOSPC from the third shard write (Beam re-raises a worker's OSError without its errno)."""
+    import errno
+
+    from storage.stores import DistributionStore
+
+    art = linked(chain, tmp_path, ("tokens", "keys", "index"))
+    write_shard, calls = DistributionStore.write_shard, []
+
+    def full_after_two(self, shard, *arrays):
+        calls.append(shard.name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", f"{self.rows.uri}/probs/c/{shard.name}")
+        return write_shard(self, shard, *arrays)
+
+    monkeypatch.setattr(DistributionStore, "write_shard", full_after_two)
+    args = ["targets", *stage_args(chain["root"], art), "--", "--direct_running_mode=in_memory"]
+    err = refused(args, capsys, f"{art / 'targets' / 'train'}", "no space left on its filesystem (",
+                  " GiB free of ", "while targets wrote it", "nothing was published")
+    assert "Errno 28" in err
+    assert not (art / "targets" / "train" / "_manifest.json").exists()
+    assert not list((art / "targets").rglob("_lease.json"))
+    monkeypatch.setattr(DistributionStore, "write_shard", write_shard)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert verify(str(art / "targets" / "train")) == [] and verify(str(art / "targets" / "validation")) == []
+
+
+def test_faiss_cannot_train_the_factory_on_its_sample(chain, tmp_path, capsys):
+    """PQ codebooks of 2^10 centroids from 4 lists x 39 points: FAISS's error, named by key."""
+    art = linked(chain, tmp_path, ("keys",))
+    refused(["index", *stage_args(chain["root"], art, **{"index.factory": "IVF4,PQ8x10",
+                                                        "index.nprobe": 4})], capsys,
+            "index.factory: FAISS cannot train IVF4,PQ8x10 on 156 sampled keys", "index.train_points_per_list")
+    assert not list((art / "index").glob("_manifest.json")) and not (art / "index" / "_lease.json").exists()
+
+
+def test_out_of_memory_is_named_with_the_params_that_size_batches(chain, tmp_path, capsys, monkeypatch):
+    import training.memory
+
+    def allocation_fails(*_args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(training.memory, "memory_loss", allocation_fails)
+    art = linked(chain, tmp_path, ("tokens", "decoder", "keys", "index", "targets"))
+    refused(["train-memory", *stage_args(chain["root"], art)], capsys,
+            "train-memory ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower "
+            "memory.batch_size (content: another artifact), encode.batch_size (execution)")
+    assert not (art / "memory" / "_manifest.json").exists() and not (art / "memory" / "_lease.json").exists()
