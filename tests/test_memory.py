@@ -69,8 +69,13 @@ def test_sigkill_resumes_from_the_last_checkpoint(chain, tmp_path):
     result = rerun(args)
     assert result.returncode == 0, result.stderr
     assert f"resuming from the checkpoint of step {done[-1]}" in result.stderr
+    # The same run uninterrupted, in a process like the resumed one (torch's thread count, which this
+    # pytest process may have changed, decides the float summation order).
+    (tmp_path / "clean").mkdir()
+    clean = linked(chain, tmp_path / "clean")
+    assert rerun(["train-memory", *stage_args(chain["root"], clean)]).returncode == 0
     resumed = open_artifact(str(art / "memory"), "memory").manifest
-    uninterrupted = open_artifact(str(chain["art"] / "memory"), "memory").manifest
+    uninterrupted = open_artifact(str(clean / "memory"), "memory").manifest
     assert resumed["stats"]["resumed_from_step"] == done[-1]
     print(f"final loss resumed {resumed['stats']['final_loss']}, uninterrupted {uninterrupted['stats']['final_loss']}")
     assert resumed["stats"]["final_loss"] == pytest.approx(uninterrupted["stats"]["final_loss"], abs=1e-5)
@@ -96,3 +101,41 @@ def test_mismatched_targets_are_refused(chain, tmp_path, capsys, edit, message):
     assert main(args) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "art" / "memory").exists()
+
+
+def test_the_loss_keeps_the_mass_of_tokens_not_stored():
+    """KL from width-m targets plus the remainder bucket, against the KL of the full k-token distribution:
+    equal when nothing is cut off, never above it otherwise (coarser distributions), and the cut-off mass
+    is never renormalised onto the stored tokens."""
+    from pipelines.knn import distributions
+    from training.memory import memory_loss
+
+    rng = np.random.default_rng(0)
+    n, k, vocab = 256, 64, 40
+    dists = np.sort(rng.exponential(1.0, (n, k)), axis=1).astype(np.float32)
+    values = rng.zipf(1.3, (n, k)) % vocab
+    logits = torch.from_numpy(rng.normal(0, 2, (n, vocab)).astype(np.float32))
+    next_token = torch.from_numpy(values[:, 0].astype(np.int64))
+
+    def kl(width: int) -> tuple[torch.Tensor, np.ndarray]:
+        tokens, probs, truncated = distributions(dists, values, 1.0, width)
+        loss, kl_value, _ = memory_loss(logits, torch.from_numpy(tokens), torch.from_numpy(probs),
+                                        torch.from_numpy(truncated), next_token, alpha=1.0)
+        assert torch.isclose(loss, kl_value)
+        return kl_value, truncated
+
+    full, nothing_cut = kl(k)
+    assert float(nothing_cut.max()) < 1e-6
+    tokens, probs, _ = distributions(dists, values, 1.0, k)
+    p = np.zeros((n, vocab))
+    rows = np.repeat(np.arange(n), tokens.shape[1]).reshape(tokens.shape)
+    np.add.at(p, (rows, np.clip(tokens, 0, None)), np.where(tokens >= 0, probs, 0))
+    log_q = torch.log_softmax(logits.double(), dim=1).numpy()
+    reference = np.mean(np.sum(np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - log_q), 0), axis=1))
+    assert float(full) == pytest.approx(reference, rel=1e-5)
+    for width in (4, 8):
+        bucketed, cut = kl(width)
+        assert float(cut.mean()) > 0.01, "the test must cut real mass"
+        assert float(bucketed) <= float(full) + 1e-5
+        print(f"width {width}: mean cut mass {cut.mean():.3f}, KL with bucket {float(bucketed):.4f}, "
+              f"full KL {float(full):.4f}")

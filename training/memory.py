@@ -36,16 +36,26 @@ MODEL_DIR = "model"
 LOSS_CURVE = "loss.json"
 
 
-def memory_loss(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor, next_token: torch.Tensor,
-                alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(α·KL + (1−α)·CE, KL, CE) of a batch from its sparse targets (tokens -1 = padding)."""
+def memory_loss(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor, remainder: torch.Tensor,
+                next_token: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(α·KL + (1−α)·CE, KL, CE) of a batch from its sparse targets (tokens -1 = padding).
+
+    The KL runs over the stored tokens plus one remainder bucket: the kNN mass of the tokens not stored
+    (``remainder``) against the memory's mass outside the stored tokens. No target mass is dropped or
+    renormalised away; with nothing cut off it is the KL of the full distribution.
+    """
     log_q = torch.log_softmax(logits.float(), dim=-1)
-    p = torch.where(tokens >= 0, probs, torch.zeros_like(probs))
-    mass = p.sum(dim=1, keepdim=True)
-    has_targets = mass[:, 0] > 0
-    p = p / mass.clamp_min(1e-12)
-    log_q_at = log_q.gather(1, tokens.clamp_min(0).long())
-    kl_rows = (p * (torch.log(p.clamp_min(1e-30)) - log_q_at)).sum(dim=1)
+    stored = tokens >= 0
+    index = tokens.clamp_min(0).long()
+    p = torch.where(stored, probs, torch.zeros_like(probs))
+    rest = remainder.clamp(0.0, 1.0)
+    has_targets = (p.sum(dim=1) + rest) > 0
+    log_q_at = log_q.gather(1, index)
+    is_stored = torch.zeros_like(log_q).scatter_add_(1, index, stored.to(log_q.dtype)) > 0
+    # Finite even when every vocabulary token is stored (then ``rest`` is 0 and the bucket adds nothing).
+    log_q_rest = torch.logsumexp(log_q.masked_fill(is_stored, float("-inf")), dim=1).clamp_min(-1e4)
+    kl_rows = (p * (torch.log(p.clamp_min(1e-30)) - log_q_at)).sum(dim=1) + \
+        rest * (torch.log(rest.clamp_min(1e-30)) - log_q_rest)
     kl = kl_rows[has_targets].mean() if bool(has_targets.any()) else log_q.new_zeros(())
     ce = F.nll_loss(log_q, next_token)
     return alpha * kl + (1 - alpha) * ce, kl, ce
@@ -152,7 +162,8 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
         set_learning_rate(optimizer, learning_rate_at(step, config.learning_rate, config.warmup_steps,
                                                       config.max_steps))
         loss, kl, ce = memory_loss(memory(torch.from_numpy(batch.states)), torch.from_numpy(batch.tokens),
-                                   torch.from_numpy(batch.probs), torch.from_numpy(batch.next_token), config.alpha)
+                                   torch.from_numpy(batch.probs), torch.from_numpy(batch.remainder),
+                                   torch.from_numpy(batch.next_token), config.alpha)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(memory.parameters(), 1.0)
         optimizer.step()

@@ -49,6 +49,7 @@ class Batch:
     states: np.ndarray      # float32 [B, d]
     tokens: np.ndarray      # int32 [B, m], -1 = padding
     probs: np.ndarray       # float32 [B, m]
+    remainder: np.ndarray   # float32 [B]: the kNN mass of the tokens not stored
     next_token: np.ndarray  # int64 [B]
 
 
@@ -76,6 +77,7 @@ class MemoryRows:
             start, stop = self._chunk_rows(int(chunk))
             parts.append(Batch(self.states(start, stop), self.distributions.tokens(start, stop),
                                self.distributions.probs(start, stop).astype(np.float32),
+                               self.distributions.truncated(start, stop).astype(np.float32),
                                self.values.vals(start, stop).astype(np.int64)))
         return Batch(*(np.concatenate([getattr(p, f) for p in parts]) for f in Batch.__dataclass_fields__))
 
