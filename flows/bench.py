@@ -310,7 +310,7 @@ def bench_faiss(ws: Workspace) -> dict:
     train = fs.join(params.artifacts_dir, "targets", "train")
     train_rows = open_artifact(train).manifest["counts"]["rows"]
     index_stats = open_artifact(fs.join(params.artifacts_dir, "index")).manifest["stats"]
-    return {
+    figures = {
         "faiss_factory": params.index.factory, "faiss_rows": train_rows, "faiss_nprobe": params.index.nprobe,
         "index_stage_s": round(index_seconds, 2), "index_bare_s": round(bare_seconds, 2),
         "index_vs_bare": round(bare_seconds / index_seconds, 3),
@@ -320,6 +320,39 @@ def bench_faiss(ws: Workspace) -> dict:
         "neighbours_bytes_per_row": round(_bytes(fs.join(train, "neighbours.zarr"), ()) / train_rows, 2),
         "distributions_bytes_per_row": round(_bytes(fs.join(train, "distributions.zarr"), ()) / train_rows, 2),
     }
+    return {**figures, **_paper_settings(ws, params, searched)}
+
+
+# The paper's targets: k 1024 neighbours at nprobe 32 (the stage's other params at their defaults).
+PAPER_K, PAPER_NPROBE = 1024, 32
+
+
+def _paper_settings(ws: Workspace, params: Params, searched) -> dict:
+    """At k 1024, nprobe 32: targets_vs_bare with PQ distances and with exact re-ranking; the peak RSS of
+    `memforge targets` (process tree) with the default shard size and with it doubled; bytes per row of
+    each store."""
+    targets = {"k": PAPER_K, "nprobe": PAPER_NPROBE}
+    figures: dict = {}
+    for label, exact in (("pq", False), ("exact", True)):
+        paper = params.model_copy(update={"targets": params.targets.model_copy(
+            update={**targets, "exact_distances": exact})})
+        figures[f"targets_vs_bare_k{PAPER_K}_{label}"] = _targets_vs_bare(paper, searched, PAPER_NPROBE)[2]
+    train = fs.join(params.artifacts_dir, "targets", "train")
+    rows = open_artifact(train).manifest["counts"]["rows"]
+    for store in ("neighbours", "distributions"):
+        figures[f"{store}_bytes_per_row_k{PAPER_K}"] = round(_bytes(fs.join(train, f"{store}.zarr"), ()) / rows, 1)
+    shard_chunks = Params().targets.shard_chunks
+    for label, chunks in (("", shard_chunks), ("_2x_shards", 2 * shard_chunks)):
+        config = ws.root / "params-paper-targets.json"
+        defaults = {**params.model_dump(mode="json"), "targets": {**Params().section("targets"), **targets,
+                                                                  "shard_chunks": chunks}}
+        config.write_text(json.dumps(defaults))
+        peak, _ = _peak_tree_rss([str(Path(sys.executable).parent / "memforge"), "targets", "--params", str(config),
+                                  "--rebuild"])
+        figures[f"targets_peak_rss_mb_k{PAPER_K}{label}"] = round(peak / 2**20, 1)
+    figures[f"targets_rss_2x_shards_vs_1x_k{PAPER_K}"] = round(
+        figures[f"targets_peak_rss_mb_k{PAPER_K}_2x_shards"] / figures[f"targets_peak_rss_mb_k{PAPER_K}"], 3)
+    return figures
 
 
 # The artifacts evaluate reads: the demo's, linked into the bench workspace so its eval is the bench's own.

@@ -17,11 +17,26 @@ _NO_TOKEN = np.iinfo(np.int32).max  # sorts after every real token id
 def drop_ids(dists: np.ndarray, ids: np.ndarray, drop: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Remove the entries flagged in ``drop`` (e.g. the query's own id) from each row, keeping order,
     and return the first ``k`` of the rest (padded with id -1, distance inf)."""
+    if ids.shape[1] > k and bool(drop[:, 0].all()) and not drop[:, 1:].any() and \
+            not (ids[:, 1:k + 1] == MISSING).any():
+        return pad_to_k(dists[:, 1:k + 1], ids[:, 1:k + 1], k)  # the usual case: each row's own id came first
     keep = ~drop & (ids != MISSING)
     columns = first_columns(~keep, k)  # kept entries first, in their original order
     ids = np.take_along_axis(np.where(keep, ids, MISSING), columns, axis=1)
     dists = np.take_along_axis(np.where(keep, dists, np.inf), columns, axis=1)
     return pad_to_k(dists, ids, k)
+
+
+def _top_columns(probs: np.ndarray, width: int) -> np.ndarray:
+    """The ``width`` columns of each row with the highest float32 probability, highest first, ties in column
+    order: a partition of packed (inverted probability, column) keys, then a sort of only those."""
+    bits = column_bits(probs.shape[1])
+    packed = ((~probs.astype(np.float32).view(np.uint32)).astype(np.int64) << bits) | \
+        np.arange(probs.shape[1], dtype=np.int64)
+    if width < probs.shape[1]:
+        packed = np.partition(packed, width - 1, axis=1)[:, :width]
+    packed.sort(axis=1)
+    return (packed & ((1 << bits) - 1)).astype(np.intp)
 
 
 def distributions(dists: np.ndarray, values: np.ndarray, temperature: float,
@@ -37,9 +52,14 @@ def distributions(dists: np.ndarray, values: np.ndarray, temperature: float,
     top = logits.max(axis=1, keepdims=True)
     top[~np.isfinite(top)] = 0.0
     weights = np.exp(logits - top)  # 0 where there is no neighbour
-    # Group equal tokens: sort each row by (token, column) packed into one int64, then segment.
-    bits, columns = column_bits(k), np.arange(k, dtype=np.int64)
-    key = (np.where(valid, values, _NO_TOKEN).astype(np.int64) << bits) | columns
+    # Group equal tokens: sort each row by (token, column) packed into one integer (32 bits when token ids and
+    # columns fit, as they do for vocabularies below 2^31 / k), then segment.
+    bits = column_bits(k)
+    narrow = int(values.max(initial=0)) < (1 << (31 - bits)) - 1
+    no_token = (1 << (31 - bits)) - 1 if narrow else _NO_TOKEN  # sorts after every real token id
+    key = (np.where(valid, values, no_token).astype(np.int64) << bits) | np.arange(k, dtype=np.int64)
+    if narrow:
+        key = key.astype(np.int32)
     key.sort(axis=1)
     tokens = key >> bits
     weights = np.take_along_axis(weights, key & ((1 << bits) - 1), axis=1)
@@ -53,7 +73,7 @@ def distributions(dists: np.ndarray, values: np.ndarray, temperature: float,
     total = mass.sum(axis=1, keepdims=True)
     probs = mass / np.where(total > 0, total, 1.0)
     # Most probable first, then the lower token id (segments are in token order).
-    ranked = first_columns(~probs.astype(np.float32).view(np.uint32), width)
+    ranked = _top_columns(probs, width)
     out_tokens = np.take_along_axis(segment_tokens, ranked, axis=1)
     out_probs = np.where(out_tokens == MISSING, 0.0, np.take_along_axis(probs, ranked, axis=1))
     pad = width - out_tokens.shape[1]

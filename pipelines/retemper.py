@@ -35,6 +35,14 @@ def _inputs(artifact: Artifact) -> dict[str, Artifact]:
     return inputs
 
 
+def _with_neighbours(targets: Artifact, command: str) -> Artifact:
+    """``targets``, once it holds its neighbours (``targets.keep_neighbours``)."""
+    if not targets.params.get("keep_neighbours", True):
+        raise MemforgeError(f"{targets.uri}: {command} needs the stored neighbours, and this artifact was built "
+                            "with targets.keep_neighbours: false; rebuild targets with keep_neighbours: true")
+    return targets
+
+
 def _artifacts_dir(artifact: Artifact) -> str | None:
     """The artifacts directory ``artifact`` was built in: the common parent of it and the inputs its
     manifest records by relative path (None when it records none so)."""
@@ -61,7 +69,7 @@ def retemper(targets_uri: str, temperature: float, k: int | None = None, out: st
              rebuild: bool = False) -> str:
     """Distributions for another temperature (and optionally a smaller k) from the stored
     neighbours, without searching: the result equals a fresh ``targets`` run with those params."""
-    source = open_artifact(targets_uri, "targets")
+    source = _with_neighbours(open_artifact(targets_uri, "targets"), "retemper")
     params = source.params
     k = params["k"] if k is None else k
     if not (temperature > 0 and math.isfinite(temperature)):  # refuses NaN and infinity too
@@ -75,12 +83,14 @@ def retemper(targets_uri: str, temperature: float, k: int | None = None, out: st
     _check_out(out, source, inputs)
     stored_neighbours, stored = NeighbourStore.open(source.uri), DistributionStore.open(source.uri)
     n_rows = stored_neighbours.rows.n_rows
-    chunk, unit = stored_neighbours.rows.array("ids").chunks[0], stored_neighbours.rows.unit_rows()
+    chunk = stored.rows.array("probs").chunks[0]  # each store in its source's geometry
+    neighbour_unit, unit = stored_neighbours.rows.unit_rows(), stored.rows.unit_rows()
     rows = DatastoreRows(inputs["index"].uri)
     created = {}
 
     def create() -> None:
-        created["neighbours"] = NeighbourStore.create(out, n_rows, k, chunk, unit // chunk)
+        created["neighbours"] = NeighbourStore.create(out, n_rows, k, chunk, neighbour_unit // chunk,
+                                                      ids_dtype=str(stored_neighbours.rows.array("ids").dtype))
         created["distributions"] = DistributionStore.create(out, n_rows, width, str(stored.rows.array("probs").dtype),
                                                             chunk, unit // chunk)
 
@@ -108,7 +118,7 @@ def retemper(targets_uri: str, temperature: float, k: int | None = None, out: st
 
 def explain(targets_uri: str, row: int, context: int = 24) -> str:
     """The query's context and next token, then each neighbour's context, next token, distance, probability."""
-    targets = open_artifact(targets_uri, "targets")
+    targets = _with_neighbours(open_artifact(targets_uri, "targets"), "explain")
     inputs = _inputs(targets)
     tokens = _inputs(inputs["queries"])["tokens"]
     n_rows = targets.manifest["counts"]["rows"]

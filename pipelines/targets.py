@@ -22,7 +22,8 @@ from storage.artifact import Artifact, built_from, recorded_input
 from storage.errors import MemforgeError
 from storage.paths import split_roles
 from storage.shards import Shard, ShardPlan, load_plan
-from storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore
+from storage.stores import (DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore,
+                            neighbour_id_dtype)
 from storage.zarr_rows import shard_geometry
 
 log = logging.getLogger("memforge")
@@ -56,32 +57,45 @@ class SearchShards(ShardWorker):
         self.outputs = {}
         for role, spec in self.splits.items():
             self.outputs[role] = (KeyStore.open(spec["queries_uri"]),
-                                  NeighbourStore.open(spec["out_uri"], writable=True),
+                                  NeighbourStore.open(spec["out_uri"], writable=True) if common["keep"] else None,
                                   DistributionStore.open(spec["out_uri"], writable=True))
         self.docs = None
         if common["window"]:
             self.docs = (TokenStore(common["tokens_uri"], "train"), PartOffsets.from_json(common["parts"]))
 
     def process(self, role: str, uri: str, shard: Shard):
+        """The shard chunk by chunk, each chunk in blocks of ``query_block_rows`` queries: a worker's memory is
+        one block's [block, k] temporaries plus one chunk of neighbours (written as soon as it is done, one
+        Zarr file per chunk), whatever the shard size; only the narrow distributions are written per shard."""
         queries_store, neighbours, distributions = self.outputs[role]
         common = self.common
         faiss.omp_set_num_threads(common["threads"])  # per call: OpenMP settings are per thread under multi_threading
-        queries = np.ascontiguousarray(queries_store.keys(shard.start, shard.stop), dtype=np.float32)
-        dists, ids = self.neighbours_of(shard, queries, self.splits[role]["self_query"])
-        dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"])
-        tokens, probs, truncated = knn.distributions(dists, values, common["temperature"], common["width"])
-        files = neighbours.write_shard(shard, ids, dists)
-        files.update(distributions.write_shard(shard, tokens, probs, truncated))
+        files, sparse = {}, []
+        for chunk_start in range(shard.start, shard.stop, common["chunk_rows"]):
+            chunk_stop, kept = min(chunk_start + common["chunk_rows"], shard.stop), []
+            for start in range(chunk_start, chunk_stop, common["block"]):
+                stop = min(start + common["block"], chunk_stop)
+                queries = np.ascontiguousarray(queries_store.keys(start, stop), dtype=np.float32)
+                dists, ids = self.neighbours_of(start, stop, queries, self.splits[role]["self_query"])
+                dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"])
+                sparse.append(knn.distributions(dists, values, common["temperature"], common["width"]))
+                if neighbours is not None:
+                    kept.append((ids.astype(common["ids_dtype"]), dists))
+            if neighbours is not None:
+                files.update(neighbours.write_shard(Shard(shard.id, chunk_start, chunk_stop),
+                                                    *(np.concatenate(column) for column in zip(*kept))))
+        files.update(distributions.write_shard(shard, *(np.concatenate(column) for column in zip(*sparse))))
         return files, {}
 
-    def neighbours_of(self, shard: Shard, queries: np.ndarray, self_query: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Search, then drop the query itself (by id) and same-document neighbours; k per row."""
+    def neighbours_of(self, start: int, stop: int, queries: np.ndarray,
+                      self_query: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Search rows [start, stop), then drop the query itself (by id) and same-document neighbours; k per row."""
         common = self.common
         extra = (1 + 2 * common["window"]) if self_query else 0
         dists, ids = self.index.search(queries, min(common["k"] + extra, common["datastore_rows"]))
         drop = np.zeros(ids.shape, dtype=bool)
         if self_query:
-            own = np.arange(shard.start, shard.stop, dtype=np.int64)[:, None]
+            own = np.arange(start, stop, dtype=np.int64)[:, None]
             drop = ids == own
             if common["window"]:
                 drop |= self.same_document_nearby(own, ids)
@@ -129,9 +143,10 @@ class Targets(Stage):
     format = "zarr-v3"
     inputs = ("keys/train", "keys/validation", "index", "tokens")
     content = ("targets.k", "targets.temperature", "targets.width", "targets.nprobe", "targets.exact_distances",
-               "targets.exclude_same_document_window", "targets.probs_dtype", "index.nprobe")
+               "targets.exclude_same_document_window", "targets.probs_dtype", "targets.keep_neighbours",
+               "index.nprobe")
     layout = ("targets.shard_chunks", "encode.chunk_rows")
-    execution = ("encode.num_workers", "encode.threads_per_worker", "index.threads")
+    execution = ("encode.num_workers", "encode.threads_per_worker", "index.threads", "targets.query_block_rows")
     sharded = True
     running_mode = "multi_threading"
     progress_unit = "queries"
@@ -172,7 +187,9 @@ class Targets(Stage):
     def create(self, ctx: Context, role: str, plan: ShardPlan) -> None:
         n_rows, chunk_rows, shard_rows = self.geometry(ctx, role)
         config = ctx.params.targets
-        NeighbourStore.create(ctx.uri(role), n_rows, config.k, chunk_rows, shard_rows // chunk_rows)
+        if config.keep_neighbours:
+            NeighbourStore.create(ctx.uri(role), n_rows, config.k, chunk_rows, 1,  # a file per chunk: see process
+                                  ids_dtype=neighbour_id_dtype(ctx.inputs["keys/train"].manifest["counts"]["rows"]))
         DistributionStore.create(ctx.uri(role), n_rows, config.width, config.probs_dtype, chunk_rows,
                                  shard_rows // chunk_rows)
 
@@ -188,6 +205,9 @@ class Targets(Stage):
             "tokens_uri": tokens.uri if tokens else None,
             "parts": tokens.manifest["stats"]["splits"]["train"]["parts"] if tokens else None,
             "threads": faiss_index.worker_threads(ctx.params),
+            "keep": config.keep_neighbours, "block": config.query_block_rows,
+            "chunk_rows": ctx.params.encode.chunk_rows,  # rows per neighbours file (fewer in a smaller array)
+            "ids_dtype": neighbour_id_dtype(datastore.manifest["counts"]["rows"]),
         }
         splits = {role: {"queries_uri": ctx.inputs["keys/" + role.split("/")[1]].uri, "out_uri": uri,
                          "self_query": role == "targets/train"} for role, uri in roles.items()}
@@ -195,14 +215,15 @@ class Targets(Stage):
 
     def finalize(self, ctx: Context, role: str, build) -> Published:
         index, datastore, config = ctx.inputs["index"], ctx.inputs["keys/train"], ctx.params.targets
-        neighbours = NeighbourStore.open(build.uri, writable=True)
-        distributions = DistributionStore.open(build.uri, writable=True)
+        arrays = DistributionStore.open(build.uri, writable=True).rows.describe()
+        if config.keep_neighbours:
+            arrays.update(NeighbourStore.open(build.uri, writable=True).rows.describe())
         queries = ctx.inputs["keys/" + role.split("/")[1]]
         return Published(
             counts={"rows": queries.manifest["counts"]["rows"],
                     "vocab_size": datastore.manifest["counts"]["vocab_size"],
                     "datastore_rows": datastore.manifest["counts"]["rows"], "query_offset": 0},
-            arrays={**neighbours.rows.describe(), **distributions.rows.describe()},
+            arrays=dict(sorted(arrays.items())),
             stats={"self_query": role == "targets/train", "k": config.k, "temperature": config.temperature,
                    "width": config.width, "nprobe": self.nprobe(ctx), "exact_distances": config.exact_distances,
                    "index_factory": index.manifest["stats"]["factory"],

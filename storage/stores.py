@@ -93,16 +93,22 @@ class KeyStore:
         return raw[inverse]
 
 
+def neighbour_id_dtype(datastore_rows: int) -> str:
+    """The smallest integer type that holds every datastore row id and -1."""
+    return "int32" if datastore_rows <= np.iinfo(np.int32).max else "int64"
+
+
 class NeighbourStore:
-    """k nearest neighbours per query row: global ids (int64, -1 = none) and L2 distances (float32)."""
+    """k nearest neighbours per query row: global ids (int32 when the datastore allows, else int64; -1 = none)
+    and squared L2 distances (float32)."""
 
     def __init__(self, rows: ZarrRows):
         self.rows = rows
 
     @classmethod
     def create(cls, root: str, n_rows: int, k: int, chunk_rows: int = 4096, shard_chunks: int = 8,
-               sub: str = "neighbours.zarr") -> "NeighbourStore":
-        specs = [ArraySpec("ids", "int64", (k,), -1, "lz4-shuffle"),
+               sub: str = "neighbours.zarr", ids_dtype: str = "int64") -> "NeighbourStore":
+        specs = [ArraySpec("ids", ids_dtype, (k,), -1, "lz4-shuffle"),
                  ArraySpec("dists", "float32", (k,), np.inf, "lz4-shuffle")]
         return cls(ZarrRows.create(root, specs, n_rows, chunk_rows, shard_chunks, sub))
 

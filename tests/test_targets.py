@@ -286,3 +286,28 @@ def test_query_dimension_must_match_the_index(datastore, tmp_path, capsys):
     assert main(["targets", *datastore["args"], "--set", f"artifacts_dir={art}", *datastore["beam"]]) == 1
     assert "key dimension 48 differs from the index dimension 32" in capsys.readouterr().err
     assert not (art / "targets").exists()  # refused before any split started
+
+
+def test_query_blocks_and_optional_neighbours(chain, tmp_path, capsys):
+    """Blocks of 100 queries give the same distributions as the default blocks; without neighbours the
+    artifact holds only its distributions, verifies, and retemper/explain say what they need."""
+    from chain import stage_args
+
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("tokens", "keys", "index"):
+        (art / name).symlink_to(chain["art"] / name)
+    args = stage_args(chain["root"], art, **{"targets.keep_neighbours": "false", "targets.query_block_rows": 100})
+    assert main(["targets", *args, "--", "--direct_running_mode=in_memory"]) == 0
+    for split in ("train", "validation"):
+        ours, theirs = art / "targets" / split, chain["art"] / "targets" / split
+        assert verify(str(ours)) == [] and not (ours / "neighbours.zarr").exists()
+        mine, reference = DistributionStore.open(str(ours)), DistributionStore.open(str(theirs))
+        for column in ("tokens", "probs", "truncated"):
+            assert np.array_equal(getattr(mine, column)(), getattr(reference, column)()), (split, column)
+    assert NeighbourStore.open(str(chain["art"] / "targets" / "train")).ids().dtype == np.int32
+    capsys.readouterr()
+    assert main(["retemper", str(art / "targets" / "train"), "--temperature", "2"]) == 1
+    assert "retemper needs the stored neighbours" in capsys.readouterr().err
+    assert main(["explain", str(art / "targets" / "validation"), "--row", "0"]) == 1
+    assert "targets.keep_neighbours: false" in capsys.readouterr().err
