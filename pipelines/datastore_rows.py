@@ -83,7 +83,6 @@ class DatastoreRows:
     def neighbours(self, queries: np.ndarray, dists: np.ndarray, ids: np.ndarray,
                    exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(distances, ids, values) of search results; with ``exact`` re-ranked by exact distance."""
-        values = self.values_of(ids)
         if exact:
-            return sort_by_distance(self.distances(queries, ids), ids, values)
-        return dists, ids, values
+            dists, ids = sort_by_distance(self.distances(queries, ids), ids)
+        return dists, ids, self.values_of(ids)

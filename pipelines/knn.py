@@ -3,7 +3,8 @@ buffer), and dropping a query's own id from its neighbours.
 
 A row's distribution is p(v) ∝ Σ_{neighbours j with value v} exp(-d_j / T), stored sparsely: the
 ``width`` most probable tokens, padded with (-1, 0), plus the probability mass cut off. Ties in the
-stored (float32) probability put the lower token id first.
+stored (float32) probability put the lower token id first; a token whose float32 weight underflows to 0
+(a distance more than ~100·T beyond the nearest) is not stored.
 """
 from __future__ import annotations
 
@@ -43,37 +44,41 @@ def distributions(dists: np.ndarray, values: np.ndarray, temperature: float,
                   width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse kNN distributions of a batch: (tokens int32 [n, width], probs float32 [n, width], truncated [n]).
 
-    ``values`` holds each neighbour's next token (-1 where there is no neighbour).
+    ``values`` holds each neighbour's next token (-1 where there is no neighbour). Weights are float32
+    (exp of ``-(d - d_min) / T``), summed per token in float64.
     """
     n, k = values.shape
     valid = values != MISSING
-    logits = dists.astype(np.float64) / -temperature
-    logits[~valid] = -np.inf
-    top = logits.max(axis=1, keepdims=True)
-    top[~np.isfinite(top)] = 0.0
-    weights = np.exp(logits - top)  # 0 where there is no neighbour
+    gaps = np.where(valid, dists, np.inf).astype(np.float32)
+    nearest = gaps.min(axis=1, keepdims=True)
+    nearest[~np.isfinite(nearest)] = 0.0
+    gaps -= nearest  # distance beyond the nearest neighbour: exact where the weights are large
+    weights = np.exp(gaps / np.float32(-temperature))  # 0 where there is no neighbour
     # Group equal tokens: sort each row by (token, column) packed into one integer (32 bits when token ids and
     # columns fit, as they do for vocabularies below 2^31 / k), then segment.
     bits = column_bits(k)
     narrow = int(values.max(initial=0)) < (1 << (31 - bits)) - 1
     no_token = (1 << (31 - bits)) - 1 if narrow else _NO_TOKEN  # sorts after every real token id
-    key = (np.where(valid, values, no_token).astype(np.int64) << bits) | np.arange(k, dtype=np.int64)
-    if narrow:
-        key = key.astype(np.int32)
+    key_type = np.int32 if narrow else np.int64
+    key = (np.where(valid, values, no_token).astype(key_type) << key_type(bits)) | np.arange(k, dtype=key_type)
     key.sort(axis=1)
-    tokens = key >> bits
-    weights = np.take_along_axis(weights, key & ((1 << bits) - 1), axis=1)
+    tokens = key >> key_type(bits)
+    weights = np.take_along_axis(weights, key & key_type((1 << bits) - 1), axis=1)
     starts = np.ones((n, k), dtype=bool)
     starts[:, 1:] = tokens[:, 1:] != tokens[:, :-1]
-    slot = np.cumsum(starts, axis=1) - 1 + (np.arange(n, dtype=np.int64) * k)[:, None]
-    mass = np.bincount(slot.ravel(), weights=weights.ravel(), minlength=n * k).reshape(n, k)
-    segment_tokens = np.full((n, k), MISSING, dtype=np.int64)
+    local = np.cumsum(starts, axis=1, dtype=np.int32)
+    local -= 1
+    # Segments of a row are numbered from 0; only the widest row's count of them needs a column.
+    columns = int(local[:, -1].max(initial=0)) + 1 if k else 1
+    slot = local.astype(np.int64) + (np.arange(n, dtype=np.int64) * columns)[:, None]
+    mass = np.bincount(slot.ravel(), weights=weights.ravel(), minlength=n * columns).reshape(n, columns)
+    segment_tokens = np.full((n, columns), MISSING, dtype=np.int64)
     segment_tokens.ravel()[slot[starts]] = tokens[starts]
     segment_tokens[mass == 0] = MISSING
     total = mass.sum(axis=1, keepdims=True)
     probs = mass / np.where(total > 0, total, 1.0)
     # Most probable first, then the lower token id (segments are in token order).
-    ranked = _top_columns(probs, width)
+    ranked = _top_columns(probs, min(width, columns))
     out_tokens = np.take_along_axis(segment_tokens, ranked, axis=1)
     out_probs = np.where(out_tokens == MISSING, 0.0, np.take_along_axis(probs, ranked, axis=1))
     pad = width - out_tokens.shape[1]

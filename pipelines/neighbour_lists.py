@@ -34,6 +34,12 @@ def pad_to_k(dists: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np
 
 def sort_by_distance(dists: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
     """Reorder each row by ascending distance (non-negative float32; ties keep their order), and
-    ``columns`` (e.g. ids, values) the same way."""
-    order = first_columns(np.ascontiguousarray(dists, dtype=np.float32).view(np.int32), dists.shape[1])
-    return tuple(np.take_along_axis(a, order, axis=1) for a in (dists, *columns))
+    ``columns`` (e.g. ids, values) the same way. The sorted distances are read back from the packed keys
+    (their upper bits are the float's bits), which spares a gather."""
+    bits = column_bits(dists.shape[1])
+    packed = (np.ascontiguousarray(dists, dtype=np.float32).view(np.int32).astype(np.int64) << bits) | \
+        np.arange(dists.shape[1], dtype=np.int64)
+    packed.sort(axis=1)
+    order = (packed & ((1 << bits) - 1)).astype(np.intp)
+    ordered = (packed >> bits).astype(np.int32).view(np.float32)
+    return (ordered, *(np.take_along_axis(a, order, axis=1) for a in columns))
