@@ -50,6 +50,17 @@ def _check_files(uri: str, manifest: dict) -> Iterator[str]:
             yield f"{rel}: unexpected file (not in manifest)"
 
 
+def _check_counts(manifest: dict) -> Iterator[str]:
+    """The manifest's row count against what it records: every row-aligned array has ``counts.rows`` rows,
+    and an artifact with rows records its files (a manifest listing none describes no data)."""
+    rows = manifest.get("counts", {}).get("rows")
+    if rows and not manifest.get("files"):
+        yield f"{MANIFEST_NAME}: counts.rows is {rows} but it records no files"
+    for name, spec in manifest.get("arrays", {}).items():
+        if rows is not None and spec.get("shape", [rows])[0] != rows:
+            yield f"{name}: {spec['shape'][0]} rows, counts.rows says {rows}"
+
+
 def _check_markers(uri: str) -> Iterator[str]:
     if not fs.exists(fs.join(uri, PLAN_NAME)):
         return
@@ -177,7 +188,7 @@ def verify(uri: str) -> list[str]:
         manifest = read_manifest(uri)
     except ArtifactError as exc:
         return [str(exc)]
-    problems = [*check_identity(manifest), *_check_files(uri, manifest), *_check_markers(uri),
+    problems = [*check_identity(manifest), *_check_counts(manifest), *_check_files(uri, manifest), *_check_markers(uri),
                 *_check_arrays(uri, manifest)]
     if problems:
         # Content checks read every row; they only make sense on files that match the manifest.

@@ -267,3 +267,23 @@ def test_missing_path(tmp_path, capsys):
     uri = str(tmp_path / "nothing")
     assert verify(uri) == [f"{uri}: no artifact here (path does not exist)"]
     assert_cli_reports(uri, capsys, "no artifact here")
+
+
+def test_counts_are_checked_against_what_the_manifest_records(tmp_path):
+    """The manifest a racing --rebuild once published (rows but no files, no arrays), sealed with a consistent
+    fingerprint and content digest: verify still finds it empty; so is an array shorter than counts.rows."""
+    from storage.artifact import content_digest, fingerprint
+
+    uri = build_keys(str(tmp_path / "keys"))
+    path = Path(uri, "_manifest.json")
+    original = json.loads(path.read_text())
+    for edit, problem in ((lambda m: m.update(files={}, arrays={}), "counts.rows is"),
+                          (lambda m: m["counts"].update(rows=m["counts"]["rows"] + 1), "counts.rows says")):
+        manifest = json.loads(json.dumps(original))
+        edit(manifest)
+        manifest["content_digest"] = content_digest(manifest["kind"], manifest["files"])
+        manifest["fingerprint"] = fingerprint(manifest["kind"], manifest["params"],
+                                              {i["role"]: i["content_digest"] for i in manifest["inputs"]},
+                                              manifest["code"])
+        path.write_text(json.dumps(manifest))
+        assert any(problem in p for p in verify(uri)), verify(uri)
