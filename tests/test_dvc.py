@@ -114,8 +114,9 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path):
     before = published()
     kernel = clone / "pipelines" / "knn.py"
     original_kernel = kernel.read_text()
-    assert "logits = dists.astype(np.float64) / -temperature" in original_kernel
-    kernel.write_text(original_kernel.replace("/ -temperature", "/ -(2 * temperature)"))
+    line = "weights = np.exp(gaps / np.float32(-temperature))"
+    assert line in original_kernel
+    kernel.write_text(original_kernel.replace(line, "weights = np.exp(gaps / np.float32(-2 * temperature))"))
     changed = _run(clone, "dvc", "repro")
     assert [item.name for item in STAGES if f"Running stage '{item.name}'" in changed] == [
         "targets", "train-memory", "evaluate"]
