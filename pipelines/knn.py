@@ -28,18 +28,6 @@ def drop_ids(dists: np.ndarray, ids: np.ndarray, drop: np.ndarray, k: int) -> tu
     return pad_to_k(dists, ids, k)
 
 
-def _top_columns(probs: np.ndarray, width: int) -> np.ndarray:
-    """The ``width`` columns of each row with the highest float32 probability, highest first, ties in column
-    order: a partition of packed (inverted probability, column) keys, then a sort of only those."""
-    bits = column_bits(probs.shape[1])
-    packed = ((~probs.astype(np.float32).view(np.uint32)).astype(np.int64) << bits) | \
-        np.arange(probs.shape[1], dtype=np.int64)
-    if width < probs.shape[1]:
-        packed = np.partition(packed, width - 1, axis=1)[:, :width]
-    packed.sort(axis=1)
-    return (packed & ((1 << bits) - 1)).astype(np.intp)
-
-
 def distributions(dists: np.ndarray, values: np.ndarray, temperature: float,
                   width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse kNN distributions of a batch: (tokens int32 [n, width], probs float32 [n, width], truncated [n]).
@@ -78,7 +66,7 @@ def distributions(dists: np.ndarray, values: np.ndarray, temperature: float,
     total = mass.sum(axis=1, keepdims=True)
     probs = mass / np.where(total > 0, total, 1.0)
     # Most probable first, then the lower token id (segments are in token order).
-    ranked = _top_columns(probs, min(width, columns))
+    ranked = first_columns(~probs.astype(np.float32).view(np.uint32), min(width, columns))
     out_tokens = np.take_along_axis(segment_tokens, ranked, axis=1)
     out_probs = np.where(out_tokens == MISSING, 0.0, np.take_along_axis(probs, ranked, axis=1))
     pad = width - out_tokens.shape[1]

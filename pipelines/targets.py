@@ -80,7 +80,7 @@ class SearchShards(ShardWorker):
                 dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"])
                 sparse.append(knn.distributions(dists, values, common["temperature"], common["width"]))
                 if neighbours is not None:
-                    kept.append((ids.astype(common["ids_dtype"]), dists))
+                    kept.append((ids.astype(neighbours.rows.array("ids").dtype), dists))  # int32 halves the chunk
             if neighbours is not None:
                 files.update(neighbours.write_shard(Shard(shard.id, chunk_start, chunk_stop),
                                                     *(np.concatenate(column) for column in zip(*kept))))
@@ -207,7 +207,6 @@ class Targets(Stage):
             "threads": faiss_index.worker_threads(ctx.params),
             "keep": config.keep_neighbours, "block": config.query_block_rows,
             "chunk_rows": ctx.params.encode.chunk_rows,  # rows per neighbours file (fewer in a smaller array)
-            "ids_dtype": neighbour_id_dtype(datastore.manifest["counts"]["rows"]),
         }
         splits = {role: {"queries_uri": ctx.inputs["keys/" + role.split("/")[1]].uri, "out_uri": uri,
                          "self_query": role == "targets/train"} for role, uri in roles.items()}
