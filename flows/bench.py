@@ -4,7 +4,8 @@ Every ratio is measured in one run on this machine: the stage as users run it (B
 markers, checksums) against the bare library loop over the same data with the same thread count.
 Parts: ``encode`` (encode_vs_bare for a tiny and a small GPT-2), ``encode_rss`` (peak RSS of
 ``memforge encode`` at 1x and 4x the corpus), ``storage`` (bytes per token on disk), ``faiss``
-(index_vs_bare, targets_vs_bare, bytes per row of the target stores).
+(index_vs_bare, targets_vs_bare, bytes per row of the target stores), ``memory`` (evaluate's tokens/s),
+and, only with ``--only gpu`` on a machine with CUDA, ``gpu`` (``flows.bench_gpu``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from storage.errors import MemforgeError
 from storage.params import Params, load_params, parse_params
 
 MODELS = {"tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2}, "small": {"n_layer": 4, "n_embd": 128, "n_head": 4}}
+SHAPES = {**MODELS, "gpt2-small": {"n_layer": 12, "n_embd": 768, "n_head": 12}}  # the GPU bench's encoder
 CORPUS_BYTES = 1_000_000  # 1x; the 4x run reads four times as much of the standard library
 # encode_vs_bare corpus per model: large enough that Beam's fixed cost (~8-10 s to start two worker
 # processes that import torch and transformers, and to shut them down) is amortised.
@@ -54,7 +56,7 @@ class Workspace:
             train_tokenizer(texts, VOCAB, str(path))
             tokenizer = AutoTokenizer.from_pretrained(path)
             torch.manual_seed(0)
-            GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=BLOCK, **MODELS[name],
+            GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=BLOCK, **SHAPES[name],
                                        bos_token_id=tokenizer.eos_token_id,
                                        eos_token_id=tokenizer.eos_token_id)).save_pretrained(path)
             self._models[name] = path
@@ -395,8 +397,16 @@ def bench_memory(ws: Workspace) -> dict:
     }
 
 
+def bench_gpu(ws: Workspace) -> dict:
+    """The torch stages and FAISS on a CUDA GPU (``flows.bench_gpu``); only when asked for (``--only gpu``)."""
+    from flows import bench_gpu as on_gpu
+
+    return on_gpu.bench_gpu(ws)
+
+
 PARTS = {"encode": bench_encode, "encode_rss": bench_encode_rss, "storage": bench_storage, "faiss": bench_faiss,
-         "memory": bench_memory}
+         "memory": bench_memory, "gpu": bench_gpu}
+DEFAULT_PARTS = ("encode", "encode_rss", "storage", "faiss", "memory")  # gpu needs a GPU: --only gpu
 
 
 def run(only: list[str] | None = None, workdir: str | None = None) -> dict:
@@ -404,7 +414,7 @@ def run(only: list[str] | None = None, workdir: str | None = None) -> dict:
     figures: dict = {}
     with tempfile.TemporaryDirectory(dir=workdir) as scratch:
         ws = Workspace(Path(scratch))
-        for name in only or list(PARTS):
+        for name in only or DEFAULT_PARTS:
             figures.update(PARTS[name](ws))
     return figures
 

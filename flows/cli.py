@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure stage speed and memory against bare library loops",
                                 description="Run benchmark parts and print a table of figures (ratios are "
                                             "stage / bare library, measured in one run on this machine).")
-    bench.add_argument("--only", action="append", choices=["encode", "encode_rss", "storage", "faiss", "memory"],
-                       help="run only this part (repeatable)")
+    bench.add_argument("--only", action="append",
+                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "gpu"],
+                       help="run only this part (repeatable); gpu runs only when asked for, on a CUDA machine")
     bench.add_argument("--json", action="store_true", help="print one JSON object of all figures")
     bench.add_argument("--workdir", help="directory for the temporary workspace (default: system temp)")
     dvc = commands.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations",

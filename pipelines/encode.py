@@ -16,7 +16,7 @@ from pipelines.windows import encode_rows
 from storage import fs
 from storage.errors import MemforgeError
 from storage.paths import split_roles
-from storage.shards import Shard, ShardPlan
+from storage.shards import Shard, ShardMarkers, ShardPlan
 from storage.stores import TOKENIZER_DIR, KeyStore, PartOffsets, TokenStore
 from storage.zarr_rows import shard_geometry
 
@@ -32,12 +32,17 @@ class EncodeShards(ShardWorker):
     def setup(self) -> None:
         import torch
 
+        from pipelines import devices
         from pipelines.encoder import RepresentationCapture, load_encoder
 
         spec = self.spec
         torch.set_num_threads(spec["threads"])
-        self.model = load_encoder(spec["model_path"], spec["trust_remote_code"])
+        self.device = devices.claim(spec["device"])
+        self.device_name = devices.describe(self.device)
+        self.autocast = lambda: devices.autocast(self.device, spec["precision"])
+        self.model = load_encoder(spec["model_path"], spec["trust_remote_code"]).to(self.device)
         self.capture = RepresentationCapture(self.model, spec["representation"], spec["layer"])
+        self.cast_to = "float16" if spec["key_dtype"] == "float16" else "float32"  # bfloat16: rounded by the store
         self.splits = {
             role: (TokenStore(spec["tokens_uri"], info["split"]), PartOffsets.from_json(info["parts"]),
                    KeyStore.open(info["keys_uri"], writable=True))
@@ -47,17 +52,20 @@ class EncodeShards(ShardWorker):
     def process(self, role: str, uri: str, shard: Shard):
         spec = self.spec
         reader, offsets, store = self.splits[role]
-        keys, vals, window_tokens = encode_rows(self.model, self.capture, reader, offsets, shard.start, shard.stop,
-                                                spec["block_size"], spec["stride"], spec["batch_size"],
-                                                spec["hidden_size"])
-        return store.write_shard(shard, keys, vals), {"window_tokens": window_tokens}
+        with self.autocast():  # a no-op context for fp32
+            keys, vals, window_tokens = encode_rows(self.model, self.capture, reader, offsets, shard.start,
+                                                    shard.stop, spec["block_size"], spec["stride"],
+                                                    spec["batch_size"], spec["hidden_size"], self.cast_to)
+        return store.write_shard(shard, keys, vals), {"window_tokens": window_tokens, "device": self.device_name}
 
 
 def encoder_spec(params, model_path: str) -> dict:
     """Check the encoder against the params; return what workers need to run it."""
+    from pipelines import devices
     from pipelines.encoder import EncoderError, RepresentationCapture, hidden_size, load_encoder, \
         max_positions, model_fingerprint
 
+    device = devices.resolve(params.encode.device, "encode.device")  # before any work: a missing GPU is named
     model = load_encoder(model_path, params.encode.trust_remote_code)
     limit = max_positions(model)
     if limit is not None and params.encode.block_size > limit:
@@ -71,6 +79,7 @@ def encoder_spec(params, model_path: str) -> dict:
         "trust_remote_code": params.encode.trust_remote_code, "representation": params.encode.representation,
         "layer": params.encode.layer, "block_size": params.encode.block_size, "stride": params.encode.stride,
         "batch_size": params.encode.batch_size, "threads": params.encode.threads_per_worker,
+        "device": device, "precision": params.encode.precision, "key_dtype": params.encode.dtype,
     }
 
 
@@ -83,9 +92,10 @@ class Encode(Stage):
     format = "zarr-v3"
     inputs = ("tokens", "decoder")
     content = ("encode.model", "encode.layer", "encode.representation", "encode.dtype", "encode.block_size",
-               "encode.stride")
+               "encode.stride", "encode.precision")
     layout = ("encode.chunk_rows", "encode.shard_chunks")
-    execution = ("encode.batch_size", "encode.num_workers", "encode.threads_per_worker", "encode.trust_remote_code")
+    execution = ("encode.batch_size", "encode.num_workers", "encode.threads_per_worker", "encode.trust_remote_code",
+                 "encode.device")
     sharded = True
     progress_unit = "tokens"
 
@@ -137,5 +147,12 @@ class Encode(Stage):
             stats={"key_dtype": ctx.params.encode.dtype, "hidden_size": spec["hidden_size"],
                    "layer": ctx.params.encode.layer, "representation": ctx.params.encode.representation,
                    "block_size": ctx.params.encode.block_size, "stride": ctx.params.encode.stride,
-                   "model_fingerprint": spec["model_fingerprint"]},
+                   "model_fingerprint": spec["model_fingerprint"], "precision": ctx.params.encode.precision,
+                   "devices": shard_devices(build.uri, self.plan(ctx, role))},
         )
+
+
+def shard_devices(uri: str, plan: ShardPlan) -> list[str]:
+    """The devices that encoded the shards of ``uri`` (a resumed build may have used several)."""
+    markers = ShardMarkers(uri)
+    return sorted({markers.read(shard)["stats"].get("device", "cpu") for shard in plan.shards})

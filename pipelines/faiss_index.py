@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import math
 import os
 import sys
@@ -15,6 +16,7 @@ from storage import fs
 from storage.errors import MemforgeError
 from storage.params import IndexParams
 
+log = logging.getLogger("memforge")
 TRAINED = "trained.index"
 MERGED = "merged.index"
 MERGED_DATA = "merged.ivfdata"
@@ -23,6 +25,42 @@ MERGED_DATA = "merged.ivfdata"
 def worker_threads(params) -> int:
     """FAISS threads per Beam worker: ``index.threads``, else ``encode.threads_per_worker``."""
     return params.index.threads or params.encode.threads_per_worker
+
+
+def faiss_gpu(setting: str, key: str = "index.device") -> str | int | None:
+    """Where FAISS runs for ``setting``: None (the CPU), a GPU number, or ``"all"`` (every GPU it sees).
+
+    ``auto`` and ``cuda`` take every GPU this FAISS build sees, ``cuda:N`` that one. With the CPU build
+    (faiss-cpu; ``memforge[gpu]`` installs faiss-gpu) it runs on the CPU and says so in one log line when
+    a GPU is there. A GPU asked for that the machine lacks is an error naming ``key``.
+    """
+    if setting == "cpu":
+        return None
+    from pipelines import devices  # torch: only here, not in every worker that merely reads indexes
+
+    resolved = devices.resolve(setting, key)
+    if resolved == "cpu":
+        return None
+    if not getattr(faiss, "get_num_gpus", lambda: 0)():
+        log.warning("%s: %s, but this FAISS %s is a CPU build: FAISS runs on the CPU (install faiss-gpu: "
+                    "pip install 'memforge[gpu]')", key, resolved, faiss.__version__)
+        return None
+    return int(resolved.split(":")[1]) if ":" in resolved else "all"
+
+
+def to_gpu(index: faiss.Index, gpu: str | int) -> faiss.Index:
+    """A GPU copy of ``index`` (on GPU ``gpu``, or replicated on all); PQ lookup tables in float16, which
+    FAISS's GPU IVF-PQ needs for wide codes. The copy keeps its GPU resources alive."""
+    if gpu == "all":
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = True
+        return faiss.index_cpu_to_all_gpus(index, co=options)
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = True
+    resources = faiss.StandardGpuResources()
+    copy = faiss.index_cpu_to_gpu(resources, gpu, index, options)
+    copy.resources = resources
+    return copy
 
 
 def shard_file(shard_name: str) -> str:
@@ -123,10 +161,12 @@ class ShardedIndex:
     IVF shards are copies of one trained index, so their inverted lists are stacked (FAISS's
     ``HStackInvertedLists``) under one index: list i is the concatenation of the shards' lists i,
     read from the memory-mapped shard files, and a query is quantized and its distance tables
-    built once. Other index types search each shard and merge the results by distance.
+    built once. Other index types search each shard and merge the results by distance. With ``gpu``
+    (see ``faiss_gpu``) the searchers are copied to GPU memory.
     """
 
-    def __init__(self, index_uri: str, shard_names: list[str], nprobe: int, merged: bool):
+    def __init__(self, index_uri: str, shard_names: list[str], nprobe: int, merged: bool,
+                 gpu: str | int | None = None):
         if merged:
             self.shards = [read_merged(index_uri)]
         else:
@@ -146,12 +186,16 @@ class ShardedIndex:
             self.searchers = self.shards
         for searcher in self.searchers:
             set_nprobe(searcher, nprobe)
+        if gpu is not None:  # lists (and nprobe) copied into GPU memory; a GPU index serves one search at a time
+            self.searchers = [to_gpu(searcher, gpu) for searcher in self.searchers]
+        self.gpu_lock = threading.Lock() if gpu is not None else contextlib.nullcontext()
         self.dim = self.shards[0].d
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """k nearest global ids and squared L2 distances over all shards."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        results = [searcher.search(queries, k) for searcher in self.searchers]
+        with self.gpu_lock:
+            results = [searcher.search(queries, k) for searcher in self.searchers]
         if len(results) == 1:
             return results[0]
         return faiss.merge_knn_results(np.stack([d for d, _ in results]), np.stack([i for _, i in results]))

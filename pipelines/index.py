@@ -78,25 +78,34 @@ def recall_at_k(index: faiss_index.ShardedIndex, blocks, queries: np.ndarray, k:
     return float(np.mean(hits))
 
 
-def _train(params, keys: KeyStore, index: faiss.Index, factory: str, n_rows: int, root: str) -> dict:
-    """Train ``index`` (fresh from ``factory``) on a seeded sample of keys and write ``trained.index``."""
+def _train(params, keys: KeyStore, index: faiss.Index, factory: str, n_rows: int, root: str,
+           gpu: str | int | None) -> dict:
+    """Train ``index`` (fresh from ``factory``) on a seeded sample of keys and write ``trained.index``; with
+    ``gpu``, the k-means of the IVF lists assigns points on the GPU (FAISS's clustering index)."""
     ivf = faiss_index.ivf_of(index)
-    sample_size = 0
+    sample_size, where = 0, "cpu"
     if not index.is_trained:
         wanted = ivf.nlist * params.index.train_points_per_list if ivf is not None else params.index.train_sample
         sample_size = min(n_rows, wanted)
         rows = np.sort(np.random.default_rng(params.index.seed).choice(n_rows, sample_size, replace=False))
-        log.info("index: training %s on %d sampled keys", factory, sample_size)
+        clustering = None
+        if gpu is not None and ivf is not None:
+            clustering = faiss_index.to_gpu(faiss.IndexFlat(ivf.d, ivf.metric_type), gpu)
+            ivf.clustering_index, where = clustering, f"gpu {gpu}"
+        log.info("index: training %s on %d sampled keys (%s)", factory, sample_size, where)
         try:
             index.train(np.ascontiguousarray(keys.take(rows), dtype=np.float32))
         except RuntimeError as exc:  # FAISS refuses what these params ask of this sample
             raise MemforgeError(f"index.factory: FAISS cannot train {factory} on {sample_size} sampled keys "
                                 f"(index.train_points_per_list, index.train_sample): "
                                 f"{str(exc).strip().splitlines()[-1]}") from None
+        finally:
+            if clustering is not None:
+                ivf.clustering_index = None  # FAISS holds no reference to it
     if ivf is not None:
         faiss_index.set_nprobe(index, params.index.nprobe)
     faiss_index.write(index, fs.join(root, faiss_index.TRAINED))
-    return {"train_sample": sample_size}
+    return {"train_sample": sample_size, "train_device": where}
 
 
 def _resolve_merge(merge: str, is_ivf: bool, root: str) -> str:
@@ -137,7 +146,7 @@ class Index(Stage):
     content = ("index.factory", "index.flat_threshold", "index.train_points_per_list", "index.train_sample",
                "index.nprobe", "index.merge", "index.exact_keys", "index.recall_queries", "index.recall_k",
                "index.seed")
-    execution = ("index.threads", "encode.num_workers", "encode.threads_per_worker")
+    execution = ("index.threads", "index.device", "encode.num_workers", "encode.threads_per_worker")
     sharded = True
     running_mode = "multi_threading"
     progress_unit = "keys"
@@ -155,7 +164,8 @@ class Index(Stage):
         if ivf is not None and ctx.params.index.nprobe > ivf.nlist:
             raise MemforgeError(f"index.nprobe: {ctx.params.index.nprobe} exceeds the {ivf.nlist} lists of {factory}")
         ctx.scratch.update(factory=factory, merge=_resolve_merge(ctx.params.index.merge, ivf is not None,
-                                                                 ctx.uri("index")))
+                                                                 ctx.uri("index")),
+                           gpu=faiss_index.faiss_gpu(ctx.params.index.device))
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         return {**ctx.params.values(self.content, strip="index"), "resolved_factory": ctx.scratch["factory"]}
@@ -170,7 +180,7 @@ class Index(Stage):
         keys = ctx.inputs["keys/train"]
         factory = ctx.scratch["factory"]
         record = _train(ctx.params, KeyStore.open(keys.uri), faiss_index.build_empty(factory, keys.manifest["stats"][
-            "hidden_size"]), factory, keys.manifest["counts"]["rows"], build.uri)
+            "hidden_size"]), factory, keys.manifest["counts"]["rows"], build.uri, ctx.scratch["gpu"])
         fs.write_json_atomic(fs.join(build.uri, TRAINING_RECORD), record)
 
     def plan(self, ctx: Context, role: str) -> ShardPlan:
@@ -199,7 +209,7 @@ class Index(Stage):
             "factory": ctx.scratch["factory"], "nlist": ivf.nlist if ivf is not None else None,
             "code_size": trained.sa_code_size() if ivf is not None else 4 * keys.dim,
             "nprobe": ctx.params.index.nprobe if ivf is not None else None,
-            "train_sample": fs.read_json(fs.join(root, TRAINING_RECORD))["train_sample"],
+            **fs.read_json(fs.join(root, TRAINING_RECORD)),
             "seed": ctx.params.index.seed, "faiss_version": faiss.__version__,
             "merge": merge, "dim": keys.dim, "exact_keys": ctx.params.index.exact_keys,
         }

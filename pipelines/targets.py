@@ -35,7 +35,7 @@ class _SearchResources:
 
     def __init__(self, common: dict):
         self.index = faiss_index.ShardedIndex(common["index_uri"], common["index_shards"], common["nprobe"],
-                                              common["merged"])
+                                              common["merged"], common["gpu"])
         self.rows = datastore_rows.DatastoreRows(common["index_uri"])
 
 
@@ -146,7 +146,8 @@ class Targets(Stage):
                "targets.exclude_same_document_window", "targets.probs_dtype", "targets.keep_neighbours",
                "index.nprobe")
     layout = ("targets.shard_chunks", "encode.chunk_rows")
-    execution = ("encode.num_workers", "encode.threads_per_worker", "index.threads", "targets.query_block_rows")
+    execution = ("encode.num_workers", "encode.threads_per_worker", "index.threads", "index.device",
+                 "targets.query_block_rows")
     sharded = True
     running_mode = "multi_threading"
     progress_unit = "queries"
@@ -162,6 +163,7 @@ class Targets(Stage):
         """Every split is checked before any work starts."""
         for role in split_roles("keys"):
             check_compatible(ctx.params, ctx.inputs["index"], ctx.inputs["keys/train"], ctx.inputs[role])
+        ctx.scratch["gpu"] = faiss_index.faiss_gpu(ctx.params.index.device)
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         values = ctx.params.values([key for key in self.content if key != "index.nprobe"], strip="targets")
@@ -205,7 +207,7 @@ class Targets(Stage):
             "tokens_uri": tokens.uri if tokens else None,
             "parts": tokens.manifest["stats"]["splits"]["train"]["parts"] if tokens else None,
             "threads": faiss_index.worker_threads(ctx.params),
-            "keep": config.keep_neighbours, "block": config.query_block_rows,
+            "keep": config.keep_neighbours, "block": config.query_block_rows, "gpu": ctx.scratch["gpu"],
             "chunk_rows": ctx.params.encode.chunk_rows,  # rows per neighbours file (fewer in a smaller array)
         }
         splits = {role: {"queries_uri": ctx.inputs["keys/" + role.split("/")[1]].uri, "out_uri": uri,
@@ -227,5 +229,6 @@ class Targets(Stage):
                    "width": config.width, "nprobe": self.nprobe(ctx), "exact_distances": config.exact_distances,
                    "index_factory": index.manifest["stats"]["factory"],
                    "index_recall_at_k": index.manifest["stats"].get("recall_at_k"),
-                   "faiss_version": index.manifest["stats"]["faiss_version"]},
+                   "faiss_version": index.manifest["stats"]["faiss_version"],
+                   "search_device": "cpu" if ctx.scratch["gpu"] is None else f"gpu {ctx.scratch['gpu']}"},
         )

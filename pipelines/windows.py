@@ -51,19 +51,23 @@ def window_batches(windows: list[Window], batch_size: int):
 
 
 def encode_rows(model, capture, reader: TokenStore, offsets: PartOffsets, start: int, stop: int, block_size: int,
-                stride: int, batch_size: int, hidden: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Keys (float32 [rows, hidden]), values (int32) and window tokens read, for datastore rows
-    ``[start, stop)``: the windows that own those targets, batched by length, through ``capture``."""
+                stride: int, batch_size: int, hidden: int,
+                dtype: str = "float32") -> tuple[np.ndarray, np.ndarray, int]:
+    """Keys ([rows, hidden], ``dtype``: float32 or float16), values (int32) and window tokens read, for
+    datastore rows ``[start, stop)``: the windows that own those targets, batched by length, through
+    ``capture`` on the model's device. Keys are cast to ``dtype`` there (round to nearest even, as numpy
+    does), so a GPU copies half the bytes for float16 keys."""
     import torch
 
     windows = windows_for_rows(start, stop, offsets.total_rows, block_size, stride)
     base = windows[0].begin
     tokens = reader.read_rows(offsets, base, windows[-1].end)
-    keys = np.empty((stop - start, hidden), np.float32)
+    keys = np.empty((stop - start, hidden), dtype)
+    device, cast = next(model.parameters()).device, getattr(torch, dtype)
     with torch.inference_mode():
         for batch in window_batches(windows, batch_size):
             ids = np.stack([tokens[w.begin - base:w.end - base] for w in batch]).astype(np.int64)
-            states = capture(model, torch.from_numpy(ids)).float().numpy()
+            states = capture(model, torch.from_numpy(ids).to(device)).to(cast).cpu().numpy()
             for row, w in zip(states, batch):
                 keys[w.first - 1 - start:w.stop - 1 - start] = row[w.first - 1 - w.begin:w.stop - 1 - w.begin]
     vals = tokens[start + 1 - base:stop + 1 - base]

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from storage.errors import ParamsError
 
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")]  # where torch (or FAISS) work runs
+Precision = Literal["fp32", "bf16", "fp16"]  # numeric format of the computation (autocast for bf16/fp16)
+
 
 class Section(BaseModel):
     """Base of every params section: unknown keys are errors; values are immutable."""
@@ -50,6 +53,8 @@ class DecoderParams(Section):
     schedule: Literal["cosine", "linear"] = "cosine"
     checkpoint_every: int = Field(default=100, gt=0)
     seed: int = 0
+    precision: Precision = "fp32"
+    device: Device = "auto"
 
     @field_validator("n_embd")
     @classmethod
@@ -75,6 +80,8 @@ class EncodeParams(Section):
     shard_chunks: int = Field(default=8, gt=0)
     num_workers: int = Field(default=2, gt=0)
     threads_per_worker: int = Field(default=1, gt=0)
+    precision: Precision = "fp32"
+    device: Device = "auto"
 
     @field_validator("stride")
     @classmethod
@@ -99,6 +106,7 @@ class IndexParams(Section):
     recall_k: int = Field(default=64, gt=0)
     seed: int = 0
     threads: int = Field(default=0, ge=0)  # FAISS threads: training (0: all cores); per worker (0: encode's)
+    device: Device = "auto"  # FAISS index training and targets search: a GPU when FAISS has GPU support
 
 
 class TargetsParams(Section):
@@ -142,6 +150,8 @@ class MemoryParams(Section):
     shuffle_buffer_chunks: int = Field(default=4, gt=0)
     checkpoint_every: int = Field(default=200, gt=0)
     seed: int = 0
+    precision: Precision = "fp32"
+    device: Device = "auto"
 
 
 class EvaluateParams(Section):
@@ -155,6 +165,8 @@ class EvaluateParams(Section):
     lambda_grid: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         default_factory=lambda: [0.0, 0.1, 0.25, 0.4, 0.6, 0.8], min_length=1)
     batch_size: int = Field(default=4, gt=0)
+    precision: Precision = "fp32"
+    device: Device = "auto"
 
 
 class FlowParams(Section):

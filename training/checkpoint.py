@@ -1,10 +1,12 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
 ``<artifact>/_checkpoints/step-NNNNNNN/`` holds ``state.safetensors`` (model weights, optimizer
-tensors, torch RNG state) and ``trainer.json`` (step, optimizer hyper-parameters, data position,
-loss history), written last: a checkpoint without it is incomplete and ignored. Both files are
-written atomically; only the newest ``keep`` checkpoints stay. Data order is a function of the
-seed and the step, so the step is the data position.
+tensors, torch RNG states) and ``trainer.json`` (step, optimizer hyper-parameters, data position,
+loss history, fp16 loss scale), written last: a checkpoint without it is incomplete and ignored.
+Both files are written atomically; only the newest ``keep`` checkpoints stay. Data order is a
+function of the seed and the step, so the step is the data position. Tensors are saved from CPU
+copies and restored onto the device of the parameters they belong to, so a checkpoint written on a
+GPU resumes on a CPU and the reverse.
 """
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ log = logging.getLogger("memforge")
 DIR = CHECKPOINTS_DIR  # the artifact layer treats it as resumable progress
 STATE = "state.safetensors"
 TRAINER = "trainer.json"
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _step_dir(root: str, step: int) -> str:
@@ -40,16 +46,19 @@ class Checkpoints:
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict) -> None:
         """Write the checkpoint of ``step`` (trainer.json last), then drop the oldest beyond ``keep``."""
-        tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
         optimizer_state = optimizer.state_dict()
         scalars = {}
         for index, entry in optimizer_state["state"].items():
             for name, value in entry.items():
                 if torch.is_tensor(value):
-                    tensors[f"optimizer.{index}.{name}"] = value.contiguous()
+                    tensors[f"optimizer.{index}.{name}"] = value.cpu().contiguous()
                 else:
                     scalars[f"{index}.{name}"] = value
         tensors["rng.torch"] = torch.get_rng_state()
+        device = _device_of(model)
+        if device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
         where = _step_dir(self.root, step)
         fs.write_bytes_atomic(fs.join(where, STATE), save(tensors))
         fs.write_json_atomic(fs.join(where, TRAINER), {
@@ -78,5 +87,8 @@ class Checkpoints:
             state.setdefault(int(index), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": record["optimizer"]["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
+        device = _device_of(model)
+        if device.type == "cuda" and "rng.cuda" in tensors:  # a CPU checkpoint has none: the GPU keeps its seed
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
         log.info("resuming from the checkpoint of step %d (%s)", record["step"], where)
         return record

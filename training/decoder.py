@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pipelines import devices
 from pipelines.encoder import retie_output_embeddings
 from pipelines.stage import Context, Published, Stage
 from pipelines.tokenizer import check_same_tokenizer, load_tokenizer
@@ -69,8 +70,8 @@ class TrainDecoder(Stage):
     inputs = ("tokens",)
     content = ("decoder.init", "decoder.n_layer", "decoder.n_head", "decoder.n_embd", "decoder.block_size",
                "decoder.batch_size", "decoder.grad_accum", "decoder.learning_rate", "decoder.weight_decay",
-               "decoder.warmup_steps", "decoder.max_steps", "decoder.schedule", "decoder.seed")
-    execution = ("decoder.checkpoint_every",)
+               "decoder.warmup_steps", "decoder.max_steps", "decoder.schedule", "decoder.seed", "decoder.precision")
+    execution = ("decoder.checkpoint_every", "decoder.device")
 
     def check(self, ctx: Context) -> None:
         tokens, block_size = ctx.inputs["tokens"], ctx.params.decoder.block_size
@@ -78,24 +79,30 @@ class TrainDecoder(Stage):
         if n_tokens < block_size + 1:
             raise MemforgeError(f"decoder.block_size: {block_size} needs at least {block_size + 1} training "
                                 f"tokens, but {tokens.uri} has {n_tokens}; lower it or add text")
+        ctx.scratch["device"] = devices.claim(devices.resolve(ctx.params.decoder.device, "decoder.device"))
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         return ctx.params.values(self.content, strip="decoder")
 
     def run(self, ctx: Context, role: str, build) -> Published:
-        return train_decoder(ctx.params.decoder, ctx.inputs["tokens"], build.uri)
+        return train_decoder(ctx.params.decoder, ctx.inputs["tokens"], build.uri, ctx.scratch["device"])
 
 
-def train_decoder(config, tokens, uri: str) -> Published:
-    """Train (or resume training) the decoder into ``uri``; returns what its manifest records."""
+def train_decoder(config, tokens, uri: str, device: torch.device) -> Published:
+    """Train (or resume training) the decoder into ``uri`` on ``device`` (autocast to ``config.precision``);
+    returns what its manifest records."""
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = load_tokenizer(fs.local_dir(tokens.path(TOKENIZER_DIR), scratch))
     torch.manual_seed(config.seed)  # initial weights and dropout; a resumed run restores the RNG state
     model = build_model(config, tokenizer)
     _check_block_size(model, config)
+    model.to(device)
     optimizer = adamw(model, config.learning_rate, config.weight_decay)
+    scaler = devices.grad_scaler(device, config.precision)
     checkpoints = Checkpoints(uri)
     record = checkpoints.restore(model, optimizer) or {"step": 0, "losses": []}
+    if record.get("grad_scaler"):
+        scaler.load_state_dict(record["grad_scaler"])
     train = TokenStream(tokens, "train")
     losses = record["losses"]
     started, first_step = time.perf_counter(), record["step"]
@@ -106,25 +113,30 @@ def train_decoder(config, tokens, uri: str) -> Published:
         step_loss = 0.0
         for micro in range(config.grad_accum):
             block = torch.from_numpy(train.random_blocks(config.seed, step, micro, config.batch_size,
-                                                         config.block_size + 1))
-            logits = model(block[:, :-1]).logits
+                                                         config.block_size + 1)).to(device)
+            with devices.autocast(device, config.precision):
+                logits = model(block[:, :-1]).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten()) / config.grad_accum
-            loss.backward()
+            scaler.scale(loss).backward()
             step_loss += loss.item()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         losses.append([step + 1, round(step_loss, 6)])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
-            checkpoints.save(step + 1, model, optimizer, {"losses": losses})
+            checkpoints.save(step + 1, model, optimizer, {"losses": losses, "grad_scaler": scaler.state_dict()})
             log.info("train-decoder: step %d/%d, loss %.4f", step + 1, config.max_steps, step_loss)
     seconds = time.perf_counter() - started
     trained_tokens = (config.max_steps - first_step) * config.grad_accum * config.batch_size * config.block_size
 
     validation = TokenStream(tokens, "validation")
-    validation_ppl = perplexity(target_log_probs(model, validation, config.block_size))
+    with devices.autocast(device, config.precision):
+        validation_ppl = perplexity(target_log_probs(model, validation, config.block_size))
     unigram_ppl = perplexity(unigram_log_probs(train, validation, len(tokenizer)))
     log.info("train-decoder: validation perplexity %.2f (unigram baseline %.2f)", validation_ppl, unigram_ppl)
+    model.to("cpu")  # the saved model loads anywhere
     with tempfile.TemporaryDirectory() as scratch:
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
@@ -137,5 +149,6 @@ def train_decoder(config, tokens, uri: str) -> Published:
         stats={"final_train_loss": losses[-1][1], "validation_perplexity": round(validation_ppl, 4),
                "unigram_perplexity": round(unigram_ppl, 4), "resumed_from_step": first_step,
                "train_tokens_per_second": round(trained_tokens / seconds, 1) if seconds > 0 else None,
-               "init": config.init or "scratch"},
+               "init": config.init or "scratch", "device": devices.describe(device),
+               "precision": config.precision},
     )

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines import faiss_index
+from pipelines import devices, faiss_index
 from pipelines.datastore_rows import DatastoreRows
 from pipelines.encoder import RepresentationCapture, load_encoder, model_fingerprint
 from pipelines.named_decoder import decoder_inputs, decoder_path, external_decoder
@@ -46,6 +46,7 @@ class Scorer:
 
     def __init__(self, decoder, stream: TokenStream, n_rows: int, block_size: int, stride: int, batch_size: int):
         self.decoder, self.n_rows, self.batch_size = decoder, n_rows, batch_size
+        self.device = next(decoder.parameters()).device
         self.windows = windows_for_rows(0, n_rows, stream.n_tokens, block_size, stride)
         self.tokens = stream.slice(0, stream.n_tokens)
         # HF causal LMs that take ``logits_to_keep`` apply the LM head to the scored positions only
@@ -67,10 +68,10 @@ class Scorer:
                 members.append(np.full(len(span), b))
             rows, positions, members = (np.concatenate(a) for a in (rows, positions, members))
             keep = {"logits_to_keep": ids.shape[1] - int(positions.min())} if self.trims_logits else {}
-            logits = self.decoder(input_ids=ids, use_cache=False, **keep).logits
+            logits = self.decoder(input_ids=ids.to(self.device), use_cache=False, **keep).logits
             targets = torch.from_numpy(self.tokens[rows + 1])
             scored = logits[members, positions - (ids.shape[1] - logits.shape[1])]
-            logp_dec = log_probs_at(scored, targets).numpy()
+            logp_dec = log_probs_at(scored, targets.to(self.device)).cpu().numpy()
             captured = [c.value[members, positions].float() for c in captures]
             out[rows] = on_batch(rows, targets.numpy(), logp_dec, captured) if on_batch else logp_dec
         return out
@@ -89,8 +90,8 @@ class Evaluate(Stage):
     format = "metrics"
     inputs = ("tokens", "keys/validation", "index", "memory", "decoder")
     content = ("evaluate.knn_lambda", "evaluate.memory_lambda", "evaluate.k", "evaluate.temperature",
-               "evaluate.nprobe", "evaluate.lambda_grid", "encode.model")
-    execution = ("evaluate.batch_size", "index.threads", "encode.trust_remote_code")
+               "evaluate.nprobe", "evaluate.lambda_grid", "evaluate.precision", "encode.model")
+    execution = ("evaluate.batch_size", "evaluate.device", "index.threads", "encode.trust_remote_code")
     dvc_files = {"outs": ("_manifest.json", "token_log_probs.parquet"), "metrics": ("metrics.json",),
                  "plots": (("lambda.json", {"x": "lambda"}), ("loss.json", {"x": "step", "y": "loss"}),
                            "lambda.png", "loss.png")}
@@ -99,6 +100,7 @@ class Evaluate(Stage):
         return self.inputs[:4] + decoder_inputs(ctx.params)
 
     def check(self, ctx: Context) -> None:
+        ctx.scratch["device"] = devices.claim(devices.resolve(ctx.params.evaluate.device, "evaluate.device"))
         queries, index = ctx.inputs["keys/validation"], ctx.inputs["index"]
         path = ctx.scratch["decoder_path"] = decoder_path(ctx)
         decoder_fingerprint = ctx.scratch["decoder_fingerprint"] = model_fingerprint(path)  # hashes every weight
@@ -131,18 +133,19 @@ class Evaluate(Stage):
                 "memory": ctx.inputs["memory"], **named}
 
     def run(self, ctx: Context, role: str, build) -> Published:
-        return evaluate(ctx.params, ctx.scratch["decoder_path"], ctx.inputs, build.uri)
+        return evaluate(ctx.params, ctx.scratch["decoder_path"], ctx.inputs, build.uri, ctx.scratch["device"])
 
 
-def evaluate(params, decoder_path: str, inputs: dict, uri: str) -> Published:
-    """Score the validation split three ways and write metrics, per-token log-probs and plots into ``uri``."""
+def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.device) -> Published:
+    """Score the validation split three ways on ``device`` (autocast to ``evaluate.precision``; the kNN
+    search on FAISS's CPU) and write metrics, per-token log-probs and plots into ``uri``."""
     config = params.evaluate
     tokens, queries, index = inputs["tokens"], inputs["keys/validation"], inputs["index"]
     memory_artifact = inputs["memory"]
     stats = queries.manifest["stats"]
-    decoder = load_encoder(decoder_path, params.encode.trust_remote_code)
+    decoder = load_encoder(decoder_path, params.encode.trust_remote_code).to(device)
     with tempfile.TemporaryDirectory() as scratch:
-        memory = MLPMemory.load(fs.local_dir(memory_artifact.path("model"), scratch))
+        memory = MLPMemory.load(fs.local_dir(memory_artifact.path("model"), scratch)).to(device)
     memory_params = memory_artifact.manifest["params"]
     searcher = faiss_index.ShardedIndex(index.uri, [s.name for s in load_plan(index.uri).shards], config.nprobe,
                                         index.manifest["stats"]["merge"] == "ondisk")
@@ -153,7 +156,7 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str) -> Published:
     k = min(config.k, index.manifest["counts"]["rows"])
 
     def knn_probs(rows, targets, logp_dec, captured):
-        query = np.ascontiguousarray(captured[0].numpy(), dtype=np.float32)
+        query = np.ascontiguousarray(captured[0].cpu().numpy(), dtype=np.float32)
         dists, ids, values = rows_store.neighbours(query, *searcher.search(query, k), exact)
         logits = np.where(values >= 0, -dists.astype(np.float64) / config.temperature, -np.inf)
         weights = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -161,7 +164,7 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str) -> Published:
         return _mix(logp_dec, p_knn[rows], config.knn_lambda)
 
     def memory_probs(rows, targets, logp_dec, captured):
-        p_mem[rows] = np.exp(log_probs_at(memory(captured[0]), torch.from_numpy(targets)).numpy())
+        p_mem[rows] = np.exp(log_probs_at(memory(captured[0]), torch.from_numpy(targets).to(device)).cpu().numpy())
         return _mix(logp_dec, p_mem[rows], config.memory_lambda)
 
     n_rows = scorer.n_rows
@@ -177,7 +180,8 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str) -> Published:
     }
     for name, (captures, on_batch) in passes.items():
         started = time.perf_counter()
-        log_probs[name] = scorer.run(captures, on_batch)
+        with devices.autocast(device, config.precision):
+            log_probs[name] = scorer.run(captures, on_batch)
         timings[name] = time.perf_counter() - started
         for capture in captures:
             capture.handle.remove()
@@ -196,7 +200,8 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str) -> Published:
     _write_outputs(uri, metrics, sweep, log_probs, scorer, inputs)
     log.info("evaluate: perplexity decoder %.3f, kNN-LM %.3f, decoder+memory %.3f; metrics in %s",
              perplexities["decoder"], perplexities["knnlm"], perplexities["memory"], fs.join(uri, "metrics.json"))
-    return Published(counts={"rows": n_rows}, stats=metrics)
+    return Published(counts={"rows": n_rows}, stats={**metrics, "device": devices.describe(device),
+                                                               "precision": config.precision})
 
 
 def _write_outputs(uri: str, metrics: dict, sweep: list[dict], log_probs: dict, scorer: Scorer,

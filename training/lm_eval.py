@@ -11,13 +11,14 @@ from training.token_stream import TokenStream
 
 @torch.inference_mode()
 def target_log_probs(model: torch.nn.Module, stream: TokenStream, block_size: int) -> np.ndarray:
-    """log p(token_t | tokens_<t) under ``model`` for every token of ``stream`` after the first,
-    in order (blocks of ``block_size`` context tokens, each token predicted once)."""
+    """log p(token_t | tokens_<t) under ``model`` (on its device) for every token of ``stream`` after the
+    first, in order (blocks of ``block_size`` context tokens, each token predicted once)."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for _, block in stream.blocks(block_size + 1):
-        ids = torch.from_numpy(block)[None]
-        out.append(log_probs_at(model(ids[:, :-1]).logits[0], ids[0, 1:]).numpy())
+        ids = torch.from_numpy(block)[None].to(device)
+        out.append(log_probs_at(model(ids[:, :-1]).logits[0], ids[0, 1:]).cpu().numpy())
     return np.concatenate(out)
 
 

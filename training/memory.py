@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pipelines import devices
 from pipelines.encoder import RepresentationCapture, hidden_size, load_encoder, model_fingerprint, transformer_blocks
 from pipelines.stage import Context, Published, Stage
 from storage import fs
@@ -99,13 +100,14 @@ class TrainMemory(Stage):
     content = ("memory.input_layer", "memory.depth", "memory.hidden_mult", "memory.activation", "memory.lm_head",
                "memory.mode", "memory.alpha", "memory.batch_size", "memory.learning_rate", "memory.weight_decay",
                "memory.warmup_steps", "memory.max_steps", "memory.shuffle_buffer_chunks", "memory.seed",
-               "encode.model", "encode.representation")
-    execution = ("memory.checkpoint_every", "encode.batch_size", "encode.trust_remote_code")
+               "memory.precision", "encode.model", "encode.representation")
+    execution = ("memory.checkpoint_every", "memory.device", "encode.batch_size", "encode.trust_remote_code")
 
     def input_roles(self, ctx: Context) -> tuple[str, ...]:
         return self.inputs[:3] + decoder_inputs(ctx.params)
 
     def check(self, ctx: Context) -> None:
+        ctx.scratch["device"] = devices.claim(devices.resolve(ctx.params.memory.device, "memory.device"))
         path = ctx.scratch["decoder_path"] = decoder_path(ctx)
         decoder = ctx.scratch["decoder"] = load_encoder(path, ctx.params.encode.trust_remote_code)
         keys = ctx.inputs["keys/train"]
@@ -124,11 +126,14 @@ class TrainMemory(Stage):
         return {"targets": ctx.inputs["targets/train"], "keys": ctx.inputs["keys/train"], **named}
 
     def run(self, ctx: Context, role: str, build) -> Published:
-        return train_memory(ctx.params, ctx.scratch["decoder"], ctx.scratch["offline"], ctx.inputs, build.uri)
+        return train_memory(ctx.params, ctx.scratch["decoder"], ctx.scratch["offline"], ctx.inputs, build.uri,
+                            ctx.scratch["device"])
 
 
-def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], uri: str) -> Published:
-    """Train (or resume training) the MLP memory into ``uri``; returns what its manifest records."""
+def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], uri: str,
+                 device: torch.device) -> Published:
+    """Train (or resume training) the MLP memory into ``uri`` on ``device`` (autocast to ``memory.precision``;
+    online, the decoder runs there too); returns what its manifest records."""
     config = params.memory
     targets, keys = inputs["targets/train"], inputs["keys/train"]
     torch.manual_seed(config.seed)
@@ -136,14 +141,19 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
                           config.activation, config.lm_head).build()
     if config.lm_head != "own":
         memory.use_decoder_head(decoder.get_output_embeddings().weight.detach())
+    memory.to(device)
     optimizer = adamw(memory, config.learning_rate, config.weight_decay)
+    scaler = devices.grad_scaler(device, config.precision)
     checkpoints = Checkpoints(uri)
     record = checkpoints.restore(memory, optimizer) or {"step": 0, "losses": []}
+    if record.get("grad_scaler"):
+        scaler.load_state_dict(record["grad_scaler"])
     key_store = KeyStore.open(keys.uri)
     if offline:
         states = KeyStoreStates(key_store)
     else:
         tokens = inputs["tokens"]
+        decoder.to(device)
         capture = RepresentationCapture(decoder, params.encode.representation, config.input_layer)
         states = DecoderStates(decoder, capture, tokens.uri, tokens.manifest["stats"]["splits"]["train"]["parts"],
                                keys.manifest["stats"]["block_size"], keys.manifest["stats"]["stride"],
@@ -161,19 +171,25 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
         batch = next(batches)
         set_learning_rate(optimizer, learning_rate_at(step, config.learning_rate, config.warmup_steps,
                                                       config.max_steps))
-        loss, kl, ce = memory_loss(memory(torch.from_numpy(batch.states)), torch.from_numpy(batch.tokens),
-                                   torch.from_numpy(batch.probs), torch.from_numpy(batch.remainder),
-                                   torch.from_numpy(batch.next_token), config.alpha)
-        loss.backward()
+        states, tokens, probs, remainder, next_token = (
+            torch.from_numpy(array).to(device) for array in (batch.states, batch.tokens, batch.probs,
+                                                             batch.remainder, batch.next_token))
+        with devices.autocast(device, config.precision):
+            logits = memory(states)
+        loss, kl, ce = memory_loss(logits, tokens, probs, remainder, next_token, config.alpha)  # in float32
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(memory.parameters(), 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         losses.append([step + 1, round(loss.item(), 6), round(kl.item(), 6), round(ce.item(), 6)])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
-            checkpoints.save(step + 1, memory, optimizer, {"losses": losses})
+            checkpoints.save(step + 1, memory, optimizer, {"losses": losses, "grad_scaler": scaler.state_dict()})
             log.info("train-memory: step %d/%d, loss %.4f (KL %.4f, CE %.4f)", step + 1, config.max_steps,
                      *losses[-1][1:])
     seconds = time.perf_counter() - started
+    memory.to("cpu")  # the saved memory loads anywhere
     with tempfile.TemporaryDirectory() as scratch:
         memory.save(scratch)
         fs.upload_dir(scratch, fs.join(uri, MODEL_DIR))
@@ -185,6 +201,7 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
                 "parameters": sum(p.numel() for p in memory.parameters())},
         stats={"mode": "offline" if offline else "online", "final_loss": losses[-1][1], "final_kl": losses[-1][2],
                "final_ce": losses[-1][3], "resumed_from_step": first_step, "input_dim": memory.config.input_dim,
+               "device": devices.describe(device), "precision": config.precision,
                "rows_per_second": round((config.max_steps - first_step) * config.batch_size / seconds, 1)
                if seconds > 0 else None},
     )

@@ -76,7 +76,8 @@ class MLPMemory(torch.nn.Module):
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, CONFIG), "w") as handle:
             json.dump({"model_type": "memforge-mlp-memory", **asdict(self.config)}, handle, indent=2, sort_keys=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, os.path.join(directory, WEIGHTS))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  os.path.join(directory, WEIGHTS))
 
     @classmethod
     def load(cls, directory: str) -> "MLPMemory":
