@@ -30,9 +30,11 @@ class EncodeShards(ShardWorker):
         self.spec = spec
 
     def setup(self) -> None:
+        import threading
+
         import torch
 
-        from pipelines import devices
+        from pipelines import devices, worker_cache
         from pipelines.encoder import RepresentationCapture, load_encoder
 
         spec = self.spec
@@ -40,8 +42,15 @@ class EncodeShards(ShardWorker):
         self.device = devices.claim(spec["device"])
         self.device_name = devices.describe(self.device)
         self.autocast = lambda: devices.autocast(self.device, spec["precision"])
-        self.model = load_encoder(spec["model_path"], spec["trust_remote_code"]).to(self.device)
-        self.capture = RepresentationCapture(self.model, spec["representation"], spec["layer"])
+
+        def load():
+            model = load_encoder(spec["model_path"], spec["trust_remote_code"]).to(self.device)
+            return model, RepresentationCapture(model, spec["representation"], spec["layer"])
+
+        # once per process and thread (a capture holds the last forward pass's representation)
+        self.model, self.capture = worker_cache.cached(
+            ("encoder", spec["model_fingerprint"], str(self.device), spec["representation"], spec["layer"],
+             threading.get_ident()), load)
         self.cast_to = "float16" if spec["key_dtype"] == "float16" else "float32"  # bfloat16: rounded by the store
         self.splits = {
             role: (TokenStore(spec["tokens_uri"], info["split"]), PartOffsets.from_json(info["parts"]),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import asdict
@@ -17,7 +19,7 @@ import apache_beam as beam
 
 from pipelines import worker_errors
 from pipelines.progress import ShardProgress
-from pipelines.runner import pipeline
+from pipelines.runner import pipeline, release
 from pipelines.stage import Context, Published, ShardWorker, Stage
 from storage import fs, paths
 from storage.artifact import ArtifactBuild, open_artifact
@@ -30,6 +32,7 @@ from storage.shards import Shard, ShardMarkers, ShardPlan
 
 log = logging.getLogger("memforge")
 WORKERS_KEY = "encode.num_workers"  # Beam workers of the local runner; declared by every sharded stage
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # the process that wrote a shard, in its marker (provenance)
 
 
 def context(stage: Stage, params: Params, reads: set[str] | None = None) -> Context:
@@ -142,9 +145,12 @@ def _run_shards(stage: Stage, ctx: Context, builds: dict[str, ArtifactBuild], be
                     progress.enter_context(ShardProgress(f"{stage.name} {_label(stage, role)}", builds[role].uri,
                                                          shards, unit=stage.progress_unit,
                                                          total=None if stage.progress_rows_known else 0))
-                with beam_pipeline as p:
-                    (p | "shards" >> beam.Create(elements) | beam.Reshuffle()
-                       | stage.name >> beam.ParDo(RunShard(worker)))
+                try:
+                    with beam_pipeline as p:
+                        (p | "shards" >> beam.Create(elements) | beam.Reshuffle()
+                           | stage.name >> beam.ParDo(RunShard(worker)))
+                finally:
+                    release(runner)
             log.info("%s: %d shards in %.1f s on %s", stage.name, len(elements), time.perf_counter() - started,
                      runner)
     for build in builds.values():
@@ -206,7 +212,8 @@ class RunShard(beam.DoFn):
         except MemforgeError as exc:
             worker_errors.report(uri, shard, exc)
             return
-        markers.mark_done(shard, files, {"rows": shard.rows, **stats, "seconds": time.perf_counter() - started})
+        markers.mark_done(shard, files, {"rows": shard.rows, **stats, "seconds": time.perf_counter() - started,
+                                         "worker": WORKER})
         yield f"{element['role']}/{shard.name}"
 
 

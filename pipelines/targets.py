@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 
-from apache_beam.utils import shared
 import faiss
 import numpy as np
 
-from pipelines import datastore_rows, faiss_index, knn
+from pipelines import datastore_rows, faiss_index, knn, worker_cache
 from pipelines.stage import Context, Published, ShardWorker, Stage
 from storage.artifact import Artifact, built_from, recorded_input
 from storage.errors import MemforgeError
@@ -29,31 +28,25 @@ from storage.zarr_rows import shard_geometry
 log = logging.getLogger("memforge")
 
 
-class _SearchResources:
-    """What every search worker of a process reads: the index and the datastore rows (weak-referenceable
-    for Beam's ``Shared``)."""
-
-    def __init__(self, common: dict):
-        self.index = faiss_index.ShardedIndex(common["index_uri"], common["index_shards"], common["nprobe"],
-                                              common["merged"], common["gpu"])
-        self.rows = datastore_rows.DatastoreRows(common["index_uri"])
-
-
 class SearchShards(ShardWorker):
     """Neighbours and distributions of one query shard of either split; both stores' files under one marker.
 
     ``setup`` opens the index (merged or shards, memory-mapped) and the datastore rows once per worker
-    process: worker threads share them through Beam's ``Shared`` handle, so an IVF-PQ index's
-    precomputed distance tables sit in the CPU caches once, not once per thread.
+    process (``worker_cache``): worker threads share them, so an IVF-PQ index's precomputed distance
+    tables sit in the CPU caches once, not once per thread, and a runner that sets up a worker per
+    bundle does not open them again.
     """
 
-    def __init__(self, common: dict, splits: dict[str, dict], search_resources: shared.Shared):
-        self.common, self.splits, self.search_resources = common, splits, search_resources
+    def __init__(self, common: dict, splits: dict[str, dict]):
+        self.common, self.splits = common, splits
 
     def setup(self) -> None:
         common = self.common
-        resources = self.search_resources.acquire(lambda: _SearchResources(common))
-        self.index, self.rows = resources.index, resources.rows
+        self.index, self.rows = worker_cache.cached(
+            ("search", common["index_fingerprint"], common["nprobe"], common["gpu"]),
+            lambda: (faiss_index.ShardedIndex(common["index_uri"], common["index_shards"], common["nprobe"],
+                                              common["merged"], common["gpu"]),
+                     datastore_rows.DatastoreRows(common["index_uri"])))
         self.outputs = {}
         for role, spec in self.splits.items():
             self.outputs[role] = (KeyStore.open(spec["queries_uri"]),
@@ -199,7 +192,8 @@ class Targets(Stage):
         index, datastore, config = ctx.inputs["index"], ctx.inputs["keys/train"], ctx.params.targets
         tokens = ctx.inputs.get("tokens")
         common = {
-            "index_uri": index.uri, "index_shards": [s.name for s in load_plan(index.uri).shards],
+            "index_uri": index.uri, "index_fingerprint": index.fingerprint,
+            "index_shards": [s.name for s in load_plan(index.uri).shards],
             "merged": index.manifest["stats"]["merge"] == "ondisk", "nprobe": self.nprobe(ctx),
             "k": config.k, "temperature": config.temperature, "width": config.width,
             "exact_distances": config.exact_distances, "datastore_rows": datastore.manifest["counts"]["rows"],
@@ -212,7 +206,7 @@ class Targets(Stage):
         }
         splits = {role: {"queries_uri": ctx.inputs["keys/" + role.split("/")[1]].uri, "out_uri": uri,
                          "self_query": role == "targets/train"} for role, uri in roles.items()}
-        return SearchShards(common, splits, shared.Shared())
+        return SearchShards(common, splits)
 
     def finalize(self, ctx: Context, role: str, build) -> Published:
         index, datastore, config = ctx.inputs["index"], ctx.inputs["keys/train"], ctx.params.targets

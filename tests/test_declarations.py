@@ -54,7 +54,7 @@ def test_reading_an_undeclared_key_fails_at_once(chain, tmp_path, monkeypatch):
     art = linked(chain, tmp_path / "art", names=("keys",))
     params = load_params(chain["root"] / "params.yaml", overrides(chain["args"]))
     index = stage("index")
-    monkeypatch.setattr(type(index), "execution", ("encode.num_workers", "encode.threads_per_worker"))
+    monkeypatch.setattr(type(index), "execution", ("index.device", "encode.num_workers", "encode.threads_per_worker"))
     with pytest.raises(UndeclaredParamError, match="stage index read params key 'index.threads'"):
         run_stage("index", params.model_copy(update={"artifacts_dir": str(art)}))
 

@@ -92,8 +92,9 @@ def test_build_flow_caches_finished_stages_and_reruns_what_a_param_change_reache
     assert calls["targets"] == 1  # flow.retries is 2, but bad input fails the same way every time
 
 
-def test_ctrl_c_stops_the_run_then_its_server_and_the_rerun_resumes(tmp_path):
-    """SIGINT to the run's process group, as a terminal's Ctrl-C sends it, in the middle of encode."""
+def test_ctrl_c_stops_the_run_then_its_server_and_the_rerun_resumes(tmp_path, dask_cluster):
+    """SIGINT to the run's process group, as a terminal's Ctrl-C sends it, in the middle of encode; the rerun
+    goes on on a Dask cluster (`memforge run -- --runner=dask ...`) from the shards the local runner finished."""
     params = str(write_project(tmp_path, tmp_path / "art"))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
@@ -110,7 +111,8 @@ def test_ctrl_c_stops_the_run_then_its_server_and_the_rerun_resumes(tmp_path):
     assert not (tmp_path / "art" / "keys" / "train" / "_manifest.json").exists(), "stopped after encode finished"
     assert not (tmp_path / "art" / "keys" / "train" / "_lease.json").exists(), "the stopped build keeps no lease"
 
-    rerun = subprocess.run([MEMFORGE, *args], capture_output=True, text=True, timeout=400, env=env)
+    on_dask = ["run", "--params", params, "--", "--runner=dask", f"--dask_client_address={dask_cluster}"]
+    rerun = subprocess.run([MEMFORGE, *on_dask], capture_output=True, text=True, timeout=400, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "memforge run: prepare: Cached" in rerun.stdout
     assert "memforge run: train-decoder: Cached" in rerun.stdout
@@ -118,6 +120,9 @@ def test_ctrl_c_stops_the_run_then_its_server_and_the_rerun_resumes(tmp_path):
     skipped = int(re.search(r"encode: train: \d+ rows in \d+ shards; (\d+) shards already done", rerun.stderr)[1])
     assert skipped >= done > 0
     assert f"metrics in {tmp_path / 'art' / 'eval' / 'metrics.json'}" in rerun.stdout
+    for role in ("index", "targets/train"):  # built whole on Dask (encode may have had no shard left)
+        assert json.loads((tmp_path / "art" / role / "_manifest.json").read_text())["environment"][
+            "beam_runner"] == "DaskRunner", role
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
