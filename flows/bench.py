@@ -5,6 +5,7 @@ markers, checksums) against the bare library loop over the same data with the sa
 Parts: ``encode`` (encode_vs_bare for a tiny and a small GPT-2), ``encode_rss`` (peak RSS of
 ``memforge encode`` at 1x and 4x the corpus), ``storage`` (bytes per token on disk), ``faiss``
 (index_vs_bare, targets_vs_bare, bytes per row of the target stores), ``memory`` (evaluate's tokens/s),
+``dask`` (encode and targets on a local Dask cluster ÷ the default runner),
 and, only with ``--only gpu`` on a machine with CUDA, ``gpu`` (``flows.bench_gpu``).
 """
 from __future__ import annotations
@@ -397,6 +398,36 @@ def bench_memory(ws: Workspace) -> dict:
     }
 
 
+def bench_dask(ws: Workspace) -> dict:
+    """encode_dask_vs_local, targets_dask_vs_local: the stage's rows/s on a Dask cluster of separate processes
+    on 127.0.0.1 (``encode.num_workers`` workers of ``encode.threads_per_worker`` threads) ÷ on the default
+    local runner with the same workers and threads, same data and params (the 1x datastore, the faiss part's
+    index); each the wall time of the whole stage, local first."""
+    from flows.dask_cluster import local_dask_cluster
+    from flows.stages import run_stage
+
+    params = _faiss_params(ws)
+    if not fs.exists(fs.join(params.artifacts_dir, "index", "_manifest.json")):
+        run_stage("index", params)
+    figures: dict = {"dask_workers": params.encode.num_workers,
+                     "dask_threads_per_worker": params.encode.threads_per_worker}
+    workers, threads = params.encode.num_workers, params.encode.threads_per_worker
+    with local_dask_cluster(workers, threads, ws.root / "dask") as address:
+        on_dask = ("--runner=dask", f"--dask_client_address={address}")
+        for name, output in (("encode", "keys"), ("targets", "targets")):
+            seconds = {}
+            for runner, beam_args in (("local", ()), ("dask", on_dask)):
+                started = time.perf_counter()
+                run_stage(name, params, rebuild=True, beam_args=beam_args)
+                seconds[runner] = time.perf_counter() - started
+            rows = sum(open_artifact(fs.join(params.artifacts_dir, output, s)).manifest["counts"]["rows"]
+                       for s in ("train", "validation"))
+            figures.update({f"{name}_rows": rows, f"{name}_local_s": round(seconds["local"], 2),
+                            f"{name}_dask_s": round(seconds["dask"], 2),
+                            f"{name}_dask_vs_local": round(seconds["local"] / seconds["dask"], 3)})
+    return figures
+
+
 def bench_gpu(ws: Workspace) -> dict:
     """The torch stages and FAISS on a CUDA GPU (``flows.bench_gpu``); only when asked for (``--only gpu``)."""
     from flows import bench_gpu as on_gpu
@@ -405,8 +436,8 @@ def bench_gpu(ws: Workspace) -> dict:
 
 
 PARTS = {"encode": bench_encode, "encode_rss": bench_encode_rss, "storage": bench_storage, "faiss": bench_faiss,
-         "memory": bench_memory, "gpu": bench_gpu}
-DEFAULT_PARTS = ("encode", "encode_rss", "storage", "faiss", "memory")  # gpu needs a GPU: --only gpu
+         "memory": bench_memory, "dask": bench_dask, "gpu": bench_gpu}
+DEFAULT_PARTS = ("encode", "encode_rss", "storage", "faiss", "memory", "dask")  # gpu needs a GPU: --only gpu
 
 
 def run(only: list[str] | None = None, workdir: str | None = None) -> dict:

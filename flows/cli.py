@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run benchmark parts and print a table of figures (ratios are "
                                             "stage / bare library, measured in one run on this machine).")
     bench.add_argument("--only", action="append",
-                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "gpu"],
+                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "gpu"],
                        help="run only this part (repeatable); gpu runs only when asked for, on a CUDA machine")
     bench.add_argument("--json", action="store_true", help="print one JSON object of all figures")
     bench.add_argument("--workdir", help="directory for the temporary workspace (default: system temp)")

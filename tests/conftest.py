@@ -25,27 +25,7 @@ def chain(tmp_path_factory):
 def dask_cluster(tmp_path_factory):
     """A Dask cluster of separate processes on 127.0.0.1: ``dask scheduler`` and ``dask worker --nworkers 2
     --nthreads 1`` (started once per test run, stopped at its end); yields the scheduler address."""
-    import subprocess
+    from flows.dask_cluster import local_dask_cluster
 
-    from distributed import Client
-
-    from flows.server import free_port, stop_process_group
-
-    dask = str(Path(sys.executable).parent / "dask")
-    address = f"tcp://127.0.0.1:{free_port()}"
-    logs = tmp_path_factory.mktemp("dask")
-    processes = []
-    try:
-        for name, args in (("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
-                                          "--no-dashboard"]),
-                           ("workers", ["worker", address, "--nworkers", "2", "--nthreads", "1", "--host",
-                                        "127.0.0.1", "--no-dashboard", "--memory-limit", "0"])):
-            with open(logs / f"{name}.log", "wb") as log:
-                processes.append(subprocess.Popen([dask, *args], stdout=log, stderr=subprocess.STDOUT,
-                                                  start_new_session=True))
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=60)
+    with local_dask_cluster(workers=2, threads=1, logs=tmp_path_factory.mktemp("dask")) as address:
         yield address
-    finally:
-        for process in reversed(processes):
-            stop_process_group(process)
