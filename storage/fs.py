@@ -38,8 +38,10 @@ def is_local(uri: str) -> bool:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and in-filesystem path for ``uri``."""
-    fs, path = fsspec.core.url_to_fs(normalize(uri))
+    """The fsspec filesystem and in-filesystem path for ``uri``. Object stores without fsspec's listings cache:
+    other processes (workers) write markers and shards all the time, so a cached listing is soon wrong."""
+    uri = normalize(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **({} if is_local(uri) else {"use_listings_cache": False}))
     return fs, path
 
 
