@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import tempfile
 
 import torch
 
 from storage.errors import MemforgeError
-
-log = logging.getLogger("memforge")
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _claimed: dict[str, object] = {}  # this process's GPU claim: the held lock file and the device it names
@@ -53,6 +50,12 @@ def resolve(setting: str, key: str) -> str:
         raise DeviceError(f"{key}: {setting} asked for, but this machine has {count} CUDA device(s) (cuda:0.."
                           f"cuda:{count - 1})")
     return setting
+
+
+def use(setting: str, key: str) -> torch.device:
+    """The device of a stage that runs in this process: ``setting`` resolved (naming ``key`` when its GPU is
+    missing), then claimed."""
+    return claim(resolve(setting, key))
 
 
 def claim(resolved: str) -> torch.device:

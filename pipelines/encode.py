@@ -16,7 +16,7 @@ from pipelines.windows import encode_rows
 from storage import fs
 from storage.errors import MemforgeError
 from storage.paths import split_roles
-from storage.shards import Shard, ShardMarkers, ShardPlan
+from storage.shards import Shard, ShardPlan
 from storage.stores import TOKENIZER_DIR, KeyStore, PartOffsets, TokenStore
 from storage.zarr_rows import shard_geometry
 
@@ -157,11 +157,7 @@ class Encode(Stage):
                    "layer": ctx.params.encode.layer, "representation": ctx.params.encode.representation,
                    "block_size": ctx.params.encode.block_size, "stride": ctx.params.encode.stride,
                    "model_fingerprint": spec["model_fingerprint"], "precision": ctx.params.encode.precision,
-                   "devices": shard_devices(build.uri, self.plan(ctx, role))},
+                   # the devices that encoded its shards (a resumed build may have used several)
+                   "devices": sorted({record["stats"].get("device", "cpu")
+                                      for record in build.shard_records(self.plan(ctx, role))})},
         )
-
-
-def shard_devices(uri: str, plan: ShardPlan) -> list[str]:
-    """The devices that encoded the shards of ``uri`` (a resumed build may have used several)."""
-    markers = ShardMarkers(uri)
-    return sorted({markers.read(shard)["stats"].get("device", "cpu") for shard in plan.shards})

@@ -8,7 +8,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
-SHORT_NAMES = {"dask": DASK_RUNNER}
+DASK_NAMES = ("dask", "DaskRunner", DASK_RUNNER)  # how --runner may name it
 
 
 def _given(beam_args: list[str]) -> set[str]:
@@ -18,7 +18,7 @@ def _given(beam_args: list[str]) -> set[str]:
 def _dask_args(beam_args: list[str]) -> list[str]:
     """``--runner=dask`` spelled out, and one element per Dask partition unless the user sized them: Beam's
     DaskRunner puts ~128 elements in a partition, so a stage's few dozen shards would land on one worker."""
-    args = [f"--runner={DASK_RUNNER}" if arg in ("--runner=dask", "--runner=DaskRunner") else arg
+    args = [f"--runner={DASK_RUNNER}" if arg in [f"--runner={name}" for name in DASK_NAMES] else arg
             for arg in beam_args]
     if not _given(args) & {"dask_npartitions", "dask_partition_size"}:
         args.append("--dask_partition_size=1")
@@ -41,7 +41,7 @@ def pipeline(beam_args: list[str], num_workers: int,
     options = PipelineOptions(beam_args)
     runner = options.view_as(StandardOptions).runner
     if runner is not None:
-        if runner in SHORT_NAMES or runner == "DaskRunner":
+        if runner in DASK_NAMES:
             options = PipelineOptions(_dask_args(beam_args))
             runner = "DaskRunner"
         return beam.Pipeline(options=options), runner

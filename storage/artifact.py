@@ -156,6 +156,7 @@ class ArtifactBuild:
         self.up_to_date = up_to_date
         self.markers = ShardMarkers(uri)
         self.lease: Lease | None = None
+        self._records: dict[str, dict] = {}  # finished shards' markers, read once (finalize and publish both use them)
 
     @classmethod
     def begin(cls, uri: str, kind: str, params: dict, inputs: dict[str, Artifact] | None = None,
@@ -239,6 +240,7 @@ class ArtifactBuild:
     def restart(self) -> None:
         """Discard this interrupted build's work (its plan no longer holds) and record it anew."""
         fs.remove_contents(self.uri, keep=(LEASE_NAME,))
+        self._records.clear()
         self.write_state()
 
     def release(self) -> None:
@@ -264,11 +266,18 @@ class ArtifactBuild:
         return [s for s in plan.shards if s.name not in done]
 
     # -- publish --------------------------------------------------------------------------
+    def shard_records(self, plan: ShardPlan) -> list[dict]:
+        """The completion marker of every shard of ``plan`` (all done), each read from storage once per build."""
+        for shard in plan.shards:
+            if shard.name not in self._records:
+                self._records[shard.name] = self.markers.read(shard)
+        return [self._records[shard.name] for shard in plan.shards]
+
     def _checksums(self, plan: ShardPlan | None) -> dict[str, str]:
         files = {}
         if plan is not None:
-            for shard in plan.shards:
-                files.update(self.markers.read(shard)["files"])
+            for record in self.shard_records(plan):
+                files.update(record["files"])
         for rel in fs.list_files(self.uri):
             if fs.is_temporary(rel):  # left by a writer killed mid-write; never part of the artifact
                 fs.remove_tree(fs.join(self.uri, rel))

@@ -44,7 +44,8 @@ class Checkpoints:
         names = {rel.split("/")[0] for rel in fs.list_files(fs.join(self.root, DIR)) if rel.endswith("/" + TRAINER)}
         return sorted(int(name.split("-")[1]) for name in names)
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict) -> None:
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler, trainer: dict) -> None:
         """Write the checkpoint of ``step`` (trainer.json last), then drop the oldest beyond ``keep``."""
         tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
         optimizer_state = optimizer.state_dict()
@@ -64,13 +65,15 @@ class Checkpoints:
         fs.write_json_atomic(fs.join(where, TRAINER), {
             **trainer, "step": step,
             "optimizer": {"param_groups": optimizer_state["param_groups"], "scalars": scalars},
+            "grad_scaler": scaler.state_dict(),  # empty unless fp16 loss scaling is on
         })
         for old in self.steps()[:-self.keep]:
             fs.remove_tree(_step_dir(self.root, old))
 
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-        """Load the newest complete checkpoint into ``model``, ``optimizer`` and torch's RNG; return its
-        trainer record, or None when there is none."""
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler) -> dict | None:
+        """Load the newest complete checkpoint into ``model``, ``optimizer``, ``scaler`` and torch's RNG; return
+        its trainer record, or None when there is none."""
         steps = self.steps()
         if not steps:
             return None
@@ -86,6 +89,8 @@ class Checkpoints:
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": record["optimizer"]["param_groups"]})
+        if record.get("grad_scaler"):
+            scaler.load_state_dict(record["grad_scaler"])
         torch.set_rng_state(tensors["rng.torch"])
         device = _device_of(model)
         if device.type == "cuda" and "rng.cuda" in tensors:  # a CPU checkpoint has none: the GPU keeps its seed

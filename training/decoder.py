@@ -27,7 +27,7 @@ from storage.stores import TOKENIZER_DIR
 from training.checkpoint import DIR as CHECKPOINTS_DIR
 from training.checkpoint import Checkpoints
 from training.lm_eval import perplexity, target_log_probs, unigram_log_probs
-from training.optim import adamw, learning_rate_at, set_learning_rate
+from training.optim import adamw, apply_gradients, learning_rate_at, set_learning_rate
 from training.token_stream import TokenStream
 
 log = logging.getLogger("memforge")
@@ -79,7 +79,7 @@ class TrainDecoder(Stage):
         if n_tokens < block_size + 1:
             raise MemforgeError(f"decoder.block_size: {block_size} needs at least {block_size + 1} training "
                                 f"tokens, but {tokens.uri} has {n_tokens}; lower it or add text")
-        ctx.scratch["device"] = devices.claim(devices.resolve(ctx.params.decoder.device, "decoder.device"))
+        ctx.scratch["device"] = devices.use(ctx.params.decoder.device, "decoder.device")
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         return ctx.params.values(self.content, strip="decoder")
@@ -100,9 +100,7 @@ def train_decoder(config, tokens, uri: str, device: torch.device) -> Published:
     optimizer = adamw(model, config.learning_rate, config.weight_decay)
     scaler = devices.grad_scaler(device, config.precision)
     checkpoints = Checkpoints(uri)
-    record = checkpoints.restore(model, optimizer) or {"step": 0, "losses": []}
-    if record.get("grad_scaler"):
-        scaler.load_state_dict(record["grad_scaler"])
+    record = checkpoints.restore(model, optimizer, scaler) or {"step": 0, "losses": []}
     train = TokenStream(tokens, "train")
     losses = record["losses"]
     started, first_step = time.perf_counter(), record["step"]
@@ -119,14 +117,10 @@ def train_decoder(config, tokens, uri: str, device: torch.device) -> Published:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten()) / config.grad_accum
             scaler.scale(loss).backward()
             step_loss += loss.item()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(model, optimizer, scaler)
         losses.append([step + 1, round(step_loss, 6)])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
-            checkpoints.save(step + 1, model, optimizer, {"losses": losses, "grad_scaler": scaler.state_dict()})
+            checkpoints.save(step + 1, model, optimizer, scaler, {"losses": losses})
             log.info("train-decoder: step %d/%d, loss %.4f", step + 1, config.max_steps, step_loss)
     seconds = time.perf_counter() - started
     trained_tokens = (config.max_steps - first_step) * config.grad_accum * config.batch_size * config.block_size

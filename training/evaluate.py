@@ -100,7 +100,7 @@ class Evaluate(Stage):
         return self.inputs[:4] + decoder_inputs(ctx.params)
 
     def check(self, ctx: Context) -> None:
-        ctx.scratch["device"] = devices.claim(devices.resolve(ctx.params.evaluate.device, "evaluate.device"))
+        ctx.scratch["device"] = devices.use(ctx.params.evaluate.device, "evaluate.device")
         queries, index = ctx.inputs["keys/validation"], ctx.inputs["index"]
         path = ctx.scratch["decoder_path"] = decoder_path(ctx)
         decoder_fingerprint = ctx.scratch["decoder_fingerprint"] = model_fingerprint(path)  # hashes every weight

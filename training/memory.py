@@ -29,7 +29,7 @@ from training.checkpoint import DIR as CHECKPOINTS_DIR
 from training.checkpoint import Checkpoints
 from training.memory_data import DecoderStates, KeyStoreStates, MemoryRows
 from training.mlp_memory import MemoryConfig
-from training.optim import adamw, learning_rate_at, set_learning_rate
+from training.optim import adamw, apply_gradients, learning_rate_at, set_learning_rate
 
 log = logging.getLogger("memforge")
 
@@ -107,7 +107,7 @@ class TrainMemory(Stage):
         return self.inputs[:3] + decoder_inputs(ctx.params)
 
     def check(self, ctx: Context) -> None:
-        ctx.scratch["device"] = devices.claim(devices.resolve(ctx.params.memory.device, "memory.device"))
+        ctx.scratch["device"] = devices.use(ctx.params.memory.device, "memory.device")
         path = ctx.scratch["decoder_path"] = decoder_path(ctx)
         decoder = ctx.scratch["decoder"] = load_encoder(path, ctx.params.encode.trust_remote_code)
         keys = ctx.inputs["keys/train"]
@@ -145,9 +145,7 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
     optimizer = adamw(memory, config.learning_rate, config.weight_decay)
     scaler = devices.grad_scaler(device, config.precision)
     checkpoints = Checkpoints(uri)
-    record = checkpoints.restore(memory, optimizer) or {"step": 0, "losses": []}
-    if record.get("grad_scaler"):
-        scaler.load_state_dict(record["grad_scaler"])
+    record = checkpoints.restore(memory, optimizer, scaler) or {"step": 0, "losses": []}
     key_store = KeyStore.open(keys.uri)
     if offline:
         states = KeyStoreStates(key_store)
@@ -178,14 +176,10 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
             logits = memory(states)
         loss, kl, ce = memory_loss(logits, tokens, probs, remainder, next_token, config.alpha)  # in float32
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(memory.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(memory, optimizer, scaler)
         losses.append([step + 1, round(loss.item(), 6), round(kl.item(), 6), round(ce.item(), 6)])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
-            checkpoints.save(step + 1, memory, optimizer, {"losses": losses, "grad_scaler": scaler.state_dict()})
+            checkpoints.save(step + 1, memory, optimizer, scaler, {"losses": losses})
             log.info("train-memory: step %d/%d, loss %.4f (KL %.4f, CE %.4f)", step + 1, config.max_steps,
                      *losses[-1][1:])
     seconds = time.perf_counter() - started

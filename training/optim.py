@@ -15,6 +15,16 @@ def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> 
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95))
 
 
+def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """One optimizer step from the (scaled) gradients: unscale, clip the norm to 1, step, update the loss
+    scale, clear the gradients."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def learning_rate_at(step: int, peak: float, warmup_steps: int, max_steps: int, schedule: str = "cosine") -> float:
     """Linear warmup to ``peak`` over ``warmup_steps``, then cosine or linear decay to peak/10 at ``max_steps``."""
     if step < warmup_steps:
