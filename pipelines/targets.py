@@ -65,7 +65,10 @@ class SearchShards(ShardWorker):
         faiss.omp_set_num_threads(common["threads"])  # per call: OpenMP settings are per thread under multi_threading
         files, sparse = {}, []
         for chunk_start in range(shard.start, shard.stop, common["chunk_rows"]):
-            chunk_stop, kept = min(chunk_start + common["chunk_rows"], shard.stop), []
+            chunk_stop = min(chunk_start + common["chunk_rows"], shard.stop)
+            if neighbours is not None:  # the chunk's neighbours, filled block by block (ids narrowed as they land)
+                kept_ids = np.empty((chunk_stop - chunk_start, common["k"]), neighbours.rows.array("ids").dtype)
+                kept_dists = np.empty((chunk_stop - chunk_start, common["k"]), np.float32)
             for start in range(chunk_start, chunk_stop, common["block"]):
                 stop = min(start + common["block"], chunk_stop)
                 queries = np.ascontiguousarray(queries_store.keys(start, stop), dtype=np.float32)
@@ -73,10 +76,10 @@ class SearchShards(ShardWorker):
                 dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"])
                 sparse.append(knn.distributions(dists, values, common["temperature"], common["width"]))
                 if neighbours is not None:
-                    kept.append((ids.astype(neighbours.rows.array("ids").dtype), dists))  # int32 halves the chunk
+                    kept_ids[start - chunk_start:stop - chunk_start] = ids
+                    kept_dists[start - chunk_start:stop - chunk_start] = dists
             if neighbours is not None:
-                files.update(neighbours.write_shard(Shard(shard.id, chunk_start, chunk_stop),
-                                                    *(np.concatenate(column) for column in zip(*kept))))
+                files.update(neighbours.write_shard(Shard(shard.id, chunk_start, chunk_stop), kept_ids, kept_dists))
         files.update(distributions.write_shard(shard, *(np.concatenate(column) for column in zip(*sparse))))
         return files, {}
 

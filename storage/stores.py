@@ -108,8 +108,8 @@ class NeighbourStore:
     @classmethod
     def create(cls, root: str, n_rows: int, k: int, chunk_rows: int = 4096, shard_chunks: int = 8,
                sub: str = "neighbours.zarr", ids_dtype: str = "int64") -> "NeighbourStore":
-        specs = [ArraySpec("ids", ids_dtype, (k,), -1, "lz4-shuffle"),
-                 ArraySpec("dists", "float32", (k,), np.inf, "lz4-shuffle")]
+        specs = [ArraySpec("ids", ids_dtype, (k,), -1, "lz4-bitshuffle"),
+                 ArraySpec("dists", "float32", (k,), np.inf, "lz4-bitshuffle")]
         return cls(ZarrRows.create(root, specs, n_rows, chunk_rows, shard_chunks, sub))
 
     @classmethod

@@ -91,7 +91,7 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path):
 
     # Code: each edit reaches the stages whose import closure holds the module (the rest follow through
     # their inputs' content, below).
-    for module, reached in (("pipelines/corpus.py", {"prepare"}), ("pipelines/knn.py", {"targets"}),
+    for module, reached in (("pipelines/corpus.py", {"prepare"}), ("pipelines/knn_rows.py", {"targets"}),
                             ("pipelines/executor.py", set())):
         source = (clone / module).read_text()
         (clone / module).write_text(source + "\n# an edit\n")
@@ -112,11 +112,11 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path):
     # A change to the targets kernel (here: distributions at twice the temperature) rebuilds targets, then
     # train-memory and evaluate, whose inputs now hold other data; nothing upstream.
     before = published()
-    kernel = clone / "pipelines" / "knn.py"
+    kernel = clone / "pipelines" / "knn_rows.py"
     original_kernel = kernel.read_text()
-    line = "weights = np.exp(gaps / np.float32(-temperature))"
+    line = "scale = np.float32(-temperature)"
     assert line in original_kernel
-    kernel.write_text(original_kernel.replace(line, "weights = np.exp(gaps / np.float32(-2 * temperature))"))
+    kernel.write_text(original_kernel.replace(line, "scale = np.float32(-2 * temperature)"))
     changed = _run(clone, "dvc", "repro")
     assert [item.name for item in STAGES if f"Running stage '{item.name}'" in changed] == [
         "targets", "train-memory", "evaluate"]

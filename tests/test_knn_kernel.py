@@ -1,0 +1,80 @@
+"""The targets kernel (pipelines/knn_rows.py, compiled) against plain float64 Python per row: ties, missing
+neighbours, weights that underflow, more distinct tokens than the width, k 1024, and dropping ids."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipelines.knn import distributions, drop_ids
+
+
+def reference_row(dists, values, temperature, width):
+    """(stored {token: p}, truncated) of one row, computed the slow way."""
+    valid = [(float(d), int(v)) for d, v in zip(dists, values) if v != -1]
+    if not valid:
+        return {}, 0.0
+    nearest = min(d for d, _ in valid)
+    nearest = nearest if math.isfinite(nearest) else 0.0
+    mass: dict[int, float] = {}
+    for d, v in valid:
+        weight = float(np.exp(np.float32(np.float32(d) - np.float32(nearest)) / np.float32(-temperature)))
+        mass[v] = mass.get(v, 0.0) + weight
+    total = sum(mass.values())
+    if total == 0:
+        return {}, 0.0
+    probs = {v: m / total for v, m in mass.items() if m > 0}
+    ranked = sorted(probs, key=lambda v: (-np.float32(probs[v]), v))[:width]
+    return {v: probs[v] for v in ranked}, max(0.0, 1.0 - sum(probs[v] for v in ranked))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_distributions_equal_a_float64_reference(seed):
+    rng = np.random.default_rng(seed)
+    n, k = 64, [1, 7, 64, 300, 1024, 33][seed]
+    width = int(rng.integers(1, k + 1))
+    vocab = [3, 40, 5000, 2**30, 50, 7][seed]
+    temperature = [1.0, 0.1, 10.0, 1.0, 0.01, 1.0][seed]
+    dists = np.sort(rng.exponential(5.0, (n, k)), axis=1).astype(np.float32)
+    if seed % 2:
+        dists = np.round(dists, 1)  # equal distances: ties in probability
+    values = (rng.zipf(1.3, (n, k)) % vocab).astype(np.int64)
+    values[rng.random((n, k)) < 0.1] = -1
+    values[0] = -1  # a row with no neighbour at all
+    tokens, probs, truncated = distributions(dists, values, temperature, width)
+    assert tokens.shape == probs.shape == (n, width) and tokens.dtype == np.int32 and probs.dtype == np.float32
+    for row in range(n):
+        expected, cut = reference_row(dists[row], values[row], temperature, width)
+        stored = {int(t): float(p) for t, p in zip(tokens[row], probs[row]) if t >= 0}
+        assert list(tokens[row][len(stored):]) == [-1] * (width - len(stored)), "padding comes last"
+        assert stored.keys() == expected.keys(), row
+        for token, p in expected.items():
+            assert stored[token] == pytest.approx(p, rel=1e-6, abs=1e-12)
+        assert float(truncated[row]) == pytest.approx(cut, abs=1e-6)
+        ranked = [(-probs[row][j], tokens[row][j]) for j in range(len(stored))]
+        assert ranked == sorted(ranked), "most probable first, then the lower token id"
+
+
+def test_underflowing_weights_are_not_stored_and_mass_is_kept():
+    dists = np.array([[0.0, 1.0, 500.0, 600.0]], dtype=np.float32)  # exp(-500) underflows in float32
+    values = np.array([[4, 5, 6, 4]])
+    tokens, probs, truncated = distributions(dists, values, 1.0, 4)
+    assert list(tokens[0]) == [4, 5, -1, -1] and probs[0, 2:].tolist() == [0.0, 0.0]
+    assert probs[0, 0] == pytest.approx(1 / (1 + math.exp(-1))) and truncated[0] == pytest.approx(0.0, abs=1e-7)
+    tokens, probs, truncated = distributions(dists, values, 1.0, 1)
+    assert list(tokens[0]) == [4] and float(probs[0, 0] + truncated[0]) == pytest.approx(1.0)
+
+
+def test_drop_ids_keeps_order_and_pads():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(-1, 50, (40, 30))
+    dists = np.sort(rng.random((40, 30)), axis=1).astype(np.float32)
+    drop = rng.random((40, 30)) < 0.2
+    for k in (1, 10, 30, 35):
+        out_dists, out_ids = drop_ids(dists, ids, drop, k)
+        assert out_ids.shape == (40, k) and out_ids.dtype == np.int64 and out_dists.dtype == np.float32
+        for row in range(40):
+            kept = [(d, i) for d, i, x in zip(dists[row], ids[row], drop[row]) if not x and i != -1][:k]
+            kept += [(np.inf, -1)] * (k - len(kept))
+            assert list(zip(out_dists[row], out_ids[row])) == kept
