@@ -111,8 +111,7 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
 
 def write(index: faiss.Index, uri: str) -> str:
     """Serialise ``index`` to ``uri`` atomically; return its checksum."""
-    fs.write_bytes_atomic(uri, faiss.serialize_index(index).tobytes())
-    return fs.file_checksum(uri)
+    return fs.write_bytes_atomic(uri, faiss.serialize_index(index))
 
 
 def read(uri: str, mmap: bool = False) -> faiss.Index:

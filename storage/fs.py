@@ -132,15 +132,22 @@ def atomic_writer(uri: str) -> Iterator[BinaryIO]:
             os.close(dir_fd)
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` so readers see either nothing or the whole file."""
+def checksum_of(data) -> str:
+    """sha256 of bytes (or any buffer) in memory: what ``file_checksum`` gives for a file holding them."""
+    return hashlib.new(CHECKSUM_ALGORITHM, data).hexdigest()
+
+
+def write_bytes_atomic(uri: str, data) -> str:
+    """Write ``data`` (bytes or any buffer) to ``uri`` so readers see either nothing or the whole file,
+    durable (fsynced) on local disks; return its checksum, hashed on the way out (nothing is read back)."""
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
         with atomic_writer(uri) as handle:
             handle.write(data)
     else:
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, bytes(data))
+    return checksum_of(data)
 
 
 def write_json_atomic(uri: str, obj: Any) -> None:
@@ -185,7 +192,8 @@ def list_files(uri: str) -> list[str]:
     return sorted(p[len(root) + 1:] for p in fs.find(root) if p != root)
 
 
-# Zarr's LocalStore writes each chunk to ``<chunk>.<uuid4 hex>.partial`` and then renames it.
+# Zarr's own LocalStore writes each chunk to ``<chunk>.<uuid4 hex>.partial`` and then renames it (ours writes
+# through ``atomic_writer``; debris of either kind is never part of an artifact).
 _ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 

@@ -204,8 +204,7 @@ class TokenStore:
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         rel = self.part(shard)
-        fs.write_bytes_atomic(fs.join(self.root, rel), buffer.getvalue())
-        return {rel: fs.file_checksum(fs.join(self.root, rel))}
+        return {rel: fs.write_bytes_atomic(fs.join(self.root, rel), buffer.getbuffer())}
 
     def read_shard(self, shard: Shard | str, rows: int | None = None, columns: list[str] | None = None) -> pa.Table:
         """One part, with its schema (and row count, when given) checked; a damaged file names itself."""

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
-from zarr.storage import FsspecStore, LocalStore
 
 from storage import fs
 from storage.artifact import read_manifest
 from storage.errors import ArtifactError
 from storage.shards import Shard, ShardPlan
+from storage.zarr_stores import zarr_store
 
 # Not persisted by Zarr: applied each time an array is opened, so every shard has its file.
 _WRITE_CONFIG = {"write_empty_chunks": True}
@@ -44,14 +44,6 @@ def shard_geometry(n_rows: int, chunk_rows: int, shard_chunks: int) -> tuple[int
     """(chunk rows, Zarr shard rows) for an array of ``n_rows``: small arrays get one smaller shard."""
     chunk = min(chunk_rows, max(n_rows, 1))
     return chunk, chunk * min(shard_chunks, -(-max(n_rows, 1) // chunk))
-
-
-def zarr_store(uri: str):
-    """A Zarr store for a local path or an fsspec URL."""
-    uri = fs.normalize(uri)
-    if fs.is_local(uri):
-        return LocalStore(uri)
-    return FsspecStore.from_url(uri)
 
 
 def _group_exists(uri: str) -> bool:
@@ -164,8 +156,8 @@ class ZarrRows:
                     f"expected {(shard.rows, *array.shape[1:])}"
                 )
             array[shard.start:shard.stop] = values.astype(array.dtype, copy=False)
-            for rel in self.files_of(name, shard):
-                files[rel] = fs.file_checksum(fs.join(self.root, rel))
+            for rel in self.files_of(name, shard):  # hashed as they were written: nothing is read back
+                files[rel] = self.group.store.take_checksum(rel[len(self.sub) + 1:] if self.sub else rel)
         return files
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
