@@ -301,10 +301,8 @@ def test_non_finite_keys_are_refused_naming_shard_and_global_row(key_store, bad)
 
 
 def test_keys_that_overflow_float16_are_refused(key_store):
-    """A finite float32 key beyond float16's range would be stored as inf: the writer must refuse it.
-
-    Shows a bug: KeyStore.write_shard checks finiteness before casting to the stored dtype.
-    """
+    """A finite float32 key beyond float16's range would be stored as inf: the writer must refuse it
+    (finiteness is checked after the cast to the stored dtype, not before)."""
     keys, vals = key_data(2, 16, 4)
     keys[3, 1] = 1e5  # float16 max is 65504
     with np.errstate(over="ignore"):
@@ -319,11 +317,9 @@ def test_unsupported_key_dtype_is_refused(tmp_path):
 
 
 def test_shard_whose_values_equal_the_fill_value_is_written(tmp_path):
-    """Rows whose whole distribution fits in ``width`` have truncated == 0, the array's fill value.
-
-    Shows a bug: the Zarr shard file of such a shard is never written (the ``write_empty_chunks``
-    config given at creation is lost when arrays are reopened), so computing its checksum fails.
-    """
+    """Rows whose whole distribution fits in ``width`` have truncated == 0, the array's fill value: the Zarr
+    shard file of such a shard is still written (``write_empty_chunks`` is applied every time an array is
+    opened, as Zarr does not persist it), so it has a file and a checksum like any other."""
     uri = str(tmp_path / "art")
     n, width = 16, 4
     tokens, probs, _ = distribution_data(4, n, width)

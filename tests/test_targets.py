@@ -13,7 +13,7 @@ import pytest
 from flows.cli import main
 from pipelines import faiss_index
 from storage.artifact import open_artifact
-from storage.stores import DistributionStore, KeyStore, NeighbourStore
+from storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore
 from storage.verify import verify
 from crash import kill_after_first_shard, rerun
 from tiny_lm import make_gpt2, write_corpus
@@ -151,16 +151,28 @@ def test_same_document_window_excludes_nearby_rows(datastore, tmp_path):
     art.mkdir()
     for name in ("tokens", "keys", "index"):
         os.symlink(datastore["art"] / name, art / name)
-    window = 5
+    window = 150  # wider than some documents: nearby rows of other documents exist
     assert main(["targets", *datastore["args"], "--set", f"artifacts_dir={art}",
                  "--set", f"targets.exclude_same_document_window={window}", *datastore["beam"]]) == 0
     ids = NeighbourStore.open(str(art / "targets" / "train")).ids()
+    unfiltered = NeighbourStore.open(str(datastore["art"] / "targets" / "train")).ids()
     rows = np.arange(len(ids))[:, None]
     tokens = json.loads((datastore["art"] / "tokens" / "_manifest.json").read_text())
     assert tokens["counts"]["train_tokens"] == len(ids) + 1
-    # Every document here is far longer than the window, so most nearby rows share the query's document.
-    assert not np.any((np.abs(ids - rows) <= window) & (np.abs(ids - rows) > 0) & (ids >= 0)
-                      & (rows > window) & (rows < len(ids) - window - 200))
+    offsets = PartOffsets.from_json(tokens["stats"]["splits"]["train"]["parts"])
+    docs = TokenStore(str(datastore["art"] / "tokens"), "train").read_rows(offsets, 1, len(ids) + 1, column="doc")
+
+    def same_document_nearby(found: np.ndarray) -> np.ndarray:  # row i's value is token i + 1, of document docs[i]
+        return (found >= 0) & (np.abs(found - rows) <= window) & (docs[np.clip(found, 0, None)] == docs[rows])
+
+    assert not np.any(same_document_nearby(ids) & (ids != rows)), "a same-document neighbour within the window"
+    # Nearby rows of another document (across a document boundary) are kept: every unfiltered neighbour that
+    # is not excluded stays among the k nearest of the rest.
+    nearby_other_document = (unfiltered >= 0) & (np.abs(unfiltered - rows) <= window) & ~same_document_nearby(unfiltered)
+    assert nearby_other_document.sum() > 0, "the corpus must have neighbours across a document boundary"
+    for row in range(len(ids)):
+        kept = set(unfiltered[row][~same_document_nearby(unfiltered)[row]]) - {-1}
+        assert kept <= set(ids[row]), row
 
 
 @pytest.mark.parametrize("setting, new_index, message", [
