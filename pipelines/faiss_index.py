@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import math
-import os
-import sys
 import threading
 
 import faiss
@@ -123,34 +120,20 @@ def read(uri: str, mmap: bool = False) -> faiss.Index:
         return faiss.deserialize_index(np.frombuffer(handle.read(), dtype=np.uint8))
 
 
-_STDOUT_SWAP = threading.Lock()  # worker threads open indexes concurrently; fd 1 is process-wide
-
-
-@contextlib.contextmanager
-def native_stdout_to_stderr():
-    """Send what native code prints to stdout to stderr instead (memforge's stdout carries results)."""
-    with _STDOUT_SWAP:
-        sys.stdout.flush()
-        saved = os.dup(1)
-        os.dup2(2, 1)
-        try:
-            yield
-        finally:
-            ctypes.CDLL(None).fflush(None)
-            os.dup2(saved, 1)
-            os.close(saved)
-
-
 def read_merged(index_uri: str) -> faiss.Index:
-    """The on-disk merged index; its inverted lists are memory-mapped from ``merged.ivfdata`` found
-    beside it (so the artifact can move), never loaded into memory."""
+    """The on-disk merged index; its inverted lists are memory-mapped read-only from ``merged.ivfdata``
+    found beside it (so the artifact can move), never loaded into memory. (FAISS's IO_FLAG_ONDISK_SAME_DIR
+    does the same but prints to the C stdout, which memforge keeps for results.)"""
     if not fs.is_local(index_uri):
         raise MemforgeError(f"{index_uri}: a merged on-disk index must be on local storage")
-    with native_stdout_to_stderr():  # FAISS prints a note about the data file's location
-        index = faiss.read_index(fs.normalize(fs.join(index_uri, MERGED)), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    index = faiss.read_index(fs.normalize(fs.join(index_uri, MERGED)), faiss.IO_FLAG_SKIP_IVF_DATA)
+    lists = faiss.downcast_InvertedLists(ivf_of(index).invlists)
+    lists.filename = fs.normalize(fs.join(index_uri, MERGED_DATA))
+    lists.read_only = True
+    lists.do_mmap()
     # FAISS would start 32 prefetch threads per search call; the lists are paged in on first touch
     # anyway, and those threads only compete with the searching workers for the cores.
-    faiss.downcast_InvertedLists(ivf_of(index).invlists).prefetch_nthread = 0
+    lists.prefetch_nthread = 0
     return index
 
 

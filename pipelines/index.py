@@ -18,7 +18,7 @@ import logging
 import faiss
 import numpy as np
 
-from pipelines import datastore_rows, faiss_index, neighbour_lists
+from pipelines import datastore_rows, faiss_index, neighbour_lists, ondisk_merge
 from pipelines.datastore_rows import DatastoreRows
 from pipelines.stage import Context, Published, ShardWorker, Stage
 from storage import fs
@@ -119,22 +119,6 @@ def _resolve_merge(merge: str, is_ivf: bool, root: str) -> str:
     return merge
 
 
-def _merge_ondisk(root: str, plan: ShardPlan) -> None:
-    """Merge the shards' inverted lists into ``merged.ivfdata`` with FAISS's ``merge_ondisk``; the
-    index file that points to it is written last."""
-    from faiss.contrib.ondisk import merge_ondisk
-
-    trained = faiss_index.read(fs.join(root, faiss_index.TRAINED))
-    data = fs.join(root, faiss_index.MERGED_DATA)
-    fs.remove_tree(data)  # debris of an interrupted merge
-    with faiss_index.native_stdout_to_stderr():  # FAISS prints the data file's size
-        merge_ondisk(trained, [fs.join(root, faiss_index.shard_file(s.name)) for s in plan.shards], data)
-    # FAISS records the data file's path in the index; a bare name (read back from beside the index with
-    # IO_FLAG_ONDISK_SAME_DIR) keeps the artifact relocatable and its bytes independent of where it was built.
-    faiss.downcast_InvertedLists(faiss_index.ivf_of(trained).invlists).filename = faiss_index.MERGED_DATA
-    faiss_index.write(trained, fs.join(root, faiss_index.MERGED))
-
-
 class Index(Stage):
     """The FAISS index over the train keys: train, add (Beam), datastore rows, merge, recall."""
 
@@ -200,7 +184,7 @@ class Index(Stage):
         root, plan = build.uri, load_plan(build.uri)
         merge = ctx.scratch["merge"]
         if merge == "ondisk" and not fs.exists(fs.join(root, faiss_index.MERGED)):
-            _merge_ondisk(root, plan)
+            ondisk_merge.merge_in_child(root, [shard.name for shard in plan.shards])
         keys = KeyStore.open(ctx.inputs["keys/train"].uri)
         n_rows = keys.rows.n_rows
         trained = faiss_index.read(fs.join(root, faiss_index.TRAINED))

@@ -22,3 +22,54 @@ def test_auto_factory_follows_the_rules_of_thumb(n_rows, dim):
 def test_auto_factory_is_exact_below_the_threshold():
     assert resolve_factory(IndexParams(flat_threshold=1000), 999, 64) == "Flat"
     assert resolve_factory(IndexParams(factory="IVF16,PQ8"), 10, 64) == "IVF16,PQ8"
+
+
+# Run in a child process (its fds 1 and 2 are pipes): a thread writes numbered lines to fd 1 while the main
+# thread merges the shards on disk and opens the merged index again and again.
+CHATTER = """
+import os, sys, threading
+from pipelines import faiss_index, ondisk_merge
+root, stop, count = sys.argv[1], threading.Event(), [0]
+def chatter():
+    while not stop.is_set():
+        os.write(1, f"line {count[0]}\\n".encode())
+        count[0] += 1
+thread = threading.Thread(target=chatter)
+thread.start()
+ondisk_merge.merge_in_child(root, ["00000", "00001"])
+for _ in range(300):
+    index = faiss_index.read_merged(root)
+stop.set()
+thread.join()
+faiss_index.set_nprobe(index, 8)
+os.write(2, f"searched {index.search(faiss_index.np.eye(16, dtype='float32')[:1], 1)[1][0, 0] >= 0}\\n".encode())
+"""
+
+
+def test_on_disk_merge_and_read_leave_every_threads_stdout_alone(tmp_path):
+    """Merging shards on disk and opening the merged index (FAISS prints to the C stdout in both) never
+    touch the process's stdout: another thread writing meanwhile keeps all its lines on stdout, and
+    nothing else reaches it."""
+    import subprocess
+    import sys
+
+    import faiss
+    import numpy as np
+
+    from pipelines import faiss_index
+
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(2000, 16)).astype(np.float32)
+    trained = build_empty("IVF8,Flat", 16)
+    trained.train(keys)
+    faiss_index.write(trained, str(tmp_path / faiss_index.TRAINED))
+    for shard, rows in enumerate(np.array_split(np.arange(2000), 2)):
+        part = faiss.clone_index(trained)
+        part.add_with_ids(keys[rows], rows.astype(np.int64))
+        faiss_index.write(part, str(tmp_path / faiss_index.shard_file(f"{shard:05d}")))
+    done = subprocess.run([sys.executable, "-c", CHATTER, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines == [f"line {i}" for i in range(len(lines))], "every line the thread wrote, in order, nothing else"
+    assert "resizing" in done.stderr and "line " not in done.stderr and "searched True" in done.stderr

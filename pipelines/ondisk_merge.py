@@ -1,0 +1,44 @@
+"""Merge an IVF index's shards into one on-disk index (FAISS's ``merge_ondisk``), run as a child process.
+
+FAISS prints progress ("resizing <file> to <n> bytes") to the C ``stdout``, which only a swap of file
+descriptor 1 could catch, and that swap would take every other thread's output with it. In a child
+process whose stdout is the parent's stderr, FAISS may print what it likes: memforge's stdout carries
+only results. ``python -m pipelines.ondisk_merge INDEX_DIR SHARD_NAME...``
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import faiss
+
+from pipelines import faiss_index
+from storage import fs
+from storage.errors import MemforgeError
+
+
+def merge(root: str, shard_names: list[str]) -> None:
+    """Merge the shards' inverted lists into ``merged.ivfdata`` and write ``merged.index`` (last), which names
+    its data file without a directory: the artifact stays relocatable and its bytes do not depend on where
+    it was built."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    trained = faiss_index.read(fs.join(root, faiss_index.TRAINED))
+    data = fs.join(root, faiss_index.MERGED_DATA)
+    fs.remove_tree(data)  # debris of an interrupted merge
+    merge_ondisk(trained, [fs.join(root, faiss_index.shard_file(name)) for name in shard_names], data)
+    faiss.downcast_InvertedLists(faiss_index.ivf_of(trained).invlists).filename = faiss_index.MERGED_DATA
+    faiss_index.write(trained, fs.join(root, faiss_index.MERGED))
+
+
+def merge_in_child(root: str, shard_names: list[str]) -> None:
+    """``merge`` in a child process whose stdout goes to this process's stderr."""
+    done = subprocess.run([sys.executable, "-m", __name__, root, *shard_names], check=False,
+                          stdout=2)  # file descriptor 2 itself, whatever object sys.stderr is now
+    if done.returncode != 0:
+        raise MemforgeError(f"{root}: merging the index shards on disk failed (exit {done.returncode}; "
+                            "FAISS's message is above)")
+
+
+if __name__ == "__main__":
+    merge(sys.argv[1], sys.argv[2:])
