@@ -91,11 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--json", action="store_true", help="print the tree as JSON")
     ret = commands.add_parser("retemper", help="new distributions for another T (or smaller k) without searching",
                               description="Rebuild the distributions of a targets artifact from its stored "
-                                          "neighbours for another temperature and optionally a smaller k; the "
-                                          "result equals a fresh `memforge targets` run with those params.")
+                                          "neighbours for another temperature and optionally a smaller k and "
+                                          "width; the result equals a fresh `memforge targets` run with those "
+                                          "params and the source's targets.candidates, fingerprint included.")
     ret.add_argument("targets", metavar="TARGETS", help="a targets artifact, e.g. artifacts/targets/train")
     ret.add_argument("--temperature", type=float, required=True)
     ret.add_argument("--k", type=int, help="keep only the k nearest stored neighbours (default: all)")
+    ret.add_argument("--width", type=int, help="tokens stored per row, at most k (default: the stored width)")
     ret.add_argument("--out", metavar="PATH", help="output artifact (default: TARGETS-T<T>-k<k>)")
     ret.add_argument("--rebuild", action="store_true", help="replace an existing different artifact at --out")
     exp = commands.add_parser("explain", help="show one row's query, neighbours and distribution as text",
@@ -245,7 +247,7 @@ def _cmd_bench(args, _beam_args) -> int:
 def _cmd_retemper(args, _beam_args) -> int:
     from pipelines.retemper import retemper
 
-    print(retemper(args.targets, args.temperature, args.k, args.out, args.rebuild))
+    print(retemper(args.targets, args.temperature, args.k, args.out, args.rebuild, args.width))
     return 0
 
 

@@ -80,9 +80,11 @@ class DatastoreRows:
         out[ids == MISSING] = np.inf
         return out
 
-    def neighbours(self, queries: np.ndarray, dists: np.ndarray, ids: np.ndarray,
-                   exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(distances, ids, values) of search results; with ``exact`` re-ranked by exact distance."""
+    def neighbours(self, queries: np.ndarray, dists: np.ndarray, ids: np.ndarray, exact: bool,
+                   k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(distances, ids, values) of the ``k`` nearest (default: all) of the candidates found by a search;
+        with ``exact`` the candidates are re-ranked by exact distance first."""
         if exact:
             dists, ids = sort_by_distance(self.distances(queries, ids), ids)
+        dists, ids = dists[:, :k], ids[:, :k]
         return dists, ids, self.values_of(ids)

@@ -66,17 +66,22 @@ def _check_out(out: str, source: Artifact, inputs: dict[str, Artifact]) -> None:
 
 
 def retemper(targets_uri: str, temperature: float, k: int | None = None, out: str | None = None,
-             rebuild: bool = False) -> str:
-    """Distributions for another temperature (and optionally a smaller k) from the stored
-    neighbours, without searching: the result equals a fresh ``targets`` run with those params."""
+             rebuild: bool = False, width: int | None = None) -> str:
+    """Distributions for another temperature (and optionally a smaller k and width) from the stored
+    neighbours, without searching: the result equals, fingerprint included, a fresh ``targets`` run with
+    those params and the source's candidates (the k nearest of the same candidates are the first k of
+    the stored, exactly re-ranked neighbours)."""
     source = _with_neighbours(open_artifact(targets_uri, "targets"), "retemper")
     params = source.params
     k = params["k"] if k is None else k
+    width = params["width"] if width is None else width
     if not (temperature > 0 and math.isfinite(temperature)):  # refuses NaN and infinity too
         raise MemforgeError(f"--temperature: must be a positive finite number, got {temperature}")
     if not 0 < k <= params["k"]:
         raise MemforgeError(f"--k: {k} must be between 1 and the stored k ({params['k']})")
-    width = min(params["width"], k)
+    if not 0 < width <= k:
+        raise MemforgeError(f"--width: {width} must be between 1 and k ({k}), as targets.width must; "
+                            f"the stored width is {params['width']}")
     new_params = {**params, "temperature": temperature, "k": k, "width": width}
     out = fs.normalize(out or f"{source.uri}-T{temperature:g}-k{k}")
     inputs = _inputs(source)

@@ -1,12 +1,12 @@
 """``memforge targets``: kNN neighbours and distillation distributions for each split (Beam).
 
-One Beam element per query shard. Train queries are the datastore keys themselves: each searches
-k+1 neighbours over every index shard (merged by distance with FAISS's merge helper) and drops
-its own global id — never "the first result". Validation queries search k. Optionally neighbours
-within ``exclude_same_document_window`` tokens of the query in the same document are dropped too,
-and distances are recomputed exactly from the float32 keys stored with the index. Neighbour ids and squared L2
-distances are stored once; the distribution (softmax of -d/T summed per next token, sparse,
-width m) is derived from them, so ``memforge retemper`` can redo it for another T or smaller k.
+One Beam element per query shard. Each query takes ``targets.candidates`` (default k) candidates from
+the index (train queries, which are the datastore keys themselves, search one more and drop their own
+global id — never "the first result"; optionally neighbours within ``exclude_same_document_window``
+tokens of the query in the same document are dropped too), re-ranks them by exact distance from the
+float32 keys stored with the index, and keeps the k nearest. Neighbour ids and squared L2 distances
+are stored once; the distribution (softmax of -d/T summed per next token, sparse, width m) is derived
+from them, so ``memforge retemper`` can redo it for another T or a smaller k (same candidates).
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class SearchShards(ShardWorker):
                 stop = min(start + common["block"], chunk_stop)
                 queries = np.ascontiguousarray(queries_store.keys(start, stop), dtype=np.float32)
                 dists, ids = self.neighbours_of(start, stop, queries, self.splits[role]["self_query"])
-                dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"])
+                dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"], common["k"])
                 sparse.append(knn.distributions(dists, values, common["temperature"], common["width"]))
                 if neighbours is not None:
                     kept_ids[start - chunk_start:stop - chunk_start] = ids
@@ -85,17 +85,18 @@ class SearchShards(ShardWorker):
 
     def neighbours_of(self, start: int, stop: int, queries: np.ndarray,
                       self_query: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Search rows [start, stop), then drop the query itself (by id) and same-document neighbours; k per row."""
+        """Search rows [start, stop), then drop the query itself (by id) and same-document neighbours; the first
+        ``candidates`` per row, in the index's order."""
         common = self.common
         extra = (1 + 2 * common["window"]) if self_query else 0
-        dists, ids = self.index.search(queries, min(common["k"] + extra, common["datastore_rows"]))
+        dists, ids = self.index.search(queries, min(common["candidates"] + extra, common["datastore_rows"]))
         drop = np.zeros(ids.shape, dtype=bool)
         if self_query:
             own = np.arange(start, stop, dtype=np.int64)[:, None]
             drop = ids == own
             if common["window"]:
                 drop |= self.same_document_nearby(own, ids)
-        return knn.drop_ids(dists, ids, drop, common["k"])
+        return knn.drop_ids(dists, ids, drop, common["candidates"])
 
     def same_document_nearby(self, own: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Neighbours within ``window`` rows of the query whose value token is in the query's document."""
@@ -109,11 +110,19 @@ class SearchShards(ShardWorker):
         return near & (neighbour_docs == docs[own - first])
 
 
+def candidates(config) -> int:
+    """Neighbour candidates searched per query (``targets.candidates``, else ``targets.k``)."""
+    return config.candidates or config.k
+
+
 def check_compatible(params, index: Artifact, datastore: Artifact, queries: Artifact) -> None:
     """Refuse inputs that cannot give meaningful targets, naming the value at fault."""
     n_rows, k = datastore.manifest["counts"]["rows"], params.targets.k
     if k >= n_rows:
         raise MemforgeError(f"targets.k: {k} must be smaller than the datastore size ({n_rows} rows)")
+    if candidates(params.targets) >= n_rows:
+        raise MemforgeError(f"targets.candidates: {params.targets.candidates} must be smaller than the datastore "
+                            f"size ({n_rows} rows)")
     if not built_from(index, "keys", datastore):
         found = (recorded_input(index, "keys") or {}).get("content_digest")
         raise MemforgeError(f"{index.uri}: built from another key store (content {str(found)[:12]}), "
@@ -138,9 +147,9 @@ class Targets(Stage):
     outputs = split_roles("targets")
     format = "zarr-v3"
     inputs = ("keys/train", "keys/validation", "index", "tokens")
-    content = ("targets.k", "targets.temperature", "targets.width", "targets.nprobe", "targets.exact_distances",
-               "targets.exclude_same_document_window", "targets.probs_dtype", "targets.keep_neighbours",
-               "index.nprobe")
+    content = ("targets.k", "targets.candidates", "targets.temperature", "targets.width", "targets.nprobe",
+               "targets.exact_distances", "targets.exclude_same_document_window", "targets.probs_dtype",
+               "targets.keep_neighbours", "index.nprobe")
     layout = ("targets.shard_chunks", "encode.chunk_rows")
     execution = ("encode.num_workers", "encode.threads_per_worker", "index.threads", "index.device",
                  "targets.query_block_rows")
@@ -163,7 +172,8 @@ class Targets(Stage):
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         values = ctx.params.values([key for key in self.content if key != "index.nprobe"], strip="targets")
-        return {**values, "nprobe": self.nprobe(ctx), "split": role.split("/")[1]}
+        return {**values, "candidates": candidates(ctx.params.targets), "nprobe": self.nprobe(ctx),
+                "split": role.split("/")[1]}
 
     def artifact_inputs(self, ctx: Context, role: str) -> dict:
         inputs = {"queries": ctx.inputs["keys/" + role.split("/")[1]], "index": ctx.inputs["index"],
@@ -198,7 +208,8 @@ class Targets(Stage):
             "index_uri": index.uri, "index_fingerprint": index.fingerprint,
             "index_shards": [s.name for s in load_plan(index.uri).shards],
             "merged": index.manifest["stats"]["merge"] == "ondisk", "nprobe": self.nprobe(ctx),
-            "k": config.k, "temperature": config.temperature, "width": config.width,
+            "k": config.k, "candidates": candidates(config), "temperature": config.temperature,
+            "width": config.width,
             "exact_distances": config.exact_distances, "datastore_rows": datastore.manifest["counts"]["rows"],
             "window": config.exclude_same_document_window,
             "tokens_uri": tokens.uri if tokens else None,
@@ -222,7 +233,8 @@ class Targets(Stage):
                     "vocab_size": datastore.manifest["counts"]["vocab_size"],
                     "datastore_rows": datastore.manifest["counts"]["rows"], "query_offset": 0},
             arrays=dict(sorted(arrays.items())),
-            stats={"self_query": role == "targets/train", "k": config.k, "temperature": config.temperature,
+            stats={"self_query": role == "targets/train", "k": config.k, "candidates": candidates(config),
+                   "temperature": config.temperature,
                    "width": config.width, "nprobe": self.nprobe(ctx), "exact_distances": config.exact_distances,
                    "index_factory": index.manifest["stats"]["factory"],
                    "index_recall_at_k": index.manifest["stats"].get("recall_at_k"),

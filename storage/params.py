@@ -113,6 +113,10 @@ class TargetsParams(Section):
     """kNN distillation targets (stage: targets)."""
 
     k: int = Field(default=64, gt=0)
+    # Neighbour candidates per query, taken in the index's order (PQ distances) and re-ranked by exact
+    # distance; the k nearest are kept. Default (null): k. Recorded as resolved, so `retemper --k` of an
+    # artifact equals a fresh run with that k and the same candidates.
+    candidates: Optional[int] = Field(default=None, gt=0)
     temperature: float = Field(default=1.0, gt=0)
     width: int = Field(default=32, gt=0)
     nprobe: Optional[int] = Field(default=None, gt=0)
@@ -122,6 +126,14 @@ class TargetsParams(Section):
     keep_neighbours: bool = True  # ids and distances of the k neighbours (retemper, explain need them)
     shard_chunks: int = Field(default=8, gt=0)  # rows per work shard = encode.chunk_rows * this
     query_block_rows: int = Field(default=2048, gt=0)  # queries searched and reduced at once per worker
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates_cover_k(cls, candidates: int | None, info: ValidationInfo) -> int | None:
+        k = info.data.get("k")
+        if candidates is not None and k is not None and candidates < k:
+            raise ValueError(f"must be at least k ({k})")
+        return candidates
 
     @field_validator("width")
     @classmethod

@@ -223,20 +223,44 @@ def test_index_from_another_key_store_is_refused(datastore, tmp_path, capsys):
 
 
 def test_retemper_equals_a_fresh_run(datastore, tmp_path):
+    """On IVF-PQ with exact re-ranking, where the index's order and the exact order differ: retemper for a
+    smaller k (and width), and for another T, equals a fresh run with the same candidates, bit for bit and
+    fingerprint included. A fresh run with only k candidates keeps other neighbours and has another
+    fingerprint."""
     art = tmp_path / "art"
     art.mkdir()
-    for name in ("tokens", "keys", "index"):
+    for name in ("tokens", "keys"):
         os.symlink(datastore["art"] / name, art / name)
-    out = tmp_path / "retempered"
-    assert main(["retemper", str(datastore["art"] / "targets" / "train"), "--temperature", "2", "--k", "6",
-                 "--out", str(out)]) == 0
-    assert main(["targets", *datastore["args"], "--set", f"artifacts_dir={art}", "--set", "targets.temperature=2",
-                 "--set", "targets.k=6", "--set", "targets.width=6", *datastore["beam"]]) == 0
-    fresh = open_artifact(str(art / "targets" / "train"), "targets").manifest
-    again = open_artifact(str(out), "targets").manifest
-    assert again["fingerprint"] == fresh["fingerprint"]
-    assert again["files"] == fresh["files"]
-    assert verify(str(out)) == []
+    args = [*datastore["args"], "--set", f"artifacts_dir={art}", "--set", "index.factory=IVF16,PQ8",
+            "--set", "index.nprobe=4", "--set", "index.train_points_per_list=39"]
+    assert main(["index", *args, *datastore["beam"]]) == 0
+    assert main(["targets", *args, *datastore["beam"]]) == 0
+    source = art / "targets" / "train"
+    assert open_artifact(str(source), "targets").params["candidates"] == K
+
+    def fresh(*settings: str) -> dict:
+        shutil.rmtree(art / "targets")
+        extra = [arg for item in settings for arg in ("--set", item)]
+        assert main(["targets", *args, *extra, *datastore["beam"]]) == 0
+        return open_artifact(str(source), "targets").manifest
+
+    retempered = {}
+    for label, options in (("k6", ["--temperature", str(T), "--k", "6", "--width", "6"]),
+                           ("T2", ["--temperature", "2"])):
+        out = tmp_path / label
+        assert main(["retemper", str(source), *options, "--out", str(out)]) == 0
+        retempered[label] = open_artifact(str(out), "targets").manifest
+        assert verify(str(out)) == []
+    for label, settings in (("k6", ["targets.k=6", "targets.width=6", f"targets.candidates={K}"]),
+                            ("T2", ["targets.temperature=2"])):
+        manifest = fresh(*settings)
+        assert retempered[label]["fingerprint"] == manifest["fingerprint"], label
+        assert retempered[label]["files"] == manifest["files"], label
+    only_k = fresh("targets.k=6", "targets.width=6")
+    assert only_k["fingerprint"] != retempered["k6"]["fingerprint"]
+    ids = NeighbourStore.open(str(source)).ids()
+    assert (np.sort(ids, axis=1) != np.sort(NeighbourStore.open(str(tmp_path / "k6")).ids(), axis=1)).any(), \
+        "with 6 candidates some rows keep other neighbours than the 6 nearest of 8"
 
 
 def test_retemper_refuses_bad_values(datastore, tmp_path, capsys):
@@ -245,6 +269,10 @@ def test_retemper_refuses_bad_values(datastore, tmp_path, capsys):
     assert "--temperature: must be a positive finite number" in capsys.readouterr().err
     assert main(["retemper", source, "--temperature", "2", "--k", str(K + 1), "--out", str(tmp_path / "b")]) == 1
     assert f"--k: {K + 1} must be between 1 and the stored k ({K})" in capsys.readouterr().err
+    # A smaller k than the stored width needs a width within it, as a fresh run does (never lowered silently).
+    assert main(["retemper", source, "--temperature", "2", "--k", "6", "--out", str(tmp_path / "c")]) == 1
+    assert f"--width: {WIDTH} must be between 1 and k (6), as targets.width must" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def test_explain_prints_query_and_neighbours(datastore, capsys):
