@@ -1,5 +1,5 @@
-"""evaluate on the tiny chain: kNN-LM log-probabilities equal a brute-force reference written here;
-metrics, per-token log-probabilities and plots are written and verified."""
+"""evaluate on the tiny chain: kNN-LM and decoder + memory log-probabilities equal a brute-force reference
+written here; metrics, per-token log-probabilities and plots are written and verified."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ from pipelines.encoder import load_encoder
 from storage.artifact import open_artifact
 from storage.stores import KeyStore, TokenStore
 from storage.verify import verify
+from training.mlp_memory import MLPMemory
 
 LAMBDA, K, T = 0.25, 8, 4.0
 
@@ -26,11 +27,15 @@ def evaluated(chain):
     return chain["art"] / "eval"
 
 
-def reference_knnlm(art, block_size=32, stride=16) -> np.ndarray:
-    """log(λ p_kNN + (1-λ) p_dec) of every validation row: the model run on each row's context
-    (the kNN-LM window that owns the row), the FFN input of the last block as query, exact
-    distances to every datastore key in float64, softmax(-d/T) over the k nearest."""
+def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, np.ndarray]:
+    """(kNN-LM, decoder + memory) log-probabilities of every validation row, computed here in float64:
+    the model run on each row's context (the window that owns the row), the FFN input of the last block
+    as query and memory input; kNN-LM: log(λ p_kNN + (1-λ) p_dec) with exact distances to every datastore
+    key and softmax(-d/T) over the k nearest; memory: log(λ_m p_mem + (1-λ_m) p_dec) with p_mem the
+    memory's softmax."""
     model = load_encoder(str(art / "decoder" / "model"))
+    memory = MLPMemory.load(str(art / "memory" / "model")).double()
+    memory_lambda = open_artifact(str(art / "eval"), "evaluation").params["memory_lambda"]
     captured = {}
     model.transformer.h[-1].mlp.register_forward_pre_hook(lambda _m, args: captured.update(q=args[0]))
     tokens = open_artifact(str(art / "tokens"), "tokens")
@@ -39,30 +44,33 @@ def reference_knnlm(art, block_size=32, stride=16) -> np.ndarray:
                              for name, _, _ in parts]).astype(np.int64)
     datastore = KeyStore.open(str(art / "keys" / "train"))
     keys, values = datastore.keys().astype(np.float64), datastore.vals().astype(np.int64)
-    out = []
+    knnlm, with_memory = [], []
     for row in range(len(stream) - 1):
         target = row + 1
         window = 0 if target < block_size else (target - block_size) // stride + 1
         begin = window * stride
         with torch.no_grad():
             logits = model(torch.from_numpy(stream[begin:target])[None]).logits[0, -1].double()
+            p_dec = torch.softmax(logits, -1)[stream[target]].item()
+            p_mem = torch.softmax(memory(captured["q"][0, -1].double()), -1)[stream[target]].item()
         query = captured["q"][0, -1].double().numpy()
-        p_dec = torch.softmax(logits, -1)[stream[target]].item()
         dists = ((keys - query) ** 2).sum(1)
         nearest = np.argsort(dists, kind="stable")[:K]
         weights = np.exp(-(dists[nearest] - dists[nearest].min()) / T)
         p_knn = weights[values[nearest] == stream[target]].sum() / weights.sum()
-        out.append(np.log(LAMBDA * p_knn + (1 - LAMBDA) * p_dec))
-    return np.array(out)
+        knnlm.append(np.log(LAMBDA * p_knn + (1 - LAMBDA) * p_dec))
+        with_memory.append(np.log(memory_lambda * p_mem + (1 - memory_lambda) * p_dec))
+    return np.array(knnlm), np.array(with_memory)
 
 
-def test_knnlm_log_probs_equal_a_brute_force_reference(evaluated, chain):
+def test_log_probs_equal_a_brute_force_reference(evaluated, chain):
     table = pq.read_table(evaluated / "token_log_probs.parquet")
-    reference = reference_knnlm(chain["art"])
-    assert table.num_rows == len(reference)
-    difference = np.abs(table.column("knnlm").to_numpy() - reference)
-    print(f"kNN-LM log-prob vs reference: max |diff| {difference.max():.2e} over {len(reference)} tokens")
-    assert difference.max() < 1e-5
+    knnlm, with_memory = reference_log_probs(chain["art"])
+    assert table.num_rows == len(knnlm)
+    for column, reference in (("knnlm", knnlm), ("memory", with_memory)):
+        difference = np.abs(table.column(column).to_numpy() - reference)
+        print(f"{column} log-prob vs reference: max |diff| {difference.max():.2e} over {len(reference)} tokens")
+        assert difference.max() < 1e-5, column
 
 
 def test_metrics_plots_and_manifest(evaluated, capsys):
