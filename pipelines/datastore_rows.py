@@ -3,18 +3,16 @@
 ``values.npy`` (int32, the next token of every datastore row) turns neighbour ids into tokens,
 and ``keys.f32.npy`` (the stored keys as float32, optional: ``index.exact_keys``) gives exact
 squared L2 distances for re-ranking PQ results. Both are plain ``.npy`` files that every search
-worker memory-maps, so the page cache holds one copy per machine rather than one per worker, and
+worker memory-maps (from an object store: a local copy fetched once per worker process), so the page cache holds one copy per machine rather than one per worker, and
 a lookup reads only the rows it needs. Distances are FAISS's ``fvec_L2sqr_by_idx`` (C++).
 """
 from __future__ import annotations
-
-import io
 
 import faiss
 import numpy as np
 
 from pipelines.neighbour_lists import MISSING, sort_by_distance
-from storage import fs
+from storage import fs, local_cache
 from storage.errors import ArtifactError
 from storage.shards import ShardPlan
 from storage.stores import KeyStore
@@ -43,21 +41,17 @@ def write(keys: KeyStore, plan: ShardPlan, root: str, exact_keys: bool) -> None:
                    (keys.keys(s.start, s.stop) for s in plan.shards))
 
 
-def _load(uri: str) -> np.ndarray:
-    if fs.is_local(uri):
-        return np.load(fs.normalize(uri), mmap_mode="r", allow_pickle=False)
-    filesystem, path = fs.filesystem(uri)
-    with filesystem.open(path, "rb") as handle:
-        return np.load(io.BytesIO(handle.read()), allow_pickle=False)
-
-
 class DatastoreRows:
-    """Values and (optionally) exact keys of the datastore, memory-mapped from an index artifact."""
+    """Values and (optionally) exact keys of the datastore, memory-mapped from an index artifact (on an object
+    store, from local copies fetched once per process for ``content_key``, e.g. the index's fingerprint)."""
 
-    def __init__(self, index_uri: str):
-        self.values = _load(fs.join(index_uri, VALUES))
+    def __init__(self, index_uri: str, content_key: str):
+        def load(uri: str) -> np.ndarray:
+            return np.load(local_cache.local_path(uri, content_key), mmap_mode="r", allow_pickle=False)
+
+        self.values = load(fs.join(index_uri, VALUES))
         keys_uri = fs.join(index_uri, KEYS)
-        self.keys = _load(keys_uri) if fs.exists(keys_uri) else None
+        self.keys = load(keys_uri) if fs.exists(keys_uri) else None
         self.index_uri = index_uri
 
     def values_of(self, ids: np.ndarray) -> np.ndarray:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import tempfile
 
-from pipelines.named_decoder import decoder_inputs, decoder_path
+from pipelines.named_decoder import decoder_inputs, decoder_uri
 from pipelines.stage import Context, Published, ShardWorker, Stage
 from pipelines.tokenizer import check_same_tokenizer, load_tokenizer
 from pipelines.windows import encode_rows
-from storage import fs
+from storage import fs, local_cache
 from storage.errors import MemforgeError
 from storage.paths import split_roles
 from storage.shards import Shard, ShardPlan
@@ -43,8 +43,9 @@ class EncodeShards(ShardWorker):
         self.device_name = devices.describe(self.device)
         self.autocast = lambda: devices.autocast(self.device, spec["precision"])
 
-        def load():
-            model = load_encoder(spec["model_path"], spec["trust_remote_code"]).to(self.device)
+        def load():  # from the model's URL: a worker needs nothing on the driver's disk
+            path = local_cache.local_path(spec["model_uri"], spec["model_key"])
+            model = load_encoder(path, spec["trust_remote_code"]).to(self.device)
             return model, RepresentationCapture(model, spec["representation"], spec["layer"])
 
         # once per process and thread (a capture holds the last forward pass's representation)
@@ -68,13 +69,14 @@ class EncodeShards(ShardWorker):
         return store.write_shard(shard, keys, vals), {"window_tokens": window_tokens, "device": self.device_name}
 
 
-def encoder_spec(params, model_path: str) -> dict:
-    """Check the encoder against the params; return what workers need to run it."""
+def encoder_spec(params, model_uri: str, model_key: str) -> dict:
+    """Check the encoder against the params; return what workers need to run it (its URL, not a path)."""
     from pipelines import devices
     from pipelines.encoder import EncoderError, RepresentationCapture, hidden_size, load_encoder, \
         max_positions, model_fingerprint
 
     device = devices.resolve(params.encode.device, "encode.device")  # before any work: a missing GPU is named
+    model_path = local_cache.local_path(model_uri, model_key)
     model = load_encoder(model_path, params.encode.trust_remote_code)
     limit = max_positions(model)
     if limit is not None and params.encode.block_size > limit:
@@ -82,7 +84,7 @@ def encoder_spec(params, model_path: str) -> dict:
                            f"({limit}) of the model at {model_path}")
     RepresentationCapture(model, params.encode.representation, params.encode.layer).handle.remove()
     return {
-        "model_path": model_path, "model_fingerprint": model_fingerprint(model_path),
+        "model_uri": model_uri, "model_key": model_key, "model_fingerprint": model_fingerprint(model_path),
         "model_class": type(model).__name__, "vocab_size": int(model.config.vocab_size),
         "hidden_size": hidden_size(model), "max_positions": limit,
         "trust_remote_code": params.encode.trust_remote_code, "representation": params.encode.representation,
@@ -112,8 +114,9 @@ class Encode(Stage):
         return ("tokens",) + decoder_inputs(ctx.params)
 
     def check(self, ctx: Context) -> None:
-        model_path = decoder_path(ctx)  # the encoder: encode.model, else the trained decoder
-        spec = ctx.scratch["spec"] = encoder_spec(ctx.params, model_path)
+        model_uri, model_key = decoder_uri(ctx)  # the encoder: encode.model, else the trained decoder
+        model_path = local_cache.local_path(model_uri, model_key)
+        spec = ctx.scratch["spec"] = encoder_spec(ctx.params, model_uri, model_key)
         tokens = ctx.inputs["tokens"]
         if tokens.manifest["counts"]["vocab_size"] > spec["vocab_size"]:
             raise MemforgeError(f"{model_path}: model vocabulary ({spec['vocab_size']}) is smaller than the token "

@@ -9,7 +9,7 @@ import threading
 import faiss
 import numpy as np
 
-from storage import fs
+from storage import fs, local_cache
 from storage.errors import MemforgeError
 from storage.params import IndexParams
 
@@ -111,24 +111,25 @@ def write(index: faiss.Index, uri: str) -> str:
     return fs.write_bytes_atomic(uri, faiss.serialize_index(index))
 
 
-def read(uri: str, mmap: bool = False) -> faiss.Index:
-    """Read an index; local files may be memory-mapped (FAISS's IO_FLAG_MMAP)."""
-    if fs.is_local(uri):
-        return faiss.read_index(fs.normalize(uri), faiss.IO_FLAG_MMAP if mmap else 0)
+def read(uri: str, mmap: bool = False, content_key: str | None = None) -> faiss.Index:
+    """Read an index; with ``mmap`` its file is memory-mapped (FAISS's IO_FLAG_MMAP), from the local copy
+    fetched once per process for ``content_key`` when it lies on an object store."""
+    if fs.is_local(uri) or (mmap and content_key):
+        return faiss.read_index(local_cache.local_path(uri, content_key), faiss.IO_FLAG_MMAP if mmap else 0)
     filesystem, path = fs.filesystem(uri)
     with filesystem.open(path, "rb") as handle:
         return faiss.deserialize_index(np.frombuffer(handle.read(), dtype=np.uint8))
 
 
-def read_merged(index_uri: str) -> faiss.Index:
+def read_merged(index_uri: str, content_key: str = "") -> faiss.Index:
     """The on-disk merged index; its inverted lists are memory-mapped read-only from ``merged.ivfdata``
-    found beside it (so the artifact can move), never loaded into memory. (FAISS's IO_FLAG_ONDISK_SAME_DIR
-    does the same but prints to the C stdout, which memforge keeps for results.)"""
-    if not fs.is_local(index_uri):
-        raise MemforgeError(f"{index_uri}: a merged on-disk index must be on local storage")
-    index = faiss.read_index(fs.normalize(fs.join(index_uri, MERGED)), faiss.IO_FLAG_SKIP_IVF_DATA)
+    found beside it (so the artifact can move), never loaded into memory; on an object store both files are
+    fetched once per process for ``content_key``. (FAISS's IO_FLAG_ONDISK_SAME_DIR does the same but prints
+    to the C stdout, which memforge keeps for results.)"""
+    index = faiss.read_index(local_cache.local_path(fs.join(index_uri, MERGED), content_key),
+                             faiss.IO_FLAG_SKIP_IVF_DATA)
     lists = faiss.downcast_InvertedLists(ivf_of(index).invlists)
-    lists.filename = fs.normalize(fs.join(index_uri, MERGED_DATA))
+    lists.filename = local_cache.local_path(fs.join(index_uri, MERGED_DATA), content_key)
     lists.read_only = True
     lists.do_mmap()
     # FAISS would start 32 prefetch threads per search call; the lists are paged in on first touch
@@ -147,12 +148,13 @@ class ShardedIndex:
     (see ``faiss_gpu``) the searchers are copied to GPU memory.
     """
 
-    def __init__(self, index_uri: str, shard_names: list[str], nprobe: int, merged: bool,
+    def __init__(self, index_uri: str, content_key: str, shard_names: list[str], nprobe: int, merged: bool,
                  gpu: str | int | None = None):
         if merged:
-            self.shards = [read_merged(index_uri)]
+            self.shards = [read_merged(index_uri, content_key)]
         else:
-            self.shards = [read(fs.join(index_uri, shard_file(n)), mmap=True) for n in shard_names]
+            self.shards = [read(fs.join(index_uri, shard_file(n)), mmap=True, content_key=content_key)
+                           for n in shard_names]
         ivfs = [ivf_of(shard) for shard in self.shards]
         if len(self.shards) > 1 and all(ivf is not None for ivf in ivfs):
             self.lists = faiss.InvertedListsPtrVector()

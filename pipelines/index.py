@@ -197,18 +197,20 @@ class Index(Stage):
             "seed": ctx.params.index.seed, "faiss_version": faiss.__version__,
             "merge": merge, "dim": keys.dim, "exact_keys": ctx.params.index.exact_keys,
         }
-        stats.update(self.recall(ctx, root, plan, keys, merge))
+        stats.update(self.recall(ctx, build, plan, keys, merge))
         return Published(counts={"rows": n_rows, "datastore_rows": n_rows, "dim": keys.dim}, stats=stats)
 
-    def recall(self, ctx: Context, root: str, plan: ShardPlan, keys: KeyStore, merge: str) -> dict:
+    def recall(self, ctx: Context, build, plan: ShardPlan, keys: KeyStore, merge: str) -> dict:
         """Step ``recall``: recall@k against exact search on a seeded sample of validation keys."""
-        searcher = faiss_index.ShardedIndex(root, [s.name for s in plan.shards], ctx.params.index.nprobe,
-                                            merged=merge == "ondisk")
+        root = build.uri
+        searcher = faiss_index.ShardedIndex(root, build.fingerprint, [s.name for s in plan.shards],
+                                            ctx.params.index.nprobe, merged=merge == "ondisk")
         validation = KeyStore.open(ctx.inputs["keys/validation"].uri)
         n_queries = validation.rows.n_rows
         rows = np.sort(np.random.default_rng(ctx.params.index.seed + 1).choice(
             n_queries, min(n_queries, ctx.params.index.recall_queries), replace=False))
         k = min(ctx.params.index.recall_k, keys.rows.n_rows)
-        found = round(recall_at_k(searcher, key_blocks(keys, plan, DatastoreRows(root)), validation.take(rows), k), 4)
+        blocks = key_blocks(keys, plan, DatastoreRows(root, build.fingerprint))
+        found = round(recall_at_k(searcher, blocks, validation.take(rows), k), 4)
         log.info("index: recall@%d = %.4f on %d held-out queries", k, found, len(rows))
         return {"recall_k": k, "recall_queries": len(rows), "recall_at_k": found}

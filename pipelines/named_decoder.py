@@ -5,11 +5,7 @@ Never whatever happens to be on disk: a trained decoder left from an earlier run
 """
 from __future__ import annotations
 
-import atexit
-import shutil
-import tempfile
-
-from storage import fs
+from storage import local_cache
 
 
 def external_decoder(params, fingerprint: str) -> dict:
@@ -23,14 +19,15 @@ def decoder_inputs(params) -> tuple[str, ...]:
     return () if params.encode.model else ("decoder",)
 
 
-def decoder_path(ctx) -> str:
-    """The decoder's local model directory: the artifact's own on local storage, else a copy in a scratch
-    directory removed when the process exits."""
+def decoder_uri(ctx) -> tuple[str, str]:
+    """(URL of the decoder's model directory, a key identifying its content): ``encode.model`` (a local
+    path or any fsspec URL) or the trained decoder artifact's model."""
     if ctx.params.encode.model:
-        return ctx.params.encode.model
-    model = ctx.inputs["decoder"].path("model")
-    if fs.is_local(model):
-        return fs.normalize(model)
-    scratch = tempfile.mkdtemp(prefix="memforge-decoder-")
-    atexit.register(shutil.rmtree, scratch, True)
-    return fs.local_dir(model, scratch)
+        return ctx.params.encode.model, local_cache.listing_key(ctx.params.encode.model)
+    return ctx.inputs["decoder"].path("model"), ctx.inputs["decoder"].content_digest
+
+
+def decoder_path(ctx) -> str:
+    """A local directory with the decoder's model: in place when local, else this process's copy (fetched
+    once, removed at exit)."""
+    return local_cache.local_path(*decoder_uri(ctx))

@@ -22,7 +22,7 @@ import numpy as np
 from pipelines.corpus import CorpusError, SourceFile, document_split, read_documents, source_files
 from pipelines.stage import Context, Published, ShardWorker, Stage
 from pipelines.tokenizer import load_tokenizer, train_tokenizer
-from storage import fs
+from storage import fs, local_cache
 from storage.params import CorpusParams
 from storage.paths import SPLITS
 from storage.shards import Shard, ShardPlan, load_plan
@@ -51,8 +51,9 @@ def _write_tokenizer(params, files: list[SourceFile], uri: str) -> None:
     """Copy the configured tokenizer into the artifact, or train one on the train split."""
     with tempfile.TemporaryDirectory() as scratch:
         source = params.encode.model or params.decoder.init
-        if source:
-            load_tokenizer(source, params.encode.trust_remote_code).save_pretrained(scratch)
+        if source:  # a local directory or any fsspec URL
+            local = local_cache.local_path(source, local_cache.listing_key(source))
+            load_tokenizer(local, params.encode.trust_remote_code).save_pretrained(scratch)
         else:
             log.info("prepare: training a byte-level BPE tokenizer (vocab %d) on the train split",
                      params.decoder.vocab_size)

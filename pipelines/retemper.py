@@ -90,7 +90,7 @@ def retemper(targets_uri: str, temperature: float, k: int | None = None, out: st
     n_rows = stored_neighbours.rows.n_rows
     chunk = stored.rows.array("probs").chunks[0]  # each store in its source's geometry
     neighbour_unit, unit = stored_neighbours.rows.unit_rows(), stored.rows.unit_rows()
-    rows = DatastoreRows(inputs["index"].uri)
+    rows = DatastoreRows(inputs["index"].uri, inputs["index"].fingerprint)
     created = {}
 
     def create() -> None:

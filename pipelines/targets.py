@@ -44,9 +44,9 @@ class SearchShards(ShardWorker):
         common = self.common
         self.index, self.rows = worker_cache.cached(
             ("search", common["index_fingerprint"], common["nprobe"], common["gpu"]),
-            lambda: (faiss_index.ShardedIndex(common["index_uri"], common["index_shards"], common["nprobe"],
-                                              common["merged"], common["gpu"]),
-                     datastore_rows.DatastoreRows(common["index_uri"])))
+            lambda: (faiss_index.ShardedIndex(common["index_uri"], common["index_fingerprint"], common["index_shards"],
+                                              common["nprobe"], common["merged"], common["gpu"]),
+                     datastore_rows.DatastoreRows(common["index_uri"], common["index_fingerprint"])))
         self.outputs = {}
         for role, spec in self.splits.items():
             self.outputs[role] = (KeyStore.open(spec["queries_uri"]),

@@ -36,7 +36,8 @@ class CorpusParams(Section):
 
 
 class DecoderParams(Section):
-    """The decoder LM: trained from scratch (``init: null``) or fine-tuned from a local HF dir."""
+    """The decoder LM: trained from scratch (``init: null``) or fine-tuned from a HF model directory (local
+    path or fsspec URL)."""
 
     init: Optional[str] = None
     vocab_size: int = Field(default=4096, gt=0)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections import Counter
 
 from chain import stage_args
 from flows.cli import main
@@ -12,9 +14,20 @@ from flows.stages import stage_names
 BUCKET = "memforge-test"
 
 
-def test_the_whole_chain_on_s3(chain, s3_server, tmp_path, capsys):
+def test_the_whole_chain_on_s3(chain, s3_server, tmp_path, capsys, monkeypatch):
+    """... and each index file is downloaded at most once by this process (index's recall, targets' search
+    threads and evaluate share one local copy); a decoder on S3 named by URL as encode.model encodes the
+    same keys, its Beam worker processes fetching it from the URL themselves."""
     import s3fs
 
+    downloads: Counter[str] = Counter()
+    download = s3fs.S3FileSystem._get_file
+
+    async def counted(self, rpath, lpath, **kwargs):
+        downloads[rpath] += 1
+        return await download(self, rpath, lpath, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", counted)
     s3 = s3fs.S3FileSystem(use_listings_cache=False)
     s3.mkdir(BUCKET)
     s3.put(str(chain["root"] / "corpus") + "/", f"{BUCKET}/corpus/", recursive=True)
@@ -40,6 +53,17 @@ def test_the_whole_chain_on_s3(chain, s3_server, tmp_path, capsys):
     capsys.readouterr()
     assert main(["verify", f"{art}/keys/train"]) == 1
     assert victim in capsys.readouterr().out
+    index_files = {path.rsplit("/", 1)[-1]: count for path, count in downloads.items() if "/art/index/" in path}
+    print("downloads of index files by this process:", index_files)
+    assert {"values.npy", "keys.f32.npy"} <= index_files.keys() and set(index_files.values()) == {1}
+
+    local = tmp_path / "art"
+    local.mkdir()
+    os.symlink(chain["art"] / "tokens", local / "tokens")
+    assert main(["encode", *stage_args(chain["root"], local, **{"encode.model": f"{art}/decoder/model"})]) == 0
+    for split in ("train", "validation"):
+        encoded = json.loads((local / "keys" / split / "_manifest.json").read_text())
+        assert encoded["files"] == json.loads((chain["art"] / "keys" / split / "_manifest.json").read_text())["files"]
 
 
 def test_encode_killed_on_s3_resumes_to_the_same_files(chain, s3_server, caplog):

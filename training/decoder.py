@@ -21,7 +21,7 @@ from pipelines import devices
 from pipelines.encoder import retie_output_embeddings
 from pipelines.stage import Context, Published, Stage
 from pipelines.tokenizer import check_same_tokenizer, load_tokenizer
-from storage import fs
+from storage import fs, local_cache
 from storage.errors import MemforgeError
 from storage.stores import TOKENIZER_DIR
 from training.checkpoint import DIR as CHECKPOINTS_DIR
@@ -37,7 +37,8 @@ LOSS_CURVE = "loss.json"
 
 
 def build_model(config, tokenizer) -> torch.nn.Module:
-    """A fresh GPT-2 sized by ``config`` for ``tokenizer``, or the local HF model at ``config.init``."""
+    """A fresh GPT-2 sized by ``config`` for ``tokenizer``, or the HF model at ``config.init`` (a local
+    directory or any fsspec URL, fetched once)."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     if config.init is None:
@@ -46,11 +47,12 @@ def build_model(config, tokenizer) -> torch.nn.Module:
             n_head=config.n_head, n_embd=config.n_embd,
             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.init, dtype=torch.float32)
+        path = local_cache.local_path(config.init, local_cache.listing_key(config.init))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise MemforgeError(f"decoder.init: {config.init}: cannot load a causal LM: {exc}") from None
-    retie_output_embeddings(model, config.init)
-    check_same_tokenizer(config.init, tokenizer, "decoder.init")
+    retie_output_embeddings(model, path)
+    check_same_tokenizer(path, tokenizer, "decoder.init")
     return model
 
 

@@ -147,9 +147,9 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
     with tempfile.TemporaryDirectory() as scratch:
         memory = MLPMemory.load(fs.local_dir(memory_artifact.path("model"), scratch)).to(device)
     memory_params = memory_artifact.manifest["params"]
-    searcher = faiss_index.ShardedIndex(index.uri, [s.name for s in load_plan(index.uri).shards], config.nprobe,
-                                        index.manifest["stats"]["merge"] == "ondisk")
-    rows_store = DatastoreRows(index.uri)
+    searcher = faiss_index.ShardedIndex(index.uri, index.fingerprint, [s.name for s in load_plan(index.uri).shards],
+                                        config.nprobe, index.manifest["stats"]["merge"] == "ondisk")
+    rows_store = DatastoreRows(index.uri, index.fingerprint)
     exact = rows_store.keys is not None
     scorer = Scorer(decoder, TokenStream(tokens, "validation"), queries.manifest["counts"]["rows"],
                     stats["block_size"], stats["stride"], config.batch_size)
