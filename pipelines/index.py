@@ -113,7 +113,8 @@ def _resolve_merge(merge: str, is_ivf: bool, root: str) -> str:
     if merge == "auto":
         return "ondisk" if is_ivf and fs.is_local(root) else "none"
     if merge == "ondisk" and not fs.is_local(root):
-        raise MemforgeError("index.merge: ondisk needs a local artifacts_dir (FAISS memory-maps the merged lists)")
+        raise MemforgeError("index.merge: ondisk needs a local artifacts_dir (FAISS writes the merged lists to a "
+                            "local file; a merged index copied to an object store is searched from there)")
     if merge == "ondisk" and not is_ivf:
         raise MemforgeError("index.merge: ondisk applies to IVF indexes only; use index.merge: none")
     return merge

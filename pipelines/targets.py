@@ -43,7 +43,7 @@ class SearchShards(ShardWorker):
     def setup(self) -> None:
         common = self.common
         self.index, self.rows = worker_cache.cached(
-            ("search", common["index_fingerprint"], common["nprobe"], common["gpu"]),
+            ("search", common["index_uri"], common["index_fingerprint"], common["nprobe"], common["gpu"]),
             lambda: (faiss_index.ShardedIndex(common["index_uri"], common["index_fingerprint"], common["index_shards"],
                                               common["nprobe"], common["merged"], common["gpu"]),
                      datastore_rows.DatastoreRows(common["index_uri"], common["index_fingerprint"])))

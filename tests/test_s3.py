@@ -93,3 +93,31 @@ def test_encode_killed_on_s3_resumes_to_the_same_files(chain, s3_server, caplog)
         resumed = json.loads(s3.cat(f"{BUCKET}-resume/art/keys/{split}/_manifest.json"))
         assert resumed["files"] == json.loads((chain["art"] / "keys" / split / "_manifest.json").read_text())["files"]
         assert verify(f"{art}/keys/{split}") == []
+
+
+def test_targets_search_a_merged_on_disk_index_that_lies_on_s3(chain, s3_server, tmp_path):
+    """An IVF-PQ index merged on disk (built locally, where FAISS writes the merged lists), copied to S3 with
+    the rest of the chain: targets there search it through the local cache (merged.index and merged.ivfdata
+    fetched once) and write the same files as the local run."""
+    import s3fs
+
+    from storage import local_cache
+
+    index_settings = {"index.factory": "IVF16,PQ8", "index.nprobe": 4, "index.train_points_per_list": 39}
+    local = tmp_path / "art"
+    local.mkdir()
+    for name in ("tokens", "keys"):
+        os.symlink(chain["art"] / name, local / name)
+    for stage in ("index", "targets"):
+        assert main([stage, *stage_args(chain["root"], local, **index_settings)]) == 0
+    assert json.loads((local / "index" / "_manifest.json").read_text())["stats"]["merge"] == "ondisk"
+    s3 = s3fs.S3FileSystem(use_listings_cache=False)
+    s3.mkdir(f"{BUCKET}-merged")
+    for name, source in (("tokens", chain["art"]), ("keys", chain["art"]), ("index", local)):
+        s3.put(str(source / name) + "/", f"{BUCKET}-merged/art/{name}/", recursive=True)
+    art = f"s3://{BUCKET}-merged/art"
+    assert main(["targets", *stage_args(chain["root"], art, **index_settings)]) == 0
+    for split in ("train", "validation"):
+        on_s3 = json.loads(s3.cat(f"{BUCKET}-merged/art/targets/{split}/_manifest.json"))
+        assert on_s3["files"] == json.loads((local / "targets" / split / "_manifest.json").read_text())["files"]
+    assert [local_cache.fetches[f"{art}/index/{name}"] for name in ("merged.index", "merged.ivfdata")] == [1, 1]
