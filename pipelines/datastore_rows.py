@@ -3,8 +3,9 @@
 ``values.npy`` (int32, the next token of every datastore row) turns neighbour ids into tokens,
 and ``keys.f32.npy`` (the stored keys as float32, optional: ``index.exact_keys``) gives exact
 squared L2 distances for re-ranking PQ results. Both are plain ``.npy`` files that every search
-worker memory-maps (from an object store: a local copy fetched once per worker process), so the page cache holds one copy per machine rather than one per worker, and
-a lookup reads only the rows it needs. Distances are FAISS's ``fvec_L2sqr_by_idx`` (C++).
+worker memory-maps (from an object store: a local copy fetched once per worker process), so the
+page cache holds one copy per machine rather than one per worker, and a lookup reads only the rows
+it needs. Distances are FAISS's ``fvec_L2sqr_by_idx`` (C++).
 """
 from __future__ import annotations
 

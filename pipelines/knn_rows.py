@@ -95,7 +95,8 @@ def sparse_distributions(dists, values, temperature, width, out_tokens, out_prob
                 continue
             slot = min(kept, width - 1)
             while slot > 0 and _ranks_before(p32, token, best_p32[slot - 1], best_token[slot - 1]):
-                best_p32[slot], best_token[slot], best_p[slot] = best_p32[slot - 1], best_token[slot - 1], best_p[slot - 1]
+                best_p32[slot], best_token[slot] = best_p32[slot - 1], best_token[slot - 1]
+                best_p[slot] = best_p[slot - 1]
                 slot -= 1
             best_p32[slot], best_token[slot], best_p[slot] = p32, token, p
             kept = min(kept + 1, width)
