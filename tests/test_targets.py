@@ -351,3 +351,31 @@ def test_query_blocks_and_optional_neighbours(chain, tmp_path, capsys):
     assert "retemper needs the stored neighbours" in capsys.readouterr().err
     assert main(["explain", str(art / "targets" / "validation"), "--row", "0"]) == 1
     assert "targets.keep_neighbours: false" in capsys.readouterr().err
+
+
+def test_unmerged_ivf_shards_and_pq_distances_are_working_configurations(datastore, tmp_path):
+    """IVF with ``index.merge: none`` (the only path on object stores: shards' lists stacked at search time)
+    finds the same neighbours as the merged on-disk index; ``index.exact_keys: false`` with
+    ``targets.exact_distances: false`` stores PQ distances in ascending order and verifies."""
+    ivf = ["--set", "index.factory=IVF16,PQ8", "--set", "index.nprobe=4", "--set", "index.train_points_per_list=39",
+           "--set", "index.exact_keys=false", "--set", "targets.exact_distances=false"]
+    runs = {}
+    for merge in ("none", "ondisk"):
+        art = tmp_path / merge
+        art.mkdir()
+        for name in ("tokens", "keys"):
+            os.symlink(datastore["art"] / name, art / name)
+        args = [*datastore["args"], "--set", f"artifacts_dir={art}", *ivf, "--set", f"index.merge={merge}"]
+        for stage in ("index", "targets"):
+            assert main([stage, *args, *datastore["beam"]]) == 0, (merge, stage)
+        index = open_artifact(str(art / "index"), "index").manifest
+        assert index["stats"]["merge"] == merge and "keys.f32.npy" not in index["files"]
+        runs[merge] = art / "targets" / "train"
+        assert verify(str(runs[merge])) == []
+    unmerged, merged = (NeighbourStore.open(str(runs[name])) for name in ("none", "ondisk"))
+    np.testing.assert_array_equal(unmerged.ids(), merged.ids())
+    np.testing.assert_array_equal(unmerged.dists(), merged.dists())
+    dists = unmerged.dists()
+    assert np.all(np.diff(np.where(np.isfinite(dists), dists, np.inf), axis=1) >= 0), "PQ distances ascending"
+    probs = DistributionStore.open(str(runs["none"]))
+    np.testing.assert_allclose(probs.probs().sum(axis=1) + probs.truncated(), 1.0, atol=1e-5)
