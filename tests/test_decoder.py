@@ -105,3 +105,22 @@ def test_fine_tuning_needs_the_token_store_tokenizer(trained, tmp_path, capsys):
     assert main(["train-decoder", *settings_args(trained["root"], art, **{"decoder.init": other})]) == 1
     assert "its tokenizer differs from the token store's" in capsys.readouterr().err
     assert not (art / "decoder" / "_manifest.json").exists()
+
+
+def test_fine_tuning_from_decoder_init_starts_from_its_weights(trained, tmp_path):
+    """``decoder.init`` naming a model with the token store's tokenizer (here: the trained decoder) fine-tunes
+    it: the run succeeds, starts from its low loss instead of a fresh model's, records the init, and the
+    result loads with from_pretrained."""
+    init = trained["art"] / "decoder" / "model"
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "tokens").symlink_to(trained["art"] / "tokens")
+    assert main(["train-decoder", *settings_args(trained["root"], art, **{"decoder.init": init,
+                                                                          "decoder.max_steps": 5})]) == 0
+    tuned = json.loads((art / "decoder" / "loss.json").read_text())
+    fresh = json.loads((trained["art"] / "decoder" / "loss.json").read_text())
+    print(f"first loss: fine-tuned {tuned[0]['loss']:.3f}, from scratch {fresh[0]['loss']:.3f}")
+    assert tuned[0]["loss"] < 0.75 * fresh[0]["loss"]
+    manifest = open_artifact(str(art / "decoder"), "decoder").manifest
+    assert manifest["stats"]["init"] == str(init) and verify(str(art / "decoder")) == []
+    AutoModelForCausalLM.from_pretrained(art / "decoder" / "model")
