@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from transformers import AutoModel
 
 from chain import rewrite_manifest, stage_args
 from flows.cli import main
@@ -16,7 +17,7 @@ from pipelines.encoder import load_encoder
 from storage.artifact import open_artifact
 from storage.stores import KeyStore, TokenStore
 from storage.verify import verify
-from training.mlp_memory import MLPMemory
+from training.mlp_memory import MODEL_TYPE  # importing it registers the memory with the Auto classes
 
 LAMBDA, K, T = 0.25, 8, 4.0
 
@@ -34,7 +35,8 @@ def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, np.n
     key and softmax(-d/T) over the k nearest; memory: log(λ_m p_mem + (1-λ_m) p_dec) with p_mem the
     memory's softmax."""
     model = load_encoder(str(art / "decoder" / "model"))
-    memory = MLPMemory.load(str(art / "memory" / "model")).double()
+    memory = AutoModel.from_pretrained(str(art / "memory" / "model")).double()  # the standard loader
+    assert memory.config.model_type == MODEL_TYPE
     memory_lambda = open_artifact(str(art / "eval"), "evaluation").params["memory_lambda"]
     captured = {}
     model.transformer.h[-1].mlp.register_forward_pre_hook(lambda _m, args: captured.update(q=args[0]))

@@ -9,6 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModel
 
 from crash import kill_when, rerun
 from flows.cli import main
@@ -34,10 +37,25 @@ def test_offline_memory_learns_and_loads(chain):
     assert manifest["stats"]["mode"] == "offline" and manifest["params"]["resolved_mode"] == "offline"
     curve = json.loads((memory / "loss.json").read_text())
     assert len(curve) == 30 and np.mean([p["kl"] for p in curve[-5:]]) < np.mean([p["kl"] for p in curve[:5]])
-    model = MLPMemory.load(str(memory / "model"))
+    model = AutoModel.from_pretrained(str(memory / "model"))  # the standard loader
+    assert isinstance(model, MLPMemory) and not model.training
     decoder = load_encoder(str(chain["art"] / "decoder" / "model"))
     assert model.config.input_dim == 48 and model.config.vocab_size == decoder.config.vocab_size
     assert torch.equal(model.head.weight, decoder.get_output_embeddings().weight)  # lm_head: frozen
+    # Its logits are those of the saved weights, applied by hand.
+    weights = load_file(str(memory / "model" / "model.safetensors"))
+    hidden = torch.randn(5, 48)
+    expected = hidden
+    for block in range(model.config.depth):
+        w = {name: weights[f"blocks.{block}.{name}"] for name in ("norm.weight", "norm.bias", "up.weight", "up.bias",
+                                                                 "down.weight", "down.bias")}
+        normed = F.layer_norm(expected, (48,), w["norm.weight"], w["norm.bias"])
+        expected = expected + F.linear(F.gelu(F.linear(normed, w["up.weight"], w["up.bias"])), w["down.weight"],
+                                       w["down.bias"])
+    expected = F.linear(F.layer_norm(expected, (48,), weights["norm.weight"], weights["norm.bias"]),
+                        weights["head.weight"])
+    with torch.no_grad():
+        assert torch.allclose(model(hidden), expected, atol=1e-5)
     assert verify(str(memory)) == []
 
 

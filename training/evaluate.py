@@ -145,7 +145,7 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
     stats = queries.manifest["stats"]
     decoder = load_encoder(decoder_path, params.encode.trust_remote_code).to(device)
     with tempfile.TemporaryDirectory() as scratch:
-        memory = MLPMemory.load(fs.local_dir(memory_artifact.path("model"), scratch)).to(device)
+        memory = MLPMemory.from_pretrained(fs.local_dir(memory_artifact.path("model"), scratch)).to(device).eval()
     memory_params = memory_artifact.manifest["params"]
     searcher = faiss_index.ShardedIndex(index.uri, index.fingerprint, [s.name for s in load_plan(index.uri).shards],
                                         config.nprobe, index.manifest["stats"]["merge"] == "ondisk")

@@ -185,7 +185,7 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
     seconds = time.perf_counter() - started
     memory.to("cpu")  # the saved memory loads anywhere
     with tempfile.TemporaryDirectory() as scratch:
-        memory.save(scratch)
+        memory.save_pretrained(scratch)
         fs.upload_dir(scratch, fs.join(uri, MODEL_DIR))
     fs.write_json_atomic(fs.join(uri, LOSS_CURVE),
                          [{"step": s, "loss": v, "kl": kl, "ce": ce} for s, v, kl, ce in losses])

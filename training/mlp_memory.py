@@ -3,32 +3,30 @@
 Each block is LayerNorm -> up-projection (``hidden_mult`` x width) -> activation -> down-projection,
 added to its input; a final LayerNorm and an LM head follow. The head is the memory's own, or the
 decoder's LM head copied in, either frozen or trained further (``lm_head: frozen | tied | own``).
-Saved as a Hugging Face-style directory: ``config.json`` + ``model.safetensors``.
+A standard Hugging Face model: ``MemoryConfig`` / ``MLPMemory`` are a ``PretrainedConfig`` /
+``PreTrainedModel`` pair registered with the Auto classes (model type ``memforge-mlp-memory``), saved with
+``save_pretrained`` (``config.json`` + ``model.safetensors``); once this module is imported,
+``AutoModel.from_pretrained(artifacts/memory/model)`` loads it.
 """
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass
-
 import torch
-from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
+MODEL_TYPE = "memforge-mlp-memory"
 _ACTIVATIONS = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU, "silu": torch.nn.SiLU}
 
 
-@dataclass(frozen=True)
-class MemoryConfig:
+class MemoryConfig(PretrainedConfig):
     """Shape of an MLP memory (travels inside its directory)."""
 
-    input_dim: int
-    vocab_size: int
-    depth: int = 4
-    hidden_mult: int = 4
-    activation: str = "gelu"
-    lm_head: str = "frozen"
+    model_type = MODEL_TYPE
+
+    def __init__(self, input_dim: int = 768, vocab_size: int = 50257, depth: int = 4, hidden_mult: int = 4,
+                 activation: str = "gelu", lm_head: str = "frozen", **kwargs):
+        self.input_dim, self.vocab_size, self.depth = input_dim, vocab_size, depth
+        self.hidden_mult, self.activation, self.lm_head = hidden_mult, activation, lm_head
+        super().__init__(**kwargs)
 
     def build(self) -> "MLPMemory":
         return MLPMemory(self)
@@ -46,17 +44,23 @@ class _Block(torch.nn.Module):
         return x + self.down(self.act(self.up(self.norm(x))))
 
 
-class MLPMemory(torch.nn.Module):
+class MLPMemory(PreTrainedModel):
     """Hidden state [.., d] -> logits [.., vocab]."""
 
+    config_class = MemoryConfig
+    base_model_prefix = "memory"
+
     def __init__(self, config: MemoryConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         width = config.input_dim
         self.blocks = torch.nn.ModuleList(_Block(width, width * config.hidden_mult, config.activation)
                                           for _ in range(config.depth))
         self.norm = torch.nn.LayerNorm(width)
         self.head = torch.nn.Linear(width, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """PyTorch's own initialisation of each layer, as built (seeded by ``memory.seed``)."""
 
     def use_decoder_head(self, weight: torch.Tensor) -> None:
         """Start from the decoder's LM head [vocab, d]; frozen unless ``lm_head`` is ``tied``."""
@@ -72,18 +76,6 @@ class MLPMemory(torch.nn.Module):
             hidden = block(hidden)
         return self.head(self.norm(hidden))
 
-    def save(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG), "w") as handle:
-            json.dump({"model_type": "memforge-mlp-memory", **asdict(self.config)}, handle, indent=2, sort_keys=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  os.path.join(directory, WEIGHTS))
 
-    @classmethod
-    def load(cls, directory: str) -> "MLPMemory":
-        with open(os.path.join(directory, CONFIG)) as handle:
-            config = json.load(handle)
-        config.pop("model_type", None)
-        memory = cls(MemoryConfig(**config))
-        memory.load_state_dict(load_file(os.path.join(directory, WEIGHTS)))
-        return memory.eval()
+AutoConfig.register(MODEL_TYPE, MemoryConfig)
+AutoModel.register(MemoryConfig, MLPMemory)
