@@ -9,6 +9,10 @@ it needs. Distances are FAISS's ``fvec_L2sqr_by_idx`` (C++).
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import itertools
+
 import faiss
 import numpy as np
 
@@ -22,24 +26,33 @@ VALUES = "values.npy"
 KEYS = "keys.f32.npy"
 
 
-def _write_npy(uri: str, dtype: np.dtype, shape: tuple[int, ...], blocks) -> None:
-    """Stream ``blocks`` (in row order) into one ``.npy`` file, published atomically."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+def _write_npy(uri: str, dtype: np.dtype, shape: tuple[int, ...], blocks) -> str:
+    """Stream ``blocks`` (in row order) into one ``.npy`` file, published atomically; return its checksum,
+    hashed on the way out."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": shape})
+    digest = hashlib.new(fs.CHECKSUM_ALGORITHM)
     with fs.atomic_writer(uri) as handle:
-        np.lib.format.write_array_header_1_0(handle, header)
-        for block in blocks:
-            handle.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+        for piece in itertools.chain([header.getvalue()], (np.ascontiguousarray(b, dtype=dtype).tobytes()
+                                                           for b in blocks)):
+            handle.write(piece)
+            digest.update(piece)
+    return digest.hexdigest()
 
 
-def write(keys: KeyStore, plan: ShardPlan, root: str, exact_keys: bool) -> None:
+def write(keys: KeyStore, plan: ShardPlan, root: str, exact_keys: bool) -> dict[str, str]:
     """Write ``values.npy`` (and ``keys.f32.npy`` when ``exact_keys``) from the key store, one shard at
-    a time; a file already written (by an interrupted run) is kept."""
-    n_rows = keys.rows.n_rows
+    a time; a file already written (by an interrupted run) is kept. Returns the checksums of the files
+    written now (the artifact's manifest takes them instead of reading the files back)."""
+    n_rows, written = keys.rows.n_rows, {}
     if not fs.exists(fs.join(root, VALUES)):
-        _write_npy(fs.join(root, VALUES), np.int32, (n_rows,), (keys.vals(s.start, s.stop) for s in plan.shards))
+        written[VALUES] = _write_npy(fs.join(root, VALUES), np.int32, (n_rows,),
+                                     (keys.vals(s.start, s.stop) for s in plan.shards))
     if exact_keys and not fs.exists(fs.join(root, KEYS)):
-        _write_npy(fs.join(root, KEYS), np.float32, (n_rows, keys.dim),
-                   (keys.keys(s.start, s.stop) for s in plan.shards))
+        written[KEYS] = _write_npy(fs.join(root, KEYS), np.float32, (n_rows, keys.dim),
+                                   (keys.keys(s.start, s.stop) for s in plan.shards))
+    return written
 
 
 class DatastoreRows:

@@ -183,7 +183,8 @@ def _in_threads(work: list[Callable[[], None]]):
 
 
 def _publish(build: ArtifactBuild, published: Published, runner: str | None) -> None:
-    build.publish(counts=published.counts, arrays=published.arrays, stats=published.stats, beam_runner=runner)
+    build.publish(counts=published.counts, arrays=published.arrays, stats=published.stats, beam_runner=runner,
+                  hashed=published.hashed)
     log.info("%s: published %s", build.kind, build.uri)
 
 

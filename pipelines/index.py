@@ -179,7 +179,8 @@ class Index(Stage):
         """Step ``datastore_rows``: the datastore in row order, written while the workers add the shards
         (not during training, whose OpenMP threads hold every core)."""
         keys, root, exact = ctx.inputs["keys/train"].uri, ctx.uri(role), ctx.params.index.exact_keys
-        return lambda: datastore_rows.write(KeyStore.open(keys), load_plan(keys), root, exact)
+        return lambda: ctx.scratch.update(hashed=datastore_rows.write(KeyStore.open(keys), load_plan(keys), root,
+                                                                      exact))
 
     def finalize(self, ctx: Context, role: str, build) -> Published:
         root, plan = build.uri, load_plan(build.uri)
@@ -199,7 +200,8 @@ class Index(Stage):
             "merge": merge, "dim": keys.dim, "exact_keys": ctx.params.index.exact_keys,
         }
         stats.update(self.recall(ctx, build, plan, keys, merge))
-        return Published(counts={"rows": n_rows, "datastore_rows": n_rows, "dim": keys.dim}, stats=stats)
+        return Published(counts={"rows": n_rows, "datastore_rows": n_rows, "dim": keys.dim}, stats=stats,
+                         hashed=ctx.scratch.get("hashed"))
 
     def recall(self, ctx: Context, build, plan: ShardPlan, keys: KeyStore, merge: str) -> dict:
         """Step ``recall``: recall@k against exact search on a seeded sample of validation keys."""

@@ -47,6 +47,7 @@ class Published:
     counts: dict[str, Any]
     arrays: dict[str, dict] | None = None
     stats: dict[str, Any] | None = None
+    hashed: dict[str, str] | None = None  # checksums of files written outside shards, taken as they were written
 
 
 class ShardWorker:

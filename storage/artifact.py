@@ -273,8 +273,8 @@ class ArtifactBuild:
                 self._records[shard.name] = self.markers.read(shard)
         return [self._records[shard.name] for shard in plan.shards]
 
-    def _checksums(self, plan: ShardPlan | None) -> dict[str, str]:
-        files = {}
+    def _checksums(self, plan: ShardPlan | None, hashed: dict[str, str]) -> dict[str, str]:
+        files = dict(hashed)
         if plan is not None:
             for record in self.shard_records(plan):
                 files.update(record["files"])
@@ -288,8 +288,11 @@ class ArtifactBuild:
         return dict(sorted(files.items()))
 
     def publish(self, *, counts: dict[str, Any], arrays: dict[str, dict] | None = None,
-                stats: dict[str, Any] | None = None, beam_runner: str | None = None) -> Artifact:
-        """Write ``_manifest.json`` last, atomically; refuses while planned shards lack markers."""
+                stats: dict[str, Any] | None = None, beam_runner: str | None = None,
+                hashed: dict[str, str] | None = None) -> Artifact:
+        """Write ``_manifest.json`` last, atomically; refuses while planned shards lack markers. Files are
+        recorded with the checksums their shard markers or ``hashed`` (taken as they were written) give;
+        only the rest are read to hash them."""
         plan = load_plan(self.uri) if fs.exists(fs.join(self.uri, PLAN_NAME)) else None
         if plan is not None:
             missing = self.pending(plan)
@@ -298,7 +301,7 @@ class ArtifactBuild:
                     f"{self.uri}: cannot publish, {len(missing)} of {len(plan.shards)} shards have no "
                     f"completion marker (first: {missing[0].name})"
                 )
-        files = self._checksums(plan)
+        files = self._checksums(plan, hashed or {})
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "kind": self.kind,

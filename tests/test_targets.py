@@ -93,8 +93,13 @@ def test_exact_index_targets_equal_brute_force(datastore, split):
     assert manifest["stats"]["self_query"] == (split == "train") and manifest["stats"]["k"] == K
 
 
-def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys):
-    """IVF-PQ: recall@k is measured and reported; top-1 token agrees with the exact targets on most rows."""
+def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys, monkeypatch):
+    """IVF-PQ: recall@k is measured and reported; top-1 token agrees with the exact targets on most rows.
+    The datastore rows (values.npy, keys.f32.npy) are hashed as they are written, never read back for it."""
+    from storage import fs
+
+    hashed_by_reading, checksum = [], fs.file_checksum
+    monkeypatch.setattr(fs, "file_checksum", lambda uri: hashed_by_reading.append(uri) or checksum(uri))
     art = tmp_path / "art"
     art.mkdir()
     for name in ("tokens", "keys"):
@@ -105,6 +110,9 @@ def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys):
         capsys.readouterr()
         assert main([stage, *args, *datastore["beam"]]) == 0
         assert capsys.readouterr().out.splitlines() == [str(art / stage)], "stdout carries only the result"
+        if stage == "index":  # (targets then re-hashes a sample of its inputs, as every stage does)
+            assert not [uri for uri in hashed_by_reading if uri.endswith(("values.npy", "keys.f32.npy"))]
+    assert {"values.npy", "keys.f32.npy"} <= open_artifact(str(art / "index"), "index").manifest["files"].keys()
     index = open_artifact(str(art / "index"), "index").manifest["stats"]
     assert index["factory"] == "IVF16,PQ8" and index["nlist"] == 16 and index["nprobe"] == 4
     assert index["merge"] == "ondisk" and (art / "index" / "merged.ivfdata").is_file()
