@@ -1,5 +1,6 @@
 """`dvc repro` of the project in a temporary git clone with tiny params: the whole chain, then only
-what a changed param reaches; `dvc push`/`dvc pull` through a local remote; lineage reads dvc.lock."""
+what a changed param reaches; `dvc push`/`dvc pull` through an S3 remote (the loopback S3 server), as the
+README describes; lineage reads dvc.lock."""
 from __future__ import annotations
 
 import json
@@ -69,8 +70,11 @@ def _changed_stages(status: str) -> set[str]:
     return {item.name for item in STAGES if f"{item.name}:" in status.split()}
 
 
-def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path):
-    clone, copy, remote = tmp_path / "clone", tmp_path / "copy", tmp_path / "remote"
+def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path, s3_server):
+    import s3fs
+
+    clone, copy = tmp_path / "clone", tmp_path / "copy"
+    s3fs.S3FileSystem(use_listings_cache=False).mkdir("memforge-dvc")
     _copy_working_tree(clone)
     params_file = write_project(clone)
 
@@ -138,7 +142,8 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path):
     assert after.pop("tokens") != before.pop("tokens")
     assert after == before
 
-    _run(clone, "dvc", "remote", "add", "-d", "store", str(remote))
+    _run(clone, "dvc", "remote", "add", "-d", "store", "s3://memforge-dvc/store")
+    _run(clone, "dvc", "remote", "modify", "store", "endpointurl", s3_server)
     _run(clone, "dvc", "push")
     _git(clone, "add", "dvc.lock", "params.yaml", ".dvc/config")
     _git(clone, "commit", "-q", "-m", "tiny demo")

@@ -46,6 +46,11 @@ def test_the_whole_chain_on_s3(chain, s3_server, tmp_path, capsys, monkeypatch):
     assert all(name in listed for name in ("tokens", "keys/train", "index", "targets/train", "memory", "eval"))
     assert main(["lineage", f"{art}/eval"]) == 0
     assert "memory" in capsys.readouterr().out
+    assert main(["retemper", f"{art}/targets/train", "--temperature", "2", "--out", f"{art}/targets/train-T2"]) == 0
+    assert main(["verify", f"{art}/targets/train-T2"]) == 0
+    capsys.readouterr()
+    assert main(["explain", f"{art}/targets/train", "--row", "3"]) == 0
+    assert capsys.readouterr().out.startswith("train row 3")
     assert main(["verify", f"{art}/keys/train"]) == 0
     keys = json.loads(s3.cat(f"{BUCKET}/art/keys/train/_manifest.json"))
     victim = sorted(name for name in keys["files"] if "/c/" in name)[0]
