@@ -28,6 +28,7 @@ def test_the_whole_chain_on_s3(chain, s3_server, tmp_path, capsys, monkeypatch):
         return await download(self, rpath, lpath, **kwargs)
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", counted)
+    s3fs.S3FileSystem.clear_instance_cache()  # cached instances bound their sync get_file to the old method
     s3 = s3fs.S3FileSystem(use_listings_cache=False)
     s3.mkdir(BUCKET)
     s3.put(str(chain["root"] / "corpus") + "/", f"{BUCKET}/corpus/", recursive=True)
@@ -69,6 +70,7 @@ def test_the_whole_chain_on_s3(chain, s3_server, tmp_path, capsys, monkeypatch):
     for split in ("train", "validation"):
         encoded = json.loads((local / "keys" / split / "_manifest.json").read_text())
         assert encoded["files"] == json.loads((chain["art"] / "keys" / split / "_manifest.json").read_text())["files"]
+    s3fs.S3FileSystem.clear_instance_cache()  # no instance stays bound to the counting method
 
 
 def test_encode_killed_on_s3_resumes_to_the_same_files(chain, s3_server, caplog):
