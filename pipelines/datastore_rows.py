@@ -9,10 +9,6 @@ it needs. Distances are FAISS's ``fvec_L2sqr_by_idx`` (C++).
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import itertools
-
 import faiss
 import numpy as np
 
@@ -29,16 +25,12 @@ KEYS = "keys.f32.npy"
 def _write_npy(uri: str, dtype: np.dtype, shape: tuple[int, ...], blocks) -> str:
     """Stream ``blocks`` (in row order) into one ``.npy`` file, published atomically; return its checksum,
     hashed on the way out."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                  "fortran_order": False, "shape": shape})
-    digest = hashlib.new(fs.CHECKSUM_ALGORITHM)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
     with fs.atomic_writer(uri) as handle:
-        for piece in itertools.chain([header.getvalue()], (np.ascontiguousarray(b, dtype=dtype).tobytes()
-                                                           for b in blocks)):
-            handle.write(piece)
-            digest.update(piece)
-    return digest.hexdigest()
+        np.lib.format.write_array_header_1_0(handle, header)
+        for block in blocks:
+            handle.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+    return handle.checksum()
 
 
 def write(keys: KeyStore, plan: ShardPlan, root: str, exact_keys: bool) -> dict[str, str]:

@@ -81,7 +81,7 @@ def encoder_spec(params, model_uri: str, model_key: str) -> dict:
     limit = max_positions(model)
     if limit is not None and params.encode.block_size > limit:
         raise EncoderError(f"encode.block_size: {params.encode.block_size} exceeds the maximum positions "
-                           f"({limit}) of the model at {model_path}")
+                           f"({limit}) of the model at {model_uri}")
     RepresentationCapture(model, params.encode.representation, params.encode.layer).handle.remove()
     return {
         "model_uri": model_uri, "model_key": model_key, "model_fingerprint": model_fingerprint(model_path),
@@ -115,17 +115,17 @@ class Encode(Stage):
 
     def check(self, ctx: Context) -> None:
         model_uri, model_key = decoder_uri(ctx)  # the encoder: encode.model, else the trained decoder
-        model_path = local_cache.local_path(model_uri, model_key)
         spec = ctx.scratch["spec"] = encoder_spec(ctx.params, model_uri, model_key)
         tokens = ctx.inputs["tokens"]
         if tokens.manifest["counts"]["vocab_size"] > spec["vocab_size"]:
-            raise MemforgeError(f"{model_path}: model vocabulary ({spec['vocab_size']}) is smaller than the token "
+            raise MemforgeError(f"{model_uri}: model vocabulary ({spec['vocab_size']}) is smaller than the token "
                                 f"store's tokenizer ({tokens.manifest['counts']['vocab_size']}); "
                                 "prepare the corpus with this model's tokenizer")
         if ctx.params.encode.model:  # token ids mean nothing to a model of another tokenizer
             with tempfile.TemporaryDirectory() as scratch:
                 store_tokenizer = load_tokenizer(fs.local_dir(tokens.path(TOKENIZER_DIR), scratch))
-            check_same_tokenizer(model_path, store_tokenizer, "encode.model", ctx.params.encode.trust_remote_code)
+            check_same_tokenizer(local_cache.local_path(model_uri, model_key), store_tokenizer, "encode.model",
+                                 ctx.params.encode.trust_remote_code, named=model_uri)
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         spec = ctx.scratch["spec"]

@@ -43,8 +43,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> None
     tokenizer.save_pretrained(out_dir)
 
 
-def check_same_tokenizer(model_path: str, store_tokenizer, what: str, trust_remote_code: bool = False) -> None:
-    """Refuse a model whose tokenizer is not the token store's (same vocabulary: every token, every id)."""
+def check_same_tokenizer(model_path: str, store_tokenizer, what: str, trust_remote_code: bool = False,
+                         named: str | None = None) -> None:
+    """Refuse a model whose tokenizer is not the token store's (same vocabulary: every token, every id); the
+    error names the model as ``named`` (how the params name it, e.g. a URL), else by ``model_path``."""
     if load_tokenizer(model_path, trust_remote_code).get_vocab() != store_tokenizer.get_vocab():
-        raise MemforgeError(f"{what}: {model_path}: its tokenizer differs from the token store's; "
+        raise MemforgeError(f"{what}: {named or model_path}: its tokenizer differs from the token store's; "
                             "run prepare with this model's tokenizer (decoder.init or encode.model)")

@@ -99,9 +99,28 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+class HashingWriter:
+    """A binary file handle that hashes the bytes written through it: ``checksum()`` is what
+    ``file_checksum`` would read back, for writers that stream more than fits in memory."""
+
+    def __init__(self, handle: BinaryIO):
+        self._handle, self._digest = handle, hashlib.new(CHECKSUM_ALGORITHM)
+
+    def write(self, data) -> int:
+        self._digest.update(data)
+        return self._handle.write(data)
+
+    def checksum(self) -> str:
+        return self._digest.hexdigest()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
 @contextlib.contextmanager
-def atomic_writer(uri: str) -> Iterator[BinaryIO]:
-    """A binary file handle whose content appears at ``uri`` only when the block exits cleanly.
+def atomic_writer(uri: str) -> Iterator[HashingWriter]:
+    """A binary file handle whose content appears at ``uri`` only when the block exits cleanly; it hashes what
+    is written (``checksum()``).
 
     Locally: temp file in the same directory, fsync, rename, fsync the directory. Object
     stores: the file is staged locally and uploaded with one PUT, which they publish atomically.
@@ -113,7 +132,7 @@ def atomic_writer(uri: str) -> Iterator[BinaryIO]:
     tmp = f"{path}{TEMP_INFIX}{uuid.uuid4().hex}" if local else None
     with (open(tmp, "wb") if local else tempfile.NamedTemporaryFile("w+b")) as handle:
         try:
-            yield handle
+            yield HashingWriter(handle)
             handle.flush()
             if local:
                 os.fsync(handle.fileno())
@@ -144,9 +163,9 @@ def write_bytes_atomic(uri: str, data) -> str:
     if isinstance(fs, LocalFileSystem):
         with atomic_writer(uri) as handle:
             handle.write(data)
-    else:
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, bytes(data))
+        return handle.checksum()
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, bytes(data))
     return checksum_of(data)
 
 

@@ -52,7 +52,7 @@ def build_model(config, tokenizer) -> torch.nn.Module:
     except (OSError, ValueError) as exc:
         raise MemforgeError(f"decoder.init: {config.init}: cannot load a causal LM: {exc}") from None
     retie_output_embeddings(model, path)
-    check_same_tokenizer(path, tokenizer, "decoder.init")
+    check_same_tokenizer(path, tokenizer, "decoder.init", named=config.init)
     return model
 
 
