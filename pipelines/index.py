@@ -79,9 +79,10 @@ def recall_at_k(index: faiss_index.ShardedIndex, blocks, queries: np.ndarray, k:
 
 
 def _train(params, keys: KeyStore, index: faiss.Index, factory: str, n_rows: int, root: str,
-           gpu: str | int | None) -> dict:
+           gpu: str | int | None) -> tuple[dict, str]:
     """Train ``index`` (fresh from ``factory``) on a seeded sample of keys and write ``trained.index``; with
-    ``gpu``, the k-means of the IVF lists assigns points on the GPU (FAISS's clustering index)."""
+    ``gpu``, the k-means of the IVF lists assigns points on the GPU (FAISS's clustering index). Returns the
+    training record and the written file's checksum."""
     ivf = faiss_index.ivf_of(index)
     sample_size, where = 0, "cpu"
     if not index.is_trained:
@@ -104,8 +105,8 @@ def _train(params, keys: KeyStore, index: faiss.Index, factory: str, n_rows: int
                 ivf.clustering_index = None  # FAISS holds no reference to it
     if ivf is not None:
         faiss_index.set_nprobe(index, params.index.nprobe)
-    faiss_index.write(index, fs.join(root, faiss_index.TRAINED))
-    return {"train_sample": sample_size, "train_device": where}
+    checksum = faiss_index.write(index, fs.join(root, faiss_index.TRAINED))
+    return {"train_sample": sample_size, "train_device": where}, checksum
 
 
 def _resolve_merge(merge: str, is_ivf: bool, root: str) -> str:
@@ -164,9 +165,10 @@ class Index(Stage):
             faiss.omp_set_num_threads(ctx.params.index.threads)
         keys = ctx.inputs["keys/train"]
         factory = ctx.scratch["factory"]
-        record = _train(ctx.params, KeyStore.open(keys.uri), faiss_index.build_empty(factory, keys.manifest["stats"][
+        record, checksum = _train(ctx.params, KeyStore.open(keys.uri), faiss_index.build_empty(factory, keys.manifest["stats"][
             "hidden_size"]), factory, keys.manifest["counts"]["rows"], build.uri, ctx.scratch["gpu"])
         fs.write_json_atomic(fs.join(build.uri, TRAINING_RECORD), record)
+        ctx.scratch.setdefault("hashed", {})[faiss_index.TRAINED] = checksum
 
     def plan(self, ctx: Context, role: str) -> ShardPlan:
         """Step ``add``: one element per key-store shard."""
@@ -179,14 +181,15 @@ class Index(Stage):
         """Step ``datastore_rows``: the datastore in row order, written while the workers add the shards
         (not during training, whose OpenMP threads hold every core)."""
         keys, root, exact = ctx.inputs["keys/train"].uri, ctx.uri(role), ctx.params.index.exact_keys
-        return lambda: ctx.scratch.update(hashed=datastore_rows.write(KeyStore.open(keys), load_plan(keys), root,
-                                                                      exact))
+        return lambda: ctx.scratch.setdefault("hashed", {}).update(
+            datastore_rows.write(KeyStore.open(keys), load_plan(keys), root, exact))
 
     def finalize(self, ctx: Context, role: str, build) -> Published:
         root, plan = build.uri, load_plan(build.uri)
         merge = ctx.scratch["merge"]
         if merge == "ondisk" and not fs.exists(fs.join(root, faiss_index.MERGED)):
-            ondisk_merge.merge_in_child(root, [shard.name for shard in plan.shards])
+            ctx.scratch.setdefault("hashed", {}).update(
+                ondisk_merge.merge_in_child(root, [shard.name for shard in plan.shards]))
         keys = KeyStore.open(ctx.inputs["keys/train"].uri)
         n_rows = keys.rows.n_rows
         trained = faiss_index.read(fs.join(root, faiss_index.TRAINED))

@@ -77,6 +77,35 @@ def test_online_mode_trains(chain, tmp_path):
     assert open_artifact(str(art / "memory"), "memory").manifest["stats"]["mode"] == "online"
 
 
+def test_online_training_with_an_encoder_that_is_not_the_decoder(chain, tmp_path):
+    """A datastore encoded by another model (d 32, ``encode.model``), a memory for the trained decoder
+    (d 48): auto resolves to online, the memory reads the decoder's states (its input is the decoder's
+    width) and learns the other model's neighbour distributions."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    encoder_dir = tmp_path / "encoder"
+    tokenizer = AutoTokenizer.from_pretrained(chain["art"] / "decoder" / "model")
+    tokenizer.save_pretrained(encoder_dir)
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tokenizer),
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(encoder_dir)
+    art = linked(chain, tmp_path, names=("tokens", "decoder"))
+    for stage in ("encode", "index", "targets"):
+        assert main([stage, *stage_args(chain["root"], art, **{"encode.model": encoder_dir})]) == 0, stage
+    assert KeyStore.open(str(art / "keys" / "train")).keys(0, 1).shape[1] == 32
+    assert main(["train-memory", *stage_args(chain["root"], art, **{"memory.max_steps": 20})]) == 0
+    memory = open_artifact(str(art / "memory"), "memory")
+    assert memory.manifest["params"]["resolved_mode"] == "online" and memory.manifest["stats"]["input_dim"] == 48
+    assert {i["role"] for i in memory.manifest["inputs"]} == {"targets", "keys", "decoder"}
+    curve = json.loads((art / "memory" / "loss.json").read_text())
+    assert np.mean([p["kl"] for p in curve[-5:]]) < np.mean([p["kl"] for p in curve[:5]])
+    model = AutoModel.from_pretrained(str(art / "memory" / "model"))
+    decoder = load_encoder(str(chain["art"] / "decoder" / "model"))
+    assert model.config.input_dim == 48 and torch.equal(model.head.weight, decoder.get_output_embeddings().weight)
+    assert verify(str(art / "memory")) == []
+
+
 def test_sigkill_resumes_from_the_last_checkpoint(chain, tmp_path):
     art = linked(chain, tmp_path)
     args = ["train-memory", *stage_args(chain["root"], art)]

@@ -95,7 +95,8 @@ def test_exact_index_targets_equal_brute_force(datastore, split):
 
 def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys, monkeypatch):
     """IVF-PQ: recall@k is measured and reported; top-1 token agrees with the exact targets on most rows.
-    The datastore rows (values.npy, keys.f32.npy) are hashed as they are written, never read back for it."""
+    The datastore rows (values.npy, keys.f32.npy) and FAISS's files are hashed as they are written, never read
+    back for it at publish."""
     from storage import fs
 
     hashed_by_reading, checksum = [], fs.file_checksum
@@ -111,7 +112,7 @@ def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys, monkeypat
         assert main([stage, *args, *datastore["beam"]]) == 0
         assert capsys.readouterr().out.splitlines() == [str(art / stage)], "stdout carries only the result"
         if stage == "index":  # (targets then re-hashes a sample of its inputs, as every stage does)
-            assert not [uri for uri in hashed_by_reading if uri.endswith(("values.npy", "keys.f32.npy"))]
+            assert not [uri for uri in hashed_by_reading if uri.endswith(("values.npy", "keys.f32.npy", ".index"))]
     assert {"values.npy", "keys.f32.npy"} <= open_artifact(str(art / "index"), "index").manifest["files"].keys()
     index = open_artifact(str(art / "index"), "index").manifest["stats"]
     assert index["factory"] == "IVF16,PQ8" and index["nlist"] == 16 and index["nprobe"] == 4
