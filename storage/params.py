@@ -170,13 +170,14 @@ class MemoryParams(Section):
 class EvaluateParams(Section):
     """Perplexity and speed report (stage: evaluate)."""
 
-    knn_lambda: float = Field(default=0.25, ge=0.0, le=1.0)
-    memory_lambda: float = Field(default=0.25, ge=0.0, le=1.0)
     k: int = Field(default=1024, gt=0)
-    temperature: float = Field(default=1.0, gt=0)
     nprobe: int = Field(default=32, gt=0)
     lambda_grid: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
-        default_factory=lambda: [0.0, 0.1, 0.25, 0.4, 0.6, 0.8], min_length=1)
+        default_factory=lambda: [round(0.05 * i, 2) for i in range(20)], min_length=1)
+    temperature_grid: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0], min_length=1)
+    dev_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    split_seed: int = 0
     batch_size: int = Field(default=4, gt=0)
     precision: Precision = "fp32"
     device: Device = "auto"

@@ -1,5 +1,6 @@
 """evaluate on the tiny chain: kNN-LM and decoder + memory log-probabilities equal a brute-force reference
-written here; metrics, per-token log-probabilities and plots are written and verified."""
+written here; λ and T are chosen on dev and every reported perplexity is on test; metrics, per-token
+log-probabilities and plots are written and verified."""
 from __future__ import annotations
 
 import json
@@ -19,12 +20,12 @@ from storage.stores import KeyStore, TokenStore
 from storage.verify import verify
 from training.mlp_memory import MODEL_TYPE  # importing it registers the memory with the Auto classes
 
-LAMBDA, K, T = 0.25, 8, 4.0
+K = 8
 
 
 @pytest.fixture(scope="module")
 def evaluated(chain):
-    assert main(["evaluate", *chain["args"]]) == 0
+    assert main(["evaluate", *chain["args"], "--set", "evaluate.lambda_grid=[0.0, 0.1, 0.25, 0.4, 0.6, 0.8, 0.95]"]) == 0
     return chain["art"] / "eval"
 
 
@@ -33,11 +34,12 @@ def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, np.n
     the model run on each row's context (the window that owns the row), the FFN input of the last block
     as query and memory input; kNN-LM: log(λ p_kNN + (1-λ) p_dec) with exact distances to every datastore
     key and softmax(-d/T) over the k nearest; memory: log(λ_m p_mem + (1-λ_m) p_dec) with p_mem the
-    memory's softmax."""
+    memory's softmax; λ, T and λ_m those evaluate chose."""
     model = load_encoder(str(art / "decoder" / "model"))
     memory = AutoModel.from_pretrained(str(art / "memory" / "model")).double()  # the standard loader
     assert memory.config.model_type == MODEL_TYPE
-    memory_lambda = open_artifact(str(art / "eval"), "evaluation").params["memory_lambda"]
+    chosen = json.loads((art / "eval" / "metrics.json").read_text())
+    knn_lambda, T, memory_lambda = chosen["knn_lambda"], chosen["temperature"], chosen["memory_lambda"]
     captured = {}
     model.transformer.h[-1].mlp.register_forward_pre_hook(lambda _m, args: captured.update(q=args[0]))
     tokens = open_artifact(str(art / "tokens"), "tokens")
@@ -60,7 +62,7 @@ def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, np.n
         nearest = np.argsort(dists, kind="stable")[:K]
         weights = np.exp(-(dists[nearest] - dists[nearest].min()) / T)
         p_knn = weights[values[nearest] == stream[target]].sum() / weights.sum()
-        knnlm.append(np.log(LAMBDA * p_knn + (1 - LAMBDA) * p_dec))
+        knnlm.append(np.log(knn_lambda * p_knn + (1 - knn_lambda) * p_dec))
         with_memory.append(np.log(memory_lambda * p_mem + (1 - memory_lambda) * p_dec))
     return np.array(knnlm), np.array(with_memory)
 
@@ -75,22 +77,46 @@ def test_log_probs_equal_a_brute_force_reference(evaluated, chain):
         assert difference.max() < 1e-5, column
 
 
-def test_metrics_plots_and_manifest(evaluated, capsys):
+def test_choices_are_made_on_dev_and_reported_on_test(evaluated, chain, capsys):
+    """Dev and test are whole documents; each model's λ (and kNN-LM's T) is the dev optimum of its grid; the
+    reported perplexities are the test split's at those values; the gain recovered is computed from them."""
     metrics = json.loads((evaluated / "metrics.json").read_text())
-    assert set(metrics["perplexity"]) == {"decoder", "knnlm", "memory"}
-    assert all(value > 1 for value in metrics["perplexity"].values())
-    assert all(value > 0 for value in metrics["tokens_per_second"].values())
+    parquet = pq.read_table(evaluated / "token_log_probs.parquet")
+    table = {name: parquet.column(name).to_numpy() for name in parquet.column_names}
+    tokens = open_artifact(str(chain["art"] / "tokens"), "tokens")
+    docs = np.concatenate([TokenStore(tokens.uri, "validation").read_shard(name).column("doc").to_numpy()
+                           for name, _, _ in tokens.manifest["stats"]["splits"]["validation"]["parts"]])[1:]
+    dev = np.array(table["split"].astype(str)) == "dev"
+    assert dev.sum() == metrics["dev_rows"] > 0 and (~dev).sum() == metrics["test_rows"] > 0
+    assert not set(docs[dev]) & set(docs[~dev]), "a document on both sides"
     sweep = json.loads((evaluated / "lambda.json").read_text())
-    assert [point["lambda"] for point in sweep] == [0.0, 0.1, 0.25, 0.4, 0.6, 0.8]
-    assert sweep[0]["knnlm"] == sweep[0]["memory"] == pytest.approx(metrics["perplexity"]["decoder"], rel=1e-3)
+    assert [point["lambda"] for point in sweep] == [0.0, 0.1, 0.25, 0.4, 0.6, 0.8, 0.95]
+    for name, chosen in (("knnlm", metrics["knn_lambda"]), ("memory", metrics["memory_lambda"])):
+        best = min(sweep, key=lambda point: point[f"{name}_dev"])
+        assert best["lambda"] == chosen, name
+        assert best[f"{name}_test"] == pytest.approx(metrics["perplexity"][name], rel=1e-4)
+    by_temperature = metrics["knnlm_dev_perplexity_by_temperature"]
+    assert set(by_temperature) == {"2.0", "4.0"} and by_temperature[str(metrics["temperature"])] == min(
+        by_temperature.values())
+    def ppl(column, mask):
+        return float(np.exp(-table[column][mask].mean()))
+    for name in ("decoder", "knnlm", "memory", "memory_alone"):
+        assert metrics["perplexity"][name] == pytest.approx(ppl(name, ~dev), rel=1e-4)
+        assert metrics["dev_perplexity"][name] == pytest.approx(ppl(name, dev), rel=1e-4)
+    test = metrics["perplexity"]
+    assert metrics["memory_gain_recovered"] == pytest.approx(
+        (test["decoder"] - test["memory"]) / (test["decoder"] - test["knnlm"]), abs=1e-3)
+    assert sweep[0]["knnlm_test"] == sweep[0]["memory_test"] == pytest.approx(test["decoder"], rel=1e-3)
+    assert all(value > 0 for value in metrics["tokens_per_second"].values())
     curves = json.loads((evaluated / "loss.json").read_text())
     assert {point["model"] for point in curves} == {"decoder", "memory"}
+    assert all({"kl", "ce"} <= point.keys() for point in curves if point["model"] == "memory")
     for name in ("lambda.png", "loss.png"):
         assert (evaluated / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert verify(str(evaluated)) == []
     assert main(["ls", str(evaluated.parent)]) == 0
     listing = capsys.readouterr().out
-    assert f"ppl decoder={metrics['perplexity']['decoder']:g}" in listing and "ppl=" in listing
+    assert f"ppl decoder={test['decoder']:g}" in listing and "ppl=" in listing
     print("evaluate:", json.dumps(metrics["perplexity"]), json.dumps(metrics["tokens_per_second"]))
 
 

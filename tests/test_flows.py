@@ -84,7 +84,7 @@ def test_build_flow_caches_finished_stages_and_reruns_what_a_param_change_reache
 
     monkeypatch.setattr(training.evaluate, "evaluate", flaky_evaluate)
     monkeypatch.setattr(pipelines.targets.Targets, "check", counted_check)
-    retried = build(params_file=params, overrides=["targets.temperature=2.0", "evaluate.knn_lambda=0.3"],
+    retried = build(params_file=params, overrides=["targets.temperature=2.0", "evaluate.split_seed=1"],
                     beam_args=BEAM)
     assert retried["stages"]["evaluate"] == "Completed" and calls["evaluate"] == 2
     with pytest.raises(MemforgeError, match="targets.k: 5000 must be smaller"):

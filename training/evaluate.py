@@ -5,10 +5,15 @@ All three score the same validation rows with the same contexts: the windows tha
 for the validation key store (so row i predicts token i+1). Each is one timed pass over the
 split in one run: (a) the decoder alone, (b) the decoder with the query representation captured
 on the way, a FAISS search (k, nprobe, exact re-ranking when the index has exact keys) and
-p = λ·p_kNN + (1−λ)·p_dec, (c) the decoder with the memory's input captured, the memory, and
-p = λ·p_mem + (1−λ)·p_dec. Output ``<artifacts_dir>/eval``: ``metrics.json`` (DVC metrics),
-``token_log_probs.parquet`` (per row: target, log p of decoder, kNN, memory), ``lambda.json`` and
-``loss.json`` (DVC plots data) and their PNGs.
+p = λ·p_kNN + (1−λ)·p_dec with p_kNN = softmax(−d/T) summed per token, (c) the decoder with the
+memory's input captured, the memory, and p = λ·p_mem + (1−λ)·p_dec.
+
+The validation documents are split into dev and test (``dev_test``). kNN-LM's (λ, T) and the memory's
+λ are chosen on dev, each for itself, from ``evaluate.lambda_grid`` and ``evaluate.temperature_grid``;
+every reported perplexity is on test at those values. Output ``<artifacts_dir>/eval``: ``metrics.json``
+(DVC metrics), ``token_log_probs.parquet`` (per row: target, split, log p of the decoder, kNN-LM,
+decoder + memory, p_kNN alone and the memory alone), ``lambda.json`` and ``loss.json`` (DVC plots
+data) and their PNGs.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import inspect
 import logging
 import tempfile
 import time
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -33,6 +39,8 @@ from storage import fs
 from storage.artifact import built_from, recorded_input
 from storage.errors import MemforgeError
 from storage.shards import load_plan
+from storage.stores import PartOffsets, TokenStore
+from training.dev_test import split_by_document
 from training.mlp_memory import MLPMemory
 from training.lm_eval import log_probs_at, perplexity
 from training.token_stream import TokenStream
@@ -77,8 +85,10 @@ class Scorer:
         return out
 
 
-def _mix(logp_dec: np.ndarray, p_other: np.ndarray, lam: float) -> np.ndarray:
-    return np.log(lam * p_other + (1 - lam) * np.exp(logp_dec))
+def _mix(logp_dec: np.ndarray, logp_other: np.ndarray, lam: float) -> np.ndarray:
+    """log(λ·p_other + (1−λ)·p_dec), computed from log-probabilities (no underflow of tiny p)."""
+    with np.errstate(divide="ignore"):
+        return np.logaddexp(np.log(lam) + logp_other, np.log1p(-lam) + logp_dec)
 
 
 class Evaluate(Stage):
@@ -89,8 +99,8 @@ class Evaluate(Stage):
     outputs = ("eval",)
     format = "metrics"
     inputs = ("tokens", "keys/validation", "index", "memory", "decoder")
-    content = ("evaluate.knn_lambda", "evaluate.memory_lambda", "evaluate.k", "evaluate.temperature",
-               "evaluate.nprobe", "evaluate.lambda_grid", "evaluate.precision", "encode.model")
+    content = ("evaluate.k", "evaluate.nprobe", "evaluate.dev_fraction", "evaluate.split_seed",
+               "evaluate.lambda_grid", "evaluate.temperature_grid", "evaluate.precision", "encode.model")
     execution = ("evaluate.batch_size", "evaluate.device", "index.threads", "encode.trust_remote_code")
     dvc_files = {"outs": ("_manifest.json", "token_log_probs.parquet"), "metrics": ("metrics.json",),
                  "plots": (("lambda.json", {"x": "lambda"}), ("loss.json", {"x": "step", "y": "loss"}),
@@ -138,7 +148,8 @@ class Evaluate(Stage):
 
 def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.device) -> Published:
     """Score the validation split three ways on ``device`` (autocast to ``evaluate.precision``; the kNN
-    search on FAISS's CPU) and write metrics, per-token log-probs and plots into ``uri``."""
+    search on FAISS's CPU), choose each model's λ (and kNN-LM's T) on dev, report on test, and write
+    metrics, per-token log-probs and plots into ``uri``."""
     config = params.evaluate
     tokens, queries, index = inputs["tokens"], inputs["keys/validation"], inputs["index"]
     memory_artifact = inputs["memory"]
@@ -153,25 +164,35 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
     exact = rows_store.keys is not None
     scorer = Scorer(decoder, TokenStream(tokens, "validation"), queries.manifest["counts"]["rows"],
                     stats["block_size"], stats["stride"], config.batch_size)
+    n_rows = scorer.n_rows
+    is_dev = split_by_document(_row_documents(tokens, n_rows), config.dev_fraction, config.split_seed)
     k = min(config.k, index.manifest["counts"]["rows"])
+    temperatures = np.asarray(config.temperature_grid, dtype=np.float64)
+    p_knn = np.zeros((len(temperatures), n_rows))  # per temperature
+    logp_mem = np.zeros(n_rows)
+    untimed = [0.0]
 
     def knn_probs(rows, targets, logp_dec, captured):
         query = np.ascontiguousarray(captured[0].cpu().numpy(), dtype=np.float32)
         dists, ids, values = rows_store.neighbours(query, *searcher.search(query, k), exact)
-        logits = np.where(values >= 0, -dists.astype(np.float64) / config.temperature, -np.inf)
-        weights = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p_knn[rows] = (weights * (values == targets[:, None])).sum(1) / weights.sum(1)
-        return _mix(logp_dec, p_knn[rows], config.knn_lambda)
+        found, hits = values >= 0, values == targets[:, None]
+        scaled = np.where(found, -dists.astype(np.float64), -np.inf)
+        for t, temperature in enumerate(temperatures):
+            started = time.perf_counter()
+            logits = scaled / temperature
+            weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p_knn[t, rows] = (weights * hits).sum(1) / weights.sum(1)
+            if t:  # kNN-LM's speed is that of one temperature: the others only serve the choice
+                untimed[0] += time.perf_counter() - started
+        return logp_dec  # mixed once T and λ are chosen
 
     def memory_probs(rows, targets, logp_dec, captured):
-        p_mem[rows] = np.exp(log_probs_at(memory(captured[0]), torch.from_numpy(targets).to(device)).cpu().numpy())
-        return _mix(logp_dec, p_mem[rows], config.memory_lambda)
+        logp_mem[rows] = log_probs_at(memory(captured[0]), torch.from_numpy(targets).to(device)).cpu().numpy()
+        return logp_dec
 
-    n_rows = scorer.n_rows
-    p_knn, p_mem = np.zeros(n_rows), np.zeros(n_rows)
     if params.index.threads:
         faiss.omp_set_num_threads(params.index.threads)
-    timings, log_probs = {}, {}
+    timings = {}
     passes = {
         "decoder": ([], None),
         "knnlm": ([RepresentationCapture(decoder, stats["representation"], stats["layer"], stop=False)], knn_probs),
@@ -181,37 +202,94 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
     for name, (captures, on_batch) in passes.items():
         started = time.perf_counter()
         with devices.autocast(device, config.precision):
-            log_probs[name] = scorer.run(captures, on_batch)
-        timings[name] = time.perf_counter() - started
+            scored = scorer.run(captures, on_batch)
+        timings[name] = time.perf_counter() - started - (untimed[0] if name == "knnlm" else 0.0)
+        if name == "decoder":
+            logp_dec = scored
         for capture in captures:
             capture.handle.remove()
-    decoder_logp = log_probs["decoder"]
-    perplexities = {name: perplexity(values) for name, values in log_probs.items()}
-    gain = perplexities["decoder"] - perplexities["knnlm"]
-    metrics = {
-        "perplexity": {name: round(value, 4) for name, value in perplexities.items()},
-        "tokens_per_second": {name: round(n_rows / seconds, 1) for name, seconds in timings.items()},
-        "memory_gain_recovered": round((perplexities["decoder"] - perplexities["memory"]) / gain, 4) if gain else None,
-        "rows": n_rows, "knn_lambda": config.knn_lambda, "memory_lambda": config.memory_lambda, "k": k,
-        "temperature": config.temperature, "nprobe": config.nprobe, "exact_distances": exact,
-    }
-    sweep = [{"lambda": lam, "knnlm": round(perplexity(_mix(decoder_logp, p_knn, lam)), 4),
-              "memory": round(perplexity(_mix(decoder_logp, p_mem, lam)), 4)} for lam in config.lambda_grid]
-    _write_outputs(uri, metrics, sweep, log_probs, scorer, inputs)
-    log.info("evaluate: perplexity decoder %.3f, kNN-LM %.3f, decoder+memory %.3f; metrics in %s",
-             perplexities["decoder"], perplexities["knnlm"], perplexities["memory"], fs.join(uri, "metrics.json"))
+    with np.errstate(divide="ignore"):
+        logp_knn = np.log(p_knn)
+    choice = choose_on_dev(logp_dec, logp_knn, logp_mem, is_dev, config.lambda_grid, temperatures)
+    log_probs = {"decoder": logp_dec, "knnlm": choice.knnlm, "memory": choice.memory, "memory_alone": logp_mem}
+    metrics = _metrics(log_probs, is_dev, choice, timings, n_rows, k, config, exact)
+    sweep = [{"lambda": lam, **{f"{name}_{side}": round(perplexity(mixed[mask]), 4)
+                                for name, mixed in (("knnlm", _mix(logp_dec, choice.logp_knn, lam)),
+                                                    ("memory", _mix(logp_dec, logp_mem, lam)))
+                                for side, mask in (("dev", is_dev), ("test", ~is_dev))}}
+             for lam in config.lambda_grid]
+    columns = {**log_probs, "knn": choice.logp_knn}
+    _write_outputs(uri, metrics, sweep, columns, is_dev, scorer, inputs)
+    test = metrics["perplexity"]
+    log.info("evaluate (test split): perplexity decoder %.3f, kNN-LM %.3f (λ %g, T %g), decoder+memory %.3f "
+             "(λ %g), memory alone %.3f; metrics in %s", test["decoder"], test["knnlm"], choice.knn_lambda,
+             choice.temperature, test["memory"], choice.memory_lambda, test["memory_alone"],
+             fs.join(uri, "metrics.json"))
     return Published(counts={"rows": n_rows}, stats={**metrics, "device": devices.describe(device),
-                                                               "precision": config.precision})
+                                                     "precision": config.precision})
 
 
-def _write_outputs(uri: str, metrics: dict, sweep: list[dict], log_probs: dict, scorer: Scorer,
-                   inputs: dict) -> None:
+def _row_documents(tokens, n_rows: int) -> np.ndarray:
+    """The document of each validation row: that of the token it predicts (row i predicts token i + 1)."""
+    offsets = PartOffsets.from_json(tokens.manifest["stats"]["splits"]["validation"]["parts"])
+    return TokenStore(tokens.uri, "validation").read_rows(offsets, 1, n_rows + 1, column="doc")
+
+
+class Choice(NamedTuple):
+    """What dev chose: kNN-LM's (λ, T), the memory's λ, and the mixed log-probabilities at those values."""
+    knn_lambda: float
+    temperature: float
+    memory_lambda: float
+    logp_knn: np.ndarray   # log p_kNN at the chosen T
+    knnlm: np.ndarray      # log of the kNN-LM mixture at the chosen (λ, T)
+    memory: np.ndarray     # log of the decoder + memory mixture at the chosen λ
+    knn_dev_by_temperature: dict
+
+
+def choose_on_dev(logp_dec: np.ndarray, logp_knn: np.ndarray, logp_mem: np.ndarray, is_dev: np.ndarray,
+                  lambdas: list[float], temperatures: np.ndarray) -> Choice:
+    """The λ (and T for kNN-LM) with the lowest dev perplexity, the first of the grid on a tie."""
+    def best_lambda(logp_other: np.ndarray) -> tuple[float, float]:
+        scores = [perplexity(_mix(logp_dec[is_dev], logp_other[is_dev], lam)) for lam in lambdas]
+        best = int(np.argmin(scores))
+        return lambdas[best], scores[best]
+
+    per_temperature = [best_lambda(logp_knn[t]) for t in range(len(temperatures))]
+    t = int(np.argmin([score for _, score in per_temperature]))
+    knn_lambda, memory_lambda = per_temperature[t][0], best_lambda(logp_mem)[0]
+    return Choice(knn_lambda, float(temperatures[t]), memory_lambda, logp_knn[t],
+                  _mix(logp_dec, logp_knn[t], knn_lambda), _mix(logp_dec, logp_mem, memory_lambda),
+                  {float(temperature): round(score, 4) for temperature, (_, score) in zip(temperatures,
+                                                                                          per_temperature)})
+
+
+def _metrics(log_probs: dict, is_dev: np.ndarray, choice: Choice, timings: dict, n_rows: int, k: int, config,
+             exact: bool) -> dict:
+    """Test perplexities at the dev-chosen values (and the dev ones), the gain recovered, speeds, choices."""
+    test = {name: perplexity(values[~is_dev]) for name, values in log_probs.items()}
+    dev = {name: perplexity(values[is_dev]) for name, values in log_probs.items()}
+    gain = test["decoder"] - test["knnlm"]
+    return {
+        "perplexity": {name: round(value, 4) for name, value in test.items()},
+        "dev_perplexity": {name: round(value, 4) for name, value in dev.items()},
+        "memory_gain_recovered": round((test["decoder"] - test["memory"]) / gain, 4) if gain else None,
+        "knn_lambda": choice.knn_lambda, "temperature": choice.temperature, "memory_lambda": choice.memory_lambda,
+        "knnlm_dev_perplexity_by_temperature": choice.knn_dev_by_temperature,
+        "tokens_per_second": {name: round(n_rows / seconds, 1) for name, seconds in timings.items()},
+        "rows": n_rows, "dev_rows": int(is_dev.sum()), "test_rows": int((~is_dev).sum()),
+        "dev_fraction": config.dev_fraction, "k": k, "nprobe": config.nprobe, "exact_distances": exact,
+    }
+
+
+def _write_outputs(uri: str, metrics: dict, sweep: list[dict], log_probs: dict, is_dev: np.ndarray,
+                   scorer: Scorer, inputs: dict) -> None:
     from training import plots
 
     fs.write_json_atomic(fs.join(uri, "metrics.json"), metrics)
     fs.write_json_atomic(fs.join(uri, "lambda.json"), sweep)
     rows = np.arange(scorer.n_rows)
     table = pa.table({"row": rows, "target": scorer.tokens[rows + 1].astype(np.int32),
+                      "split": pa.array(np.where(is_dev, "dev", "test")).dictionary_encode(),
                       **{name: values for name, values in log_probs.items()}})
     with fs.atomic_writer(fs.join(uri, "token_log_probs.parquet")) as handle:
         pq.write_table(table, handle)
@@ -222,6 +300,6 @@ def _write_outputs(uri: str, metrics: dict, sweep: list[dict], log_probs: dict, 
         curve_uri = inputs[role].path("loss.json")
         if fs.exists(curve_uri):
             curves[name] = fs.read_json(curve_uri)
-    fs.write_json_atomic(fs.join(uri, "loss.json"), [{"model": name, "step": point["step"], "loss": point["loss"]}
+    fs.write_json_atomic(fs.join(uri, "loss.json"), [{"model": name, **point}
                                                      for name, curve in curves.items() for point in curve])
-    plots.write(uri, sweep, curves)
+    plots.write(uri, sweep, metrics, curves)
