@@ -2,7 +2,9 @@
 
 A text file is one document; a JSONL line or a Parquet row is one document (its
 ``corpus.text_field``). ``{stdlib}`` in a path stands for this Python's standard library
-directory, which is how the demo corpus exists on every machine without network.
+directory, which is how the demo corpus exists on every machine without network; ``{site_packages}``
+for the environment's installed packages (e.g. their ``*.dist-info/METADATA`` descriptions: English
+prose and Markdown, a second corpus every install has).
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ class SourceFile:
 
 def _expand(pattern: str, where: str) -> list[tuple[str, str, int]]:
     """(uri, name, size) of every file matching ``pattern``."""
-    pattern = pattern.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+    paths = sysconfig.get_paths()
+    pattern = pattern.replace("{stdlib}", paths["stdlib"]).replace("{site_packages}", paths["purelib"])
     filesystem, path = fs.filesystem(pattern)
     if filesystem.isdir(path):  # a directory: every file below it
         fixed = path.rstrip("/") + "/"

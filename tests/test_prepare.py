@@ -25,6 +25,13 @@ def test_default_corpus_is_the_standard_library_capped_in_sorted_order():
     assert [f.name for f in files] == [f.uri[len(stdlib) + 1:] for f in files]  # machine-independent names
 
 
+def test_site_packages_placeholder_names_the_installed_packages():
+    files = source_files(CorpusParams(train=["{site_packages}/*.dist-info/METADATA"], max_bytes=200_000))
+    purelib = sysconfig.get_paths()["purelib"]
+    assert files and all(f.uri.startswith(purelib) and f.uri.endswith("/METADATA") for f in files)
+    assert sum(f.size for f in files) <= 200_000
+
+
 def test_split_by_document_depends_on_names_not_locations(tmp_path):
     for where in ("a", "b"):
         for i in range(40):
