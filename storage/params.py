@@ -118,7 +118,7 @@ class TargetsParams(Section):
     # distance; the k nearest are kept. Default (null): k. Recorded as resolved, so `retemper --k` of an
     # artifact equals a fresh run with that k and the same candidates.
     candidates: Optional[int] = Field(default=None, gt=0)
-    temperature: float = Field(default=1.0, gt=0)
+    temperature: float = Field(default=16.0, gt=0)
     width: int = Field(default=32, gt=0)
     nprobe: Optional[int] = Field(default=None, gt=0)
     exact_distances: bool = True
@@ -150,11 +150,11 @@ class MemoryParams(Section):
 
     input_layer: int = -1
     depth: int = Field(default=4, gt=0)
-    hidden_mult: int = Field(default=4, gt=0)
+    hidden_mult: int = Field(default=8, gt=0)
     activation: Literal["gelu", "relu", "silu"] = "gelu"
     lm_head: Literal["own", "frozen", "tied"] = "frozen"
     mode: Literal["auto", "offline", "online"] = "auto"
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    alpha: float = Field(default=0.9, ge=0.0, le=1.0)
     batch_size: int = Field(default=512, gt=0)
     learning_rate: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
