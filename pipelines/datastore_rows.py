@@ -1,25 +1,30 @@
 """The datastore in row order for search-time lookups, stored in the index artifact.
 
 ``values.npy`` (int32, the next token of every datastore row) turns neighbour ids into tokens,
-and ``keys.f32.npy`` (the stored keys as float32, optional: ``index.exact_keys``) gives exact
-squared L2 distances for re-ranking PQ results. Both are plain ``.npy`` files that every search
+and ``keys.npy`` (the stored keys in the key store's own dtype, optional: ``index.exact_keys``) gives
+exact squared L2 distances for re-ranking PQ results: float16 and float32 as they are, bfloat16 as its
+raw 16-bit patterns (``uint16``, as in the key store). Both are plain ``.npy`` files that every search
 worker memory-maps (from an object store: a local copy fetched once per worker process), so the
 page cache holds one copy per machine rather than one per worker, and a lookup reads only the rows
-it needs. Distances are FAISS's ``fvec_L2sqr_by_idx`` (C++).
+it needs. Distances are FAISS's ``fvec_L2sqr_by_idx`` (C++) for float32 keys, and a compiled kernel
+that widens 16-bit keys to float32 exactly on the way (``half_distances``).
 """
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
 
+from pipelines.half_distances import l2_by_idx
 from pipelines.neighbour_lists import MISSING, sort_by_distance
 from storage import fs, local_cache
 from storage.errors import ArtifactError
 from storage.shards import ShardPlan
-from storage.stores import KeyStore
+from storage.stores import KeyStore, bfloat16_to_float32
 
 VALUES = "values.npy"
-KEYS = "keys.f32.npy"
+KEYS = "keys.npy"
 
 
 def _write_npy(uri: str, dtype: np.dtype, shape: tuple[int, ...], blocks) -> str:
@@ -34,7 +39,7 @@ def _write_npy(uri: str, dtype: np.dtype, shape: tuple[int, ...], blocks) -> str
 
 
 def write(keys: KeyStore, plan: ShardPlan, root: str, exact_keys: bool) -> dict[str, str]:
-    """Write ``values.npy`` (and ``keys.f32.npy`` when ``exact_keys``) from the key store, one shard at
+    """Write ``values.npy`` (and ``keys.npy`` when ``exact_keys``) from the key store, one shard at
     a time; a file already written (by an interrupted run) is kept. Returns the checksums of the files
     written now (the artifact's manifest takes them instead of reading the files back)."""
     n_rows, written = keys.rows.n_rows, {}
@@ -42,9 +47,16 @@ def write(keys: KeyStore, plan: ShardPlan, root: str, exact_keys: bool) -> dict[
         written[VALUES] = _write_npy(fs.join(root, VALUES), np.int32, (n_rows,),
                                      (keys.vals(s.start, s.stop) for s in plan.shards))
     if exact_keys and not fs.exists(fs.join(root, KEYS)):
-        written[KEYS] = _write_npy(fs.join(root, KEYS), np.float32, (n_rows, keys.dim),
-                                   (keys.keys(s.start, s.stop) for s in plan.shards))
+        written[KEYS] = _write_npy(fs.join(root, KEYS), keys.rows.array("keys").dtype, (n_rows, keys.dim),
+                                   (keys.rows.read("keys", s.start, s.stop) for s in plan.shards))
     return written
+
+
+def _widen(keys: np.ndarray) -> np.ndarray:
+    """Stored keys (float16, float32, or bfloat16 bit patterns) as contiguous float32, exactly."""
+    if keys.dtype == np.uint16:
+        return bfloat16_to_float32(keys)
+    return np.ascontiguousarray(keys, dtype=np.float32)
 
 
 class DatastoreRows:
@@ -66,6 +78,10 @@ class DatastoreRows:
         found[ids == MISSING] = MISSING
         return found
 
+    def key_rows(self, start: int, stop: int) -> np.ndarray:
+        """Keys of rows ``[start, stop)`` as float32."""
+        return _widen(self.keys[start:stop])
+
     def distances(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact squared L2 distances between each query and its neighbours ``ids`` (inf where -1)."""
         if self.keys is None:
@@ -74,9 +90,16 @@ class DatastoreRows:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         lookup = np.ascontiguousarray(np.maximum(ids, 0), dtype=np.int64)
         out = np.empty(ids.shape, dtype=np.float32)
-        base = np.asarray(self.keys)  # a memory map stays a view; FAISS reads only the rows it needs
-        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(base),
-                                faiss.swig_ptr(lookup), queries.shape[1], ids.shape[0], ids.shape[1])
+        base = np.asarray(self.keys)  # a memory map stays a view: only the neighbours' rows are read
+        if base.dtype == np.float32:
+            faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(base),
+                                    faiss.swig_ptr(lookup), queries.shape[1], ids.shape[0], ids.shape[1])
+        else:  # float16, or bfloat16 bit patterns (uint16): as many threads as FAISS would use (nogil kernel)
+            parts = np.array_split(np.arange(len(ids)), min(faiss.omp_get_max_threads(), max(1, len(ids) // 64)))
+            bits, bfloat16 = base.view(np.uint16), base.dtype == np.uint16
+            with ThreadPoolExecutor(len(parts)) as pool:
+                list(pool.map(lambda rows: l2_by_idx(queries[rows[0]:rows[-1] + 1], bits, lookup[rows[0]:rows[-1] + 1],
+                                                     bfloat16, out[rows[0]:rows[-1] + 1]), parts))
         out[ids == MISSING] = np.inf
         return out
 

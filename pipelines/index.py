@@ -6,7 +6,7 @@ Beam shards), ``datastore_rows`` (beside the workers), ``merge`` and ``recall`` 
 reads the validation keys, a declared input).
 
 Output ``<artifacts_dir>/index``: ``trained.index``, ``shard-NNNNN.index`` (one per key-store
-shard), ``values.npy`` and ``keys.f32.npy`` (the datastore in row order for memory-mapped lookups,
+shard), ``values.npy`` and ``keys.npy`` (the datastore in row order for memory-mapped lookups,
 see ``datastore_rows``), and for ``index.merge: ondisk`` ``merged.index`` + ``merged.ivfdata``.
 The manifest records the factory, nlist, code size, nprobe, training sample, merge, and recall@k
 against exact search measured on held-out (validation) queries.
@@ -63,10 +63,10 @@ def exact_knn(blocks, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
 
 
 def key_blocks(keys: KeyStore, plan: ShardPlan, rows: DatastoreRows):
-    """The datastore's keys one shard at a time: from the memory-mapped float32 copy when the index
-    has one, else from the key store."""
+    """The datastore's keys one shard at a time: from the index's memory-mapped copy when it has one,
+    else from the key store."""
     for shard in plan.shards:
-        source = rows.keys[shard.start:shard.stop] if rows.keys is not None else keys.keys(shard.start, shard.stop)
+        source = rows.key_rows(shard.start, shard.stop) if rows.keys is not None else keys.keys(shard.start, shard.stop)
         yield shard.start, source
 
 

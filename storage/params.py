@@ -102,7 +102,7 @@ class IndexParams(Section):
     train_sample: int = Field(default=65536, gt=0)  # for trainable indexes without IVF lists (PQ, SQ, ...)
     nprobe: int = Field(default=32, gt=0)
     merge: Literal["auto", "none", "ondisk"] = "auto"  # auto: ondisk for IVF on local storage
-    exact_keys: bool = True  # a float32 copy of the keys (4*d bytes/row) for targets.exact_distances
+    exact_keys: bool = True  # a copy of the keys in their dtype (2*d bytes/row for float16) for targets.exact_distances
     recall_queries: int = Field(default=256, gt=0)
     recall_k: int = Field(default=64, gt=0)
     seed: int = 0

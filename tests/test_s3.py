@@ -61,7 +61,7 @@ def test_the_whole_chain_on_s3(chain, s3_server, tmp_path, capsys, monkeypatch):
     assert victim in capsys.readouterr().out
     index_files = {path.rsplit("/", 1)[-1]: count for path, count in downloads.items() if "/art/index/" in path}
     print("downloads of index files by this process:", index_files)
-    assert {"values.npy", "keys.f32.npy"} <= index_files.keys() and set(index_files.values()) == {1}
+    assert {"values.npy", "keys.npy"} <= index_files.keys() and set(index_files.values()) == {1}
 
     local = tmp_path / "art"
     local.mkdir()

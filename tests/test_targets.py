@@ -95,7 +95,7 @@ def test_exact_index_targets_equal_brute_force(datastore, split):
 
 def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys, monkeypatch):
     """IVF-PQ: recall@k is measured and reported; top-1 token agrees with the exact targets on most rows.
-    The datastore rows (values.npy, keys.f32.npy) and FAISS's files are hashed as they are written, never read
+    The datastore rows (values.npy, keys.npy) and FAISS's files are hashed as they are written, never read
     back for it at publish."""
     from storage import fs
 
@@ -112,8 +112,8 @@ def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys, monkeypat
         assert main([stage, *args, *datastore["beam"]]) == 0
         assert capsys.readouterr().out.splitlines() == [str(art / stage)], "stdout carries only the result"
         if stage == "index":  # (targets then re-hashes a sample of its inputs, as every stage does)
-            assert not [uri for uri in hashed_by_reading if uri.endswith(("values.npy", "keys.f32.npy", ".index"))]
-    assert {"values.npy", "keys.f32.npy"} <= open_artifact(str(art / "index"), "index").manifest["files"].keys()
+            assert not [uri for uri in hashed_by_reading if uri.endswith(("values.npy", "keys.npy", ".index"))]
+    assert {"values.npy", "keys.npy"} <= open_artifact(str(art / "index"), "index").manifest["files"].keys()
     index = open_artifact(str(art / "index"), "index").manifest["stats"]
     assert index["factory"] == "IVF16,PQ8" and index["nlist"] == 16 and index["nprobe"] == 4
     assert index["merge"] == "ondisk" and (art / "index" / "merged.ivfdata").is_file()
@@ -378,7 +378,7 @@ def test_unmerged_ivf_shards_and_pq_distances_are_working_configurations(datasto
         for stage in ("index", "targets"):
             assert main([stage, *args, *datastore["beam"]]) == 0, (merge, stage)
         index = open_artifact(str(art / "index"), "index").manifest
-        assert index["stats"]["merge"] == merge and "keys.f32.npy" not in index["files"]
+        assert index["stats"]["merge"] == merge and "keys.npy" not in index["files"]
         runs[merge] = art / "targets" / "train"
         assert verify(str(runs[merge])) == []
     unmerged, merged = (NeighbourStore.open(str(runs[name])) for name in ("none", "ondisk"))
