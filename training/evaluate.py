@@ -146,6 +146,63 @@ class Evaluate(Stage):
         return evaluate(ctx.params, ctx.scratch["decoder_path"], ctx.inputs, build.uri, ctx.scratch["device"])
 
 
+class Scored(NamedTuple):
+    """Per validation row: log p of the decoder, p_kNN per temperature, log p of the memory alone; and
+    each pass's seconds."""
+    logp_dec: np.ndarray
+    p_knn: np.ndarray
+    logp_mem: np.ndarray
+    timings: dict
+
+
+def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory: MLPMemory, k: int,
+                     temperatures: np.ndarray, query_at: tuple, memory_at: tuple, precision: str) -> Scored:
+    """The three timed passes over the scorer's rows: the decoder; kNN-LM (the query representation
+    ``query_at`` = (representation, layer) captured, ``searcher.search`` for k candidates, re-ranked by
+    exact distance when ``rows_store`` has keys, p_kNN at each temperature); the memory (its input
+    ``memory_at`` captured). kNN-LM's time counts one temperature: the others only serve the choice."""
+    decoder, device = scorer.decoder, scorer.device
+    exact = rows_store.keys is not None
+    p_knn = np.zeros((len(temperatures), scorer.n_rows))
+    logp_mem = np.zeros(scorer.n_rows)
+    untimed = [0.0]
+
+    def knn_probs(rows, targets, logp_dec, captured):
+        query = np.ascontiguousarray(captured[0].cpu().numpy(), dtype=np.float32)
+        dists, ids, values = rows_store.neighbours(query, *searcher.search(query, k), exact)
+        found, hits = values >= 0, values == targets[:, None]
+        scaled = np.where(found, -dists.astype(np.float64), -np.inf)
+        for t, temperature in enumerate(temperatures):
+            started = time.perf_counter()
+            logits = scaled / temperature
+            weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p_knn[t, rows] = (weights * hits).sum(1) / weights.sum(1)
+            if t:
+                untimed[0] += time.perf_counter() - started
+        return logp_dec  # mixed once T and λ are chosen
+
+    def memory_probs(rows, targets, logp_dec, captured):
+        logp_mem[rows] = log_probs_at(memory(captured[0]), torch.from_numpy(targets).to(device)).cpu().numpy()
+        return logp_dec
+
+    timings, logp_dec = {}, None
+    passes = {
+        "decoder": ([], None),
+        "knnlm": ([RepresentationCapture(decoder, *query_at, stop=False)], knn_probs),
+        "memory": ([RepresentationCapture(decoder, *memory_at, stop=False)], memory_probs),
+    }
+    for name, (captures, on_batch) in passes.items():
+        started = time.perf_counter()
+        with devices.autocast(device, precision):
+            scored = scorer.run(captures, on_batch)
+        timings[name] = time.perf_counter() - started - (untimed[0] if name == "knnlm" else 0.0)
+        if name == "decoder":
+            logp_dec = scored
+        for capture in captures:
+            capture.handle.remove()
+    return Scored(logp_dec, p_knn, logp_mem, timings)
+
+
 def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.device) -> Published:
     """Score the validation split three ways on ``device`` (autocast to ``evaluate.precision``; the kNN
     search on FAISS's CPU), choose each model's λ (and kNN-LM's T) on dev, report on test, and write
@@ -168,46 +225,11 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
     is_dev = split_by_document(_row_documents(tokens, n_rows), config.dev_fraction, config.split_seed)
     k = min(config.k, index.manifest["counts"]["rows"])
     temperatures = np.asarray(config.temperature_grid, dtype=np.float64)
-    p_knn = np.zeros((len(temperatures), n_rows))  # per temperature
-    logp_mem = np.zeros(n_rows)
-    untimed = [0.0]
-
-    def knn_probs(rows, targets, logp_dec, captured):
-        query = np.ascontiguousarray(captured[0].cpu().numpy(), dtype=np.float32)
-        dists, ids, values = rows_store.neighbours(query, *searcher.search(query, k), exact)
-        found, hits = values >= 0, values == targets[:, None]
-        scaled = np.where(found, -dists.astype(np.float64), -np.inf)
-        for t, temperature in enumerate(temperatures):
-            started = time.perf_counter()
-            logits = scaled / temperature
-            weights = np.exp(logits - logits.max(axis=1, keepdims=True))
-            p_knn[t, rows] = (weights * hits).sum(1) / weights.sum(1)
-            if t:  # kNN-LM's speed is that of one temperature: the others only serve the choice
-                untimed[0] += time.perf_counter() - started
-        return logp_dec  # mixed once T and λ are chosen
-
-    def memory_probs(rows, targets, logp_dec, captured):
-        logp_mem[rows] = log_probs_at(memory(captured[0]), torch.from_numpy(targets).to(device)).cpu().numpy()
-        return logp_dec
-
     if params.index.threads:
         faiss.omp_set_num_threads(params.index.threads)
-    timings = {}
-    passes = {
-        "decoder": ([], None),
-        "knnlm": ([RepresentationCapture(decoder, stats["representation"], stats["layer"], stop=False)], knn_probs),
-        "memory": ([RepresentationCapture(decoder, memory_params["representation"], memory_params["input_layer"],
-                                          stop=False)], memory_probs),
-    }
-    for name, (captures, on_batch) in passes.items():
-        started = time.perf_counter()
-        with devices.autocast(device, config.precision):
-            scored = scorer.run(captures, on_batch)
-        timings[name] = time.perf_counter() - started - (untimed[0] if name == "knnlm" else 0.0)
-        if name == "decoder":
-            logp_dec = scored
-        for capture in captures:
-            capture.handle.remove()
+    logp_dec, p_knn, logp_mem, timings = score_three_ways(
+        scorer, searcher, rows_store, memory, k, temperatures, (stats["representation"], stats["layer"]),
+        (memory_params["representation"], memory_params["input_layer"]), config.precision)
     with np.errstate(divide="ignore"):
         logp_knn = np.log(p_knn)
     choice = choose_on_dev(logp_dec, logp_knn, logp_mem, is_dev, config.lambda_grid, temperatures)
