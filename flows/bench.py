@@ -5,8 +5,9 @@ markers, checksums) against the bare library loop over the same data with the sa
 Parts: ``encode`` (encode_vs_bare for a tiny and a small GPT-2), ``encode_rss`` (peak RSS of
 ``memforge encode`` at 1x and 4x the corpus), ``storage`` (bytes per token on disk), ``faiss``
 (index_vs_bare, targets_vs_bare, bytes per row of the target stores), ``memory`` (evaluate's tokens/s),
-``dask`` (encode and targets on a local Dask cluster ÷ the default runner),
-and, only with ``--only gpu`` on a machine with CUDA, ``gpu`` (``flows.bench_gpu``).
+``dask`` (encode and targets on a local Dask cluster ÷ the default runner); only when asked for,
+``scale`` (``--only scale``: growth with N, ``flows.bench_scale``) and, on a machine with CUDA,
+``gpu`` (``--only gpu``: ``flows.bench_gpu``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 
@@ -38,8 +40,8 @@ BLOCK, STRIDE, VOCAB = 256, 128, 2048
 class Workspace:
     """Models, corpora and params for one bench run, built on first use under a temp directory."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, out_dir: str = "bench-out"):
+        self.root, self.out_dir = root, out_dir
         self._models: dict[str, Path] = {}
         self._prepared: dict[int, Params] = {}
 
@@ -149,17 +151,25 @@ def bench_encode(ws: Workspace) -> dict:
     return figures
 
 
-def _peak_tree_rss(command: list[str]) -> tuple[int, float]:
-    """Run ``command``; return the peak summed RSS of it and its children (bytes), and its wall time."""
+class PeakMemory(NamedTuple):
+    """Peaks of a command's process tree, summed over its processes (bytes), and its wall time."""
+    rss: int  # resident set: private memory plus the file pages mapped in (memory-mapped stores, indexes)
+    private: int  # resident minus shared (file-backed and shared-memory) pages: what the tree itself holds
+    seconds: float
+
+
+def _peak_tree_memory(command: list[str]) -> PeakMemory:
+    """Run ``command``; return the peak summed RSS and private memory of it and its children, and its wall time."""
     process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak, done = 0, threading.Event()
+    peak, private, done = 0, 0, threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, private
         while not done.is_set():
             try:
-                tree = [process, *process.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                infos = [p.memory_info() for p in (process, *process.children(recursive=True)) if p.is_running()]
+                peak = max(peak, sum(i.rss for i in infos))
+                private = max(private, sum(i.rss - i.shared for i in infos))
             except psutil.Error:
                 pass
             time.sleep(0.05)
@@ -172,7 +182,13 @@ def _peak_tree_rss(command: list[str]) -> tuple[int, float]:
     sampler.join()
     if code != 0:
         raise RuntimeError(f"{' '.join(command)} exited {code}")
-    return peak, time.perf_counter() - started
+    return PeakMemory(peak, private, time.perf_counter() - started)
+
+
+def _peak_tree_rss(command: list[str]) -> tuple[int, float]:
+    """Run ``command``; return the peak summed RSS of it and its children (bytes), and its wall time."""
+    measured = _peak_tree_memory(command)
+    return measured.rss, measured.seconds
 
 
 def bench_encode_rss(ws: Workspace) -> dict:
@@ -428,6 +444,14 @@ def bench_dask(ws: Workspace) -> dict:
     return figures
 
 
+def bench_scale(ws: Workspace) -> dict:
+    """How time, memory and disk grow with N, and kNN-LM against the memory up to 33 M keys
+    (``flows.bench_scale``); only when asked for (``--only scale``: ~40 minutes)."""
+    from flows import bench_scale as scale
+
+    return scale.bench_scale(ws, ws.out_dir)
+
+
 def bench_gpu(ws: Workspace) -> dict:
     """The torch stages and FAISS on a CUDA GPU (``flows.bench_gpu``); only when asked for (``--only gpu``)."""
     from flows import bench_gpu as on_gpu
@@ -436,15 +460,17 @@ def bench_gpu(ws: Workspace) -> dict:
 
 
 PARTS = {"encode": bench_encode, "encode_rss": bench_encode_rss, "storage": bench_storage, "faiss": bench_faiss,
-         "memory": bench_memory, "dask": bench_dask, "gpu": bench_gpu}
-DEFAULT_PARTS = ("encode", "encode_rss", "storage", "faiss", "memory", "dask")  # gpu needs a GPU: --only gpu
+         "memory": bench_memory, "dask": bench_dask, "scale": bench_scale, "gpu": bench_gpu}
+# gpu needs a GPU (--only gpu); scale takes ~40 minutes (--only scale)
+DEFAULT_PARTS = ("encode", "encode_rss", "storage", "faiss", "memory", "dask")
 
 
-def run(only: list[str] | None = None, workdir: str | None = None) -> dict:
-    """Run the selected parts (all by default) and return one flat dict of figures."""
+def run(only: list[str] | None = None, workdir: str | None = None, out_dir: str = "bench-out") -> dict:
+    """Run the selected parts (all but scale and gpu by default) and return one flat dict of figures;
+    parts that write files (scale) write them into ``out_dir``."""
     figures: dict = {}
     with tempfile.TemporaryDirectory(dir=workdir) as scratch:
-        ws = Workspace(Path(scratch))
+        ws = Workspace(Path(scratch), out_dir)
         for name in only or DEFAULT_PARTS:
             figures.update(PARTS[name](ws))
     return figures

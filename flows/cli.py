@@ -110,10 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run benchmark parts and print a table of figures (ratios are "
                                             "stage / bare library, measured in one run on this machine).")
     bench.add_argument("--only", action="append",
-                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "gpu"],
-                       help="run only this part (repeatable); gpu runs only when asked for, on a CUDA machine")
+                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "scale", "gpu"],
+                       help="run only this part (repeatable); scale (~40 min) and gpu (on a CUDA machine) run "
+                            "only when asked for")
     bench.add_argument("--json", action="store_true", help="print one JSON object of all figures")
     bench.add_argument("--workdir", help="directory for the temporary workspace (default: system temp)")
+    bench.add_argument("--out", default="bench-out", help="directory for the files a part writes (scale: "
+                       "scale.json, scale.png; default: bench-out)")
     dvc = commands.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations",
                               description="Generate dvc.yaml (one DVC stage per memforge stage: its cmd, the code "
                                           "files and input artifacts it depends on, its content params, its "
@@ -239,7 +242,7 @@ def _cmd_dvc_yaml(args, _beam_args) -> int:
 def _cmd_bench(args, _beam_args) -> int:
     from flows import bench
 
-    figures = bench.run(args.only, args.workdir)
+    figures = bench.run(args.only, args.workdir, args.out)
     print(json.dumps(figures) if args.json else bench.table(figures))
     return 0
 

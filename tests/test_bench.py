@@ -1,6 +1,7 @@
 """The benchmark's own measuring tools (the benchmark itself runs as `memforge bench`, never as a timed test)."""
 import sys
 
+import numpy as np
 import pytest
 
 from flows import bench
@@ -24,3 +25,57 @@ def test_peak_rss_reports_a_failing_command():
 
 def test_table_aligns_figures():
     assert bench.table({"a": 1, "longer_name": 0.5}).splitlines() == ["a            1", "longer_name  0.5"]
+
+
+def test_growth_exponent_and_the_scale_summary():
+    """b of time ∝ N^b is fitted in log-log space; the summary divides each stage's time, memory and disk by
+    what it is per, and compares the largest size with the smallest."""
+    from flows import bench_scale
+
+    assert bench_scale.fit_exponent([1, 2, 4, 8], [3, 6, 12, 24]) == 1.0
+    assert bench_scale.fit_exponent([1, 4, 16], [5, 10, 20]) == 0.5
+    sizes = {}
+    for scale in (1, 2, 4):
+        rows = 1000 * scale
+        stage = {"seconds": 2.0 * scale ** 1.5, "peak_rss_mb": 100.0 + scale, "peak_private_mb": 50.0 + scale, "disk_bytes": 10 * rows, "per": rows}
+        sizes[scale] = {"datastore_rows": rows, "stages": {name: dict(stage) for name in bench_scale.STAGES},
+                        "index_factory": "IVF64,PQ8", "index_codes_mb": 0.01 * scale, "workspace_disk_gb": 0.1,
+                        "memory_loop_seconds_per_step": 0.02, "tokens_per_second": {"knnlm": 1.0}}
+    table = bench_scale.summarise(sizes)
+    targets = table["targets"]
+    assert targets["b_time"] == 1.5
+    assert targets["seconds_per"] == [0.002, float(f"{2 * 2 ** 1.5 / 2000:.4g}"), 0.004]
+    assert targets["seconds_per_4x_vs_1x"] == 2.0 and targets["peak_rss_4x_vs_1x"] == round(104 / 101, 3)
+    assert targets["disk_bytes_per"] == [10.0, 10.0, 10.0]
+    assert table["index_peak_rss_minus_codes_mb"] == [101.0, 102.0, 104.0]
+    assert targets["peak_private_4x_vs_1x"] == round(54 / 51, 3)
+
+
+def test_synthetic_datastore_rows_are_real_rows_then_seeded_noisy_copies():
+    from flows import bench_knnlm_scale
+
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((10, 4)).astype(np.float16)
+    values = np.arange(10, dtype=np.int32)
+    noise = np.full(4, 0.01, np.float32)
+    keys, vals = bench_knnlm_scale.synthetic_rows(real, values, noise, 5, 25)
+    assert np.array_equal(keys[:5], real[5:].astype(np.float32)) and np.array_equal(vals, np.arange(5, 25) % 10)
+    copies = keys[5:] - real[np.arange(10, 25) % 10].astype(np.float32)
+    assert 0 < np.abs(copies).max() < 0.1
+    again, _ = bench_knnlm_scale.synthetic_rows(real, values, noise, 5, 25)
+    assert np.array_equal(keys, again)  # seeded by the first row: any size's rows are the same rows
+
+
+def test_knnlm_fit_extrapolates_a_linear_cost_and_labels_it():
+    """kNN-LM's seconds per token = a + c·N is recovered from exact points; the extrapolation uses it."""
+    from flows import bench_knnlm_scale
+
+    a, c = 2e-4, 1e-11
+    series = [{"datastore_rows": n, "tokens_per_second": {"knnlm": 1 / (a + c * n), "memory": 1e4, "decoder": 2e4}}
+              for n in (2 ** 20, 2 ** 22, 2 ** 24)]
+    fitted = bench_knnlm_scale.fit(series)
+    assert np.isclose(fitted["knnlm_seconds_per_token"]["fixed"], a, rtol=1e-3)
+    assert np.isclose(fitted["knnlm_seconds_per_token"]["per_key"], c, rtol=1e-3)
+    at_100m = fitted["extrapolation (not measured)"]["100M"]
+    assert np.isclose(at_100m["memory_vs_knnlm"], 1e4 * (a + c * 1e8), rtol=1e-2)
+    assert fitted["memory_tokens_per_second_spread"] == [0.0, 0.0]

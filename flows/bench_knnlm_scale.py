@@ -1,0 +1,185 @@
+"""kNN-LM against decoder + memory as the datastore grows to ``max(SIZES)`` keys (part of ``bench --only scale``).
+
+The paper's speed claim (the memory ~80x faster than kNN-LM at 500 M tokens) depends on N: kNN-LM's search
+cost grows with the datastore, the memory's does not. Beyond what this machine can encode, the datastore is
+synthetic but costs what a real one does:
+
+- keys: the real keys of the bench's ``KNN_SCALE`` x corpus encoded by the bench's ``small`` GPT-2 (4 layers,
+  d 128: the demo decoder's shape) come first; every further row is one of them plus Gaussian noise of
+  ``NOISE`` x the keys' per-dimension std, so the IVF lists fill as the real keys' lists do. They are written
+  float16 to ``keys.npy`` for exact re-ranking, as the index stage does;
+- values: the real next tokens, repeated with their keys;
+- index: the reference kNN-LM configuration, IVF 4096 lists with PQ (one sub-quantizer per 2 dims, as
+  ``auto`` chooses for d 128), trained on 4096 x 39 real keys, searched at nprobe 32 for k 1024 with exact
+  re-ranking. One index grows through the sizes (rows are only added), and each size is timed as it is
+  reached. The ``auto`` index is measured on the real datastores of ``bench_scale`` (its nlist grows with N;
+  building it for 33 M synthetic keys would take hours here: adding costs N x nlist distance computations).
+
+At each size, evaluate's own three passes (``training.evaluate.score_three_ways``: decoder, kNN-LM,
+decoder + memory) score the same validation tokens (the ``KNN_SCALE`` x corpus's validation split). The
+timed memory is a freshly initialised one of the default shape (``memory.*`` params; seeded): its speed
+does not depend on its weights. kNN-LM's time per token is fitted as a + c·N and extrapolated to 100 M
+and 500 M keys (labelled as extrapolation).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+
+import faiss
+import numpy as np
+import torch
+
+from storage import fs
+from storage.artifact import open_artifact
+from storage.params import Params
+
+log = logging.getLogger("memforge")
+
+KNN_SCALE = 2  # the corpus (x the bench's 1 MB) whose small-model keys seed the synthetic datastore
+SIZES = tuple(2 ** p for p in range(18, 26))  # 262k .. 33.5M keys
+NOISE = 0.05
+REFERENCE = {"nlist": 4096, "nprobe": 32, "k": 1024, "train_points_per_list": 39}
+ADD_BLOCK = 1 << 20
+EXTRAPOLATE_TO = (100_000_000, 500_000_000)
+
+
+class _IndexSearcher:
+    """``ShardedIndex.search`` over an index held in memory (the grown synthetic index)."""
+
+    def __init__(self, index: faiss.Index):
+        self.index = index
+
+    def search(self, queries: np.ndarray, k: int):
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def synthetic_rows(real_keys: np.ndarray, real_values: np.ndarray, noise: np.ndarray, start: int, stop: int):
+    """Rows ``[start, stop)`` of the synthetic datastore: the real rows first, then copies of them plus
+    Gaussian noise of std ``noise`` (per dimension), seeded by ``start``."""
+    n_real = len(real_keys)
+    rows = np.arange(start, stop)
+    source = rows % n_real
+    keys = real_keys[source].astype(np.float32)
+    copies = rows >= n_real
+    if copies.any():
+        rng = np.random.default_rng(start)
+        keys[copies] += rng.standard_normal((int(copies.sum()), keys.shape[1]), dtype=np.float32) * noise
+    return keys, real_values[source]
+
+
+def _small_datastore(ws) -> Params:
+    """The ``KNN_SCALE`` x corpus encoded by the small model (prepared and encoded once)."""
+    from flows.stages import run_stage
+
+    params = ws.params(KNN_SCALE, "small")
+    if not fs.exists(fs.join(params.artifacts_dir, "keys", "train", "_manifest.json")):
+        run_stage("encode", params)
+    return params
+
+
+def knnlm_sweep(ws, scale_params: Params) -> dict:
+    """Time decoder, kNN-LM (reference configuration) and decoder + memory at each of ``SIZES``."""
+    from flows import bench_scale
+    from pipelines.datastore_rows import DatastoreRows, KEYS, VALUES
+    from pipelines.encoder import load_encoder
+    from storage.stores import KeyStore
+    from training.evaluate import Scorer, score_three_ways
+    from training.mlp_memory import MemoryConfig
+    from training.token_stream import TokenStream
+
+    params = _small_datastore(ws)
+    art = params.artifacts_dir
+    store = KeyStore.open(fs.join(art, "keys", "train"))
+    real_keys, real_values = np.asarray(store.keys()), np.asarray(store.vals())
+    queries = open_artifact(fs.join(art, "keys", "validation"))
+    stats = queries.manifest["stats"]
+    decoder = load_encoder(params.encode.model)
+    torch.manual_seed(0)
+    config = scale_params.memory
+    memory = MemoryConfig(stats["hidden_size"], int(decoder.config.vocab_size), config.depth, config.hidden_mult,
+                          config.activation, config.lm_head).build().eval()
+    scorer = Scorer(decoder, TokenStream(open_artifact(fs.join(art, "tokens")), "validation"),
+                    queries.manifest["counts"]["rows"], stats["block_size"], stats["stride"],
+                    Params().evaluate.batch_size)
+    dim, top = store.dim, max(SIZES)
+    m = max(c for c in range(1, min(64, dim) + 1) if dim % c == 0 and dim // c >= 2)
+    factory = f"IVF{REFERENCE['nlist']},PQ{m}"
+    index = faiss.index_factory(dim, factory)
+    sample = np.random.default_rng(0).choice(len(real_keys), REFERENCE["nlist"] * REFERENCE["train_points_per_list"],
+                                             replace=False)
+    started = time.perf_counter()
+    index.train(real_keys[np.sort(sample)].astype(np.float32))
+    faiss.extract_index_ivf(index).nprobe = REFERENCE["nprobe"]
+    train_seconds = time.perf_counter() - started
+    noise = NOISE * real_keys.astype(np.float32).std(axis=0)
+    series, add_seconds = [], 0.0
+    with tempfile.TemporaryDirectory(dir=ws.root) as scratch:
+        keys_file = np.lib.format.open_memmap(f"{scratch}/{KEYS}", "w+", np.float16, (top, dim))
+        values_file = np.lib.format.open_memmap(f"{scratch}/{VALUES}", "w+", np.int32, (top,))
+        for size in SIZES:
+            started = time.perf_counter()
+            for start in range(index.ntotal, size, ADD_BLOCK):
+                stop = min(size, start + ADD_BLOCK)
+                keys, values = synthetic_rows(real_keys, real_values, noise, start, stop)
+                keys_file[start:stop], values_file[start:stop] = keys, values
+                index.add(keys)
+            keys_file.flush()
+            values_file.flush()
+            add_seconds += time.perf_counter() - started
+            rows = DatastoreRows(scratch, f"synthetic-{size}")
+            timed = score_three_ways(scorer, _IndexSearcher(index), rows, memory, REFERENCE["k"],
+                                     np.array([1.0]), (stats["representation"], stats["layer"]),
+                                     (stats["representation"], stats["layer"]), "fp32")
+            speed = {name: round(scorer.n_rows / seconds, 1) for name, seconds in timed.timings.items()}
+            point = {"datastore_rows": size, "real_rows": min(size, len(real_keys)), "tokens_per_second": speed,
+                     "memory_vs_knnlm": round(speed["memory"] / speed["knnlm"], 3),
+                     "decoder_vs_knnlm": round(speed["decoder"] / speed["knnlm"], 3)}
+            log.info("bench scale: kNN-LM at %d keys: %s", size, point)
+            series.append(point)
+        disk_gb = round(bench_scale.tree_bytes(ws.root) / 2**30, 2)  # the largest synthetic datastore, on disk
+    return {"factory": factory, "nprobe": REFERENCE["nprobe"], "k": REFERENCE["k"], "exact_distances": True,
+            "validation_rows": scorer.n_rows, "real_keys": len(real_keys), "noise": NOISE,
+            "decoder": "bench small GPT-2 (4 layers, d 128)", "memory": "default shape, seeded init (speed only)",
+            "train_seconds": round(train_seconds, 1), "add_seconds": round(add_seconds, 1), "workspace_disk_gb": disk_gb,
+            "series": {"reference": series}, "fit": fit(series)}
+
+
+def fit(series: list[dict]) -> dict:
+    """kNN-LM's seconds per token fitted as a + c·N (least squares): with nlist and nprobe fixed, the codes a
+    query scans grow in proportion to N, on top of the decoder, quantizer and re-ranking costs that do not.
+    Extrapolated to ``EXTRAPOLATE_TO`` keys (not measured), with decoder + memory's speed taken as constant
+    (its mean over the sizes: its spread is reported)."""
+    sizes = np.array([p["datastore_rows"] for p in series], float)
+    per_token = np.array([1 / p["tokens_per_second"]["knnlm"] for p in series])
+    (c, a), *_ = np.linalg.lstsq(np.stack([sizes, np.ones_like(sizes)], axis=1), per_token, rcond=None)
+    memory = float(np.mean([p["tokens_per_second"]["memory"] for p in series]))
+    decoder = float(np.mean([p["tokens_per_second"]["decoder"] for p in series]))
+    spread = [p["tokens_per_second"]["memory"] / memory - 1 for p in series]
+    extrapolated = {}
+    for n in EXTRAPOLATE_TO:
+        knn_speed = 1 / (a + c * n)
+        extrapolated[f"{n // 1_000_000}M"] = {"knnlm_tokens_per_second": round(knn_speed, 1),
+                                              "memory_vs_knnlm": round(memory / knn_speed, 2),
+                                              "decoder_vs_knnlm": round(decoder / knn_speed, 2)}
+    slope = math.log(per_token[-1] / per_token[-2]) / math.log(sizes[-1] / sizes[-2])
+    return {"knnlm_seconds_per_token": {"fixed": float(f"{a:.4g}"), "per_key": float(f"{c:.4g}")},
+            "knnlm_b_between_largest_two": round(slope, 3),
+            "memory_tokens_per_second_mean": round(memory, 1),
+            "memory_tokens_per_second_spread": [round(min(spread), 3), round(max(spread), 3)],
+            "extrapolation (not measured)": extrapolated}
+
+
+def flat(knnlm: dict) -> dict:
+    """The headline figures of the sweep, flat."""
+    last = knnlm["series"]["reference"][-1]
+    figures = {"knnlm_scale_factory": knnlm["factory"], "knnlm_scale_largest_rows": last["datastore_rows"],
+               "knnlm_scale_memory_vs_knnlm_largest": last["memory_vs_knnlm"],
+               "knnlm_scale_decoder_vs_knnlm_largest": last["decoder_vs_knnlm"],
+               "knnlm_scale_b_largest_two": knnlm["fit"]["knnlm_b_between_largest_two"],
+               "knnlm_scale_memory_speed_spread": knnlm["fit"]["memory_tokens_per_second_spread"]}
+    for label, point in knnlm["fit"]["extrapolation (not measured)"].items():
+        figures[f"knnlm_scale_memory_vs_knnlm_{label}_extrapolated"] = point["memory_vs_knnlm"]
+    return figures

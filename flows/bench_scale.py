@@ -1,0 +1,201 @@
+"""``memforge bench --only scale``: how each stage's time, memory and disk grow with the datastore.
+
+Real datastores at ``SCALES`` x the bench's 1 MB of text: the first n MB of the standard library's
+``.py`` files in sorted order (distinct real text; a smaller corpus is a prefix of a larger one), each
+built from scratch with the bench's tiny GPT-2 as the encoder, through the stages as users run them:
+one ``memforge <stage>`` process each, default params otherwise (the ``auto`` index, k 64 targets,
+``SCALE_MEMORY_STEPS`` memory steps). Per size and stage: wall seconds per row, peak RSS of the
+stage's whole process tree, bytes on disk per row; per stage, the fitted exponent b of time ∝ N^b.
+kNN-LM's cost beyond these sizes is measured by ``bench_knnlm_scale``. Writes ``scale.json`` and
+``scale.png`` (log-log) into the output directory.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from storage import fs
+from storage.artifact import open_artifact
+from storage.params import Params, parse_params
+
+SCALES = (1, 2, 4, 8)
+SCALE_MEMORY_STEPS = 300
+STAGES = ("prepare", "encode", "index", "targets", "train-memory", "evaluate")
+# what each stage's time, memory and disk are divided by, and which artifacts are its output
+PER_ROW = {"prepare": "token", "encode": "row", "index": "datastore row", "targets": "row",
+           "train-memory": "step", "evaluate": "validation row"}
+OUTPUTS = {"prepare": ("tokens",), "encode": ("keys",), "index": ("index",), "targets": ("targets",),
+           "train-memory": ("memory",), "evaluate": ("eval",)}
+
+
+def scale_params(ws, scale: int) -> Params:
+    """The default params for a datastore of ``scale`` x the bench's text, encoded by the tiny model."""
+    defaults = Params()
+    return parse_params({
+        "artifacts_dir": str(ws.root / f"scale-{scale}x"), "corpus": ws.corpus(scale),
+        "encode": {**defaults.section("encode"), "model": str(ws.model("tiny"))},
+        "memory": {**defaults.section("memory"), "max_steps": SCALE_MEMORY_STEPS, "checkpoint_every": SCALE_MEMORY_STEPS},
+    })
+
+
+def _rows(params: Params, stage: str) -> int:
+    """What the stage's figures are per: tokens, rows of both splits, datastore rows, steps or validation rows."""
+    art = params.artifacts_dir
+    if stage == "prepare":
+        counts = open_artifact(fs.join(art, "tokens")).manifest["counts"]
+        return counts["train_tokens"] + counts["validation_tokens"]
+    if stage in ("encode", "targets"):
+        output = OUTPUTS[stage][0]
+        return sum(open_artifact(fs.join(art, output, s)).manifest["counts"]["rows"] for s in ("train", "validation"))
+    if stage == "index":
+        return open_artifact(fs.join(art, "index")).manifest["counts"]["rows"]
+    if stage == "train-memory":
+        return params.memory.max_steps
+    return open_artifact(fs.join(art, "eval")).manifest["counts"]["rows"]
+
+
+def _disk_bytes(params: Params, stage: str) -> int:
+    total = 0
+    for name in OUTPUTS[stage]:
+        root = Path(fs.join(params.artifacts_dir, name))
+        total += sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    return total
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes a directory tree takes on disk (allocated blocks, so sparse files count what they hold)."""
+    return sum(f.stat().st_blocks * 512 for f in Path(path).rglob("*") if f.is_file())
+
+
+def fit_exponent(sizes, values) -> float:
+    """b of the least-squares fit log(value) = a + b·log(size)."""
+    slope, _ = np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.asarray(values, float)), 1)
+    return round(float(slope), 3)
+
+
+def run_sizes(ws, scales=SCALES) -> dict:
+    """Build each size's datastore stage by stage (one process each); per stage and size: seconds, peak RSS,
+    disk bytes, and the count they are per."""
+    from flows.bench import _peak_tree_memory
+
+    memforge = str(Path(sys.executable).parent / "memforge")
+    sizes: dict = {}
+    for scale in scales:
+        params = scale_params(ws, scale)
+        config = ws.root / f"params-scale-{scale}x.json"
+        config.write_text(json.dumps(params.model_dump(mode="json")))
+        figures = {}
+        for stage in STAGES:
+            peak = _peak_tree_memory([memforge, stage, "--params", str(config)])
+            figures[stage] = {"seconds": round(peak.seconds, 2), "peak_rss_mb": round(peak.rss / 2**20, 1),
+                              "peak_private_mb": round(peak.private / 2**20, 1),
+                              "disk_bytes": _disk_bytes(params, stage), "per": _rows(params, stage)}
+        metrics = fs.read_json(fs.join(params.artifacts_dir, "eval", "metrics.json"))
+        memory = open_artifact(fs.join(params.artifacts_dir, "memory")).manifest["stats"]
+        index = open_artifact(fs.join(params.artifacts_dir, "index")).manifest["stats"]
+        sizes[scale] = {
+            "index_codes_mb": round(figures["index"]["per"] * (index["code_size"] + 8) / 2**20, 1),  # codes + ids
+            "workspace_disk_gb": round(tree_bytes(ws.root) / 2**30, 2),
+            "datastore_rows": figures["index"]["per"], "stages": figures,
+            "index_factory": index["factory"],
+            "memory_loop_seconds_per_step": round(params.memory.batch_size / memory["rows_per_second"], 5),
+            "tokens_per_second": metrics["tokens_per_second"],
+        }
+    return sizes
+
+
+def summarise(sizes: dict) -> dict:
+    """Per stage: seconds and RSS per size, the fitted b of time ∝ N^b (N = datastore rows), and the largest
+    size's seconds per row and peak RSS ÷ the smallest's; for evaluate, tokens/s of each model per size."""
+    scales = sorted(sizes)
+    first, last = scales[0], scales[-1]
+    n_rows = [sizes[s]["datastore_rows"] for s in scales]
+    table: dict = {"datastore_rows": dict(zip(scales, n_rows)),
+                   "index_factory": {s: sizes[s]["index_factory"] for s in scales}}
+    for stage in STAGES:
+        per_row = [sizes[s]["stages"][stage]["seconds"] / sizes[s]["stages"][stage]["per"] for s in scales]
+        rss = [sizes[s]["stages"][stage]["peak_rss_mb"] for s in scales]
+        private = [sizes[s]["stages"][stage]["peak_private_mb"] for s in scales]
+        disk = [sizes[s]["stages"][stage]["disk_bytes"] / sizes[s]["stages"][stage]["per"] for s in scales]
+        table[stage] = {
+            "per": PER_ROW[stage],
+            "seconds": [sizes[s]["stages"][stage]["seconds"] for s in scales],
+            "seconds_per": [float(f"{v:.4g}") for v in per_row], "peak_rss_mb": rss, "peak_private_mb": private,
+            "disk_bytes_per": [round(v, 1) for v in disk],
+            "b_time": fit_exponent(n_rows, [sizes[s]["stages"][stage]["seconds"] for s in scales]),
+            f"seconds_per_{last}x_vs_{first}x": round(per_row[-1] / per_row[0], 3),
+            f"peak_rss_{last}x_vs_{first}x": round(rss[-1] / rss[0], 3),
+            f"peak_private_{last}x_vs_{first}x": round(private[-1] / private[0], 3),
+        }
+    table["index_codes_mb"] = [sizes[s]["index_codes_mb"] for s in scales]
+    for kind in ("rss", "private"):
+        table[f"index_peak_{kind}_minus_codes_mb"] = [
+            round(sizes[s]["stages"]["index"][f"peak_{kind}_mb"] - sizes[s]["index_codes_mb"], 1) for s in scales]
+    table["memory_loop_seconds_per_step"] = [sizes[s]["memory_loop_seconds_per_step"] for s in scales]
+    table["evaluate_tokens_per_second"] = {s: sizes[s]["tokens_per_second"] for s in scales}
+    return table
+
+
+def plot(table: dict, knnlm: dict | None, path: Path) -> None:
+    """Log-log: seconds per row and peak RSS against datastore rows per stage; kNN-LM vs memory tokens/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 3 if knnlm else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5))
+    n_rows = list(table["datastore_rows"].values())
+    for stage in STAGES:
+        axes[0].loglog(n_rows, table[stage]["seconds_per"], "o-", label=f"{stage} (per {table[stage]['per']})")
+        line, = axes[1].loglog(n_rows, table[stage]["peak_rss_mb"], "o-", label=f"{stage} RSS")
+        axes[1].loglog(n_rows, table[stage]["peak_private_mb"], "x--", color=line.get_color(), label=f"{stage} private")
+    axes[0].set(xlabel="datastore rows N", ylabel="wall seconds per unit", title="time per unit")
+    axes[1].set(xlabel="datastore rows N", ylabel="MB, summed over the process tree",
+                title="peak RSS (solid) and private memory (dashed)")
+    if knnlm:
+        for config, series in knnlm["series"].items():
+            sizes = [p["datastore_rows"] for p in series]
+            for model, style in (("knnlm", "o-"), ("memory", "s--"), ("decoder", "^:")):
+                axes[2].loglog(sizes, [p["tokens_per_second"][model] for p in series], style, label=f"{model} ({config}: IVF4096, synthetic beyond 0.6M, small model)")
+        real = table["evaluate_tokens_per_second"]
+        for model, style in (("knnlm", "o-"), ("memory", "s--")):
+            axes[2].loglog(n_rows, [real[s][model] for s in real], style, label=f"{model} (auto index, real, tiny model)")
+        axes[2].set(xlabel="datastore rows N", ylabel="evaluate tokens/s", title="kNN-LM vs decoder + memory")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2 if ax is axes[1] else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_scale(ws, out_dir: str) -> dict:
+    """The scale sweep and the kNN-LM sweep; writes ``scale.json`` and ``scale.png`` into ``out_dir``;
+    returns the headline figures flat."""
+    from flows import bench_knnlm_scale
+
+    sizes = run_sizes(ws)
+    table = summarise(sizes)
+    knnlm = bench_knnlm_scale.knnlm_sweep(ws, scale_params(ws, SCALES[0]))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps({"sizes": sizes, "table": table, "knnlm": knnlm}, indent=1))
+    plot(table, knnlm, out / "scale.png")
+    last, first = SCALES[-1], SCALES[0]
+    flat = {"scale_sizes_rows": "/".join(str(n) for n in table["datastore_rows"].values())}
+    for stage in STAGES:
+        flat[f"scale_{stage}_b"] = table[stage]["b_time"]
+        flat[f"scale_{stage}_seconds_per_{last}x_vs_{first}x"] = table[stage][f"seconds_per_{last}x_vs_{first}x"]
+        flat[f"scale_{stage}_peak_rss_{last}x_vs_{first}x"] = table[stage][f"peak_rss_{last}x_vs_{first}x"]
+        flat[f"scale_{stage}_peak_private_{last}x_vs_{first}x"] = table[stage][f"peak_private_{last}x_vs_{first}x"]
+    for kind in ("rss", "private"):
+        flat[f"scale_index_peak_{kind}_minus_codes_mb"] = "/".join(str(v) for v in table[f"index_peak_{kind}_minus_codes_mb"])
+    flat.update(bench_knnlm_scale.flat(knnlm))
+    flat["scale_peak_disk_gb"] = max(knnlm["workspace_disk_gb"], *(sizes[s]["workspace_disk_gb"] for s in sizes))
+    flat["scale_written"] = str(out / "scale.json")
+    return flat
+
