@@ -156,11 +156,13 @@ class Scored(NamedTuple):
 
 
 def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory: MLPMemory, k: int,
-                     temperatures: np.ndarray, query_at: tuple, memory_at: tuple, precision: str) -> Scored:
-    """The three timed passes over the scorer's rows: the decoder; kNN-LM (the query representation
-    ``query_at`` = (representation, layer) captured, ``searcher.search`` for k candidates, re-ranked by
-    exact distance when ``rows_store`` has keys, p_kNN at each temperature); the memory (its input
-    ``memory_at`` captured). kNN-LM's time counts one temperature: the others only serve the choice."""
+                     temperatures: np.ndarray, query_at: tuple, memory_at: tuple, precision: str,
+                     only: tuple[str, ...] = ("decoder", "knnlm", "memory")) -> Scored:
+    """The three timed passes over the scorer's rows (or those named in ``only``): the decoder; kNN-LM (the
+    query representation ``query_at`` = (representation, layer) captured, ``searcher.search`` for k
+    candidates, re-ranked by exact distance when ``rows_store`` has keys, p_kNN at each temperature); the
+    memory (its input ``memory_at`` captured). kNN-LM's time counts one temperature: the others only serve
+    the choice."""
     decoder, device = scorer.decoder, scorer.device
     exact = rows_store.keys is not None
     p_knn = np.zeros((len(temperatures), scorer.n_rows))
@@ -192,6 +194,10 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
         "memory": ([RepresentationCapture(decoder, *memory_at, stop=False)], memory_probs),
     }
     for name, (captures, on_batch) in passes.items():
+        if name not in only:
+            for capture in captures:
+                capture.handle.remove()
+            continue
         started = time.perf_counter()
         with devices.autocast(device, precision):
             scored = scorer.run(captures, on_batch)
