@@ -56,5 +56,6 @@ def test_every_finite_16_bit_key_is_widened_exactly(bfloat16):
     patterns, values = patterns[finite].reshape(-1, 1), values[finite]
     out = np.empty((2, len(values)), np.float32)
     l2_by_idx(np.array([[0.0], [1.0]], np.float32), patterns, np.tile(np.arange(len(values)), (2, 1)), bfloat16, out)
-    assert np.array_equal(out[0], values * values)
-    assert np.array_equal(out[1], (np.float32(1) - values) ** 2)
+    with np.errstate(over="ignore"):  # the largest bfloat16 values square to inf, in the kernel as here
+        assert np.array_equal(out[0], values * values)
+        assert np.array_equal(out[1], (np.float32(1) - values) ** 2)
