@@ -185,12 +185,6 @@ def _peak_tree_memory(command: list[str]) -> PeakMemory:
     return PeakMemory(peak, private, time.perf_counter() - started)
 
 
-def _peak_tree_rss(command: list[str]) -> tuple[int, float]:
-    """Run ``command``; return the peak summed RSS of it and its children (bytes), and its wall time."""
-    measured = _peak_tree_memory(command)
-    return measured.rss, measured.seconds
-
-
 def bench_encode_rss(ws: Workspace) -> dict:
     """Peak RSS (driver + Beam workers) of `memforge encode` at 1x and 4x the corpus, tiny model."""
     figures = {}
@@ -199,7 +193,7 @@ def bench_encode_rss(ws: Workspace) -> dict:
         config = ws.root / f"params-{scale}x.json"
         config.write_text(json.dumps(params.model_dump(mode="json")))
         command = [str(Path(sys.executable).parent / "memforge"), "encode", "--params", str(config), "--rebuild"]
-        peak, _ = _peak_tree_rss(command)
+        peak = _peak_tree_memory(command).rss
         figures[f"encode_peak_rss_mb_{scale}x"] = round(peak / 2**20, 1)
     figures["encode_rss_4x_vs_1x"] = round(figures["encode_peak_rss_mb_4x"] / figures["encode_peak_rss_mb_1x"], 3)
     return figures
@@ -366,8 +360,8 @@ def _paper_settings(ws: Workspace, params: Params, searched) -> dict:
         defaults = {**params.model_dump(mode="json"), "targets": {**Params().section("targets"), **targets,
                                                                   "shard_chunks": chunks}}
         config.write_text(json.dumps(defaults))
-        peak, _ = _peak_tree_rss([str(Path(sys.executable).parent / "memforge"), "targets", "--params", str(config),
-                                  "--rebuild"])
+        peak = _peak_tree_memory([str(Path(sys.executable).parent / "memforge"), "targets", "--params", str(config),
+                                  "--rebuild"]).rss
         figures[f"targets_peak_rss_mb_k{PAPER_K}{label}"] = round(peak / 2**20, 1)
     figures[f"targets_rss_2x_shards_vs_1x_k{PAPER_K}"] = round(
         figures[f"targets_peak_rss_mb_k{PAPER_K}_2x_shards"] / figures[f"targets_peak_rss_mb_k{PAPER_K}"], 3)

@@ -86,6 +86,7 @@ def _small_datastore(ws) -> Params:
 def knnlm_sweep(ws, scale_params: Params) -> dict:
     """Time decoder, kNN-LM (reference configuration) and decoder + memory at each of ``SIZES``."""
     from flows import bench_scale
+    from pipelines import faiss_index
     from pipelines.datastore_rows import DatastoreRows, KEYS, VALUES
     from pipelines.encoder import load_encoder
     from storage.stores import KeyStore
@@ -108,8 +109,7 @@ def knnlm_sweep(ws, scale_params: Params) -> dict:
                     queries.manifest["counts"]["rows"], stats["block_size"], stats["stride"],
                     Params().evaluate.batch_size)
     dim, top = store.dim, max(SIZES)
-    m = max(c for c in range(1, min(64, dim) + 1) if dim % c == 0 and dim // c >= 2)
-    factory = f"IVF{REFERENCE['nlist']},PQ{m}"
+    factory = f"IVF{REFERENCE['nlist']},PQ{faiss_index.pq_subquantizers(dim)}"
     index = faiss.index_factory(dim, factory)
     sample = np.random.default_rng(0).choice(len(real_keys), REFERENCE["nlist"] * REFERENCE["train_points_per_list"],
                                              replace=False)

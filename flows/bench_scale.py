@@ -57,17 +57,16 @@ def _rows(params: Params, stage: str) -> int:
     return open_artifact(fs.join(art, "eval")).manifest["counts"]["rows"]
 
 
+def tree_bytes(path: Path, allocated: bool = True) -> int:
+    """Bytes of a directory tree's files: allocated on disk (so sparse files count what they hold), or
+    their sizes."""
+    return sum(f.stat().st_blocks * 512 if allocated else f.stat().st_size for f in Path(path).rglob("*")
+               if f.is_file())
+
+
 def _disk_bytes(params: Params, stage: str) -> int:
-    total = 0
-    for name in OUTPUTS[stage]:
-        root = Path(fs.join(params.artifacts_dir, name))
-        total += sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
-    return total
-
-
-def tree_bytes(path: Path) -> int:
-    """Bytes a directory tree takes on disk (allocated blocks, so sparse files count what they hold)."""
-    return sum(f.stat().st_blocks * 512 for f in Path(path).rglob("*") if f.is_file())
+    """The stage's output artifacts' file sizes."""
+    return sum(tree_bytes(Path(fs.join(params.artifacts_dir, name)), allocated=False) for name in OUTPUTS[stage])
 
 
 def fit_exponent(sizes, values) -> float:

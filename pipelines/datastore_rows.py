@@ -95,11 +95,18 @@ class DatastoreRows:
             faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(base),
                                     faiss.swig_ptr(lookup), queries.shape[1], ids.shape[0], ids.shape[1])
         else:  # float16, or bfloat16 bit patterns (uint16): as many threads as FAISS would use (nogil kernel)
-            parts = np.array_split(np.arange(len(ids)), min(faiss.omp_get_max_threads(), max(1, len(ids) // 64)))
             bits, bfloat16 = base.view(np.uint16), base.dtype == np.uint16
-            with ThreadPoolExecutor(len(parts)) as pool:
-                list(pool.map(lambda rows: l2_by_idx(queries[rows[0]:rows[-1] + 1], bits, lookup[rows[0]:rows[-1] + 1],
-                                                     bfloat16, out[rows[0]:rows[-1] + 1]), parts))
+
+            def rerank(start: int, stop: int) -> None:
+                l2_by_idx(queries[start:stop], bits, lookup[start:stop], bfloat16, out[start:stop])
+
+            parts = min(faiss.omp_get_max_threads(), max(1, len(ids) // 64))
+            if parts == 1:
+                rerank(0, len(ids))
+            else:
+                bounds = np.linspace(0, len(ids), parts + 1).astype(int)
+                with ThreadPoolExecutor(parts) as pool:
+                    list(pool.map(rerank, bounds[:-1], bounds[1:]))
         out[ids == MISSING] = np.inf
         return out
 

@@ -64,6 +64,11 @@ def shard_file(shard_name: str) -> str:
     return f"shard-{shard_name}.index"
 
 
+def pq_subquantizers(dim: int) -> int:
+    """PQ sub-quantizers for ``dim``: the most (up to 64) that divide it with at least 2 dims each."""
+    return max(c for c in range(1, min(64, dim) + 1) if dim % c == 0 and dim // c >= 2)
+
+
 def resolve_factory(params: IndexParams, n_rows: int, dim: int) -> str:
     """``index.factory``, or for ``auto``: exact Flat for small datastores, else IVF-PQ sized by N and d."""
     if params.factory != "auto":
@@ -71,7 +76,7 @@ def resolve_factory(params: IndexParams, n_rows: int, dim: int) -> str:
     if n_rows < params.flat_threshold:
         return "Flat"
     nlist = 2 ** math.ceil(math.log2(4 * math.sqrt(n_rows)))  # low in 4..16 * sqrt(N): quick to train
-    m = max(c for c in range(1, min(64, dim) + 1) if dim % c == 0 and dim // c >= 2)
+    m = pq_subquantizers(dim)
     prefix = f"OPQ{m}_{m * (dim // m)}," if dim > 1024 else ""
     return f"{prefix}IVF{nlist},PQ{m}"
 

@@ -188,16 +188,13 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
         return logp_dec
 
     timings, logp_dec = {}, None
-    passes = {
-        "decoder": ([], None),
-        "knnlm": ([RepresentationCapture(decoder, *query_at, stop=False)], knn_probs),
-        "memory": ([RepresentationCapture(decoder, *memory_at, stop=False)], memory_probs),
+    passes = {  # each pass's hooks are registered when it starts and removed when it ends
+        "decoder": lambda: ([], None),
+        "knnlm": lambda: ([RepresentationCapture(decoder, *query_at, stop=False)], knn_probs),
+        "memory": lambda: ([RepresentationCapture(decoder, *memory_at, stop=False)], memory_probs),
     }
-    for name, (captures, on_batch) in passes.items():
-        if name not in only:
-            for capture in captures:
-                capture.handle.remove()
-            continue
+    for name in (name for name in passes if name in only):
+        captures, on_batch = passes[name]()
         started = time.perf_counter()
         with devices.autocast(device, precision):
             scored = scorer.run(captures, on_batch)
