@@ -14,9 +14,9 @@ from pipelines.stage import Stage
 from storage.errors import MemforgeError
 from storage.params import Params
 
-BUILTIN = ("pipelines.prepare:Prepare", "training.decoder:TrainDecoder", "pipelines.encode:Encode",
-           "pipelines.index:Index", "pipelines.targets:Targets", "training.memory:TrainMemory",
-           "training.evaluate:Evaluate")
+BUILTIN = ("pipelines.prepare:Prepare", "training.decoder_stage:TrainDecoder", "pipelines.encode:Encode",
+           "pipelines.index:Index", "pipelines.targets:Targets", "training.memory_stage:TrainMemory",
+           "training.evaluate_stage:Evaluate")
 EXTRA_STAGES_ENV = "MEMFORGE_STAGES"
 _LOADED: dict[str, Stage] = {}
 

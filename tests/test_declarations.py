@@ -79,12 +79,31 @@ def test_execution_and_layout_params_leave_every_artifact_up_to_date(chain, tmp_
     assert fingerprints(art) == before
 
 
-def _digests(root: Path) -> dict[str, str]:
-    """Each stage's code digest as computed from the sources under ``root``."""
-    script = ("import json; from flows.stages import all_stages; from storage.provenance import source_digest;"
-              "print(json.dumps({s.name: source_digest(s.code_files()) for s in all_stages()}))")
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(root)})
+# In one process: each stage's code digest, then again after each edit in turn (appending a comment to the
+# module) -- the edits change no imports, so the stages' import closures stay as first resolved.
+_DIGESTS_AFTER_EDITS = """
+import json, sys
+from pathlib import Path
+from flows.stages import all_stages
+from storage.provenance import source_digest
+
+def digests():
+    return {s.name: source_digest(s.code_files()) for s in all_stages()}
+
+found = [digests()]
+for module in sys.argv[1:]:
+    path = Path(module)
+    path.write_text(path.read_text() + "\\n# an edit\\n")
+    found.append(digests())
+print(json.dumps(found))
+"""
+
+
+def _digests(root: Path, *edits: str) -> list[dict[str, str]]:
+    """Each stage's code digest as computed from the sources under ``root``: first as they are, then after
+    each of ``edits`` (module paths under ``root``, edited in that order)."""
+    done = subprocess.run([sys.executable, "-c", _DIGESTS_AFTER_EDITS, *edits], cwd=root, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -94,19 +113,25 @@ def test_code_digest_covers_the_stage_import_closure(tmp_path):
     (train-memory and evaluate follow a targets change through their inputs' content, see test_dvc)."""
     for package in ("storage", "pipelines", "training", "flows"):
         shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
-    before = _digests(tmp_path)
-    assert before == _digests(REPO)
-    for module, reached in (("pipelines/corpus.py", {"prepare"}),             # only prepare imports it
-                            ("pipelines/knn.py", {"targets"}),                # the targets kernel
-                            ("pipelines/neighbour_lists.py", {"index", "targets", "evaluate"}),
-                            ("storage/zarr_rows.py", {item.name for item in all_stages()}),
-                            ("pipelines/executor.py", set()),                 # how stages run, never what
-                            ("storage/params.py", set())):                    # they write
-        source = tmp_path / module
-        source.write_text(source.read_text() + "\n# an edit\n")
-        after = _digests(tmp_path)
+    reaches = {"pipelines/corpus.py": {"prepare"},                 # only prepare imports it
+               "pipelines/knn.py": {"targets"},                     # the targets kernel
+               "pipelines/neighbour_lists.py": {"index", "targets", "evaluate"},
+               "storage/zarr_rows.py": {item.name for item in all_stages()},
+               "pipelines/executor.py": set(),                      # how stages run, never what
+               "storage/params.py": set()}                          # they write
+    found = _digests(tmp_path, *reaches)
+    assert found[0] == _digests(REPO)[0]
+    for (module, reached), before, after in zip(reaches.items(), found, found[1:]):
         assert {name for name in before if before[name] != after[name]} == reached, module
-        before = after
+
+
+def test_listing_the_stages_imports_no_torch():
+    """The CLI, lineage, verify and dvc-yaml load every declaration: none may pull in torch or transformers."""
+    script = ("import sys; from flows.stages import all_stages; from flows.cli import build_parser; all_stages(); "
+              "build_parser(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_each_param_has_one_kind_and_params_yaml_marks_it():

@@ -113,34 +113,26 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path, 
         return {name: json.loads((clone / "artifacts" / name / "_manifest.json").read_text())["fingerprint"]
                 for name in ("tokens", "decoder", "keys/train", "index", "targets/train", "memory", "eval")}
 
-    # A change to the targets kernel (here: distributions at twice the temperature) rebuilds targets, then
-    # train-memory and evaluate, whose inputs now hold other data; nothing upstream.
+    # One repro after two edits. A change to the targets kernel (here: distributions at twice the
+    # temperature) rebuilds targets, then train-memory and evaluate, whose inputs now hold other data. A
+    # prepare-only edit reruns prepare into the same bytes: DVC then reruns the stages after it, but their
+    # artifacts stay as they were, since a stage depends on its inputs' content, not on how they were made.
+    # (That the kernel edit alone outdates only targets for DVC is the `dvc status` check above.)
     before = published()
     kernel = clone / "pipelines" / "knn_rows.py"
     original_kernel = kernel.read_text()
     line = "scale = np.float32(-temperature)"
     assert line in original_kernel
     kernel.write_text(original_kernel.replace(line, "scale = np.float32(-2 * temperature)"))
-    changed = _run(clone, "dvc", "repro")
-    assert [item.name for item in STAGES if f"Running stage '{item.name}'" in changed] == [
-        "targets", "train-memory", "evaluate"]
-    for name in ("prepare", "train-decoder", "encode", "index"):
-        assert f"Stage '{name}' didn't change, skipping" in changed
-    after = published()
-    assert {name for name in before if before[name] != after[name]} == {"targets/train", "memory", "eval"}
-    lineage = _run(clone, "memforge", "lineage", "artifacts/targets/train")
-    assert "dvc: stage targets (artifacts/targets): outputs match dvc.lock" in lineage
-
-    # A prepare-only edit reruns prepare into the same bytes: keys, index and targets stay up to date,
-    # since a stage depends on its inputs' content, not on how they were made.
-    before = published()
     corpus = clone / "pipelines" / "corpus.py"
     corpus.write_text(corpus.read_text() + "\n# an edit\n")
-    fourth = _run(clone, "dvc", "repro")
-    assert "Running stage 'prepare'" in fourth
+    changed = _run(clone, "dvc", "repro")
+    assert "Running stage 'prepare'" in changed
     after = published()
-    assert after.pop("tokens") != before.pop("tokens")
-    assert after == before
+    assert {name for name in before if before[name] != after[name]} == {
+        "tokens", "targets/train", "memory", "eval"}
+    lineage = _run(clone, "memforge", "lineage", "artifacts/targets/train")
+    assert "dvc: stage targets (artifacts/targets): outputs match dvc.lock" in lineage
 
     _run(clone, "dvc", "remote", "add", "-d", "store", "s3://memforge-dvc/store")
     _run(clone, "dvc", "remote", "modify", "store", "endpointurl", s3_server)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pipelines import devices
 from pipelines.encoder import retie_output_embeddings
-from pipelines.stage import Context, Published, Stage
+from pipelines.stage import Published
 from pipelines.tokenizer import check_same_tokenizer, load_tokenizer
 from storage import fs, local_cache
 from storage.errors import MemforgeError
@@ -60,34 +60,6 @@ def _check_block_size(model: torch.nn.Module, config) -> None:
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if limit is not None and config.block_size > limit:
         raise MemforgeError(f"decoder.block_size: {config.block_size} exceeds the model's {limit} positions")
-
-
-class TrainDecoder(Stage):
-    """Language-model training of the decoder: one step loop with checkpoints."""
-
-    name = "train-decoder"
-    summary = "train the decoder LM from scratch or fine-tune a local HF model"
-    outputs = ("decoder",)
-    format = "huggingface"
-    inputs = ("tokens",)
-    content = ("decoder.init", "decoder.n_layer", "decoder.n_head", "decoder.n_embd", "decoder.block_size",
-               "decoder.batch_size", "decoder.grad_accum", "decoder.learning_rate", "decoder.weight_decay",
-               "decoder.warmup_steps", "decoder.max_steps", "decoder.schedule", "decoder.seed", "decoder.precision")
-    execution = ("decoder.checkpoint_every", "decoder.device")
-
-    def check(self, ctx: Context) -> None:
-        tokens, block_size = ctx.inputs["tokens"], ctx.params.decoder.block_size
-        n_tokens = tokens.manifest["counts"]["train_tokens"]
-        if n_tokens < block_size + 1:
-            raise MemforgeError(f"decoder.block_size: {block_size} needs at least {block_size + 1} training "
-                                f"tokens, but {tokens.uri} has {n_tokens}; lower it or add text")
-        ctx.scratch["device"] = devices.use(ctx.params.decoder.device, "decoder.device")
-
-    def artifact_params(self, ctx: Context, role: str) -> dict:
-        return ctx.params.values(self.content, strip="decoder")
-
-    def run(self, ctx: Context, role: str, build) -> Published:
-        return train_decoder(ctx.params.decoder, ctx.inputs["tokens"], build.uri, ctx.scratch["device"])
 
 
 def train_decoder(config, tokens, uri: str, device: torch.device) -> Published:

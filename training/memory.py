@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from pipelines import devices
-from pipelines.encoder import RepresentationCapture, hidden_size, load_encoder, model_fingerprint, transformer_blocks
-from pipelines.stage import Context, Published, Stage
+from pipelines.encoder import RepresentationCapture, hidden_size
+from pipelines.stage import Published
 from storage import fs
 from storage.artifact import Artifact, built_from, recorded_input
 from storage.errors import MemforgeError
 from storage.stores import DistributionStore, KeyStore
-from pipelines.named_decoder import decoder_inputs, decoder_path, external_decoder
 from training.checkpoint import DIR as CHECKPOINTS_DIR
 from training.checkpoint import Checkpoints
 from training.memory_data import DecoderStates, KeyStoreStates, MemoryRows
@@ -76,7 +75,7 @@ def check_targets(targets: Artifact, keys: Artifact, decoder_vocab: int) -> None
         raise MemforgeError(f"{targets.uri}: vocabulary of {vocab} tokens, but the decoder has {decoder_vocab}")
 
 
-def _offline(params, keys: Artifact, decoder_fingerprint: str, n_blocks: int) -> bool:
+def resolves_offline(params, keys: Artifact, decoder_fingerprint: str, n_blocks: int) -> bool:
     """True when the stored keys are the decoder's states at the memory's input layer."""
     stats = keys.manifest["stats"]
     same_model = stats["model_fingerprint"] == decoder_fingerprint
@@ -87,47 +86,6 @@ def _offline(params, keys: Artifact, decoder_fingerprint: str, n_blocks: int) ->
                             f"{params.memory.input_layer}, but {keys.uri} was encoded by another model or layer "
                             f"(model {stats['model_fingerprint'][:12]}, layer {stats['layer']}); use online or auto")
     return possible and params.memory.mode != "online"
-
-
-class TrainMemory(Stage):
-    """MLP memory training on the kNN targets: one step loop with checkpoints."""
-
-    name = "train-memory"
-    summary = "train the MLP memory on the kNN targets"
-    outputs = ("memory",)
-    format = "safetensors"
-    inputs = ("targets/train", "keys/train", "tokens", "decoder")
-    content = ("memory.input_layer", "memory.depth", "memory.hidden_mult", "memory.activation", "memory.lm_head",
-               "memory.mode", "memory.alpha", "memory.batch_size", "memory.learning_rate", "memory.weight_decay",
-               "memory.warmup_steps", "memory.max_steps", "memory.shuffle_buffer_chunks", "memory.seed",
-               "memory.precision", "encode.model", "encode.representation")
-    execution = ("memory.checkpoint_every", "memory.device", "encode.batch_size", "encode.trust_remote_code")
-
-    def input_roles(self, ctx: Context) -> tuple[str, ...]:
-        return self.inputs[:3] + decoder_inputs(ctx.params)
-
-    def check(self, ctx: Context) -> None:
-        ctx.scratch["device"] = devices.use(ctx.params.memory.device, "memory.device")
-        path = ctx.scratch["decoder_path"] = decoder_path(ctx)
-        decoder = ctx.scratch["decoder"] = load_encoder(path, ctx.params.encode.trust_remote_code)
-        keys = ctx.inputs["keys/train"]
-        check_targets(ctx.inputs["targets/train"], keys, int(decoder.config.vocab_size))
-        fingerprint = ctx.scratch["decoder_fingerprint"] = model_fingerprint(path)  # hashes every weight: once
-        ctx.scratch["offline"] = _offline(ctx.params, keys, fingerprint, len(transformer_blocks(decoder)))
-
-    def artifact_params(self, ctx: Context, role: str) -> dict:
-        values = ctx.params.values([key for key in self.content if key != "encode.model"], strip="memory")
-        values["representation"] = values.pop("encode.representation")
-        mode = "offline" if ctx.scratch["offline"] else "online"
-        return {**values, **external_decoder(ctx.params, ctx.scratch["decoder_fingerprint"]), "resolved_mode": mode}
-
-    def artifact_inputs(self, ctx: Context, role: str) -> dict:
-        named = {"decoder": ctx.inputs["decoder"]} if "decoder" in ctx.inputs else {}
-        return {"targets": ctx.inputs["targets/train"], "keys": ctx.inputs["keys/train"], **named}
-
-    def run(self, ctx: Context, role: str, build) -> Published:
-        return train_memory(ctx.params, ctx.scratch["decoder"], ctx.scratch["offline"], ctx.inputs, build.uri,
-                            ctx.scratch["device"])
 
 
 def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], uri: str,

@@ -1,0 +1,68 @@
+"""The ``evaluate`` stage's declaration: what it reads, writes and is defined by. It imports no torch, so
+listing the stages (CLI, dvc.yaml, lineage) stays quick; the scoring itself is ``training.evaluate``."""
+from __future__ import annotations
+
+from pipelines.named_decoder import decoder_inputs, decoder_path, external_decoder
+from pipelines.stage import Context, Published, Stage
+from storage.artifact import built_from, recorded_input
+from storage.errors import MemforgeError
+
+
+class Evaluate(Stage):
+    """Perplexity and speed of the decoder, kNN-LM and decoder + memory on the validation split."""
+
+    name = "evaluate"
+    summary = "perplexity and tokens/s of decoder, kNN-LM and decoder+memory"
+    outputs = ("eval",)
+    format = "metrics"
+    inputs = ("tokens", "keys/validation", "index", "memory", "decoder")
+    content = ("evaluate.k", "evaluate.nprobe", "evaluate.dev_fraction", "evaluate.split_seed",
+               "evaluate.lambda_grid", "evaluate.temperature_grid", "evaluate.precision", "encode.model")
+    execution = ("evaluate.batch_size", "evaluate.device", "index.threads", "encode.trust_remote_code")
+    dvc_files = {"outs": ("_manifest.json", "token_log_probs.parquet"), "metrics": ("metrics.json",),
+                 "plots": (("lambda.json", {"x": "lambda"}), ("loss.json", {"x": "step", "y": "loss"}),
+                           "lambda.png", "loss.png")}
+
+    def input_roles(self, ctx: Context) -> tuple[str, ...]:
+        return self.inputs[:4] + decoder_inputs(ctx.params)
+
+    def check(self, ctx: Context) -> None:
+        from pipelines import devices
+        from pipelines.encoder import model_fingerprint
+
+        ctx.scratch["device"] = devices.use(ctx.params.evaluate.device, "evaluate.device")
+        queries, index = ctx.inputs["keys/validation"], ctx.inputs["index"]
+        path = ctx.scratch["decoder_path"] = decoder_path(ctx)
+        decoder_fingerprint = ctx.scratch["decoder_fingerprint"] = model_fingerprint(path)  # hashes every weight
+        encoded_by = queries.manifest["stats"]["model_fingerprint"]
+        if encoded_by != decoder_fingerprint:
+            raise MemforgeError(f"evaluate: kNN-LM queries come from the decoder's forward pass, but {queries.uri} "
+                                f"was encoded by model {encoded_by[:12]}, not by the decoder {path} "
+                                f"({decoder_fingerprint[:12]}); encode with the decoder (encode.model: null)")
+        if not built_from(index, "recall_queries", queries):
+            raise MemforgeError(f"evaluate: {index.uri} belongs to another datastore: it was not built beside "
+                                f"{queries.uri} ({queries.content_digest[:12]}); rebuild the index")
+        memory = ctx.inputs["memory"]
+        trained_on = ((recorded_input(memory, "decoder") or {}).get("content_digest") if "decoder" in ctx.inputs
+                      else memory.params.get("decoder"))
+        expected = ctx.inputs["decoder"].content_digest if "decoder" in ctx.inputs else decoder_fingerprint
+        if trained_on != expected:
+            raise MemforgeError(f"evaluate: {memory.uri} was trained on another decoder ({str(trained_on)[:12]}), "
+                                f"not on {path} ({expected[:12]}); retrain the memory")
+        nlist = index.manifest["stats"]["nlist"]
+        if nlist is not None and ctx.params.evaluate.nprobe > nlist:
+            raise MemforgeError(f"evaluate.nprobe: {ctx.params.evaluate.nprobe} exceeds the index's nlist ({nlist})")
+
+    def artifact_params(self, ctx: Context, role: str) -> dict:
+        values = ctx.params.values([key for key in self.content if key != "encode.model"], strip="evaluate")
+        return {**values, **external_decoder(ctx.params, ctx.scratch["decoder_fingerprint"])}
+
+    def artifact_inputs(self, ctx: Context, role: str) -> dict:
+        named = {"decoder": ctx.inputs["decoder"]} if "decoder" in ctx.inputs else {}
+        return {"tokens": ctx.inputs["tokens"], "queries": ctx.inputs["keys/validation"], "index": ctx.inputs["index"],
+                "memory": ctx.inputs["memory"], **named}
+
+    def run(self, ctx: Context, role: str, build) -> Published:
+        from training.evaluate import evaluate
+
+        return evaluate(ctx.params, ctx.scratch["decoder_path"], ctx.inputs, build.uri, ctx.scratch["device"])

@@ -1,0 +1,53 @@
+"""The ``train-memory`` stage's declaration: what it reads, writes and is defined by. It imports no torch,
+so listing the stages (CLI, dvc.yaml, lineage) stays quick; the training itself is ``training.memory``."""
+from __future__ import annotations
+
+from pipelines.named_decoder import decoder_inputs, decoder_path, external_decoder
+from pipelines.stage import Context, Published, Stage
+
+
+class TrainMemory(Stage):
+    """MLP memory training on the kNN targets: one step loop with checkpoints."""
+
+    name = "train-memory"
+    summary = "train the MLP memory on the kNN targets"
+    outputs = ("memory",)
+    format = "safetensors"
+    inputs = ("targets/train", "keys/train", "tokens", "decoder")
+    content = ("memory.input_layer", "memory.depth", "memory.hidden_mult", "memory.activation", "memory.lm_head",
+               "memory.mode", "memory.alpha", "memory.batch_size", "memory.learning_rate", "memory.weight_decay",
+               "memory.warmup_steps", "memory.max_steps", "memory.shuffle_buffer_chunks", "memory.seed",
+               "memory.precision", "encode.model", "encode.representation")
+    execution = ("memory.checkpoint_every", "memory.device", "encode.batch_size", "encode.trust_remote_code")
+
+    def input_roles(self, ctx: Context) -> tuple[str, ...]:
+        return self.inputs[:3] + decoder_inputs(ctx.params)
+
+    def check(self, ctx: Context) -> None:
+        from pipelines import devices
+        from pipelines.encoder import load_encoder, model_fingerprint, transformer_blocks
+        from training.memory import check_targets, resolves_offline
+
+        ctx.scratch["device"] = devices.use(ctx.params.memory.device, "memory.device")
+        path = ctx.scratch["decoder_path"] = decoder_path(ctx)
+        decoder = ctx.scratch["decoder"] = load_encoder(path, ctx.params.encode.trust_remote_code)
+        keys = ctx.inputs["keys/train"]
+        check_targets(ctx.inputs["targets/train"], keys, int(decoder.config.vocab_size))
+        fingerprint = ctx.scratch["decoder_fingerprint"] = model_fingerprint(path)  # hashes every weight: once
+        ctx.scratch["offline"] = resolves_offline(ctx.params, keys, fingerprint, len(transformer_blocks(decoder)))
+
+    def artifact_params(self, ctx: Context, role: str) -> dict:
+        values = ctx.params.values([key for key in self.content if key != "encode.model"], strip="memory")
+        values["representation"] = values.pop("encode.representation")
+        mode = "offline" if ctx.scratch["offline"] else "online"
+        return {**values, **external_decoder(ctx.params, ctx.scratch["decoder_fingerprint"]), "resolved_mode": mode}
+
+    def artifact_inputs(self, ctx: Context, role: str) -> dict:
+        named = {"decoder": ctx.inputs["decoder"]} if "decoder" in ctx.inputs else {}
+        return {"targets": ctx.inputs["targets/train"], "keys": ctx.inputs["keys/train"], **named}
+
+    def run(self, ctx: Context, role: str, build) -> Published:
+        from training.memory import train_memory
+
+        return train_memory(ctx.params, ctx.scratch["decoder"], ctx.scratch["offline"], ctx.inputs, build.uri,
+                            ctx.scratch["device"])
