@@ -152,7 +152,7 @@ class MemoryParams(Section):
     depth: int = Field(default=4, gt=0)
     hidden_mult: int = Field(default=8, gt=0)
     activation: Literal["gelu", "relu", "silu"] = "gelu"
-    lm_head: Literal["own", "frozen", "tied"] = "frozen"
+    lm_head: Literal["own", "frozen", "tied"] = "tied"
     mode: Literal["auto", "offline", "online"] = "auto"
     alpha: float = Field(default=0.9, ge=0.0, le=1.0)
     batch_size: int = Field(default=512, gt=0)

@@ -21,7 +21,7 @@ from storage.stores import KeyStore
 from storage.verify import verify
 from chain import rewrite_manifest, stage_args
 from training.memory_data import DecoderStates, KeyStoreStates
-from training.mlp_memory import MLPMemory
+from training.mlp_memory import MemoryConfig, MLPMemory
 
 def linked(chain, tmp_path, names=("tokens", "decoder", "keys", "index", "targets")):
     art = tmp_path / "art"
@@ -41,7 +41,10 @@ def test_offline_memory_learns_and_loads(chain):
     assert isinstance(model, MLPMemory) and not model.training
     decoder = load_encoder(str(chain["art"] / "decoder" / "model"))
     assert model.config.input_dim == 48 and model.config.vocab_size == decoder.config.vocab_size
-    assert torch.equal(model.head.weight, decoder.get_output_embeddings().weight)  # lm_head: frozen
+    # lm_head: tied (the default) starts from the decoder's LM head and trains it further
+    head = decoder.get_output_embeddings().weight
+    assert model.head.weight.shape == head.shape and not torch.equal(model.head.weight, head)
+    assert manifest["params"]["lm_head"] == "tied"
     # Its logits are those of the saved weights, applied by hand.
     weights = load_file(str(memory / "model" / "model.safetensors"))
     hidden = torch.randn(5, 48)
@@ -94,7 +97,9 @@ def test_online_training_with_an_encoder_that_is_not_the_decoder(chain, tmp_path
     for stage in ("encode", "index", "targets"):
         assert main([stage, *stage_args(chain["root"], art, **{"encode.model": encoder_dir})]) == 0, stage
     assert KeyStore.open(str(art / "keys" / "train")).keys(0, 1).shape[1] == 32
-    assert main(["train-memory", *stage_args(chain["root"], art, **{"memory.max_steps": 20})]) == 0
+    # a frozen head, so the memory's head is exactly the decoder's (not the other model's)
+    assert main(["train-memory", *stage_args(chain["root"], art, **{"memory.max_steps": 20,
+                                                                    "memory.lm_head": "frozen"})]) == 0
     memory = open_artifact(str(art / "memory"), "memory")
     assert memory.manifest["params"]["resolved_mode"] == "online" and memory.manifest["stats"]["input_dim"] == 48
     assert {i["role"] for i in memory.manifest["inputs"]} == {"targets", "keys", "decoder"}
@@ -148,6 +153,16 @@ def test_mismatched_targets_are_refused(chain, tmp_path, capsys, edit, message):
     assert main(args) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "art" / "memory").exists()
+
+
+@pytest.mark.parametrize("lm_head, trained", [("frozen", False), ("tied", True)])
+def test_the_decoders_head_is_copied_in_and_trained_only_when_tied(lm_head, trained):
+    memory = MemoryConfig(input_dim=8, vocab_size=11, depth=1, hidden_mult=2, lm_head=lm_head).build()
+    head = torch.randn(11, 8)
+    memory.use_decoder_head(head)
+    assert torch.equal(memory.head.weight, head) and memory.head.weight.requires_grad is trained
+    with pytest.raises(ValueError, match=r"\(11, 9\) does not fit"):
+        memory.use_decoder_head(torch.randn(11, 9))
 
 
 def test_the_loss_keeps_the_mass_of_tokens_not_stored():
