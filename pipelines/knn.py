@@ -11,14 +11,17 @@ from __future__ import annotations
 import numpy as np
 
 
-def drop_ids(dists: np.ndarray, ids: np.ndarray, drop: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove the entries flagged in ``drop`` (e.g. the query's own id) from each row, keeping order,
-    and return the first ``k`` of the rest (padded with id -1, distance inf) as float32 / int64."""
+def drop_ids(dists: np.ndarray, ids: np.ndarray, k: int, own_first: int | None = None,
+             drop: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Remove from each row its own id (row i of a block of queries starting at global row ``own_first`` is
+    ``own_first + i``), the entries flagged in ``drop`` and the missing ones, keeping order, and return the
+    first ``k`` of the rest (padded with id -1, distance inf) as float32 / int64."""
     from pipelines import knn_rows  # Numba: compiled (or loaded from its cache) on first use, not on import
 
     out_dists, out_ids = np.empty((len(ids), k), dtype=np.float32), np.empty((len(ids), k), dtype=np.int64)
-    knn_rows.drop_flagged(np.ascontiguousarray(dists, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64),
-                          np.ascontiguousarray(drop, dtype=np.bool_), k, out_dists, out_ids)
+    flags = np.zeros((0, 0), dtype=np.bool_) if drop is None else np.ascontiguousarray(drop, dtype=np.bool_)
+    knn_rows.drop_dropped(np.ascontiguousarray(dists, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64),
+                          -1 if own_first is None else int(own_first), flags, k, out_dists, out_ids)
     return out_dists, out_ids
 
 

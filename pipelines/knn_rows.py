@@ -16,22 +16,28 @@ _HASH = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: token ids are small,
 
 
 @numba.njit(nogil=True, cache=True)
-def drop_flagged(dists, ids, drop, k, out_dists, out_ids):
-    """Copy each row's entries that are neither flagged nor missing, in order, into the first ``k`` columns
-    of the outputs; pad the rest with (inf, -1)."""
+def drop_dropped(dists, ids, own_first, drop, k, out_dists, out_ids):
+    """Copy each row's entries that are neither missing, nor the row's own id (``own_first + row``; none when
+    ``own_first`` < 0), nor flagged in ``drop`` (a [rows, columns] mask, or shape (0, 0) for none), in order,
+    into the first ``k`` columns of the outputs; pad the rest with (inf, -1). The kept runs between dropped
+    entries are copied whole (a row typically has one dropped entry: itself)."""
+    flagged = drop.shape[0] > 0
     for row in range(ids.shape[0]):
-        kept = 0
-        for column in range(ids.shape[1]):
-            if kept == k:
-                break
+        own = own_first + row if own_first >= 0 else MISSING
+        kept, run, column = 0, 0, 0
+        while column < ids.shape[1] and kept + column - run < k:
             found = ids[row, column]
-            if found != MISSING and not drop[row, column]:
-                out_ids[row, kept] = found
-                out_dists[row, kept] = dists[row, column]
-                kept += 1
-        for column in range(kept, k):
-            out_ids[row, column] = MISSING
-            out_dists[row, column] = np.inf
+            if found == MISSING or found == own or (flagged and drop[row, column]):
+                out_ids[row, kept:kept + column - run] = ids[row, run:column]
+                out_dists[row, kept:kept + column - run] = dists[row, run:column]
+                kept += column - run
+                run = column + 1
+            column += 1
+        out_ids[row, kept:kept + column - run] = ids[row, run:column]
+        out_dists[row, kept:kept + column - run] = dists[row, run:column]
+        kept += column - run
+        out_ids[row, kept:] = MISSING
+        out_dists[row, kept:] = np.inf
 
 
 @numba.njit(inline="always")

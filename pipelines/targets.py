@@ -90,17 +90,15 @@ class SearchShards(ShardWorker):
         common = self.common
         extra = (1 + 2 * common["window"]) if self_query else 0
         dists, ids = self.index.search(queries, min(common["candidates"] + extra, common["datastore_rows"]))
-        drop = np.zeros(ids.shape, dtype=bool)
-        if self_query:
-            own = np.arange(start, stop, dtype=np.int64)[:, None]
-            drop = ids == own
-            if common["window"]:
-                drop |= self.same_document_nearby(own, ids)
-        return knn.drop_ids(dists, ids, drop, common["candidates"])
+        own_first = start if self_query else None
+        nearby = self.same_document_nearby(start, stop, ids) if self_query and common["window"] else None
+        return knn.drop_ids(dists, ids, common["candidates"], own_first, nearby)
 
-    def same_document_nearby(self, own: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Neighbours within ``window`` rows of the query whose value token is in the query's document."""
+    def same_document_nearby(self, start: int, stop: int, ids: np.ndarray) -> np.ndarray:
+        """Neighbours of queries [start, stop) within ``window`` rows of the query whose value token is in the
+        query's document."""
         window = self.common["window"]
+        own = np.arange(start, stop, dtype=np.int64)[:, None]
         reader, offsets = self.docs
         first = max(0, int(own[0, 0]) - window)
         last = min(offsets.total_rows - 1, int(own[-1, 0]) + window + 1)

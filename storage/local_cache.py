@@ -4,7 +4,8 @@ Workers read everything from URLs. What a library opens only from a local path (
 transformers, an index file or ``.npy`` to memory-map) is copied into this process's scratch directory
 the first time it is asked for, under a key that identifies its content (an artifact's fingerprint, a
 model's fingerprint), and reused after that: a worker that serves many shards, bundles or builds fetches
-each file once. Local URLs are used in place. The scratch directory goes when the process exits.
+each file once. Local URLs are used in place. The scratch directory goes when the process exits, or, when
+the process was killed, when the next process on the machine makes its own.
 ``fetches`` counts the copies made per URL (tests and benchmarks read it).
 """
 from __future__ import annotations
@@ -25,9 +26,37 @@ _lock = threading.Lock()
 _scratch: list[str] = []
 
 
-def _scratch_dir() -> str:
+SCRATCH_PREFIX = "memforge-fetched-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphans(parent: str) -> list[str]:
+    """Remove the scratch directories under ``parent`` left by processes that are gone: a worker process that is
+    killed, or ends without running its exit handlers, leaves its copies behind. Returns their names."""
+    removed = []
+    for name in os.listdir(parent):
+        pid = name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if name.startswith(SCRATCH_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def scratch_dir() -> str:
+    """This process's scratch directory (named after its pid), made on first use; the orphans of dead
+    processes go then, and this one goes at exit."""
     if not _scratch:
-        _scratch.append(tempfile.mkdtemp(prefix="memforge-fetched-"))
+        remove_orphans(tempfile.gettempdir())
+        _scratch.append(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
         atexit.register(shutil.rmtree, _scratch[0], True)
     return _scratch[0]
 
@@ -53,7 +82,7 @@ def local_path(uri: str, content_key: str) -> str:
         key = (uri, content_key)
         if key not in _copies:
             name = uri.rstrip("/").rsplit("/", 1)[-1]
-            target = os.path.join(_scratch_dir(), hashlib.sha256(repr(key).encode()).hexdigest()[:20], name)
+            target = os.path.join(scratch_dir(), hashlib.sha256(repr(key).encode()).hexdigest()[:20], name)
             remote, path = fs.filesystem(uri)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             if remote.isdir(path):

@@ -67,14 +67,20 @@ def test_underflowing_weights_are_not_stored_and_mass_is_kept():
 
 
 def test_drop_ids_keeps_order_and_pads():
+    """Own ids (row i's is own_first + i), flagged and missing entries go; the rest keep their order."""
     rng = np.random.default_rng(0)
     ids = rng.integers(-1, 50, (40, 30))
+    ids[::3, 0] = np.arange(20, 60)[::3]  # most rows of a real search find themselves first ...
+    ids[1::7, 4] = np.arange(20, 60)[1::7]  # ... some further on, some (the rest) not at all
     dists = np.sort(rng.random((40, 30)), axis=1).astype(np.float32)
     drop = rng.random((40, 30)) < 0.2
-    for k in (1, 10, 30, 35):
-        out_dists, out_ids = drop_ids(dists, ids, drop, k)
-        assert out_ids.shape == (40, k) and out_ids.dtype == np.int64 and out_dists.dtype == np.float32
-        for row in range(40):
-            kept = [(d, i) for d, i, x in zip(dists[row], ids[row], drop[row]) if not x and i != -1][:k]
-            kept += [(np.inf, -1)] * (k - len(kept))
-            assert list(zip(out_dists[row], out_ids[row])) == kept
+    for k in (1, 10, 29, 30, 35):
+        for own_first, flags in ((None, drop), (20, None), (20, drop), (None, None)):
+            out_dists, out_ids = drop_ids(dists, ids, k, own_first, flags)
+            assert out_ids.shape == (40, k) and out_ids.dtype == np.int64 and out_dists.dtype == np.float32
+            for row in range(40):
+                own = -1 if own_first is None else own_first + row
+                dropped = np.zeros(30, bool) if flags is None else flags[row]
+                kept = [(d, i) for d, i, x in zip(dists[row], ids[row], dropped) if not x and i not in (-1, own)][:k]
+                kept += [(np.inf, -1)] * (k - len(kept))
+                assert list(zip(out_dists[row], out_ids[row])) == kept
