@@ -270,8 +270,11 @@ def _bare_index_seconds(params: Params) -> float:
     return time.perf_counter() - started
 
 
-def _targets_vs_bare(params: Params, bare_index, nprobe: int) -> tuple[float, float, float]:
-    """(stage rows/s, bare search rows/s, ratio) of the targets stage at ``nprobe`` over both splits."""
+def _targets_vs_bare(variants: list[Params], bare_index, nprobe: int) -> list[tuple[float, float, float]]:
+    """(stage rows/s, bare search rows/s, ratio) of the targets stage at ``nprobe`` over both splits, for each
+    of ``variants`` (params that share k). The bare search runs before the first stage and after every one:
+    each stage is compared with the mean of the two bare runs around it, as this VM's speed drifts by
+    several per cent over a minute and one bare run beside one stage run would carry all of that drift."""
     import faiss
     import numpy as np
 
@@ -279,28 +282,30 @@ def _targets_vs_bare(params: Params, bare_index, nprobe: int) -> tuple[float, fl
     from flows.stages import run_stage
     from storage.stores import KeyStore
 
-    params = params.model_copy(update={"targets": params.targets.model_copy(update={"nprobe": nprobe})})
-    splits = [(np.ascontiguousarray(KeyStore.open(fs.join(params.artifacts_dir, "keys", split)).keys(),
+    first = variants[0]
+    splits = [(np.ascontiguousarray(KeyStore.open(fs.join(first.artifacts_dir, "keys", split)).keys(),
                                     dtype=np.float32), extra) for split, extra in (("train", 1), ("validation", 0))]
     rows = sum(len(queries) for queries, _ in splits)
 
     def bare_seconds() -> float:
         faiss_index.set_nprobe(bare_index, nprobe)
-        faiss.omp_set_num_threads(params.encode.num_workers * params.encode.threads_per_worker)
+        faiss.omp_set_num_threads(first.encode.num_workers * first.encode.threads_per_worker)
         started = time.perf_counter()
         for queries, extra in splits:
-            bare_index.search(queries, params.targets.k + extra)
+            bare_index.search(queries, first.targets.k + extra)
         return time.perf_counter() - started
 
-    # The bare search runs before and after the stage and the two are averaged: this VM's speed drifts
-    # by several per cent over a minute, and one bare run beside one stage run carries all of that drift.
-    before = bare_seconds()
-    started = time.perf_counter()
-    run_stage("targets", params, rebuild=True)
-    stage_seconds = time.perf_counter() - started
-    bare = rows / ((before + bare_seconds()) / 2)
-    stage = rows / stage_seconds
-    return round(stage, 1), round(bare, 1), round(stage / bare, 3)
+    results, before = [], bare_seconds()
+    for params in variants:
+        params = params.model_copy(update={"targets": params.targets.model_copy(update={"nprobe": nprobe})})
+        started = time.perf_counter()
+        run_stage("targets", params, rebuild=True)
+        stage = rows / (time.perf_counter() - started)
+        after = bare_seconds()
+        bare = rows / ((before + after) / 2)
+        results.append((round(stage, 1), round(bare, 1), round(stage / bare, 3)))
+        before = after
+    return results
 
 
 def bench_faiss(ws: Workspace) -> dict:
@@ -318,8 +323,8 @@ def bench_faiss(ws: Workspace) -> dict:
     bare_seconds = (bare_before + bare_after) / 2
     # The bare search runs on the very index the stage searches: the artifact's merged on-disk index.
     searched = faiss_index.read_merged(fs.join(params.artifacts_dir, "index"))
-    light = _targets_vs_bare(params, searched, LIGHT_NPROBE)
-    stage, bare, ratio = _targets_vs_bare(params, searched, params.index.nprobe)
+    light, = _targets_vs_bare([params], searched, LIGHT_NPROBE)
+    (stage, bare, ratio), = _targets_vs_bare([params], searched, params.index.nprobe)
     train = fs.join(params.artifacts_dir, "targets", "train")
     train_rows = open_artifact(train).manifest["counts"]["rows"]
     index_stats = open_artifact(fs.join(params.artifacts_dir, "index")).manifest["stats"]
@@ -341,15 +346,16 @@ PAPER_K, PAPER_NPROBE = 1024, 32
 
 
 def _paper_settings(ws: Workspace, params: Params, searched) -> dict:
-    """At k 1024, nprobe 32: targets_vs_bare with PQ distances and with exact re-ranking; the peak RSS of
-    `memforge targets` (process tree) with the default shard size and with it doubled; bytes per row of
-    each store."""
+    """At k 1024, nprobe 32: targets_vs_bare with PQ distances, with exact re-ranking, and with PQ distances
+    without keeping the neighbours (what writing them costs); the peak RSS of `memforge targets` (process
+    tree) with the default shard size and with it doubled; bytes per row of each store."""
+    variants = {"pq_no_neighbours": {"exact_distances": False, "keep_neighbours": False},
+                "pq": {"exact_distances": False}, "exact": {"exact_distances": True}}  # the last one's stores stay
+    paper = [params.model_copy(update={"targets": params.targets.model_copy(
+        update={"k": PAPER_K, "nprobe": PAPER_NPROBE, **update})}) for update in variants.values()]
+    figures = {f"targets_vs_bare_k{PAPER_K}_{label}": ratio
+               for label, (_, _, ratio) in zip(variants, _targets_vs_bare(paper, searched, PAPER_NPROBE))}
     targets = {"k": PAPER_K, "nprobe": PAPER_NPROBE}
-    figures: dict = {}
-    for label, exact in (("pq", False), ("exact", True)):
-        paper = params.model_copy(update={"targets": params.targets.model_copy(
-            update={**targets, "exact_distances": exact})})
-        figures[f"targets_vs_bare_k{PAPER_K}_{label}"] = _targets_vs_bare(paper, searched, PAPER_NPROBE)[2]
     train = fs.join(params.artifacts_dir, "targets", "train")
     rows = open_artifact(train).manifest["counts"]["rows"]
     for store in ("neighbours", "distributions"):

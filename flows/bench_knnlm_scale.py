@@ -91,7 +91,7 @@ def knnlm_sweep(ws, scale_params: Params) -> dict:
     from pipelines.encoder import load_encoder
     from storage.stores import KeyStore
     from training.evaluate import Scorer, score_three_ways
-    from training.mlp_memory import MemoryConfig
+    from training.memory import build_memory
     from training.token_stream import TokenStream
 
     params = _small_datastore(ws)
@@ -103,8 +103,7 @@ def knnlm_sweep(ws, scale_params: Params) -> dict:
     decoder = load_encoder(params.encode.model)
     torch.manual_seed(0)
     config = scale_params.memory
-    memory = MemoryConfig(stats["hidden_size"], int(decoder.config.vocab_size), config.depth, config.hidden_mult,
-                          config.activation, config.lm_head).build().eval()
+    memory = build_memory(config, stats["hidden_size"], int(decoder.config.vocab_size)).eval()
     scorer = Scorer(decoder, TokenStream(open_artifact(fs.join(art, "tokens")), "validation"),
                     queries.manifest["counts"]["rows"], stats["block_size"], stats["stride"],
                     Params().evaluate.batch_size)

@@ -151,6 +151,7 @@ class MemoryParams(Section):
     input_layer: int = -1
     depth: int = Field(default=4, gt=0)
     hidden_mult: int = Field(default=8, gt=0)
+    width: int | None = Field(default=None, gt=0)
     activation: Literal["gelu", "relu", "silu"] = "gelu"
     lm_head: Literal["own", "frozen", "tied"] = "tied"
     mode: Literal["auto", "offline", "online"] = "auto"

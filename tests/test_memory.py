@@ -165,6 +165,23 @@ def test_the_decoders_head_is_copied_in_and_trained_only_when_tied(lm_head, trai
         memory.use_decoder_head(torch.randn(11, 9))
 
 
+def test_a_wider_memory_trains_with_its_own_head_and_refuses_the_decoders(chain, tmp_path, capsys):
+    """memory.width above the decoder's hidden size: a projection widens the input and the memory's own head
+    reads the wider state; with the decoder's head (frozen or tied) it is refused before any work."""
+    art = linked(chain, tmp_path)
+    assert main(["train-memory", *stage_args(chain["root"], art, **{"memory.width": 80, "memory.lm_head": "tied",
+                                                                     "memory.max_steps": 5})]) == 1
+    assert "memory.width: 80 differs from the decoder's hidden size" in capsys.readouterr().err
+    assert not (art / "memory").exists()
+    assert main(["train-memory", *stage_args(chain["root"], art, **{"memory.width": 80, "memory.lm_head": "own",
+                                                                     "memory.max_steps": 5})]) == 0
+    memory = AutoModel.from_pretrained(str(art / "memory" / "model"))
+    width = memory.config.input_dim
+    assert memory.config.width == 80 != width and memory.project.weight.shape == (80, width)
+    assert memory.head.weight.shape == (memory.config.vocab_size, 80)
+    assert memory(torch.zeros(2, width)).shape == (2, memory.config.vocab_size)
+
+
 def test_the_loss_keeps_the_mass_of_tokens_not_stored():
     """KL from width-m targets plus the remainder bucket, against the KL of the full k-token distribution:
     equal when nothing is cut off, never above it otherwise (coarser distributions), and the cut-off mass

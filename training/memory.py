@@ -27,7 +27,7 @@ from storage.stores import DistributionStore, KeyStore
 from training.checkpoint import DIR as CHECKPOINTS_DIR
 from training.checkpoint import Checkpoints
 from training.memory_data import DecoderStates, KeyStoreStates, MemoryRows
-from training.mlp_memory import MemoryConfig
+from training.mlp_memory import MemoryConfig, MLPMemory
 from training.optim import adamw, apply_gradients, learning_rate_at, set_learning_rate
 
 log = logging.getLogger("memforge")
@@ -59,6 +59,21 @@ def memory_loss(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor,
     kl = kl_rows[has_targets].mean() if bool(has_targets.any()) else log_q.new_zeros(())
     ce = F.nll_loss(log_q, next_token)
     return alpha * kl + (1 - alpha) * ce, kl, ce
+
+
+def build_memory(config, input_dim: int, vocab_size: int) -> MLPMemory:
+    """An MLP memory of the ``memory`` section's shape over inputs of ``input_dim`` (initialised: seed first)."""
+    return MemoryConfig(input_dim, vocab_size, config.depth, config.hidden_mult, config.activation, config.lm_head,
+                        config.width).build()
+
+
+def check_shape(config, decoder_width: int) -> None:
+    """Refuse a memory whose head cannot be the decoder's: a ``memory.width`` other than the decoder's with
+    ``memory.lm_head`` frozen or tied."""
+    if config.width not in (None, decoder_width) and config.lm_head != "own":
+        raise MemforgeError(f"memory.width: {config.width} differs from the decoder's hidden size ({decoder_width}), "
+                            f"so its LM head cannot be the decoder's (memory.lm_head: {config.lm_head}); "
+                            "set memory.lm_head: own or memory.width: null")
 
 
 def check_targets(targets: Artifact, keys: Artifact, decoder_vocab: int) -> None:
@@ -95,8 +110,7 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
     config = params.memory
     targets, keys = inputs["targets/train"], inputs["keys/train"]
     torch.manual_seed(config.seed)
-    memory = MemoryConfig(hidden_size(decoder), int(decoder.config.vocab_size), config.depth, config.hidden_mult,
-                          config.activation, config.lm_head).build()
+    memory = build_memory(config, hidden_size(decoder), int(decoder.config.vocab_size))
     if config.lm_head != "own":
         memory.use_decoder_head(decoder.get_output_embeddings().weight.detach())
     memory.to(device)

@@ -14,7 +14,7 @@ class TrainMemory(Stage):
     outputs = ("memory",)
     format = "safetensors"
     inputs = ("targets/train", "keys/train", "tokens", "decoder")
-    content = ("memory.input_layer", "memory.depth", "memory.hidden_mult", "memory.activation", "memory.lm_head",
+    content = ("memory.input_layer", "memory.depth", "memory.hidden_mult", "memory.width", "memory.activation", "memory.lm_head",
                "memory.mode", "memory.alpha", "memory.batch_size", "memory.learning_rate", "memory.weight_decay",
                "memory.warmup_steps", "memory.max_steps", "memory.shuffle_buffer_chunks", "memory.seed",
                "memory.precision", "encode.model", "encode.representation")
@@ -25,14 +25,15 @@ class TrainMemory(Stage):
 
     def check(self, ctx: Context) -> None:
         from pipelines import devices
-        from pipelines.encoder import load_encoder, model_fingerprint, transformer_blocks
-        from training.memory import check_targets, resolves_offline
+        from pipelines.encoder import hidden_size, load_encoder, model_fingerprint, transformer_blocks
+        from training.memory import check_shape, check_targets, resolves_offline
 
         ctx.scratch["device"] = devices.use(ctx.params.memory.device, "memory.device")
         path = ctx.scratch["decoder_path"] = decoder_path(ctx)
         decoder = ctx.scratch["decoder"] = load_encoder(path, ctx.params.encode.trust_remote_code)
         keys = ctx.inputs["keys/train"]
         check_targets(ctx.inputs["targets/train"], keys, int(decoder.config.vocab_size))
+        check_shape(ctx.params.memory, hidden_size(decoder))
         fingerprint = ctx.scratch["decoder_fingerprint"] = model_fingerprint(path)  # hashes every weight: once
         ctx.scratch["offline"] = resolves_offline(ctx.params, keys, fingerprint, len(transformer_blocks(decoder)))
 

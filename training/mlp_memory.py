@@ -1,7 +1,9 @@
 """The MLP memory: residual feed-forward blocks mapping a decoder hidden state to vocabulary logits.
 
 Each block is LayerNorm -> up-projection (``hidden_mult`` x width) -> activation -> down-projection,
-added to its input; a final LayerNorm and an LM head follow. The head is the memory's own, or the
+added to its input; a final LayerNorm and an LM head follow. The blocks' width is the input's (the
+decoder's hidden size) unless ``width`` asks for more: a linear projection then widens the input first, and
+the head maps the wider state to logits, so the output is no longer limited to rank d. The head is the memory's own, or the
 decoder's LM head copied in, either frozen or trained further (``lm_head: frozen | tied | own``).
 A standard Hugging Face model: ``MemoryConfig`` / ``MLPMemory`` are a ``PretrainedConfig`` /
 ``PreTrainedModel`` pair registered with the Auto classes (model type ``memforge-mlp-memory``), saved with
@@ -23,9 +25,10 @@ class MemoryConfig(PretrainedConfig):
     model_type = MODEL_TYPE
 
     def __init__(self, input_dim: int = 768, vocab_size: int = 50257, depth: int = 4, hidden_mult: int = 4,
-                 activation: str = "gelu", lm_head: str = "frozen", **kwargs):
+                 activation: str = "gelu", lm_head: str = "frozen", width: int | None = None, **kwargs):
         self.input_dim, self.vocab_size, self.depth = input_dim, vocab_size, depth
         self.hidden_mult, self.activation, self.lm_head = hidden_mult, activation, lm_head
+        self.width = width or input_dim
         super().__init__(**kwargs)
 
     def build(self) -> "MLPMemory":
@@ -52,7 +55,8 @@ class MLPMemory(PreTrainedModel):
 
     def __init__(self, config: MemoryConfig):
         super().__init__(config)
-        width = config.input_dim
+        width = config.width
+        self.project = torch.nn.Linear(config.input_dim, width) if width != config.input_dim else None
         self.blocks = torch.nn.ModuleList(_Block(width, width * config.hidden_mult, config.activation)
                                           for _ in range(config.depth))
         self.norm = torch.nn.LayerNorm(width)
@@ -72,6 +76,8 @@ class MLPMemory(PreTrainedModel):
         self.head.weight.requires_grad_(self.config.lm_head == "tied")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.project is not None:
+            hidden = self.project(hidden)
         for block in self.blocks:
             hidden = block(hidden)
         return self.head(self.norm(hidden))
