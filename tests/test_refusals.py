@@ -200,14 +200,16 @@ def test_the_default_input_check_rehashes_a_bounded_random_sample(chain, monkeyp
     assert intact.check_intact(keys, "full") is keys and intact.check_intact(keys, "off") is keys
 
 
-def test_disk_full_is_a_named_error_and_the_rerun_resumes(chain, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("store", ["DistributionStore", "NeighbourStore"])  # the latter: from the writer thread
+def test_disk_full_is_a_named_error_and_the_rerun_resumes(chain, tmp_path, capsys, monkeypatch, store):
     """ENOSPC from the third shard write (Beam re-raises a worker's OSError without its errno)."""
     import errno
 
-    from storage.stores import DistributionStore
+    from storage import stores
 
     art = linked(chain, tmp_path, ("tokens", "keys", "index"))
-    write_shard, calls = DistributionStore.write_shard, []
+    Store = getattr(stores, store)
+    write_shard, calls = Store.write_shard, []
 
     def full_after_two(self, shard, *arrays):
         calls.append(shard.name)
@@ -215,14 +217,14 @@ def test_disk_full_is_a_named_error_and_the_rerun_resumes(chain, tmp_path, capsy
             raise OSError(errno.ENOSPC, "No space left on device", f"{self.rows.uri}/probs/c/{shard.name}")
         return write_shard(self, shard, *arrays)
 
-    monkeypatch.setattr(DistributionStore, "write_shard", full_after_two)
+    monkeypatch.setattr(Store, "write_shard", full_after_two)
     args = ["targets", *stage_args(chain["root"], art), "--", "--direct_running_mode=in_memory"]
     err = refused(args, capsys, f"{art / 'targets' / 'train'}", "no space left on its filesystem (",
                   " GiB free of ", "while targets wrote it", "nothing was published")
     assert "Errno 28" in err
     assert not (art / "targets" / "train" / "_manifest.json").exists()
     assert not list((art / "targets").rglob("_lease.json"))
-    monkeypatch.setattr(DistributionStore, "write_shard", write_shard)
+    monkeypatch.setattr(Store, "write_shard", write_shard)
     capsys.readouterr()
     assert main(args) == 0
     assert verify(str(art / "targets" / "train")) == [] and verify(str(art / "targets" / "validation")) == []
