@@ -3,8 +3,9 @@
 Real datastores at ``SCALES`` x the bench's 1 MB of text: the first n MB of the standard library's
 ``.py`` files in sorted order (distinct real text; a smaller corpus is a prefix of a larger one), each
 built from scratch with the bench's tiny GPT-2 as the encoder, through the stages as users run them:
-one ``memforge <stage>`` process each, default params otherwise (the ``auto`` index, k 64 targets,
-``SCALE_MEMORY_STEPS`` memory steps). Per size and stage: wall seconds per row, peak RSS of the
+one ``memforge <stage>`` process each, default params otherwise (the ``auto`` index), with k 64 targets
+at T 16 (``SCALE_TARGETS``: the figures' settings since the bench began) and ``SCALE_MEMORY_STEPS`` memory
+steps. Per size and stage: wall seconds per row, peak RSS of the
 stage's whole process tree, bytes on disk per row; per stage, the fitted exponent b of time ∝ N^b.
 kNN-LM's cost beyond these sizes is measured by ``bench_knnlm_scale``. Writes ``scale.json`` and
 ``scale.png`` (log-log) into the output directory.
@@ -23,6 +24,7 @@ from storage.params import Params, parse_params
 
 SCALES = (1, 2, 4, 8)
 SCALE_MEMORY_STEPS = 300
+SCALE_TARGETS = {"k": 64, "temperature": 16.0}
 STAGES = ("prepare", "encode", "index", "targets", "train-memory", "evaluate")
 # what each stage's time, memory and disk are divided by, and which artifacts are its output
 PER_ROW = {"prepare": "token", "encode": "row", "index": "datastore row", "targets": "row",
@@ -37,6 +39,7 @@ def scale_params(ws, scale: int) -> Params:
     return parse_params({
         "artifacts_dir": str(ws.root / f"scale-{scale}x"), "corpus": ws.corpus(scale),
         "encode": {**defaults.section("encode"), "model": str(ws.model("tiny"))},
+        "targets": {**defaults.section("targets"), **SCALE_TARGETS},
         "memory": {**defaults.section("memory"), "max_steps": SCALE_MEMORY_STEPS, "checkpoint_every": SCALE_MEMORY_STEPS},
     })
 
