@@ -113,12 +113,12 @@ class IndexParams(Section):
 class TargetsParams(Section):
     """kNN distillation targets (stage: targets)."""
 
-    k: int = Field(default=64, gt=0)
+    k: int = Field(default=1024, gt=0)
     # Neighbour candidates per query, taken in the index's order (PQ distances) and re-ranked by exact
     # distance; the k nearest are kept. Default (null): k. Recorded as resolved, so `retemper --k` of an
     # artifact equals a fresh run with that k and the same candidates.
     candidates: Optional[int] = Field(default=None, gt=0)
-    temperature: float = Field(default=16.0, gt=0)
+    temperature: float = Field(default=8.0, gt=0)
     width: int = Field(default=32, gt=0)
     nprobe: Optional[int] = Field(default=None, gt=0)
     exact_distances: bool = True

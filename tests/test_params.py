@@ -35,7 +35,7 @@ def test_set_overrides_are_typed(tmp_path):
     ("targets.k=-1", "targets.k", "greater than 0"),
     ("decoder.n_layer=abc", "decoder.n_layer", "valid integer"),
     ("targets.temperature=0", "targets.temperature", "greater than 0"),
-    ("targets.width=100", "targets.width", "must not exceed k (64)"),
+    ("targets.width=2000", "targets.width", "must not exceed k (1024)"),
     ("encode.stride=256", "encode.stride", "smaller than block_size (256)"),
     ("encode.dtype=int8", "encode.dtype", "float16"),
 ])
