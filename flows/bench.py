@@ -12,6 +12,7 @@ Parts: ``encode`` (encode_vs_bare for a tiny and a small GPT-2), ``encode_rss`` 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -470,8 +471,11 @@ DEFAULT_PARTS = ("encode", "encode_rss", "storage", "faiss", "memory", "dask")
 
 def run(only: list[str] | None = None, workdir: str | None = None, out_dir: str = "bench-out") -> dict:
     """Run the selected parts (all but scale and gpu by default) and return one flat dict of figures;
-    parts that write files (scale) write them into ``out_dir``."""
+    parts that write files (scale) write them into ``out_dir``. The scratch space is a temporary directory
+    inside ``workdir`` (made if missing), removed at the end."""
     figures: dict = {}
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir) as scratch:
         ws = Workspace(Path(scratch), out_dir)
         for name in only or DEFAULT_PARTS:
