@@ -11,7 +11,6 @@ from them, so ``memforge retemper`` can redo it for another T or a smaller k (sa
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -59,37 +58,28 @@ class SearchShards(ShardWorker):
 
     def process(self, role: str, uri: str, shard: Shard):
         """The shard chunk by chunk, each chunk in blocks of ``query_block_rows`` queries: a worker's memory is
-        one block's [block, k] temporaries plus two chunks of neighbours, whatever the shard size. A finished
-        chunk's neighbours (one Zarr file per chunk) are written by a writer thread while the next chunk is
-        searched, so the search does not wait for compression, hashing and fsync; only the narrow
-        distributions are written per shard."""
+        one block's [block, k] temporaries plus one chunk of neighbours (written as soon as it is done, one
+        Zarr file per chunk), whatever the shard size; only the narrow distributions are written per shard."""
         queries_store, neighbours, distributions = self.outputs[role]
         common = self.common
         faiss.omp_set_num_threads(common["threads"])  # per call: OpenMP settings are per thread under multi_threading
-        files, sparse, written = {}, [], None
-        with ThreadPoolExecutor(1) as writer:
-            for chunk_start in range(shard.start, shard.stop, common["chunk_rows"]):
-                chunk_stop = min(chunk_start + common["chunk_rows"], shard.stop)
-                if neighbours is not None:  # the chunk's neighbours, filled block by block (ids narrowed as they land)
-                    kept_ids = np.empty((chunk_stop - chunk_start, common["k"]), neighbours.rows.array("ids").dtype)
-                    kept_dists = np.empty((chunk_stop - chunk_start, common["k"]), np.float32)
-                for start in range(chunk_start, chunk_stop, common["block"]):
-                    stop = min(start + common["block"], chunk_stop)
-                    queries = np.ascontiguousarray(queries_store.keys(start, stop), dtype=np.float32)
-                    dists, ids = self.neighbours_of(start, stop, queries, self.splits[role]["self_query"])
-                    dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"],
-                                                              common["k"])
-                    sparse.append(knn.distributions(dists, values, common["temperature"], common["width"]))
-                    if neighbours is not None:
-                        kept_ids[start - chunk_start:stop - chunk_start] = ids
-                        kept_dists[start - chunk_start:stop - chunk_start] = dists
+        files, sparse = {}, []
+        for chunk_start in range(shard.start, shard.stop, common["chunk_rows"]):
+            chunk_stop = min(chunk_start + common["chunk_rows"], shard.stop)
+            if neighbours is not None:  # the chunk's neighbours, filled block by block (ids narrowed as they land)
+                kept_ids = np.empty((chunk_stop - chunk_start, common["k"]), neighbours.rows.array("ids").dtype)
+                kept_dists = np.empty((chunk_stop - chunk_start, common["k"]), np.float32)
+            for start in range(chunk_start, chunk_stop, common["block"]):
+                stop = min(start + common["block"], chunk_stop)
+                queries = np.ascontiguousarray(queries_store.keys(start, stop), dtype=np.float32)
+                dists, ids = self.neighbours_of(start, stop, queries, self.splits[role]["self_query"])
+                dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"], common["k"])
+                sparse.append(knn.distributions(dists, values, common["temperature"], common["width"]))
                 if neighbours is not None:
-                    if written is not None:
-                        files.update(written.result())
-                    written = writer.submit(neighbours.write_shard, Shard(shard.id, chunk_start, chunk_stop),
-                                            kept_ids, kept_dists)
-            if written is not None:
-                files.update(written.result())
+                    kept_ids[start - chunk_start:stop - chunk_start] = ids
+                    kept_dists[start - chunk_start:stop - chunk_start] = dists
+            if neighbours is not None:
+                files.update(neighbours.write_shard(Shard(shard.id, chunk_start, chunk_stop), kept_ids, kept_dists))
         files.update(distributions.write_shard(shard, *(np.concatenate(column) for column in zip(*sparse))))
         return files, {}
 
