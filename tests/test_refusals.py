@@ -200,7 +200,7 @@ def test_the_default_input_check_rehashes_a_bounded_random_sample(chain, monkeyp
     assert intact.check_intact(keys, "full") is keys and intact.check_intact(keys, "off") is keys
 
 
-@pytest.mark.parametrize("store", ["DistributionStore", "NeighbourStore"])  # the latter: from the writer thread
+@pytest.mark.parametrize("store", ["DistributionStore", "NeighbourStore"])
 def test_disk_full_is_a_named_error_and_the_rerun_resumes(chain, tmp_path, capsys, monkeypatch, store):
     """ENOSPC from the third shard write (Beam re-raises a worker's OSError without its errno)."""
     import errno
