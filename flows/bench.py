@@ -353,13 +353,13 @@ def _paper_settings(ws: Workspace, params: Params, searched) -> dict:
     """At k 1024, nprobe 32: targets_vs_bare with PQ distances, with exact re-ranking, and with PQ distances
     without keeping the neighbours (what writing them costs); the peak RSS of `memforge targets` (process
     tree) with the default shard size and with it doubled; bytes per row of each store."""
+    targets = {"k": PAPER_K, "nprobe": PAPER_NPROBE}
     variants = {"pq_no_neighbours": {"exact_distances": False, "keep_neighbours": False},
                 "pq": {"exact_distances": False}, "exact": {"exact_distances": True}}  # the last one's stores stay
-    paper = [params.model_copy(update={"targets": params.targets.model_copy(
-        update={"k": PAPER_K, "nprobe": PAPER_NPROBE, **update})}) for update in variants.values()]
+    paper = [params.model_copy(update={"targets": params.targets.model_copy(update={**targets, **update})})
+             for update in variants.values()]
     figures = {f"targets_vs_bare_k{PAPER_K}_{label}": ratio
                for label, (_, _, ratio) in zip(variants, _targets_vs_bare(paper, searched, PAPER_NPROBE))}
-    targets = {"k": PAPER_K, "nprobe": PAPER_NPROBE}
     train = fs.join(params.artifacts_dir, "targets", "train")
     rows = open_artifact(train).manifest["counts"]["rows"]
     for store in ("neighbours", "distributions"):

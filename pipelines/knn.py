@@ -20,7 +20,7 @@ def drop_ids(dists: np.ndarray, ids: np.ndarray, k: int, own_first: int | None =
 
     out_dists, out_ids = np.empty((len(ids), k), dtype=np.float32), np.empty((len(ids), k), dtype=np.int64)
     flags = np.zeros((0, 0), dtype=np.bool_) if drop is None else np.ascontiguousarray(drop, dtype=np.bool_)
-    knn_rows.drop_dropped(np.ascontiguousarray(dists, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64),
+    knn_rows.drop_entries(np.ascontiguousarray(dists, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64),
                           -1 if own_first is None else int(own_first), flags, k, out_dists, out_ids)
     return out_dists, out_ids
 

@@ -15,8 +15,16 @@ from pipelines.neighbour_lists import MISSING
 _HASH = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: token ids are small, dense integers
 
 
+@numba.njit(inline="always")
+def _copy_run(dists, ids, row, start, stop, kept, out_dists, out_ids):
+    """Copy row ``row``'s columns [start, stop) to the outputs from column ``kept`` on; return the new ``kept``."""
+    out_ids[row, kept:kept + stop - start] = ids[row, start:stop]
+    out_dists[row, kept:kept + stop - start] = dists[row, start:stop]
+    return kept + stop - start
+
+
 @numba.njit(nogil=True, cache=True)
-def drop_dropped(dists, ids, own_first, drop, k, out_dists, out_ids):
+def drop_entries(dists, ids, own_first, drop, k, out_dists, out_ids):
     """Copy each row's entries that are neither missing, nor the row's own id (``own_first + row``; none when
     ``own_first`` < 0), nor flagged in ``drop`` (a [rows, columns] mask, or shape (0, 0) for none), in order,
     into the first ``k`` columns of the outputs; pad the rest with (inf, -1). The kept runs between dropped
@@ -28,14 +36,10 @@ def drop_dropped(dists, ids, own_first, drop, k, out_dists, out_ids):
         while column < ids.shape[1] and kept + column - run < k:
             found = ids[row, column]
             if found == MISSING or found == own or (flagged and drop[row, column]):
-                out_ids[row, kept:kept + column - run] = ids[row, run:column]
-                out_dists[row, kept:kept + column - run] = dists[row, run:column]
-                kept += column - run
+                kept = _copy_run(dists, ids, row, run, column, kept, out_dists, out_ids)
                 run = column + 1
             column += 1
-        out_ids[row, kept:kept + column - run] = ids[row, run:column]
-        out_dists[row, kept:kept + column - run] = dists[row, run:column]
-        kept += column - run
+        kept = _copy_run(dists, ids, row, run, column, kept, out_dists, out_ids)
         out_ids[row, kept:] = MISSING
         out_dists[row, kept:] = np.inf
 

@@ -100,8 +100,8 @@ class SearchShards(ShardWorker):
         window = self.common["window"]
         own = np.arange(start, stop, dtype=np.int64)[:, None]
         reader, offsets = self.docs
-        first = max(0, int(own[0, 0]) - window)
-        last = min(offsets.total_rows - 1, int(own[-1, 0]) + window + 1)
+        first = max(0, start - window)
+        last = min(offsets.total_rows - 1, stop + window)
         docs = reader.read_rows(offsets, first + 1, last + 1, column="doc")  # row i's value is token i + 1
         near = (ids >= 0) & (np.abs(ids - own) <= window)
         neighbour_docs = docs[np.clip(ids - first, 0, len(docs) - 1)]

@@ -44,8 +44,10 @@ def remove_orphans(parent: str) -> list[str]:
     killed, or ends without running its exit handlers, leaves its copies behind. Returns their names."""
     removed = []
     for name in os.listdir(parent):
+        if not name.startswith(SCRATCH_PREFIX):
+            continue
         pid = name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if name.startswith(SCRATCH_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
             removed.append(name)
     return removed

@@ -2,9 +2,10 @@
 
 Each block is LayerNorm -> up-projection (``hidden_mult`` x width) -> activation -> down-projection,
 added to its input; a final LayerNorm and an LM head follow. The blocks' width is the input's (the
-decoder's hidden size) unless ``width`` asks for more: a linear projection then widens the input first, and
-the head maps the wider state to logits, so the output is no longer limited to rank d. The head is the memory's own, or the
-decoder's LM head copied in, either frozen or trained further (``lm_head: frozen | tied | own``).
+decoder's hidden size) unless ``width`` asks for more: a linear projection then widens the input first,
+and the head maps the wider state to logits, so the output is no longer limited to rank d. The head is
+the memory's own, or the decoder's LM head copied in, either frozen or trained further
+(``lm_head: frozen | tied | own``).
 A standard Hugging Face model: ``MemoryConfig`` / ``MLPMemory`` are a ``PretrainedConfig`` /
 ``PreTrainedModel`` pair registered with the Auto classes (model type ``memforge-mlp-memory``), saved with
 ``save_pretrained`` (``config.json`` + ``model.safetensors``); once this module is imported,
