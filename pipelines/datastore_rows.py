@@ -111,10 +111,14 @@ class DatastoreRows:
         return out
 
     def neighbours(self, queries: np.ndarray, dists: np.ndarray, ids: np.ndarray, exact: bool,
-                   k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   k: int | None = None, ordered: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(distances, ids, values) of the ``k`` nearest (default: all) of the candidates found by a search;
-        with ``exact`` the candidates are re-ranked by exact distance first."""
+        with ``exact`` the candidates are re-ranked by exact distance first. When every candidate is kept and
+        ``ordered`` is false they keep the search's order (a distribution does not depend on it): the sort by
+        exact distance is skipped."""
         if exact:
-            dists, ids = sort_by_distance(self.distances(queries, ids), ids)
+            dists = self.distances(queries, ids)
+            if ordered or (k is not None and k < ids.shape[1]):
+                dists, ids = sort_by_distance(dists, ids)
         dists, ids = dists[:, :k], ids[:, :k]
         return dists, ids, self.values_of(ids)

@@ -73,7 +73,8 @@ class SearchShards(ShardWorker):
                 stop = min(start + common["block"], chunk_stop)
                 queries = np.ascontiguousarray(queries_store.keys(start, stop), dtype=np.float32)
                 dists, ids = self.neighbours_of(start, stop, queries, self.splits[role]["self_query"])
-                dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"], common["k"])
+                dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"], common["k"],
+                                                          ordered=neighbours is not None)
                 sparse.append(knn.distributions(dists, values, common["temperature"], common["width"]))
                 if neighbours is not None:
                     kept_ids[start - chunk_start:stop - chunk_start] = ids

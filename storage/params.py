@@ -124,7 +124,9 @@ class TargetsParams(Section):
     exact_distances: bool = True
     exclude_same_document_window: int = Field(default=0, ge=0)
     probs_dtype: Literal["float32", "float16"] = "float32"
-    keep_neighbours: bool = True  # ids and distances of the k neighbours (retemper, explain need them)
+    # ids and distances of the k neighbours, for retemper and explain: 4.4 KB per row at k 1024, ~30x the
+    # distributions, so off unless asked for
+    keep_neighbours: bool = False
     shard_chunks: int = Field(default=8, gt=0)  # rows per work shard = encode.chunk_rows * this
     query_block_rows: int = Field(default=2048, gt=0)  # queries searched and reduced at once per worker
 

@@ -12,7 +12,7 @@ SETTINGS = {"decoder.vocab_size": 320, "decoder.n_layer": 2, "decoder.n_head": 2
             "decoder.block_size": 32, "decoder.batch_size": 8, "decoder.max_steps": 40, "decoder.warmup_steps": 5,
             "decoder.learning_rate": 0.005, "decoder.checkpoint_every": 40,
             "encode.block_size": 32, "encode.stride": 16, "encode.chunk_rows": 64, "encode.shard_chunks": 2,
-            "targets.k": 8, "targets.width": 8, "targets.temperature": 4.0,
+            "targets.k": 8, "targets.width": 8, "targets.temperature": 4.0, "targets.keep_neighbours": "true",
             "memory.depth": 2, "memory.hidden_mult": 2, "memory.batch_size": 64, "memory.max_steps": 30,
             "memory.warmup_steps": 3, "memory.learning_rate": 0.003, "memory.checkpoint_every": 10,
             "memory.shuffle_buffer_chunks": 2, "evaluate.k": 8, "evaluate.temperature_grid": "[2.0, 4.0]"}

@@ -32,7 +32,7 @@ def datastore(tmp_path_factory):
     settings = {"artifacts_dir": root / "art", "encode.model": model,
                 "corpus.train": f"[{root}/corpus/train/*.txt]", "corpus.validation": f"[{root}/corpus/validation/*.txt]",
                 "encode.block_size": 32, "encode.stride": 16, "encode.chunk_rows": 64, "encode.shard_chunks": 2,
-                "targets.k": K, "targets.width": WIDTH, "targets.temperature": T}
+                "targets.k": K, "targets.width": WIDTH, "targets.temperature": T, "targets.keep_neighbours": "true"}
     args = ["--params", str(root / "params.yaml")]
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
@@ -127,6 +127,19 @@ def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys, monkeypat
     assert agreement > 0.5
     ids = NeighbourStore.open(str(art / "targets" / "train")).ids()
     assert not np.any(ids == np.arange(len(ids))[:, None])
+    # Without the neighbour store the re-ranked candidates are not sorted (a distribution does not depend
+    # on their order): the same distributions.
+    unsorted = tmp_path / "unsorted"
+    unsorted.mkdir()
+    for name in ("tokens", "keys", "index"):
+        os.symlink(art / name, unsorted / name)
+    assert main(["targets", *args, "--set", f"artifacts_dir={unsorted}", "--set", "targets.keep_neighbours=false",
+                 *datastore["beam"]]) == 0
+    for split in ("train", "validation"):
+        kept, bare = (DistributionStore.open(str(a / "targets" / split)) for a in (art, unsorted))
+        np.testing.assert_array_equal(kept.tokens(), bare.tokens())
+        np.testing.assert_allclose(kept.probs(), bare.probs(), rtol=0, atol=1e-7)
+        assert not (unsorted / "targets" / split / "neighbours.zarr").exists()
     # The merged index finds its lists beside it, so the artifact can move (e.g. dvc pull elsewhere).
     queries = KeyStore.open(str(datastore["art"] / "keys" / "validation")).keys().astype(np.float32)
     before = faiss_index.ShardedIndex(str(art / "index"), "", [], 4, merged=True).search(queries, K)

@@ -113,7 +113,7 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
 
     def knn_probs(rows, targets, logp_dec, captured):
         query = np.ascontiguousarray(captured[0].cpu().numpy(), dtype=np.float32)
-        dists, ids, values = rows_store.neighbours(query, *searcher.search(query, k), exact)
+        dists, ids, values = rows_store.neighbours(query, *searcher.search(query, k), exact, ordered=False)
         found, hits = values >= 0, values == targets[:, None]
         scaled = np.where(found, -dists.astype(np.float64), -np.inf)
         for t, temperature in enumerate(temperatures):
