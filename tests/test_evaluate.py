@@ -29,8 +29,9 @@ def evaluated(chain):
     return chain["art"] / "eval"
 
 
-def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, np.ndarray]:
-    """(kNN-LM, decoder + memory) log-probabilities of every validation row, computed here in float64:
+def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kNN-LM, decoder + memory) log-probabilities of every validation row, and its nearest neighbour's
+    squared distance, computed here in float64:
     the model run on each row's context (the window that owns the row), the FFN input of the last block
     as query and memory input; kNN-LM: log(λ p_kNN + (1-λ) p_dec) with exact distances to every datastore
     key and softmax(-d/T) over the k nearest; memory: log(λ_m p_mem + (1-λ_m) p_dec) with p_mem the
@@ -48,7 +49,7 @@ def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, np.n
                              for name, _, _ in parts]).astype(np.int64)
     datastore = KeyStore.open(str(art / "keys" / "train"))
     keys, values = datastore.keys().astype(np.float64), datastore.vals().astype(np.int64)
-    knnlm, with_memory = [], []
+    knnlm, with_memory, nearest_distance = [], [], []
     for row in range(len(stream) - 1):
         target = row + 1
         window = 0 if target < block_size else (target - block_size) // stride + 1
@@ -60,17 +61,19 @@ def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, np.n
         query = captured["q"][0, -1].double().numpy()
         dists = ((keys - query) ** 2).sum(1)
         nearest = np.argsort(dists, kind="stable")[:K]
+        nearest_distance.append(dists[nearest[0]])
         weights = np.exp(-(dists[nearest] - dists[nearest].min()) / T)
         p_knn = weights[values[nearest] == stream[target]].sum() / weights.sum()
         knnlm.append(np.log(knn_lambda * p_knn + (1 - knn_lambda) * p_dec))
         with_memory.append(np.log(memory_lambda * p_mem + (1 - memory_lambda) * p_dec))
-    return np.array(knnlm), np.array(with_memory)
+    return np.array(knnlm), np.array(with_memory), np.array(nearest_distance)
 
 
 def test_log_probs_equal_a_brute_force_reference(evaluated, chain):
     table = pq.read_table(evaluated / "token_log_probs.parquet")
-    knnlm, with_memory = reference_log_probs(chain["art"])
+    knnlm, with_memory, nearest_distance = reference_log_probs(chain["art"])
     assert table.num_rows == len(knnlm)
+    np.testing.assert_allclose(table.column("nearest_distance").to_numpy(), nearest_distance, rtol=1e-4, atol=1e-5)
     for column, reference in (("knnlm", knnlm), ("memory", with_memory)):
         difference = np.abs(table.column(column).to_numpy() - reference)
         print(f"{column} log-prob vs reference: max |diff| {difference.max():.2e} over {len(reference)} tokens")

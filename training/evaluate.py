@@ -12,7 +12,8 @@ The validation documents are split into dev and test (``dev_test``). kNN-LM's (�
 λ are chosen on dev, each for itself, from ``evaluate.lambda_grid`` and ``evaluate.temperature_grid``;
 every reported perplexity is on test at those values. Output ``<artifacts_dir>/eval``: ``metrics.json``
 (DVC metrics), ``token_log_probs.parquet`` (per row: target, split, log p of the decoder, kNN-LM,
-decoder + memory, p_kNN alone and the memory alone), ``lambda.json`` and ``loss.json`` (DVC plots
+decoder + memory, p_kNN alone and the memory alone, and ``nearest_distance``: the squared L2 distance of
+the row's nearest neighbour in the datastore, to see where kNN-LM and the memory part), ``lambda.json`` and ``loss.json`` (DVC plots
 data) and their PNGs.
 """
 from __future__ import annotations
@@ -89,12 +90,13 @@ def _mix(logp_dec: np.ndarray, logp_other: np.ndarray, lam: float) -> np.ndarray
 
 
 class Scored(NamedTuple):
-    """Per validation row: log p of the decoder, p_kNN per temperature, log p of the memory alone; and
-    each pass's seconds."""
+    """Per validation row: log p of the decoder, p_kNN per temperature, log p of the memory alone; each
+    pass's seconds; and the squared L2 distance of each row's nearest neighbour in the datastore."""
     logp_dec: np.ndarray
     p_knn: np.ndarray
     logp_mem: np.ndarray
     timings: dict
+    nearest: np.ndarray
 
 
 def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory: MLPMemory, k: int,
@@ -109,6 +111,7 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
     exact = rows_store.keys is not None
     p_knn = np.zeros((len(temperatures), scorer.n_rows))
     logp_mem = np.zeros(scorer.n_rows)
+    nearest = np.full(scorer.n_rows, np.inf, dtype=np.float32)
     untimed = [0.0]
 
     def knn_probs(rows, targets, logp_dec, captured):
@@ -123,6 +126,9 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
             p_knn[t, rows] = (weights * hits).sum(1) / weights.sum(1)
             if t:
                 untimed[0] += time.perf_counter() - started
+        started = time.perf_counter()
+        nearest[rows] = dists.min(axis=1)  # a diagnostic, not part of kNN-LM: untimed
+        untimed[0] += time.perf_counter() - started
         return logp_dec  # mixed once T and λ are chosen
 
     def memory_probs(rows, targets, logp_dec, captured):
@@ -145,7 +151,7 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
             logp_dec = scored
         for capture in captures:
             capture.handle.remove()
-    return Scored(logp_dec, p_knn, logp_mem, timings)
+    return Scored(logp_dec, p_knn, logp_mem, timings, nearest)
 
 
 def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.device) -> Published:
@@ -172,7 +178,7 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
     temperatures = np.asarray(config.temperature_grid, dtype=np.float64)
     if params.index.threads:
         faiss.omp_set_num_threads(params.index.threads)
-    logp_dec, p_knn, logp_mem, timings = score_three_ways(
+    logp_dec, p_knn, logp_mem, timings, nearest = score_three_ways(
         scorer, searcher, rows_store, memory, k, temperatures, (stats["representation"], stats["layer"]),
         (memory_params["representation"], memory_params["input_layer"]), config.precision)
     with np.errstate(divide="ignore"):
@@ -185,7 +191,7 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
                                                     ("memory", _mix(logp_dec, logp_mem, lam)))
                                 for side, mask in (("dev", is_dev), ("test", ~is_dev))}}
              for lam in config.lambda_grid]
-    columns = {**log_probs, "knn": choice.logp_knn}
+    columns = {**log_probs, "knn": choice.logp_knn, "nearest_distance": nearest}
     _write_outputs(uri, metrics, sweep, columns, is_dev, scorer, inputs)
     test = metrics["perplexity"]
     log.info("evaluate (test split): perplexity decoder %.3f, kNN-LM %.3f (λ %g, T %g), decoder+memory %.3f "
