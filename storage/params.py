@@ -161,8 +161,6 @@ class MemoryParams(Section):
     batch_size: int = Field(default=512, gt=0)
     learning_rate: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    # training only: Gaussian noise of norm ~ input_noise x the state's norm added to each input state
-    input_noise: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=50, ge=0)
     max_steps: int = Field(default=4000, gt=0)
     shuffle_buffer_chunks: int = Field(default=4, gt=0)

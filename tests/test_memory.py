@@ -112,10 +112,8 @@ def test_online_training_with_an_encoder_that_is_not_the_decoder(chain, tmp_path
 
 
 def test_sigkill_resumes_from_the_last_checkpoint(chain, tmp_path):
-    """With input noise on: the resumed run draws the noise the uninterrupted run draws, byte for byte."""
-    noisy = {"memory.input_noise": 0.1}
     art = linked(chain, tmp_path)
-    args = ["train-memory", *stage_args(chain["root"], art, **noisy)]
+    args = ["train-memory", *stage_args(chain["root"], art)]
     checkpoints = art / "memory" / "_checkpoints"
     kill_when(args, lambda: any(checkpoints.glob("step-*/trainer.json")))
     done = sorted(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("step-*/trainer.json"))
@@ -127,7 +125,7 @@ def test_sigkill_resumes_from_the_last_checkpoint(chain, tmp_path):
     # pytest process may have changed, decides the float summation order).
     (tmp_path / "clean").mkdir()
     clean = linked(chain, tmp_path / "clean")
-    assert rerun(["train-memory", *stage_args(chain["root"], clean, **noisy)]).returncode == 0
+    assert rerun(["train-memory", *stage_args(chain["root"], clean)]).returncode == 0
     resumed = open_artifact(str(art / "memory"), "memory").manifest
     uninterrupted = open_artifact(str(clean / "memory"), "memory").manifest
     assert resumed["stats"]["resumed_from_step"] == done[-1]
@@ -182,20 +180,6 @@ def test_a_wider_memory_trains_with_its_own_head_and_refuses_the_decoders(chain,
     assert memory.config.width == 80 != width and memory.project.weight.shape == (80, width)
     assert memory.head.weight.shape == (memory.config.vocab_size, 80)
     assert memory(torch.zeros(2, width)).shape == (2, memory.config.vocab_size)
-
-
-def test_input_noise_is_relative_to_each_state_and_fixed_by_seed_and_step():
-    from training.memory import with_input_noise
-
-    states = torch.randn(512, 64) * torch.linspace(0.1, 10, 512)[:, None]  # rows of very different norms
-    noisy = with_input_noise(states, 0.2, seed=0, step=7)
-    relative = (noisy - states).norm(dim=1) / states.norm(dim=1)
-    assert abs(float(relative.mean()) - 0.2) < 0.01 and float(relative.std()) < 0.05
-    assert torch.equal(noisy, with_input_noise(states, 0.2, seed=0, step=7))
-    assert not torch.equal(noisy, with_input_noise(states, 0.2, seed=0, step=8))
-    assert not torch.equal(noisy, with_input_noise(states, 0.2, seed=1, step=7))
-    half = with_input_noise(states.to(torch.bfloat16), 0.2, seed=0, step=7)
-    assert half.dtype == torch.bfloat16
 
 
 def test_the_loss_keeps_the_mass_of_tokens_not_stored():

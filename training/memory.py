@@ -61,15 +61,6 @@ def memory_loss(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor,
     return alpha * kl + (1 - alpha) * ce, kl, ce
 
 
-def with_input_noise(states: torch.Tensor, scale: float, seed: int, step: int) -> torch.Tensor:
-    """``states`` plus Gaussian noise of std ``scale``·‖row‖/√d per dimension (a norm of about ``scale``·‖row‖),
-    drawn from a generator seeded by (seed, step), so a resumed run draws the same noise."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    noise = torch.randn(states.shape, generator=generator, dtype=torch.float32).to(states.device)
-    norms = states.float().norm(dim=-1, keepdim=True) / states.shape[-1] ** 0.5
-    return (states.float() + scale * norms * noise).to(states.dtype)
-
-
 def build_memory(config, input_dim: int, vocab_size: int) -> MLPMemory:
     """An MLP memory of the ``memory`` section's shape over inputs of ``input_dim`` (initialised: seed first)."""
     return MemoryConfig(input_dim, vocab_size, config.depth, config.hidden_mult, config.activation, config.lm_head,
@@ -153,8 +144,6 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
         states, tokens, probs, remainder, next_token = (
             torch.from_numpy(array).to(device) for array in (batch.states, batch.tokens, batch.probs,
                                                              batch.remainder, batch.next_token))
-        if config.input_noise:
-            states = with_input_noise(states, config.input_noise, config.seed, step)
         with devices.autocast(device, config.precision):
             logits = memory(states)
         loss, kl, ce = memory_loss(logits, tokens, probs, remainder, next_token, config.alpha)  # in float32

@@ -16,7 +16,7 @@ class TrainMemory(Stage):
     inputs = ("targets/train", "keys/train", "tokens", "decoder")
     content = ("memory.input_layer", "memory.depth", "memory.hidden_mult", "memory.width", "memory.activation",
                "memory.lm_head", "memory.mode", "memory.alpha", "memory.batch_size", "memory.learning_rate", "memory.weight_decay",
-               "memory.input_noise", "memory.warmup_steps", "memory.max_steps", "memory.shuffle_buffer_chunks", "memory.seed",
+               "memory.warmup_steps", "memory.max_steps", "memory.shuffle_buffer_chunks", "memory.seed",
                "memory.precision", "encode.model", "encode.representation")
     execution = ("memory.checkpoint_every", "memory.device", "encode.batch_size", "encode.trust_remote_code")
 
