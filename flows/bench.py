@@ -384,6 +384,17 @@ EVALUATE_INPUTS = ("tokens", "decoder", "keys", "index", "memory")
 MEMORY_RUNS = 5  # tokens/s per model: the median over this many evaluate runs
 
 
+def demo_artifacts() -> str:
+    """The demo's artifacts directory (``artifacts_dir`` of ./params.yaml); refuses, naming what is missing,
+    unless ``memforge run`` has built every artifact the memory part reads."""
+    demo = fs.normalize(load_params().artifacts_dir)
+    missing = [name for name in ("tokens", "decoder", "keys/validation", "index", "memory")
+               if not fs.exists(fs.join(demo, name, "_manifest.json"))]
+    if missing:
+        raise MemforgeError(f"bench memory: {demo} lacks the demo's {', '.join(missing)}: run `memforge run` first")
+    return demo
+
+
 def bench_memory(ws: Workspace) -> dict:
     """memory_vs_decoder, memory_vs_knnlm: tokens/s of decoder + memory ÷ decoder alone and ÷ kNN-LM over
     the same validation tokens in one process, each the median of ``MEMORY_RUNS`` ``evaluate`` runs over
@@ -391,11 +402,7 @@ def bench_memory(ws: Workspace) -> dict:
     from flows.stages import run_stage
 
     params = load_params()
-    demo = fs.normalize(params.artifacts_dir)
-    missing = [name for name in ("tokens", "decoder", "keys/validation", "index", "memory")
-               if not fs.exists(fs.join(demo, name, "_manifest.json"))]
-    if missing:
-        raise MemforgeError(f"bench memory: {demo} lacks the demo's {', '.join(missing)}: run `memforge run` first")
+    demo = demo_artifacts()
     linked = ws.root / "demo-artifacts"
     linked.mkdir()
     for name in EVALUATE_INPUTS:
@@ -474,13 +481,19 @@ def run(only: list[str] | None = None, workdir: str | None = None, out_dir: str 
     """Run the selected parts (all but scale and gpu by default) and return one flat dict of figures;
     parts that write files (scale) write them into ``out_dir``. The scratch space is a temporary directory
     inside ``workdir`` (made if missing), removed at the end."""
+    parts = only or DEFAULT_PARTS
+    if "memory" in parts:
+        demo_artifacts()  # before any part runs, so a long run does not fail at its end with nothing printed
     figures: dict = {}
     if workdir:
         os.makedirs(workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir) as scratch:
         ws = Workspace(Path(scratch), out_dir)
-        for name in only or DEFAULT_PARTS:
-            figures.update(PARTS[name](ws))
+        for name in parts:
+            done = PARTS[name](ws)
+            # each part's figures reach stderr as it ends, so a later part's failure does not lose them
+            print(f"memforge bench: {name}: {json.dumps(done)}", file=sys.stderr, flush=True)
+            figures.update(done)
     return figures
 
 

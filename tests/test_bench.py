@@ -79,3 +79,26 @@ def test_knnlm_fit_extrapolates_a_linear_cost_and_labels_it():
     at_100m = fitted["extrapolation (not measured)"]["100M"]
     assert np.isclose(at_100m["memory_vs_knnlm"], 1e4 * (a + c * 1e8), rtol=1e-2)
     assert fitted["memory_tokens_per_second_spread"] == [0.0, 0.0]
+
+
+def test_memory_part_refuses_before_any_part_runs_when_the_demo_is_missing(tmp_path, monkeypatch):
+    from storage.errors import MemforgeError
+
+    monkeypatch.chdir(tmp_path)  # no params.yaml, no artifacts: `memforge run` never ran here
+    ran = []
+    monkeypatch.setitem(bench.PARTS, "storage", lambda ws: ran.append("storage") or {})
+    with pytest.raises(MemforgeError, match=r"lacks the demo's tokens, decoder, keys/validation, index, memory"):
+        bench.run(only=["storage", "memory"], workdir=str(tmp_path / "work"))
+    assert ran == []  # refused up front, not after the long parts
+
+
+def test_each_part_prints_its_figures_as_it_ends(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(bench.PARTS, "storage", lambda ws: {"keys_bytes_per_token": 118.57})
+
+    def failing(ws):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setitem(bench.PARTS, "dask", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        bench.run(only=["storage", "dask"], workdir=str(tmp_path))
+    assert 'memforge bench: storage: {"keys_bytes_per_token": 118.57}' in capsys.readouterr().err
