@@ -359,8 +359,10 @@ def _paper_settings(ws: Workspace, params: Params, searched) -> dict:
     variants = {"pq": {"exact_distances": False}, "exact": {"exact_distances": True},
                 "exact_neighbours": {"exact_distances": True, "keep_neighbours": True}}  # the last one's stores stay
     paper = [params.model_copy(update={"targets": defaults.model_copy(update=update)}) for update in variants.values()]
-    figures = {f"targets_vs_bare_k{PAPER_K}_{label}": ratio
-               for label, (_, _, ratio) in zip(variants, _targets_vs_bare(paper, searched, PAPER_NPROBE))}
+    figures = {}
+    for label, (stage, bare, ratio) in zip(variants, _targets_vs_bare(paper, searched, PAPER_NPROBE)):
+        figures.update({f"targets_vs_bare_k{PAPER_K}_{label}": ratio,  # and its two sides: drift shows in bare
+                        f"targets_rows_per_s_k{PAPER_K}_{label}": stage, f"bare_rows_per_s_k{PAPER_K}_{label}": bare})
     train = fs.join(params.artifacts_dir, "targets", "train")
     rows = open_artifact(train).manifest["counts"]["rows"]
     for store in ("neighbours", "distributions"):
