@@ -386,10 +386,10 @@ EVALUATE_INPUTS = ("tokens", "decoder", "keys", "index", "memory")
 MEMORY_RUNS = 5  # tokens/s per model: the median over this many evaluate runs
 
 
-def demo_artifacts() -> str:
-    """The demo's artifacts directory (``artifacts_dir`` of ./params.yaml); refuses, naming what is missing,
-    unless ``memforge run`` has built every artifact the memory part reads."""
-    demo = fs.normalize(load_params().artifacts_dir)
+def demo_artifacts(params: Params) -> str:
+    """The demo's artifacts directory (``params.artifacts_dir``); refuses, naming what is missing, unless
+    ``memforge run`` has built every artifact the memory part reads."""
+    demo = fs.normalize(params.artifacts_dir)
     missing = [name for name in ("tokens", "decoder", "keys/validation", "index", "memory")
                if not fs.exists(fs.join(demo, name, "_manifest.json"))]
     if missing:
@@ -404,7 +404,7 @@ def bench_memory(ws: Workspace) -> dict:
     from flows.stages import run_stage
 
     params = load_params()
-    demo = demo_artifacts()
+    demo = demo_artifacts(params)
     linked = ws.root / "demo-artifacts"
     linked.mkdir()
     for name in EVALUATE_INPUTS:
@@ -485,7 +485,7 @@ def run(only: list[str] | None = None, workdir: str | None = None, out_dir: str 
     inside ``workdir`` (made if missing), removed at the end."""
     parts = only or DEFAULT_PARTS
     if "memory" in parts:
-        demo_artifacts()  # before any part runs, so a long run does not fail at its end with nothing printed
+        demo_artifacts(load_params())  # before any part runs, so a long run does not fail at its end with nothing printed
     figures: dict = {}
     if workdir:
         os.makedirs(workdir, exist_ok=True)
