@@ -102,3 +102,13 @@ def test_each_part_prints_its_figures_as_it_ends(tmp_path, monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="disk full"):
         bench.run(only=["storage", "dask"], workdir=str(tmp_path))
     assert 'memforge bench: storage: {"keys_bytes_per_token": 118.57}' in capsys.readouterr().err
+
+
+def test_round_orders_rotate_the_variants_and_end_with_the_last():
+    from flows.bench import round_orders
+
+    orders = round_orders(3, 3)
+    assert all(sorted(order) == [0, 1, 2] for order in orders)
+    assert [sorted(order[position] for order in orders) for position in range(3)] == [[0, 1, 2]] * 3
+    assert orders[-1] == [0, 1, 2]
+    assert round_orders(2, 1) == [[0, 1]] and round_orders(1, 1) == [[0]]
