@@ -179,6 +179,8 @@ class EvaluateParams(Section):
         default_factory=lambda: [round(0.05 * i, 2) for i in range(20)], min_length=1)
     temperature_grid: list[Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0], min_length=1)
+    memory_temperature_grid: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [0.8, 0.9, 1.0, 1.1, 1.25, 1.5], min_length=1)
     dev_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
     split_seed: int = 0
     batch_size: int = Field(default=4, gt=0)

@@ -29,18 +29,19 @@ def evaluated(chain):
     return chain["art"] / "eval"
 
 
-def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(kNN-LM, decoder + memory) log-probabilities of every validation row, and its nearest neighbour's
-    squared distance, computed here in float64:
+def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, ...]:
+    """(kNN-LM, decoder + memory, memory alone) log-probabilities of every validation row, and its nearest
+    neighbour's squared distance, computed here in float64:
     the model run on each row's context (the window that owns the row), the FFN input of the last block
     as query and memory input; kNN-LM: log(λ p_kNN + (1-λ) p_dec) with exact distances to every datastore
     key and softmax(-d/T) over the k nearest; memory: log(λ_m p_mem + (1-λ_m) p_dec) with p_mem the
-    memory's softmax; λ, T and λ_m those evaluate chose."""
+    softmax of the memory's logits / τ; λ, T, λ_m and τ those evaluate chose; memory alone: τ 1."""
     model = load_encoder(str(art / "decoder" / "model"))
     memory = AutoModel.from_pretrained(str(art / "memory" / "model")).double()  # the standard loader
     assert memory.config.model_type == MODEL_TYPE
     chosen = json.loads((art / "eval" / "metrics.json").read_text())
     knn_lambda, T, memory_lambda = chosen["knn_lambda"], chosen["temperature"], chosen["memory_lambda"]
+    tau = chosen["memory_temperature"]
     captured = {}
     model.transformer.h[-1].mlp.register_forward_pre_hook(lambda _m, args: captured.update(q=args[0]))
     tokens = open_artifact(str(art / "tokens"), "tokens")
@@ -49,7 +50,7 @@ def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, np.n
                              for name, _, _ in parts]).astype(np.int64)
     datastore = KeyStore.open(str(art / "keys" / "train"))
     keys, values = datastore.keys().astype(np.float64), datastore.vals().astype(np.int64)
-    knnlm, with_memory, nearest_distance = [], [], []
+    knnlm, with_memory, alone, nearest_distance = [], [], [], []
     for row in range(len(stream) - 1):
         target = row + 1
         window = 0 if target < block_size else (target - block_size) // stride + 1
@@ -57,7 +58,9 @@ def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, np.n
         with torch.no_grad():
             logits = model(torch.from_numpy(stream[begin:target])[None]).logits[0, -1].double()
             p_dec = torch.softmax(logits, -1)[stream[target]].item()
-            p_mem = torch.softmax(memory(captured["q"][0, -1].double()), -1)[stream[target]].item()
+            memory_logits = memory(captured["q"][0, -1].double())
+            p_mem = torch.softmax(memory_logits / tau, -1)[stream[target]].item()
+            alone.append(torch.log_softmax(memory_logits, -1)[stream[target]].item())
         query = captured["q"][0, -1].double().numpy()
         dists = ((keys - query) ** 2).sum(1)
         nearest = np.argsort(dists, kind="stable")[:K]
@@ -66,15 +69,15 @@ def reference_log_probs(art, block_size=32, stride=16) -> tuple[np.ndarray, np.n
         p_knn = weights[values[nearest] == stream[target]].sum() / weights.sum()
         knnlm.append(np.log(knn_lambda * p_knn + (1 - knn_lambda) * p_dec))
         with_memory.append(np.log(memory_lambda * p_mem + (1 - memory_lambda) * p_dec))
-    return np.array(knnlm), np.array(with_memory), np.array(nearest_distance)
+    return np.array(knnlm), np.array(with_memory), np.array(alone), np.array(nearest_distance)
 
 
 def test_log_probs_equal_a_brute_force_reference(evaluated, chain):
     table = pq.read_table(evaluated / "token_log_probs.parquet")
-    knnlm, with_memory, nearest_distance = reference_log_probs(chain["art"])
+    knnlm, with_memory, alone, nearest_distance = reference_log_probs(chain["art"])
     assert table.num_rows == len(knnlm)
     np.testing.assert_allclose(table.column("nearest_distance").to_numpy(), nearest_distance, rtol=1e-4, atol=1e-5)
-    for column, reference in (("knnlm", knnlm), ("memory", with_memory)):
+    for column, reference in (("knnlm", knnlm), ("memory", with_memory), ("memory_alone", alone)):
         difference = np.abs(table.column(column).to_numpy() - reference)
         print(f"{column} log-prob vs reference: max |diff| {difference.max():.2e} over {len(reference)} tokens")
         assert difference.max() < 1e-5, column
@@ -101,6 +104,10 @@ def test_choices_are_made_on_dev_and_reported_on_test(evaluated, chain, capsys):
     by_temperature = metrics["knnlm_dev_perplexity_by_temperature"]
     assert set(by_temperature) == {"2.0", "4.0"} and by_temperature[str(metrics["temperature"])] == min(
         by_temperature.values())
+    by_temperature = metrics["memory_dev_perplexity_by_temperature"]  # the memory's τ, chosen with its λ
+    assert set(by_temperature) == {"0.8", "0.9", "1.0", "1.1", "1.25", "1.5"}
+    assert by_temperature[str(metrics["memory_temperature"])] == min(by_temperature.values())
+    assert min(by_temperature.values()) == pytest.approx(metrics["dev_perplexity"]["memory"], rel=1e-4)
     def ppl(column, mask):
         return float(np.exp(-table[column][mask].mean()))
     for name in ("decoder", "knnlm", "memory", "memory_alone"):

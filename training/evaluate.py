@@ -9,8 +9,9 @@ p = λ·p_kNN + (1−λ)·p_dec with p_kNN = softmax(−d/T) summed per token, (
 memory's input captured, the memory, and p = λ·p_mem + (1−λ)·p_dec.
 
 The validation documents are split into dev and test (``dev_test``). kNN-LM's (λ, T) and the memory's
-λ are chosen on dev, each for itself, from ``evaluate.lambda_grid`` and ``evaluate.temperature_grid``;
-every reported perplexity is on test at those values. Output ``<artifacts_dir>/eval``: ``metrics.json``
+(λ, τ), τ a temperature on its logits, are chosen on dev, each for itself, from ``evaluate.lambda_grid``,
+``evaluate.temperature_grid`` and ``evaluate.memory_temperature_grid``; every reported perplexity is on
+test at those values (the memory alone at τ 1, its own output). Output ``<artifacts_dir>/eval``: ``metrics.json``
 (DVC metrics), ``token_log_probs.parquet`` (per row: target, split, log p of the decoder, kNN-LM,
 decoder + memory, p_kNN alone and the memory alone, and ``nearest_distance``: the squared L2 distance of
 the row's nearest neighbour in the datastore, to see where kNN-LM and the memory part), ``lambda.json`` and ``loss.json`` (DVC plots
@@ -90,29 +91,33 @@ def _mix(logp_dec: np.ndarray, logp_other: np.ndarray, lam: float) -> np.ndarray
 
 
 class Scored(NamedTuple):
-    """Per validation row: log p of the decoder, p_kNN per temperature, log p of the memory alone; each
-    pass's seconds; and the squared L2 distance of each row's nearest neighbour in the datastore."""
+    """Per validation row: log p of the decoder, p_kNN per temperature, log p of the memory per memory
+    temperature and at τ 1; each pass's seconds; and the squared L2 distance of each row's nearest
+    neighbour in the datastore."""
     logp_dec: np.ndarray
     p_knn: np.ndarray
     logp_mem: np.ndarray
+    logp_mem_alone: np.ndarray
     timings: dict
     nearest: np.ndarray
 
 
 def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory: MLPMemory, k: int,
                      temperatures: np.ndarray, query_at: tuple, memory_at: tuple, precision: str,
-                     only: tuple[str, ...] = ("decoder", "knnlm", "memory")) -> Scored:
+                     only: tuple[str, ...] = ("decoder", "knnlm", "memory"),
+                     memory_temperatures: np.ndarray = np.ones(1)) -> Scored:
     """The three timed passes over the scorer's rows (or those named in ``only``): the decoder; kNN-LM (the
     query representation ``query_at`` = (representation, layer) captured, ``searcher.search`` for k
     candidates, re-ranked by exact distance when ``rows_store`` has keys, p_kNN at each temperature); the
-    memory (its input ``memory_at`` captured). kNN-LM's time counts one temperature: the others only serve
-    the choice."""
+    memory (its input ``memory_at`` captured; log p at each of ``memory_temperatures`` and at τ 1). Each
+    pass's time counts its first temperature: the others only serve the choice."""
     decoder, device = scorer.decoder, scorer.device
     exact = rows_store.keys is not None
     p_knn = np.zeros((len(temperatures), scorer.n_rows))
-    logp_mem = np.zeros(scorer.n_rows)
+    logp_mem = np.zeros((len(memory_temperatures), scorer.n_rows))
+    logp_mem_alone = np.zeros(scorer.n_rows)
     nearest = np.full(scorer.n_rows, np.inf, dtype=np.float32)
-    untimed = [0.0]
+    untimed = {"knnlm": 0.0, "memory": 0.0}
 
     def knn_probs(rows, targets, logp_dec, captured):
         query = np.ascontiguousarray(captured[0].cpu().numpy(), dtype=np.float32)
@@ -125,14 +130,22 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
             weights = np.exp(logits - logits.max(axis=1, keepdims=True))
             p_knn[t, rows] = (weights * hits).sum(1) / weights.sum(1)
             if t:
-                untimed[0] += time.perf_counter() - started
+                untimed["knnlm"] += time.perf_counter() - started
         started = time.perf_counter()
         nearest[rows] = dists.min(axis=1)  # a diagnostic, not part of kNN-LM: untimed
-        untimed[0] += time.perf_counter() - started
+        untimed["knnlm"] += time.perf_counter() - started
         return logp_dec  # mixed once T and λ are chosen
 
     def memory_probs(rows, targets, logp_dec, captured):
-        logp_mem[rows] = log_probs_at(memory(captured[0]), torch.from_numpy(targets).to(device)).cpu().numpy()
+        logits, targets = memory(captured[0]), torch.from_numpy(targets).to(device)
+        for t, temperature in enumerate(memory_temperatures):
+            started = time.perf_counter()
+            logp_mem[t, rows] = log_probs_at(logits / float(temperature), targets).cpu().numpy()
+            if t:
+                untimed["memory"] += time.perf_counter() - started
+        started = time.perf_counter()
+        logp_mem_alone[rows] = log_probs_at(logits, targets).cpu().numpy()  # the memory's own output: untimed
+        untimed["memory"] += time.perf_counter() - started
         return logp_dec
 
     timings, logp_dec = {}, None
@@ -146,12 +159,12 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
         started = time.perf_counter()
         with devices.autocast(device, precision):
             scored = scorer.run(captures, on_batch)
-        timings[name] = time.perf_counter() - started - (untimed[0] if name == "knnlm" else 0.0)
+        timings[name] = time.perf_counter() - started - untimed.get(name, 0.0)
         if name == "decoder":
             logp_dec = scored
         for capture in captures:
             capture.handle.remove()
-    return Scored(logp_dec, p_knn, logp_mem, timings, nearest)
+    return Scored(logp_dec, p_knn, logp_mem, logp_mem_alone, timings, nearest)
 
 
 def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.device) -> Published:
@@ -176,27 +189,32 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
     is_dev = split_by_document(_row_documents(tokens, n_rows), config.dev_fraction, config.split_seed)
     k = min(config.k, index.manifest["counts"]["rows"])
     temperatures = np.asarray(config.temperature_grid, dtype=np.float64)
+    memory_temperatures = np.asarray(config.memory_temperature_grid, dtype=np.float64)
     if params.index.threads:
         faiss.omp_set_num_threads(params.index.threads)
-    logp_dec, p_knn, logp_mem, timings, nearest = score_three_ways(
+    logp_dec, p_knn, logp_mem, logp_mem_alone, timings, nearest = score_three_ways(
         scorer, searcher, rows_store, memory, k, temperatures, (stats["representation"], stats["layer"]),
-        (memory_params["representation"], memory_params["input_layer"]), config.precision)
+        (memory_params["representation"], memory_params["input_layer"]), config.precision,
+        memory_temperatures=memory_temperatures)
     with np.errstate(divide="ignore"):
         logp_knn = np.log(p_knn)
-    choice = choose_on_dev(logp_dec, logp_knn, logp_mem, is_dev, config.lambda_grid, temperatures)
-    log_probs = {"decoder": logp_dec, "knnlm": choice.knnlm, "memory": choice.memory, "memory_alone": logp_mem}
+    choice = choose_on_dev(logp_dec, logp_knn, logp_mem, is_dev, config.lambda_grid, temperatures,
+                           memory_temperatures)
+    log_probs = {"decoder": logp_dec, "knnlm": choice.knnlm, "memory": choice.memory,
+                 "memory_alone": logp_mem_alone}
     metrics = _metrics(log_probs, is_dev, choice, timings, n_rows, k, config, exact)
     sweep = [{"lambda": lam, **{f"{name}_{side}": round(perplexity(mixed[mask]), 4)
                                 for name, mixed in (("knnlm", _mix(logp_dec, choice.logp_knn, lam)),
-                                                    ("memory", _mix(logp_dec, logp_mem, lam)))
+                                                    ("memory", _mix(logp_dec, choice.logp_mem, lam)))
                                 for side, mask in (("dev", is_dev), ("test", ~is_dev))}}
              for lam in config.lambda_grid]
     columns = {**log_probs, "knn": choice.logp_knn, "nearest_distance": nearest}
     _write_outputs(uri, metrics, sweep, columns, is_dev, scorer, inputs)
     test = metrics["perplexity"]
     log.info("evaluate (test split): perplexity decoder %.3f, kNN-LM %.3f (λ %g, T %g), decoder+memory %.3f "
-             "(λ %g), memory alone %.3f; metrics in %s", test["decoder"], test["knnlm"], choice.knn_lambda,
-             choice.temperature, test["memory"], choice.memory_lambda, test["memory_alone"],
+             "(λ %g, τ %g), memory alone %.3f; metrics in %s", test["decoder"], test["knnlm"], choice.knn_lambda,
+             choice.temperature, test["memory"], choice.memory_lambda, choice.memory_temperature,
+             test["memory_alone"],
              fs.join(uri, "metrics.json"))
     return Published(counts={"rows": n_rows}, stats={**metrics, "device": devices.describe(device),
                                                      "precision": config.precision})
@@ -209,31 +227,40 @@ def _row_documents(tokens, n_rows: int) -> np.ndarray:
 
 
 class Choice(NamedTuple):
-    """What dev chose: kNN-LM's (λ, T), the memory's λ, and the mixed log-probabilities at those values."""
+    """What dev chose: kNN-LM's (λ, T), the memory's (λ, τ), and the mixed log-probabilities at those values."""
     knn_lambda: float
     temperature: float
     memory_lambda: float
+    memory_temperature: float
     logp_knn: np.ndarray   # log p_kNN at the chosen T
+    logp_mem: np.ndarray   # log p of the memory at the chosen τ
     knnlm: np.ndarray      # log of the kNN-LM mixture at the chosen (λ, T)
-    memory: np.ndarray     # log of the decoder + memory mixture at the chosen λ
+    memory: np.ndarray     # log of the decoder + memory mixture at the chosen (λ, τ)
     knn_dev_by_temperature: dict
+    memory_dev_by_temperature: dict
 
 
 def choose_on_dev(logp_dec: np.ndarray, logp_knn: np.ndarray, logp_mem: np.ndarray, is_dev: np.ndarray,
-                  lambdas: list[float], temperatures: np.ndarray) -> Choice:
-    """The λ (and T for kNN-LM) with the lowest dev perplexity, the first of the grid on a tie."""
+                  lambdas: list[float], temperatures: np.ndarray,
+                  memory_temperatures: np.ndarray = np.ones(1)) -> Choice:
+    """Each model's (λ, temperature) with the lowest dev perplexity, the first of the grids on a tie;
+    ``logp_knn`` / ``logp_mem``: [temperature, row] log-probabilities."""
     def best_lambda(logp_other: np.ndarray) -> tuple[float, float]:
         scores = [perplexity(_mix(logp_dec[is_dev], logp_other[is_dev], lam)) for lam in lambdas]
         best = int(np.argmin(scores))
         return lambdas[best], scores[best]
 
-    per_temperature = [best_lambda(logp_knn[t]) for t in range(len(temperatures))]
-    t = int(np.argmin([score for _, score in per_temperature]))
-    knn_lambda, memory_lambda = per_temperature[t][0], best_lambda(logp_mem)[0]
-    return Choice(knn_lambda, float(temperatures[t]), memory_lambda, logp_knn[t],
-                  _mix(logp_dec, logp_knn[t], knn_lambda), _mix(logp_dec, logp_mem, memory_lambda),
-                  {float(temperature): round(score, 4) for temperature, (_, score) in zip(temperatures,
-                                                                                          per_temperature)})
+    def best_pair(logp_other: np.ndarray, grid: np.ndarray) -> tuple[float, int, dict]:
+        per_temperature = [best_lambda(logp_other[t]) for t in range(len(grid))]
+        t = int(np.argmin([score for _, score in per_temperature]))
+        scores = {float(temperature): round(score, 4) for temperature, (_, score) in zip(grid, per_temperature)}
+        return per_temperature[t][0], t, scores
+
+    knn_lambda, t, knn_scores = best_pair(logp_knn, temperatures)
+    memory_lambda, m, memory_scores = best_pair(logp_mem, memory_temperatures)
+    return Choice(knn_lambda, float(temperatures[t]), memory_lambda, float(memory_temperatures[m]),
+                  logp_knn[t], logp_mem[m], _mix(logp_dec, logp_knn[t], knn_lambda),
+                  _mix(logp_dec, logp_mem[m], memory_lambda), knn_scores, memory_scores)
 
 
 def _metrics(log_probs: dict, is_dev: np.ndarray, choice: Choice, timings: dict, n_rows: int, k: int, config,
@@ -247,7 +274,9 @@ def _metrics(log_probs: dict, is_dev: np.ndarray, choice: Choice, timings: dict,
         "dev_perplexity": {name: round(value, 4) for name, value in dev.items()},
         "memory_gain_recovered": round((test["decoder"] - test["memory"]) / gain, 4) if gain else None,
         "knn_lambda": choice.knn_lambda, "temperature": choice.temperature, "memory_lambda": choice.memory_lambda,
+        "memory_temperature": choice.memory_temperature,
         "knnlm_dev_perplexity_by_temperature": choice.knn_dev_by_temperature,
+        "memory_dev_perplexity_by_temperature": choice.memory_dev_by_temperature,
         "tokens_per_second": {name: round(n_rows / seconds, 1) for name, seconds in timings.items()},
         "rows": n_rows, "dev_rows": int(is_dev.sum()), "test_rows": int((~is_dev).sum()),
         "dev_fraction": config.dev_fraction, "k": k, "nprobe": config.nprobe, "exact_distances": exact,

@@ -31,7 +31,8 @@ def write(uri: str, sweep: list[dict], metrics: dict, curves: dict[str, list[dic
             axis.annotate(f"λ={chosen:g}", (chosen, at[f"{name}_test"]), textcoords="offset points", xytext=(4, 6),
                           color=colour)
         axis.set(xlabel="λ", ylabel="perplexity",
-                 title=f"Interpolation weight (kNN-LM at T={metrics['temperature']:g}; ● chosen on dev)")
+                 title=f"Interpolation weight (kNN-LM at T={metrics['temperature']:g}, memory at "
+                       f"τ={metrics['memory_temperature']:g}; ● chosen on dev)")
         axis.set_ylim(top=min(axis.get_ylim()[1], 2.5 * sweep[0]["knnlm_test"]))
         axis.legend(fontsize=8)
         figure.tight_layout()
