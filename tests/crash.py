@@ -14,14 +14,21 @@ from typing import Callable
 MEMFORGE = str(Path(sys.executable).parent / "memforge")
 
 
+def as_from_a_terminal() -> None:
+    """``preexec_fn`` of a memforge process that a test interrupts: the signal state of a job started at a
+    terminal (no signal blocked, SIGINT at its default), whatever the test process inherited or set."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def kill_when(args: list[str], ready: Callable[[], bool], timeout: float = 120, env: dict | None = None,
               sig: int = signal.SIGKILL, exit_within: float = 60) -> tuple[int, str]:
     """Run ``memforge ARGS`` and send ``sig`` to its process group (SIGINT: a Ctrl-C at the terminal) as soon
     as ``ready()`` is true; returns its exit code and log. A run that ends before that, or does not exit
     within ``exit_within`` seconds of the signal, fails the test with the end of its log."""
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen([MEMFORGE, *args], start_new_session=True, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([MEMFORGE, *args], start_new_session=True, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, preexec_fn=as_from_a_terminal)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not ready() and process.poll() is None:
             time.sleep(0.002)

@@ -69,7 +69,7 @@ def test_two_train_memory_runs_at_once_then_ctrl_c(chain, tmp_path, capsys):
     import signal
 
     from chain import stage_args
-    from crash import MEMFORGE
+    from crash import MEMFORGE, as_from_a_terminal
     from flows.cli import main
 
     art = tmp_path / "art"
@@ -78,20 +78,24 @@ def test_two_train_memory_runs_at_once_then_ctrl_c(chain, tmp_path, capsys):
         (art / name).symlink_to(chain["art"] / name)
     args = ["train-memory", *stage_args(chain["root"], art, **{"memory.max_steps": 600,
                                                                 "memory.checkpoint_every": 50})]
-    first = subprocess.Popen([MEMFORGE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([MEMFORGE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=as_from_a_terminal)
     lease, checkpoints = art / "memory" / LEASE_NAME, art / "memory" / "_checkpoints"
     deadline = time.monotonic() + 120
     while not lease.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert lease.exists(), first.communicate()[1][-3000:]
+    while not (checkpoints.exists() and any(checkpoints.glob("step-*/trainer.json"))) and first.poll() is None:
+        time.sleep(0.01)
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    first.send_signal(signal.SIGSTOP)  # held mid-training (alive, lease held) however long the refusal takes
     capsys.readouterr()
     assert main(args) == 1
     err = capsys.readouterr().err
     assert f"{art / 'memory'}: another writer is building this artifact: pid {first.pid} on " in err, err
     assert "Traceback" not in err
-    while not (checkpoints.exists() and any(checkpoints.glob("step-*/trainer.json"))) and first.poll() is None:
-        time.sleep(0.01)
-    first.send_signal(signal.SIGINT)
+    first.send_signal(signal.SIGINT)  # delivered when it continues
+    first.send_signal(signal.SIGCONT)
     out, err = first.communicate(timeout=60)
     assert first.returncode == 130, err[-3000:]
     assert "memforge train-memory: interrupted" in err and "Traceback" not in err, err[-3000:]
