@@ -284,8 +284,8 @@ def round_orders(variants: int, repeats: int) -> list[list[int]]:
 
 def _targets_vs_bare(variants: list[Params], bare_index, nprobe: int,
                      repeats: int = 1) -> list[tuple[float, float, float, list[float]]]:
-    """(stage rows/s, bare search rows/s, ratio, every round's ratio) of the targets stage at ``nprobe`` over both splits, for each
-    of ``variants`` (params that share k). The bare search runs before the first stage and after every one:
+    """(stage rows/s, bare search rows/s, ratio, every round's ratio) of the targets stage at ``nprobe`` over
+    both splits, for each of ``variants`` (params that share k). The bare search runs before the first stage and after every one:
     each stage is compared with the mean of the two bare runs around it, as this VM's speed drifts by
     several per cent over a minute and one bare run beside one stage run would carry all of that drift.
     With ``repeats`` > 1 the variants run that many rounds, each round in a rotated order (every variant
@@ -504,7 +504,8 @@ def run(only: list[str] | None = None, workdir: str | None = None, out_dir: str 
     inside ``workdir`` (made if missing), removed at the end."""
     parts = only or DEFAULT_PARTS
     if "memory" in parts:
-        demo_artifacts(load_params())  # before any part runs, so a long run does not fail at its end with nothing printed
+        # before any part runs, so a long run does not fail at its end with nothing printed
+        demo_artifacts(load_params())
     figures: dict = {}
     if workdir:
         os.makedirs(workdir, exist_ok=True)

@@ -115,7 +115,8 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
     exact = rows_store.keys is not None
     p_knn = np.zeros((len(temperatures), scorer.n_rows))
     logp_mem = np.zeros((len(memory_temperatures), scorer.n_rows))
-    logp_mem_alone = np.zeros(scorer.n_rows)
+    at_one = np.flatnonzero(memory_temperatures == 1.0)  # the grid's τ 1 row is the memory alone
+    logp_mem_alone = logp_mem[at_one[0]] if len(at_one) else np.zeros(scorer.n_rows)
     nearest = np.full(scorer.n_rows, np.inf, dtype=np.float32)
     untimed = {"knnlm": 0.0, "memory": 0.0}
 
@@ -143,9 +144,10 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
             logp_mem[t, rows] = log_probs_at(logits / float(temperature), targets).cpu().numpy()
             if t:
                 untimed["memory"] += time.perf_counter() - started
-        started = time.perf_counter()
-        logp_mem_alone[rows] = log_probs_at(logits, targets).cpu().numpy()  # the memory's own output: untimed
-        untimed["memory"] += time.perf_counter() - started
+        if not len(at_one):
+            started = time.perf_counter()
+            logp_mem_alone[rows] = log_probs_at(logits, targets).cpu().numpy()  # its own output: untimed
+            untimed["memory"] += time.perf_counter() - started
         return logp_dec
 
     timings, logp_dec = {}, None
