@@ -1,5 +1,6 @@
 """The targets kernel: kNN distributions of whole batches (compiled row loops in ``knn_rows``, no
-[rows, vocab] buffer), and dropping a query's own id from its neighbours.
+[rows, vocab] buffer), and dropping a query's own id from its neighbours; or both at once, straight from
+a search's result, when the neighbours themselves are not kept.
 
 A row's distribution is p(v) ∝ Σ_{neighbours j with value v} exp(-d_j / T), stored sparsely: the
 ``width`` most probable tokens, padded with (-1, 0), plus the probability mass cut off. Ties in the
@@ -40,4 +41,22 @@ def distributions(dists: np.ndarray, values: np.ndarray, temperature: float,
     knn_rows.sparse_distributions(np.ascontiguousarray(dists, dtype=np.float32),
                                   np.ascontiguousarray(values, dtype=np.int64), float(temperature), int(width),
                                   tokens, probs, truncated)
+    return tokens, probs, truncated
+
+
+def search_distributions(dists: np.ndarray, ids: np.ndarray, token_of: np.ndarray, k: int, temperature: float,
+                         width: int, own_first: int | None = None,
+                         drop: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``distributions`` of ``drop_ids(dists, ids, k, own_first, drop)`` with values ``token_of[ids]``, in one
+    compiled pass over the search's result (same output, bit for bit; no [rows, k] intermediate arrays)."""
+    from pipelines import knn_rows
+
+    n = len(ids)
+    tokens, probs = np.empty((n, width), dtype=np.int32), np.empty((n, width), dtype=np.float32)
+    truncated = np.empty(n, dtype=np.float32)
+    flags = np.zeros((0, 0), dtype=np.bool_) if drop is None else np.ascontiguousarray(drop, dtype=np.bool_)
+    knn_rows.search_distributions(np.ascontiguousarray(dists, dtype=np.float32),
+                                  np.ascontiguousarray(ids, dtype=np.int64), token_of,
+                                  -1 if own_first is None else int(own_first), flags, int(k), float(temperature),
+                                  int(width), tokens, probs, truncated)
     return tokens, probs, truncated

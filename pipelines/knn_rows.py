@@ -3,7 +3,10 @@
 At k 1024 a numpy formulation of "group a row's neighbours by next token" needs a per-row sort and half a
 dozen full passes over the [rows, k] block: about a third of the time of the search itself. Here each row
 is one pass: a small open-addressing table sums the weights per token in neighbour order, and the ``width``
-most probable tokens are kept by insertion into a sorted list. Compiled once per machine (Numba's cache).
+most probable tokens are kept by insertion into a sorted list. When the neighbours themselves are not
+kept, ``search_distributions`` goes straight from a search's raw result (dropping the query itself and
+looking up each neighbour's next token on the way): one pass and no [rows, k] intermediate arrays.
+Compiled once per machine (Numba's cache).
 """
 from __future__ import annotations
 
@@ -50,71 +53,120 @@ def _ranks_before(p_a, token_a, p_b, token_b):
     return p_a > p_b or (p_a == p_b and token_a < token_b)
 
 
+@numba.njit(inline="always")
+def _row_distribution(dists, values, count, stamp, scale, width, shift, table_segment, table_row,
+                      segment_token, segment_mass, best_token, best_p32, best_p, out_tokens, out_probs):
+    """One row's sparse distribution from its first ``count`` (distance, value) entries (value -1: none) into
+    ``out_tokens``/``out_probs``; returns the probability mass left out. Tokens are summed in an
+    open-addressing table whose buckets hold (``stamp`` << 32) | token: a distinct ``stamp`` per row makes
+    the previous rows' buckets free without clearing them."""
+    size = table_row.shape[0]
+    nearest = np.float32(np.inf)
+    for column in range(count):
+        if values[column] != MISSING and dists[column] < nearest:
+            nearest = dists[column]
+    if nearest == np.inf:
+        nearest = np.float32(0.0)
+    segments = 0
+    for column in range(count):
+        token = values[column]
+        if token == MISSING:
+            continue
+        weight = np.exp((dists[column] - nearest) / scale)
+        key = (stamp << 32) | token  # the bucket's owner row and token in one word
+        bucket = (np.uint64(token) * _HASH) >> shift
+        while table_row[bucket] >> 32 == stamp and table_row[bucket] != key:
+            bucket = (bucket + np.uint64(1)) & np.uint64(size - 1)
+        if table_row[bucket] == key:
+            segment_mass[table_segment[bucket]] += weight
+        else:
+            table_row[bucket], table_segment[bucket] = key, segments
+            segment_token[segments], segment_mass[segments] = token, weight
+            segments += 1
+    total = 0.0
+    for segment in range(segments):
+        total += segment_mass[segment]
+    kept = 0
+    for segment in range(segments):
+        if segment_mass[segment] == 0.0:
+            continue
+        p = segment_mass[segment] / total
+        p32, token = np.float32(p), segment_token[segment]
+        if kept == width and not _ranks_before(p32, token, best_p32[width - 1], best_token[width - 1]):
+            continue
+        slot = min(kept, width - 1)
+        while slot > 0 and _ranks_before(p32, token, best_p32[slot - 1], best_token[slot - 1]):
+            best_p32[slot], best_token[slot] = best_p32[slot - 1], best_token[slot - 1]
+            best_p[slot] = best_p[slot - 1]
+            slot -= 1
+        best_p32[slot], best_token[slot], best_p[slot] = p32, token, p
+        kept = min(kept + 1, width)
+    stored = 0.0
+    for slot in range(width):
+        if slot < kept:
+            out_tokens[slot], out_probs[slot] = best_token[slot], best_p[slot]
+            stored += best_p[slot]
+        else:
+            out_tokens[slot], out_probs[slot] = MISSING, 0.0
+    return min(max(1.0 - stored, 0.0), 1.0) if total > 0.0 else 0.0
+
+
+@numba.njit(inline="always")
+def _table_bits(k):
+    """log2 of the buckets of the per-row token table: the smallest power of two of at least 2k (load <= 1/2)."""
+    bits = 1
+    while (1 << bits) < 2 * k:
+        bits += 1
+    return bits
+
+
 @numba.njit(nogil=True, cache=True)
 def sparse_distributions(dists, values, temperature, width, out_tokens, out_probs, out_truncated):
     """Per row: float32 weights exp(-(d - d_nearest) / T), summed per value token in float64 (in neighbour
     order), normalised; the ``width`` most probable tokens into ``out_tokens``/``out_probs`` (padding -1 / 0)
     and the probability mass left out into ``out_truncated``. Tokens whose weight sum is 0 are not stored."""
     n, k = values.shape
-    bits = 1
-    while (1 << bits) < 2 * k:
-        bits += 1
-    size = 1 << bits
-    shift = np.uint64(64 - bits)
-    table_token = np.empty(size, np.int64)
+    bits = _table_bits(k)
+    size, shift = 1 << bits, np.uint64(64 - bits)
     table_segment = np.empty(size, np.int32)
-    table_row = np.full(size, -1, np.int64)  # which row last used a bucket: no clearing between rows
-    segment_token = np.empty(k, np.int64)
-    segment_mass = np.empty(k, np.float64)
-    best_token = np.empty(width, np.int64)
-    best_p32 = np.empty(width, np.float32)
-    best_p = np.empty(width, np.float64)
+    table_row = np.full(size, -1, np.int64)  # (row << 32) | token of the bucket's owner; -1: never used
+    segment_token, segment_mass = np.empty(k, np.int64), np.empty(k, np.float64)
+    best_token, best_p32, best_p = np.empty(width, np.int64), np.empty(width, np.float32), np.empty(width, np.float64)
     scale = np.float32(-temperature)
     for row in range(n):
-        nearest = np.float32(np.inf)
-        for column in range(k):
-            if values[row, column] != MISSING and dists[row, column] < nearest:
-                nearest = dists[row, column]
-        if nearest == np.inf:
-            nearest = np.float32(0.0)
-        segments = 0
-        for column in range(k):
-            token = values[row, column]
-            if token == MISSING:
-                continue
-            weight = np.exp((dists[row, column] - nearest) / scale)
-            bucket = (np.uint64(token) * _HASH) >> shift
-            while table_row[bucket] == row and table_token[bucket] != token:
-                bucket = (bucket + np.uint64(1)) & np.uint64(size - 1)
-            if table_row[bucket] == row:
-                segment_mass[table_segment[bucket]] += weight
-            else:
-                table_row[bucket], table_token[bucket], table_segment[bucket] = row, token, segments
-                segment_token[segments], segment_mass[segments] = token, weight
-                segments += 1
-        total = 0.0
-        for segment in range(segments):
-            total += segment_mass[segment]
+        out_truncated[row] = _row_distribution(
+            dists[row], values[row], k, row, scale, width, shift, table_segment, table_row, segment_token,
+            segment_mass, best_token, best_p32, best_p, out_tokens[row], out_probs[row])
+
+
+@numba.njit(nogil=True, cache=True)
+def search_distributions(dists, ids, token_of, own_first, drop, k, temperature, width, out_tokens, out_probs,
+                         out_truncated):
+    """``drop_entries``, the value lookup and ``sparse_distributions`` in one pass over a search's raw
+    [rows, columns] result: each row's first ``k`` entries that are neither missing, nor its own id, nor
+    flagged in ``drop``, with their values from ``token_of`` (the datastore's next tokens), give the same
+    distribution as those three steps, without their three [rows, k] intermediate arrays."""
+    n, columns = ids.shape
+    flagged = drop.shape[0] > 0
+    bits = _table_bits(k)
+    size, shift = 1 << bits, np.uint64(64 - bits)
+    table_segment = np.empty(size, np.int32)
+    table_row = np.full(size, -1, np.int64)  # (row << 32) | token of the bucket's owner; -1: never used
+    segment_token, segment_mass = np.empty(k, np.int64), np.empty(k, np.float64)
+    best_token, best_p32, best_p = np.empty(width, np.int64), np.empty(width, np.float32), np.empty(width, np.float64)
+    row_dists, row_values = np.empty(k, np.float32), np.empty(k, np.int64)
+    scale = np.float32(-temperature)
+    for row in range(n):
+        own = own_first + row if own_first >= 0 else MISSING
         kept = 0
-        for segment in range(segments):
-            if segment_mass[segment] == 0.0:
+        for column in range(columns):
+            if kept == k:
+                break
+            found = ids[row, column]
+            if found == MISSING or found == own or (flagged and drop[row, column]):
                 continue
-            p = segment_mass[segment] / total
-            p32, token = np.float32(p), segment_token[segment]
-            if kept == width and not _ranks_before(p32, token, best_p32[width - 1], best_token[width - 1]):
-                continue
-            slot = min(kept, width - 1)
-            while slot > 0 and _ranks_before(p32, token, best_p32[slot - 1], best_token[slot - 1]):
-                best_p32[slot], best_token[slot] = best_p32[slot - 1], best_token[slot - 1]
-                best_p[slot] = best_p[slot - 1]
-                slot -= 1
-            best_p32[slot], best_token[slot], best_p[slot] = p32, token, p
-            kept = min(kept + 1, width)
-        stored = 0.0
-        for slot in range(width):
-            if slot < kept:
-                out_tokens[row, slot], out_probs[row, slot] = best_token[slot], best_p[slot]
-                stored += best_p[slot]
-            else:
-                out_tokens[row, slot], out_probs[row, slot] = MISSING, 0.0
-        out_truncated[row] = min(max(1.0 - stored, 0.0), 1.0) if total > 0.0 else 0.0
+            row_dists[kept], row_values[kept] = dists[row, column], token_of[found]
+            kept += 1
+        out_truncated[row] = _row_distribution(
+            row_dists, row_values, kept, row, scale, width, shift, table_segment, table_row, segment_token,
+            segment_mass, best_token, best_p32, best_p, out_tokens[row], out_probs[row])

@@ -72,6 +72,9 @@ class SearchShards(ShardWorker):
             for start in range(chunk_start, chunk_stop, common["block"]):
                 stop = min(start + common["block"], chunk_stop)
                 queries = np.ascontiguousarray(queries_store.keys(start, stop), dtype=np.float32)
+                if neighbours is None and common["candidates"] == common["k"]:
+                    sparse.append(self.distributions_of(start, stop, queries, self.splits[role]["self_query"]))
+                    continue
                 dists, ids = self.neighbours_of(start, stop, queries, self.splits[role]["self_query"])
                 dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"], common["k"],
                                                           ordered=neighbours is not None)
@@ -84,16 +87,32 @@ class SearchShards(ShardWorker):
         files.update(distributions.write_shard(shard, *(np.concatenate(column) for column in zip(*sparse))))
         return files, {}
 
+    def search(self, start: int, stop: int, queries: np.ndarray, self_query: bool):
+        """(distances, ids, own_first, nearby) of rows [start, stop): the raw search, with enough extra results for
+        the query itself and its same-document neighbours (``nearby``, flagged) to be dropped afterwards."""
+        common = self.common
+        extra = (1 + 2 * common["window"]) if self_query else 0
+        dists, ids = self.index.search(queries, min(common["candidates"] + extra, common["datastore_rows"]))
+        nearby = self.same_document_nearby(start, stop, ids) if self_query and common["window"] else None
+        return dists, ids, start if self_query else None, nearby
+
     def neighbours_of(self, start: int, stop: int, queries: np.ndarray,
                       self_query: bool) -> tuple[np.ndarray, np.ndarray]:
         """Search rows [start, stop), then drop the query itself (by id) and same-document neighbours; the first
         ``candidates`` per row, in the index's order."""
+        dists, ids, own_first, nearby = self.search(start, stop, queries, self_query)
+        return knn.drop_ids(dists, ids, self.common["candidates"], own_first, nearby)
+
+    def distributions_of(self, start: int, stop: int, queries: np.ndarray, self_query: bool):
+        """The distributions of rows [start, stop) when neither the neighbours are kept nor re-ranking picks among
+        more candidates than k: straight from the search (exact distances replace the PQ ones in place), one
+        compiled pass for dropping, value lookup and aggregation (as ``neighbours_of`` + ``knn.distributions``)."""
         common = self.common
-        extra = (1 + 2 * common["window"]) if self_query else 0
-        dists, ids = self.index.search(queries, min(common["candidates"] + extra, common["datastore_rows"]))
-        own_first = start if self_query else None
-        nearby = self.same_document_nearby(start, stop, ids) if self_query and common["window"] else None
-        return knn.drop_ids(dists, ids, common["candidates"], own_first, nearby)
+        dists, ids, own_first, nearby = self.search(start, stop, queries, self_query)
+        if common["exact_distances"]:
+            dists = self.rows.distances(queries, ids)
+        return knn.search_distributions(dists, ids, self.rows.values, common["k"], common["temperature"],
+                                        common["width"], own_first, nearby)
 
     def same_document_nearby(self, start: int, stop: int, ids: np.ndarray) -> np.ndarray:
         """Neighbours of queries [start, stop) within ``window`` rows of the query whose value token is in the

@@ -1,5 +1,6 @@
 """The targets kernel (pipelines/knn_rows.py, compiled) against plain float64 Python per row: ties, missing
-neighbours, weights that underflow, more distinct tokens than the width, k 1024, and dropping ids."""
+neighbours, weights that underflow, more distinct tokens than the width, k 1024, and dropping ids; the fused
+kernel (drop, value lookup and distribution in one pass) against the three steps."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.knn import distributions, drop_ids
+from pipelines.knn import distributions, drop_ids, search_distributions
 
 
 def reference_row(dists, values, temperature, width):
@@ -84,3 +85,28 @@ def test_drop_ids_keeps_order_and_pads():
                 kept = [(d, i) for d, i, x in zip(dists[row], ids[row], dropped) if not x and i not in (-1, own)][:k]
                 kept += [(np.inf, -1)] * (k - len(kept))
                 assert list(zip(out_dists[row], out_ids[row])) == kept
+
+
+def test_fused_search_distributions_equal_drop_lookup_and_distribution(tmp_path):
+    """Bit for bit, over random searches: own ids anywhere or absent, flagged and missing entries, k below or
+    at the columns, widths above and below the distinct tokens, values from a memory-mapped (read-only) table."""
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "values.npy", rng.integers(0, 40, 6000).astype(np.int32))
+    mapped = np.load(tmp_path / "values.npy", mmap_mode="r")
+    for trial in range(24):
+        columns = int(rng.integers(2, 1100))
+        k, width = int(rng.integers(1, columns + 1)), int(rng.integers(1, 48))
+        ids = rng.integers(-1, 6000, (30, columns))
+        found = rng.random(30) < 0.9  # most rows find themselves (at one column per trial), the rest not at all
+        ids[found, int(rng.integers(0, columns))] = np.arange(500, 530)[found]
+        dists = np.sort(rng.random((30, columns)), axis=1).astype(np.float32) * 40
+        dists[ids == -1] = np.inf
+        token_of = mapped if trial % 2 else np.asarray(mapped).copy()
+        drop = rng.random((30, columns)) < 0.1 if trial % 3 == 0 else None
+        own_first = None if trial % 4 == 0 else 500
+        kept_dists, kept_ids = drop_ids(dists, ids, k, own_first, drop)
+        values = np.where(kept_ids >= 0, np.asarray(mapped)[np.maximum(kept_ids, 0)], -1)
+        expected = distributions(kept_dists, values, 8.0, width)
+        fused = search_distributions(dists, ids, token_of, k, 8.0, width, own_first, drop)
+        for want, got in zip(expected, fused):
+            assert got.dtype == want.dtype and np.array_equal(got, want), trial
