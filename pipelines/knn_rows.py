@@ -54,13 +54,13 @@ def _ranks_before(p_a, token_a, p_b, token_b):
 
 
 @numba.njit(inline="always")
-def _row_distribution(dists, values, count, stamp, scale, width, shift, table_segment, table_row,
-                      segment_token, segment_mass, best_token, best_p32, best_p, out_tokens, out_probs):
+def _row_distribution(dists, values, count, stamp, scale, scratch, out_tokens, out_probs):
     """One row's sparse distribution from its first ``count`` (distance, value) entries (value -1: none) into
     ``out_tokens``/``out_probs``; returns the probability mass left out. Tokens are summed in an
     open-addressing table whose buckets hold (``stamp`` << 32) | token: a distinct ``stamp`` per row makes
-    the previous rows' buckets free without clearing them."""
-    size = table_row.shape[0]
+    the previous rows' buckets free without clearing them. ``scratch``: ``_scratch``'s buffers."""
+    shift, table_segment, table_row, segment_token, segment_mass, best_token, best_p32, best_p = scratch
+    size, width = table_row.shape[0], best_token.shape[0]
     nearest = np.float32(np.inf)
     for column in range(count):
         if values[column] != MISSING and dists[column] < nearest:
@@ -112,12 +112,17 @@ def _row_distribution(dists, values, count, stamp, scale, width, shift, table_se
 
 
 @numba.njit(inline="always")
-def _table_bits(k):
-    """log2 of the buckets of the per-row token table: the smallest power of two of at least 2k (load <= 1/2)."""
+def _scratch(k, width):
+    """A row's working buffers for ``_row_distribution`` at ``k`` entries and ``width`` stored tokens: the token
+    table (the smallest power of two of at least 2k buckets, so at most half full) and its hash shift, the
+    per-token sums and the sorted list of the most probable tokens."""
     bits = 1
     while (1 << bits) < 2 * k:
         bits += 1
-    return bits
+    table_segment = np.empty(1 << bits, np.int32)
+    table_row = np.full(1 << bits, -1, np.int64)  # (row << 32) | token of the bucket's owner; -1: never used
+    return (np.uint64(64 - bits), table_segment, table_row, np.empty(k, np.int64), np.empty(k, np.float64),
+            np.empty(width, np.int64), np.empty(width, np.float32), np.empty(width, np.float64))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -126,17 +131,11 @@ def sparse_distributions(dists, values, temperature, width, out_tokens, out_prob
     order), normalised; the ``width`` most probable tokens into ``out_tokens``/``out_probs`` (padding -1 / 0)
     and the probability mass left out into ``out_truncated``. Tokens whose weight sum is 0 are not stored."""
     n, k = values.shape
-    bits = _table_bits(k)
-    size, shift = 1 << bits, np.uint64(64 - bits)
-    table_segment = np.empty(size, np.int32)
-    table_row = np.full(size, -1, np.int64)  # (row << 32) | token of the bucket's owner; -1: never used
-    segment_token, segment_mass = np.empty(k, np.int64), np.empty(k, np.float64)
-    best_token, best_p32, best_p = np.empty(width, np.int64), np.empty(width, np.float32), np.empty(width, np.float64)
+    scratch = _scratch(k, width)
     scale = np.float32(-temperature)
     for row in range(n):
-        out_truncated[row] = _row_distribution(
-            dists[row], values[row], k, row, scale, width, shift, table_segment, table_row, segment_token,
-            segment_mass, best_token, best_p32, best_p, out_tokens[row], out_probs[row])
+        out_truncated[row] = _row_distribution(dists[row], values[row], k, row, scale, scratch, out_tokens[row],
+                                               out_probs[row])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -148,12 +147,7 @@ def search_distributions(dists, ids, token_of, own_first, drop, k, temperature, 
     distribution as those three steps, without their three [rows, k] intermediate arrays."""
     n, columns = ids.shape
     flagged = drop.shape[0] > 0
-    bits = _table_bits(k)
-    size, shift = 1 << bits, np.uint64(64 - bits)
-    table_segment = np.empty(size, np.int32)
-    table_row = np.full(size, -1, np.int64)  # (row << 32) | token of the bucket's owner; -1: never used
-    segment_token, segment_mass = np.empty(k, np.int64), np.empty(k, np.float64)
-    best_token, best_p32, best_p = np.empty(width, np.int64), np.empty(width, np.float32), np.empty(width, np.float64)
+    scratch = _scratch(k, width)
     row_dists, row_values = np.empty(k, np.float32), np.empty(k, np.int64)
     scale = np.float32(-temperature)
     for row in range(n):
@@ -167,6 +161,5 @@ def search_distributions(dists, ids, token_of, own_first, drop, k, temperature, 
                 continue
             row_dists[kept], row_values[kept] = dists[row, column], token_of[found]
             kept += 1
-        out_truncated[row] = _row_distribution(
-            row_dists, row_values, kept, row, scale, width, shift, table_segment, table_row, segment_token,
-            segment_mass, best_token, best_p32, best_p, out_tokens[row], out_probs[row])
+        out_truncated[row] = _row_distribution(row_dists, row_values, kept, row, scale, scratch, out_tokens[row],
+                                               out_probs[row])
