@@ -285,7 +285,8 @@ def round_orders(variants: int, repeats: int) -> list[list[int]]:
 def _targets_vs_bare(variants: list[Params], bare_index, nprobe: int,
                      repeats: int = 1) -> list[tuple[float, float, float, list[float]]]:
     """(stage rows/s, bare search rows/s, ratio, every round's ratio) of the targets stage at ``nprobe`` over
-    both splits, for each of ``variants`` (params that share k). The bare search runs before the first stage and after every one:
+    both splits, for each of ``variants`` (params that share k). The bare search runs before the first stage
+    and after every one:
     each stage is compared with the mean of the two bare runs around it, as this VM's speed drifts by
     several per cent over a minute and one bare run beside one stage run would carry all of that drift.
     With ``repeats`` > 1 the variants run that many rounds, each round in a rotated order (every variant

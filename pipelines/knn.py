@@ -12,6 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def _drop_args(own_first: int | None, drop: np.ndarray | None) -> tuple[int, np.ndarray]:
+    """The kernels' form of a query block's first global row (-1: none) and its flags ((0, 0): none)."""
+    flags = np.zeros((0, 0), dtype=np.bool_) if drop is None else np.ascontiguousarray(drop, dtype=np.bool_)
+    return -1 if own_first is None else int(own_first), flags
+
+
 def drop_ids(dists: np.ndarray, ids: np.ndarray, k: int, own_first: int | None = None,
              drop: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Remove from each row its own id (row i of a block of queries starting at global row ``own_first`` is
@@ -20,9 +26,8 @@ def drop_ids(dists: np.ndarray, ids: np.ndarray, k: int, own_first: int | None =
     from pipelines import knn_rows  # Numba: compiled (or loaded from its cache) on first use, not on import
 
     out_dists, out_ids = np.empty((len(ids), k), dtype=np.float32), np.empty((len(ids), k), dtype=np.int64)
-    flags = np.zeros((0, 0), dtype=np.bool_) if drop is None else np.ascontiguousarray(drop, dtype=np.bool_)
     knn_rows.drop_entries(np.ascontiguousarray(dists, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64),
-                          -1 if own_first is None else int(own_first), flags, k, out_dists, out_ids)
+                          *_drop_args(own_first, drop), k, out_dists, out_ids)
     return out_dists, out_ids
 
 
@@ -54,9 +59,7 @@ def search_distributions(dists: np.ndarray, ids: np.ndarray, token_of: np.ndarra
     n = len(ids)
     tokens, probs = np.empty((n, width), dtype=np.int32), np.empty((n, width), dtype=np.float32)
     truncated = np.empty(n, dtype=np.float32)
-    flags = np.zeros((0, 0), dtype=np.bool_) if drop is None else np.ascontiguousarray(drop, dtype=np.bool_)
     knn_rows.search_distributions(np.ascontiguousarray(dists, dtype=np.float32),
-                                  np.ascontiguousarray(ids, dtype=np.int64), token_of,
-                                  -1 if own_first is None else int(own_first), flags, int(k), float(temperature),
-                                  int(width), tokens, probs, truncated)
+                                  np.ascontiguousarray(ids, dtype=np.int64), token_of, *_drop_args(own_first, drop),
+                                  int(k), float(temperature), int(width), tokens, probs, truncated)
     return tokens, probs, truncated

@@ -26,6 +26,13 @@ def _copy_run(dists, ids, row, start, stop, kept, out_dists, out_ids):
     return kept + stop - start
 
 
+@numba.njit(inline="always")
+def _dropped(ids, drop, flagged, own, row, column):
+    """Whether entry (row, column) of a search goes: missing, the query's own id, or flagged in ``drop``."""
+    found = ids[row, column]
+    return found == MISSING or found == own or (flagged and drop[row, column])
+
+
 @numba.njit(nogil=True, cache=True)
 def drop_entries(dists, ids, own_first, drop, k, out_dists, out_ids):
     """Copy each row's entries that are neither missing, nor the row's own id (``own_first + row``; none when
@@ -37,8 +44,7 @@ def drop_entries(dists, ids, own_first, drop, k, out_dists, out_ids):
         own = own_first + row if own_first >= 0 else MISSING
         kept, run, column = 0, 0, 0
         while column < ids.shape[1] and kept + column - run < k:
-            found = ids[row, column]
-            if found == MISSING or found == own or (flagged and drop[row, column]):
+            if _dropped(ids, drop, flagged, own, row, column):
                 kept = _copy_run(dists, ids, row, run, column, kept, out_dists, out_ids)
                 run = column + 1
             column += 1
@@ -156,10 +162,9 @@ def search_distributions(dists, ids, token_of, own_first, drop, k, temperature, 
         for column in range(columns):
             if kept == k:
                 break
-            found = ids[row, column]
-            if found == MISSING or found == own or (flagged and drop[row, column]):
+            if _dropped(ids, drop, flagged, own, row, column):
                 continue
-            row_dists[kept], row_values[kept] = dists[row, column], token_of[found]
+            row_dists[kept], row_values[kept] = dists[row, column], token_of[ids[row, column]]
             kept += 1
         out_truncated[row] = _row_distribution(row_dists, row_values, kept, row, scale, scratch, out_tokens[row],
                                                out_probs[row])
