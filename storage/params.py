@@ -161,6 +161,7 @@ class MemoryParams(Section):
     batch_size: int = Field(default=512, gt=0)
     learning_rate: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    ema_decay: float | None = Field(default=0.999, ge=0.0, lt=1.0)
     warmup_steps: int = Field(default=50, ge=0)
     max_steps: int = Field(default=4000, gt=0)
     shuffle_buffer_chunks: int = Field(default=4, gt=0)

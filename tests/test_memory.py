@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.optim.swa_utils import AveragedModel
 from transformers import AutoModel
 
 from crash import kill_when, rerun
@@ -20,6 +21,7 @@ from storage.artifact import open_artifact
 from storage.stores import KeyStore
 from storage.verify import verify
 from chain import rewrite_manifest, stage_args
+from training.memory import moving_average
 from training.memory_data import DecoderStates, KeyStoreStates
 from training.mlp_memory import MemoryConfig, MLPMemory
 
@@ -112,6 +114,8 @@ def test_online_training_with_an_encoder_that_is_not_the_decoder(chain, tmp_path
 
 
 def test_sigkill_resumes_from_the_last_checkpoint(chain, tmp_path):
+    """The published weights are a moving average (``memory.ema_decay``, default), which the checkpoints
+    carry: the resumed run publishes the same bytes as an uninterrupted one only if it was restored too."""
     art = linked(chain, tmp_path)
     args = ["train-memory", *stage_args(chain["root"], art)]
     checkpoints = art / "memory" / "_checkpoints"
@@ -132,6 +136,31 @@ def test_sigkill_resumes_from_the_last_checkpoint(chain, tmp_path):
     print(f"final loss resumed {resumed['stats']['final_loss']}, uninterrupted {uninterrupted['stats']['final_loss']}")
     assert resumed["stats"]["final_loss"] == pytest.approx(uninterrupted["stats"]["final_loss"], abs=1e-5)
     assert resumed["files"]["model/model.safetensors"] == uninterrupted["files"]["model/model.safetensors"]
+    assert resumed["params"]["ema_decay"] == 0.999
+
+
+def test_the_published_memory_is_the_average_of_its_steps_unless_ema_decay_is_null(chain, tmp_path):
+    art = linked(chain, tmp_path)
+    assert main(["train-memory", *stage_args(chain["root"], art, **{"memory.ema_decay": "null"})]) == 0
+    last = open_artifact(str(art / "memory"), "memory").manifest
+    averaged = open_artifact(str(chain["art"] / "memory"), "memory").manifest  # same seed, data and steps
+    assert last["params"]["ema_decay"] is None and averaged["params"]["ema_decay"] == 0.999
+    # The same training run (up to float summation order, which torch's thread count decides) ...
+    assert last["stats"]["final_loss"] == pytest.approx(averaged["stats"]["final_loss"], abs=1e-4)
+    # ... whose published weights differ by far more than that order could explain.
+    last_weights, averaged_weights = (load_file(str(root / "memory" / "model" / "model.safetensors"))
+                                      for root in (art, chain["art"]))
+    assert max((last_weights[name] - averaged_weights[name]).abs().max().item() for name in last_weights) > 1e-3
+
+
+def test_moving_average_is_the_mean_of_the_steps_then_exponential():
+    model = torch.nn.Linear(1, 1, bias=False)
+    average = AveragedModel(model, multi_avg_fn=moving_average(0.75), use_buffers=True)  # 1/(1-0.75) = 4 steps
+    for value, expected in ((1.0, 1.0), (2.0, 1.5), (3.0, 2.0), (4.0, 2.5), (5.0, 2.5 + 0.25 * (5.0 - 2.5))):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update_parameters(model)
+        assert average.module.weight.item() == pytest.approx(expected)
 
 
 def _edited_targets(chain, tmp_path, edit) -> list[str]:

@@ -1,7 +1,7 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
 ``<artifact>/_checkpoints/step-NNNNNNN/`` holds ``state.safetensors`` (model weights, optimizer
-tensors, torch RNG states) and ``trainer.json`` (step, optimizer hyper-parameters, data position,
+tensors, the weights' running average when training keeps one, torch RNG states) and ``trainer.json`` (step, optimizer hyper-parameters, data position,
 loss history, fp16 loss scale), written last: a checkpoint without it is incomplete and ignored.
 Both files are written atomically; only the newest ``keep`` checkpoints stay. Data order is a
 function of the seed and the step, so the step is the data position. Tensors are saved from CPU
@@ -45,9 +45,13 @@ class Checkpoints:
         return sorted(int(name.split("-")[1]) for name in names)
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler, trainer: dict) -> None:
-        """Write the checkpoint of ``step`` (trainer.json last), then drop the oldest beyond ``keep``."""
+             scaler: torch.amp.GradScaler, trainer: dict, average: torch.nn.Module | None = None) -> None:
+        """Write the checkpoint of ``step`` (trainer.json last), then drop the oldest beyond ``keep``; ``average``
+        is a running average of the model's weights (``AveragedModel``), saved beside them."""
         tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        if average is not None:
+            tensors.update({f"average.{k}": v.detach().cpu().clone().contiguous()
+                            for k, v in average.state_dict().items()})
         optimizer_state = optimizer.state_dict()
         scalars = {}
         for index, entry in optimizer_state["state"].items():
@@ -71,9 +75,9 @@ class Checkpoints:
             fs.remove_tree(_step_dir(self.root, old))
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler) -> dict | None:
-        """Load the newest complete checkpoint into ``model``, ``optimizer``, ``scaler`` and torch's RNG; return
-        its trainer record, or None when there is none."""
+                scaler: torch.amp.GradScaler, average: torch.nn.Module | None = None) -> dict | None:
+        """Load the newest complete checkpoint into ``model``, ``optimizer``, ``scaler``, ``average`` and torch's
+        RNG; return its trainer record, or None when there is none."""
         steps = self.steps()
         if not steps:
             return None
@@ -83,6 +87,8 @@ class Checkpoints:
             tensors = load(handle.read())
         record = fs.read_json(fs.join(where, TRAINER))
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        if average is not None:
+            average.load_state_dict({k[len("average."):]: v for k, v in tensors.items() if k.startswith("average.")})
         state: dict[int, dict] = {}
         optimizer_entries = [(k[len("optimizer."):], v) for k, v in tensors.items() if k.startswith("optimizer.")]
         for key, value in [*optimizer_entries, *record["optimizer"]["scalars"].items()]:

@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 
 from pipelines import devices
 from pipelines.encoder import RepresentationCapture, hidden_size
@@ -59,6 +60,17 @@ def memory_loss(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor,
     kl = kl_rows[has_targets].mean() if bool(has_targets.any()) else log_q.new_zeros(())
     ce = F.nll_loss(log_q, next_token)
     return alpha * kl + (1 - alpha) * ce, kl, ce
+
+
+def moving_average(decay: float):
+    """``AveragedModel``'s update for an exponential moving average of the weights with ``decay``; while fewer
+    than 1/(1−decay) steps have been averaged it is their plain mean, so a short run publishes the mean of
+    its steps rather than (mostly) its first one."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        weight = max(1.0 - decay, 1.0 / (float(n_averaged) + 1.0))
+        for mean, value in zip(averaged, current):
+            mean.lerp_(value, weight)
+    return update
 
 
 def build_memory(config, input_dim: int, vocab_size: int) -> MLPMemory:
@@ -116,8 +128,10 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
     memory.to(device)
     optimizer = adamw(memory, config.learning_rate, config.weight_decay)
     scaler = devices.grad_scaler(device, config.precision)
+    average = AveragedModel(memory, multi_avg_fn=moving_average(config.ema_decay), use_buffers=True) \
+        if config.ema_decay else None
     checkpoints = Checkpoints(uri)
-    record = checkpoints.restore(memory, optimizer, scaler) or {"step": 0, "losses": []}
+    record = checkpoints.restore(memory, optimizer, scaler, average) or {"step": 0, "losses": []}
     key_store = KeyStore.open(keys.uri)
     if offline:
         states = KeyStoreStates(key_store)
@@ -149,12 +163,16 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
         loss, kl, ce = memory_loss(logits, tokens, probs, remainder, next_token, config.alpha)  # in float32
         scaler.scale(loss).backward()
         apply_gradients(memory, optimizer, scaler)
+        if average is not None:
+            average.update_parameters(memory)
         losses.append([step + 1, round(loss.item(), 6), round(kl.item(), 6), round(ce.item(), 6)])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
-            checkpoints.save(step + 1, memory, optimizer, scaler, {"losses": losses})
+            checkpoints.save(step + 1, memory, optimizer, scaler, {"losses": losses}, average)
             log.info("train-memory: step %d/%d, loss %.4f (KL %.4f, CE %.4f)", step + 1, config.max_steps,
                      *losses[-1][1:])
     seconds = time.perf_counter() - started
+    if average is not None:  # the published memory is the running average of its weights
+        memory = average.module
     memory.to("cpu")  # the saved memory loads anywhere
     with tempfile.TemporaryDirectory() as scratch:
         memory.save_pretrained(scratch)

@@ -15,9 +15,10 @@ class TrainMemory(Stage):
     format = "safetensors"
     inputs = ("targets/train", "keys/train", "tokens", "decoder")
     content = ("memory.input_layer", "memory.depth", "memory.hidden_mult", "memory.width", "memory.activation",
-               "memory.lm_head", "memory.mode", "memory.alpha", "memory.batch_size", "memory.learning_rate", "memory.weight_decay",
-               "memory.warmup_steps", "memory.max_steps", "memory.shuffle_buffer_chunks", "memory.seed",
-               "memory.precision", "encode.model", "encode.representation")
+               "memory.lm_head", "memory.mode", "memory.alpha", "memory.batch_size", "memory.learning_rate",
+               "memory.weight_decay", "memory.ema_decay", "memory.warmup_steps", "memory.max_steps",
+               "memory.shuffle_buffer_chunks", "memory.seed", "memory.precision", "encode.model",
+               "encode.representation")
     execution = ("memory.checkpoint_every", "memory.device", "encode.batch_size", "encode.trust_remote_code")
 
     def input_roles(self, ctx: Context) -> tuple[str, ...]:
