@@ -1,8 +1,9 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
 ``<artifact>/_checkpoints/step-NNNNNNN/`` holds ``state.safetensors`` (model weights, optimizer
-tensors, the weights' running average when training keeps one, torch RNG states) and ``trainer.json`` (step, optimizer hyper-parameters, data position,
-loss history, fp16 loss scale), written last: a checkpoint without it is incomplete and ignored.
+tensors, the weights' running average when training keeps one, torch RNG states) and ``trainer.json``
+(step, optimizer hyper-parameters, data position, loss history, fp16 loss scale), written last: a
+checkpoint without it is incomplete and ignored.
 Both files are written atomically; only the newest ``keep`` checkpoints stay. Data order is a
 function of the seed and the step, so the step is the data position. Tensors are saved from CPU
 copies and restored onto the device of the parameters they belong to, so a checkpoint written on a
@@ -29,6 +30,16 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _cpu_state(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict as CPU copies, keys under ``prefix.``."""
+    return {f"{prefix}.{k}": v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def _under(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``tensors`` whose keys start with ``prefix.``, the prefix removed."""
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
 def _step_dir(root: str, step: int) -> str:
     return fs.join(root, DIR, f"step-{step:07d}")
 
@@ -48,10 +59,9 @@ class Checkpoints:
              scaler: torch.amp.GradScaler, trainer: dict, average: torch.nn.Module | None = None) -> None:
         """Write the checkpoint of ``step`` (trainer.json last), then drop the oldest beyond ``keep``; ``average``
         is a running average of the model's weights (``AveragedModel``), saved beside them."""
-        tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        tensors = _cpu_state("model", model)
         if average is not None:
-            tensors.update({f"average.{k}": v.detach().cpu().clone().contiguous()
-                            for k, v in average.state_dict().items()})
+            tensors.update(_cpu_state("average", average))
         optimizer_state = optimizer.state_dict()
         scalars = {}
         for index, entry in optimizer_state["state"].items():
@@ -86,12 +96,11 @@ class Checkpoints:
         with filesystem.open(path, "rb") as handle:
             tensors = load(handle.read())
         record = fs.read_json(fs.join(where, TRAINER))
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        model.load_state_dict(_under("model", tensors))
         if average is not None:
-            average.load_state_dict({k[len("average."):]: v for k, v in tensors.items() if k.startswith("average.")})
+            average.load_state_dict(_under("average", tensors))
         state: dict[int, dict] = {}
-        optimizer_entries = [(k[len("optimizer."):], v) for k, v in tensors.items() if k.startswith("optimizer.")]
-        for key, value in [*optimizer_entries, *record["optimizer"]["scalars"].items()]:
+        for key, value in [*_under("optimizer", tensors).items(), *record["optimizer"]["scalars"].items()]:
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": record["optimizer"]["param_groups"]})
