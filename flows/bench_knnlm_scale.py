@@ -11,7 +11,10 @@ synthetic but costs what a real one does:
 - values: the real next tokens, repeated with their keys;
 - index: the reference kNN-LM configuration, IVF 4096 lists with PQ (one sub-quantizer per 2 dims, as
   ``auto`` chooses for d 128), trained on 4096 x 39 real keys, searched at nprobe 32 for k 1024 with exact
-  re-ranking. One index grows through the sizes (rows are only added), and each size is timed as it is
+  re-ranking. Real rows join the list of their nearest centroid; a noisy copy joins its source's list
+  (FAISS's ``add_core`` with that assignment), so every list grows in proportion to its real size and
+  adding skips the 4096-centroid search per row (which took most of the 11 min that adding 33 M rows
+  took here). One index grows through the sizes (rows are only added), and each size is timed as it is
   reached. The ``auto`` index is measured on the real datastores of ``bench_scale`` (its nlist grows with N;
   building it for 33 M synthetic keys would take hours here: adding costs N x nlist distance computations).
 
@@ -19,7 +22,10 @@ At each size, evaluate's own three passes (``training.evaluate.score_three_ways`
 decoder + memory) score the same validation tokens (the ``KNN_SCALE`` x corpus's validation split). The
 timed memory is a freshly initialised one of the default shape (``memory.*`` params; seeded): its speed
 does not depend on its weights. The decoder and decoder + memory passes (~1 s each here) are timed
-``FAST_PASS_REPEATS`` times per size and their medians taken. kNN-LM's time per token is fitted as a + c·N and extrapolated to 100 M
+``FAST_PASS_REPEATS`` times per size, alternating, and their medians taken. This VM's speed drifts by
+10-20 % over a sweep (the decoder alone, which never reads the datastore, drifts with it), so the
+spread of decoder + memory's speed over the decoder's at the same size is reported beside its raw spread:
+the memory's own cost, free of the machine's drift. kNN-LM's time per token is fitted as a + c·N and extrapolated to 100 M
 and 500 M keys (labelled as extrapolation).
 """
 from __future__ import annotations
@@ -45,7 +51,7 @@ SIZES = tuple(2 ** p for p in range(19, 26))  # 524k .. 33.5M keys
 NOISE = 0.05
 REFERENCE = {"nlist": 4096, "nprobe": 32, "k": 1024, "train_points_per_list": 39}
 ADD_BLOCK = 1 << 20
-FAST_PASS_REPEATS = 3  # decoder and decoder + memory take ~1 s a pass here: their median of 3 is timed
+FAST_PASS_REPEATS = 5  # decoder and decoder + memory take ~1 s a pass here: their median of 5 is timed
 EXTRAPOLATE_TO = (100_000_000, 500_000_000)
 
 
@@ -61,7 +67,8 @@ class _IndexSearcher:
 
 def synthetic_rows(real_keys: np.ndarray, real_values: np.ndarray, noise: np.ndarray, start: int, stop: int):
     """Rows ``[start, stop)`` of the synthetic datastore: the real rows first, then copies of them plus
-    Gaussian noise of std ``noise`` (per dimension), seeded by ``start``."""
+    Gaussian noise of std ``noise`` (per dimension), seeded by ``start``. Returns keys, values and each
+    row's source (the real row it copies)."""
     n_real = len(real_keys)
     rows = np.arange(start, stop)
     source = rows % n_real
@@ -70,7 +77,19 @@ def synthetic_rows(real_keys: np.ndarray, real_values: np.ndarray, noise: np.nda
     if copies.any():
         rng = np.random.default_rng(start)
         keys[copies] += rng.standard_normal((int(copies.sum()), keys.shape[1]), dtype=np.float32) * noise
-    return keys, real_values[source]
+    return keys, real_values[source], source
+
+
+def real_lists(index: faiss.Index, real_keys: np.ndarray) -> np.ndarray:
+    """The IVF list of each real key: its nearest centroid (int64, as ``add_core`` takes it)."""
+    _, lists = faiss.extract_index_ivf(index).quantizer.search(real_keys.astype(np.float32), 1)
+    return np.ascontiguousarray(lists.ravel(), dtype=np.int64)
+
+
+def add_to_lists(index: faiss.Index, keys: np.ndarray, lists: np.ndarray) -> None:
+    """Append ``keys`` to ``index`` in the given IVF ``lists`` (ids continue from ``ntotal``)."""
+    keys, lists = np.ascontiguousarray(keys, dtype=np.float32), np.ascontiguousarray(lists, dtype=np.int64)
+    index.add_core(len(keys), faiss.swig_ptr(keys), None, faiss.swig_ptr(lists))
 
 
 def _small_datastore(ws) -> Params:
@@ -117,6 +136,7 @@ def knnlm_sweep(ws, scale_params: Params) -> dict:
     faiss.extract_index_ivf(index).nprobe = REFERENCE["nprobe"]
     train_seconds = time.perf_counter() - started
     noise = NOISE * real_keys.astype(np.float32).std(axis=0)
+    lists = real_lists(index, real_keys)
     series, add_seconds = [], 0.0
     with tempfile.TemporaryDirectory(dir=ws.root) as scratch:
         keys_file = np.lib.format.open_memmap(f"{scratch}/{KEYS}", "w+", np.float16, (top, dim))
@@ -125,9 +145,9 @@ def knnlm_sweep(ws, scale_params: Params) -> dict:
             started = time.perf_counter()
             for start in range(index.ntotal, size, ADD_BLOCK):
                 stop = min(size, start + ADD_BLOCK)
-                keys, values = synthetic_rows(real_keys, real_values, noise, start, stop)
+                keys, values, source = synthetic_rows(real_keys, real_values, noise, start, stop)
                 keys_file[start:stop], values_file[start:stop] = keys, values
-                index.add(keys)
+                add_to_lists(index, keys, lists[source])
             keys_file.flush()
             values_file.flush()
             add_seconds += time.perf_counter() - started
@@ -163,6 +183,8 @@ def fit(series: list[dict]) -> dict:
     memory = float(np.mean([p["tokens_per_second"]["memory"] for p in series]))
     decoder = float(np.mean([p["tokens_per_second"]["decoder"] for p in series]))
     spread = [p["tokens_per_second"]["memory"] / memory - 1 for p in series]
+    per_decoder = [p["tokens_per_second"]["memory"] / p["tokens_per_second"]["decoder"] for p in series]
+    per_decoder_spread = [v / float(np.mean(per_decoder)) - 1 for v in per_decoder]
     extrapolated = {}
     for n in EXTRAPOLATE_TO:
         knn_speed = float(1 / (a + c * n))
@@ -174,6 +196,7 @@ def fit(series: list[dict]) -> dict:
             "knnlm_b_between_largest_two": round(slope, 3),
             "memory_tokens_per_second_mean": round(memory, 1),
             "memory_tokens_per_second_spread": [round(min(spread), 3), round(max(spread), 3)],
+            "memory_per_decoder_spread": [round(min(per_decoder_spread), 3), round(max(per_decoder_spread), 3)],
             "extrapolation (not measured)": extrapolated}
 
 
@@ -184,7 +207,8 @@ def flat(knnlm: dict) -> dict:
                "knnlm_scale_memory_vs_knnlm_largest": last["memory_vs_knnlm"],
                "knnlm_scale_decoder_vs_knnlm_largest": last["decoder_vs_knnlm"],
                "knnlm_scale_b_largest_two": knnlm["fit"]["knnlm_b_between_largest_two"],
-               "knnlm_scale_memory_speed_spread": knnlm["fit"]["memory_tokens_per_second_spread"]}
+               "knnlm_scale_memory_speed_spread": knnlm["fit"]["memory_tokens_per_second_spread"],
+               "knnlm_scale_memory_per_decoder_spread": knnlm["fit"]["memory_per_decoder_spread"]}
     for label, point in knnlm["fit"]["extrapolation (not measured)"].items():
         figures[f"knnlm_scale_memory_vs_knnlm_{label}_extrapolated"] = point["memory_vs_knnlm"]
     return figures

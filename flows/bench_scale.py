@@ -1,7 +1,9 @@
 """``memforge bench --only scale``: how each stage's time, memory and disk grow with the datastore.
 
 Real datastores at ``SCALES`` x the bench's 1 MB of text: the first n MB of the standard library's
-``.py`` files in sorted order (distinct real text; a smaller corpus is a prefix of a larger one), each
+``.py`` files in sorted order (distinct real text; a smaller corpus is a prefix of a larger one), with the
+same validation documents at every size (``SCALE_VALIDATION``: files that sort after the largest size's
+text, so evaluate's time per validation row compares sizes on the same queries), each
 built from scratch with the bench's tiny GPT-2 as the encoder, through the stages as users run them:
 one ``memforge <stage>`` process each, default params otherwise (the ``auto`` index), with k 64 targets
 at T 16 (``SCALE_TARGETS``: the figures' settings since the bench began) and ``SCALE_MEMORY_STEPS`` memory
@@ -25,6 +27,7 @@ from storage.params import Params, parse_params
 SCALES = (1, 2, 4, 8)
 SCALE_MEMORY_STEPS = 300
 SCALE_TARGETS = {"k": 64, "temperature": 16.0}
+SCALE_VALIDATION = ["{stdlib}/tomllib/*.py", "{stdlib}/zoneinfo/*.py"]  # ~61 KB; 8x's text ends at lib2to3/
 STAGES = ("prepare", "encode", "index", "targets", "train-memory", "evaluate")
 # what each stage's time, memory and disk are divided by, and which artifacts are its output
 PER_ROW = {"prepare": "token", "encode": "row", "index": "datastore row", "targets": "row",
@@ -37,7 +40,7 @@ def scale_params(ws, scale: int) -> Params:
     """The default params for a datastore of ``scale`` x the bench's text, encoded by the tiny model."""
     defaults = Params()
     return parse_params({
-        "artifacts_dir": str(ws.root / f"scale-{scale}x"), "corpus": ws.corpus(scale),
+        "artifacts_dir": str(ws.root / f"scale-{scale}x"), "corpus": {**ws.corpus(scale), "validation": SCALE_VALIDATION},
         "encode": {**defaults.section("encode"), "model": str(ws.model("tiny"))},
         "targets": {**defaults.section("targets"), **SCALE_TARGETS},
         "memory": {**defaults.section("memory"), "max_steps": SCALE_MEMORY_STEPS, "checkpoint_every": SCALE_MEMORY_STEPS},

@@ -58,12 +58,40 @@ def test_synthetic_datastore_rows_are_real_rows_then_seeded_noisy_copies():
     real = rng.standard_normal((10, 4)).astype(np.float16)
     values = np.arange(10, dtype=np.int32)
     noise = np.full(4, 0.01, np.float32)
-    keys, vals = bench_knnlm_scale.synthetic_rows(real, values, noise, 5, 25)
+    keys, vals, source = bench_knnlm_scale.synthetic_rows(real, values, noise, 5, 25)
     assert np.array_equal(keys[:5], real[5:].astype(np.float32)) and np.array_equal(vals, np.arange(5, 25) % 10)
+    assert np.array_equal(source, np.arange(5, 25) % 10)
     copies = keys[5:] - real[np.arange(10, 25) % 10].astype(np.float32)
     assert 0 < np.abs(copies).max() < 0.1
-    again, _ = bench_knnlm_scale.synthetic_rows(real, values, noise, 5, 25)
+    again, _, _ = bench_knnlm_scale.synthetic_rows(real, values, noise, 5, 25)
     assert np.array_equal(keys, again)  # seeded by the first row: any size's rows are the same rows
+
+
+def test_synthetic_rows_join_their_sources_lists_and_real_rows_are_added_as_faiss_adds_them():
+    """Real rows added with their nearest centroid give the index ``index.add`` gives; noisy copies land in
+    their source's list, so every list grows in proportion to its real size."""
+    import faiss
+
+    from flows import bench_knnlm_scale
+
+    rng = np.random.default_rng(1)
+    real = rng.standard_normal((600, 8)).astype(np.float32)
+    values = np.arange(600, dtype=np.int32)
+    plain, real_only, grown = (faiss.index_factory(8, "IVF16,PQ4") for _ in range(3))
+    for index in (plain, real_only, grown):
+        index.train(real)
+        faiss.extract_index_ivf(index).nprobe = 4
+    plain.add(real)
+    lists = bench_knnlm_scale.real_lists(grown, real)
+    bench_knnlm_scale.add_to_lists(real_only, real, lists)
+    assert [np.array_equal(a, b) for a, b in zip(plain.search(real[:50], 5), real_only.search(real[:50], 5))] == [True, True]
+    for start in range(0, 1800, 500):  # blocks straddle the end of the real rows
+        keys, _, source = bench_knnlm_scale.synthetic_rows(real, values, np.full(8, 0.01, np.float32), start,
+                                                           min(1800, start + 500))
+        bench_knnlm_scale.add_to_lists(grown, keys, lists[source])
+    assert grown.ntotal == 1800
+    sizes = [[faiss.extract_index_ivf(i).invlists.list_size(n) for n in range(16)] for i in (plain, grown)]
+    assert [3 * n for n in sizes[0]] == sizes[1] and sum(sizes[0]) == 600
 
 
 def test_knnlm_fit_extrapolates_a_linear_cost_and_labels_it():
@@ -79,6 +107,11 @@ def test_knnlm_fit_extrapolates_a_linear_cost_and_labels_it():
     at_100m = fitted["extrapolation (not measured)"]["100M"]
     assert np.isclose(at_100m["memory_vs_knnlm"], 1e4 * (a + c * 1e8), rtol=1e-2)
     assert fitted["memory_tokens_per_second_spread"] == [0.0, 0.0]
+    assert fitted["memory_per_decoder_spread"] == [0.0, 0.0]
+    drifting = [{**p, "tokens_per_second": {**p["tokens_per_second"], "memory": 1e4 * f, "decoder": 2e4 * f}}
+                for p, f in zip(series, (1.0, 0.8, 1.2))]  # the machine slows both passes alike
+    drifted = bench_knnlm_scale.fit(drifting)
+    assert drifted["memory_tokens_per_second_spread"] == [-0.2, 0.2] and drifted["memory_per_decoder_spread"] == [0.0, 0.0]
 
 
 def test_memory_part_refuses_before_any_part_runs_when_the_demo_is_missing(tmp_path, monkeypatch):
