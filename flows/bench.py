@@ -11,6 +11,7 @@ Parts: ``encode`` (encode_vs_bare for a tiny and a small GPT-2), ``encode_rss`` 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -156,21 +157,32 @@ class PeakMemory(NamedTuple):
     """Peaks of a command's process tree, summed over its processes (bytes), and its wall time."""
     rss: int  # resident set: private memory plus the file pages mapped in (memory-mapped stores, indexes)
     private: int  # resident minus shared (file-backed and shared-memory) pages: what the tree itself holds
+    pss: int  # proportional set: each shared page split among the processes mapping it (counted once in all)
     seconds: float
 
 
+PSS_EVERY = 4  # of the 50 ms memory samples
+
+
 def _peak_tree_memory(command: list[str]) -> PeakMemory:
-    """Run ``command``; return the peak summed RSS and private memory of it and its children, and its wall time."""
+    """Run ``command``; return the peak summed RSS, private memory and PSS of it and its children, and its wall
+    time. PSS (which reads each process's page map, ~1 ms per GB resident) is sampled every
+    ``PSS_EVERY``-th time."""
     process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak, private, done = 0, 0, threading.Event()
+    peak, private, pss, done = 0, 0, 0, threading.Event()
 
     def sample() -> None:
-        nonlocal peak, private
-        while not done.is_set():
+        nonlocal peak, private, pss
+        for tick in itertools.count():
+            if done.is_set():
+                return
             try:
-                infos = [p.memory_info() for p in (process, *process.children(recursive=True)) if p.is_running()]
+                tree = [p for p in (process, *process.children(recursive=True)) if p.is_running()]
+                infos = [p.memory_info() for p in tree]
                 peak = max(peak, sum(i.rss for i in infos))
                 private = max(private, sum(i.rss - i.shared for i in infos))
+                if tick % PSS_EVERY == 0:
+                    pss = max(pss, sum(p.memory_full_info().pss for p in tree))
             except psutil.Error:
                 pass
             time.sleep(0.05)
@@ -183,7 +195,7 @@ def _peak_tree_memory(command: list[str]) -> PeakMemory:
     sampler.join()
     if code != 0:
         raise RuntimeError(f"{' '.join(command)} exited {code}")
-    return PeakMemory(peak, private, time.perf_counter() - started)
+    return PeakMemory(peak, private, pss, time.perf_counter() - started)
 
 
 def bench_encode_rss(ws: Workspace) -> dict:

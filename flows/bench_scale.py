@@ -97,6 +97,7 @@ def run_sizes(ws, scales=SCALES) -> dict:
             peak = _peak_tree_memory([memforge, stage, "--params", str(config)])
             figures[stage] = {"seconds": round(peak.seconds, 2), "peak_rss_mb": round(peak.rss / 2**20, 1),
                               "peak_private_mb": round(peak.private / 2**20, 1),
+                              "peak_pss_mb": round(peak.pss / 2**20, 1),
                               "disk_bytes": _disk_bytes(params, stage), "per": _rows(params, stage)}
         metrics = fs.read_json(fs.join(params.artifacts_dir, "eval", "metrics.json"))
         memory = open_artifact(fs.join(params.artifacts_dir, "memory")).manifest["stats"]
@@ -124,16 +125,19 @@ def summarise(sizes: dict) -> dict:
         per_row = [sizes[s]["stages"][stage]["seconds"] / sizes[s]["stages"][stage]["per"] for s in scales]
         rss = [sizes[s]["stages"][stage]["peak_rss_mb"] for s in scales]
         private = [sizes[s]["stages"][stage]["peak_private_mb"] for s in scales]
+        pss = [sizes[s]["stages"][stage]["peak_pss_mb"] for s in scales]
         disk = [sizes[s]["stages"][stage]["disk_bytes"] / sizes[s]["stages"][stage]["per"] for s in scales]
         table[stage] = {
             "per": PER_ROW[stage],
             "seconds": [sizes[s]["stages"][stage]["seconds"] for s in scales],
             "seconds_per": [float(f"{v:.4g}") for v in per_row], "peak_rss_mb": rss, "peak_private_mb": private,
+            "peak_pss_mb": pss,
             "disk_bytes_per": [round(v, 1) for v in disk],
             "b_time": fit_exponent(n_rows, [sizes[s]["stages"][stage]["seconds"] for s in scales]),
             f"seconds_per_{last}x_vs_{first}x": round(per_row[-1] / per_row[0], 3),
             f"peak_rss_{last}x_vs_{first}x": round(rss[-1] / rss[0], 3),
             f"peak_private_{last}x_vs_{first}x": round(private[-1] / private[0], 3),
+            f"peak_pss_{last}x_vs_{first}x": round(pss[-1] / pss[0], 3),
         }
     table["index_codes_mb"] = [sizes[s]["index_codes_mb"] for s in scales]
     for kind in ("rss", "private"):
@@ -158,9 +162,10 @@ def plot(table: dict, knnlm: dict | None, path: Path) -> None:
         axes[0].loglog(n_rows, table[stage]["seconds_per"], "o-", label=f"{stage} (per {table[stage]['per']})")
         line, = axes[1].loglog(n_rows, table[stage]["peak_rss_mb"], "o-", label=f"{stage} RSS")
         axes[1].loglog(n_rows, table[stage]["peak_private_mb"], "x--", color=line.get_color(), label=f"{stage} private")
+        axes[1].loglog(n_rows, table[stage]["peak_pss_mb"], "+:", color=line.get_color(), label=f"{stage} PSS")
     axes[0].set(xlabel="datastore rows N", ylabel="wall seconds per unit", title="time per unit")
     axes[1].set(xlabel="datastore rows N", ylabel="MB, summed over the process tree",
-                title="peak RSS (solid) and private memory (dashed)")
+                title="peak RSS (solid), private (dashed), PSS (dotted)")
     if knnlm:
         for config, series in knnlm["series"].items():
             sizes = [p["datastore_rows"] for p in series]
@@ -197,6 +202,7 @@ def bench_scale(ws, out_dir: str) -> dict:
         flat[f"scale_{stage}_seconds_per_{last}x_vs_{first}x"] = table[stage][f"seconds_per_{last}x_vs_{first}x"]
         flat[f"scale_{stage}_peak_rss_{last}x_vs_{first}x"] = table[stage][f"peak_rss_{last}x_vs_{first}x"]
         flat[f"scale_{stage}_peak_private_{last}x_vs_{first}x"] = table[stage][f"peak_private_{last}x_vs_{first}x"]
+        flat[f"scale_{stage}_peak_pss_{last}x_vs_{first}x"] = table[stage][f"peak_pss_{last}x_vs_{first}x"]
     for kind in ("rss", "private"):
         flat[f"scale_index_peak_{kind}_minus_codes_mb"] = "/".join(str(v) for v in table[f"index_peak_{kind}_minus_codes_mb"])
     flat.update(bench_knnlm_scale.flat(knnlm))

@@ -18,6 +18,19 @@ def test_peak_rss_counts_the_whole_process_tree():
     assert peak.seconds >= 1.0
 
 
+def test_pss_counts_a_file_mapped_by_the_whole_tree_once(tmp_path):
+    """Parent and child both map the same 200 MB file: their RSS sums count it twice, their PSS once."""
+    data = tmp_path / "mapped.bin"
+    data.write_bytes(b"x" * (200 << 20))
+    touch = (f"import mmap, subprocess, sys, time; f = open({str(data)!r}, 'rb'); "
+             "m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); s = sum(m[i] for i in range(0, len(m), 4096)); "
+             "time.sleep(1.0){child}")
+    child = "; subprocess.run([sys.executable, '-c', " + repr(touch.format(child="")) + "], check=True)"
+    peak = bench._peak_tree_memory([sys.executable, "-c", touch.format(child=child)])
+    assert peak.rss > 400 * 2**20
+    assert 200 * 2**20 < peak.pss < 300 * 2**20
+
+
 def test_peak_rss_reports_a_failing_command():
     with pytest.raises(RuntimeError, match="exited 3"):
         bench._peak_tree_memory([sys.executable, "-c", "raise SystemExit(3)"])
@@ -37,7 +50,8 @@ def test_growth_exponent_and_the_scale_summary():
     sizes = {}
     for scale in (1, 2, 4):
         rows = 1000 * scale
-        stage = {"seconds": 2.0 * scale ** 1.5, "peak_rss_mb": 100.0 + scale, "peak_private_mb": 50.0 + scale, "disk_bytes": 10 * rows, "per": rows}
+        stage = {"seconds": 2.0 * scale ** 1.5, "peak_rss_mb": 100.0 + scale, "peak_private_mb": 50.0 + scale,
+                 "peak_pss_mb": 80.0 + 2 * scale, "disk_bytes": 10 * rows, "per": rows}
         sizes[scale] = {"datastore_rows": rows, "stages": {name: dict(stage) for name in bench_scale.STAGES},
                         "index_factory": "IVF64,PQ8", "index_codes_mb": 0.01 * scale, "workspace_disk_gb": 0.1,
                         "memory_loop_seconds_per_step": 0.02, "tokens_per_second": {"knnlm": 1.0}}
@@ -49,6 +63,7 @@ def test_growth_exponent_and_the_scale_summary():
     assert targets["disk_bytes_per"] == [10.0, 10.0, 10.0]
     assert table["index_peak_rss_minus_codes_mb"] == [101.0, 102.0, 104.0]
     assert targets["peak_private_4x_vs_1x"] == round(54 / 51, 3)
+    assert targets["peak_pss_mb"] == [82.0, 84.0, 88.0] and targets["peak_pss_4x_vs_1x"] == round(88 / 82, 3)
 
 
 def test_synthetic_datastore_rows_are_real_rows_then_seeded_noisy_copies():
