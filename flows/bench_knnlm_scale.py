@@ -82,7 +82,7 @@ def synthetic_rows(real_keys: np.ndarray, real_values: np.ndarray, noise: np.nda
 
 def real_lists(index: faiss.Index, real_keys: np.ndarray) -> np.ndarray:
     """The IVF list of each real key: its nearest centroid (int64, as ``add_core`` takes it)."""
-    _, lists = faiss.extract_index_ivf(index).quantizer.search(real_keys.astype(np.float32), 1)
+    _, lists = faiss.extract_index_ivf(index).quantizer.search(np.ascontiguousarray(real_keys, dtype=np.float32), 1)
     return np.ascontiguousarray(lists.ravel(), dtype=np.int64)
 
 
@@ -135,8 +135,9 @@ def knnlm_sweep(ws, scale_params: Params) -> dict:
     index.train(real_keys[np.sort(sample)].astype(np.float32))
     faiss.extract_index_ivf(index).nprobe = REFERENCE["nprobe"]
     train_seconds = time.perf_counter() - started
-    noise = NOISE * real_keys.astype(np.float32).std(axis=0)
-    lists = real_lists(index, real_keys)
+    real_keys32 = real_keys.astype(np.float32)
+    noise = NOISE * real_keys32.std(axis=0)
+    lists = real_lists(index, real_keys32)
     series, add_seconds = [], 0.0
     with tempfile.TemporaryDirectory(dir=ws.root) as scratch:
         keys_file = np.lib.format.open_memmap(f"{scratch}/{KEYS}", "w+", np.float16, (top, dim))
@@ -172,6 +173,12 @@ def knnlm_sweep(ws, scale_params: Params) -> dict:
             "series": {"reference": series}, "fit": fit(series)}
 
 
+def spread(values: list[float]) -> list[float]:
+    """The lowest and highest of ``values`` relative to their mean, minus 1 (rounded to 0.1 %)."""
+    mean = float(np.mean(values))
+    return [round(min(values) / mean - 1, 3), round(max(values) / mean - 1, 3)]
+
+
 def fit(series: list[dict]) -> dict:
     """kNN-LM's seconds per token fitted as a + c·N (least squares): with nlist and nprobe fixed, the codes a
     query scans grow in proportion to N, on top of the decoder, quantizer and re-ranking costs that do not.
@@ -182,9 +189,7 @@ def fit(series: list[dict]) -> dict:
     (c, a), *_ = np.linalg.lstsq(np.stack([sizes, np.ones_like(sizes)], axis=1), per_token, rcond=None)
     memory = float(np.mean([p["tokens_per_second"]["memory"] for p in series]))
     decoder = float(np.mean([p["tokens_per_second"]["decoder"] for p in series]))
-    spread = [p["tokens_per_second"]["memory"] / memory - 1 for p in series]
     per_decoder = [p["tokens_per_second"]["memory"] / p["tokens_per_second"]["decoder"] for p in series]
-    per_decoder_spread = [v / float(np.mean(per_decoder)) - 1 for v in per_decoder]
     extrapolated = {}
     for n in EXTRAPOLATE_TO:
         knn_speed = float(1 / (a + c * n))
@@ -195,8 +200,8 @@ def fit(series: list[dict]) -> dict:
     return {"knnlm_seconds_per_token": {"fixed": float(f"{a:.4g}"), "per_key": float(f"{c:.4g}")},
             "knnlm_b_between_largest_two": round(slope, 3),
             "memory_tokens_per_second_mean": round(memory, 1),
-            "memory_tokens_per_second_spread": [round(min(spread), 3), round(max(spread), 3)],
-            "memory_per_decoder_spread": [round(min(per_decoder_spread), 3), round(max(per_decoder_spread), 3)],
+            "memory_tokens_per_second_spread": spread([p["tokens_per_second"]["memory"] for p in series]),
+            "memory_per_decoder_spread": spread(per_decoder),
             "extrapolation (not measured)": extrapolated}
 
 

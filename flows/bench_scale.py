@@ -28,6 +28,7 @@ SCALES = (1, 2, 4, 8)
 SCALE_MEMORY_STEPS = 300
 SCALE_TARGETS = {"k": 64, "temperature": 16.0}
 SCALE_VALIDATION = ["{stdlib}/tomllib/*.py", "{stdlib}/zoneinfo/*.py"]  # ~61 KB; 8x's text ends at lib2to3/
+MEMORY_KINDS = ("rss", "private", "pss")  # the peaks of a stage's process tree (``PeakMemory``)
 STAGES = ("prepare", "encode", "index", "targets", "train-memory", "evaluate")
 # what each stage's time, memory and disk are divided by, and which artifacts are its output
 PER_ROW = {"prepare": "token", "encode": "row", "index": "datastore row", "targets": "row",
@@ -123,24 +124,20 @@ def summarise(sizes: dict) -> dict:
                    "index_factory": {s: sizes[s]["index_factory"] for s in scales}}
     for stage in STAGES:
         per_row = [sizes[s]["stages"][stage]["seconds"] / sizes[s]["stages"][stage]["per"] for s in scales]
-        rss = [sizes[s]["stages"][stage]["peak_rss_mb"] for s in scales]
-        private = [sizes[s]["stages"][stage]["peak_private_mb"] for s in scales]
-        pss = [sizes[s]["stages"][stage]["peak_pss_mb"] for s in scales]
+        peaks = {kind: [sizes[s]["stages"][stage][f"peak_{kind}_mb"] for s in scales] for kind in MEMORY_KINDS}
         disk = [sizes[s]["stages"][stage]["disk_bytes"] / sizes[s]["stages"][stage]["per"] for s in scales]
         table[stage] = {
             "per": PER_ROW[stage],
             "seconds": [sizes[s]["stages"][stage]["seconds"] for s in scales],
-            "seconds_per": [float(f"{v:.4g}") for v in per_row], "peak_rss_mb": rss, "peak_private_mb": private,
-            "peak_pss_mb": pss,
+            "seconds_per": [float(f"{v:.4g}") for v in per_row],
+            **{f"peak_{kind}_mb": values for kind, values in peaks.items()},
             "disk_bytes_per": [round(v, 1) for v in disk],
             "b_time": fit_exponent(n_rows, [sizes[s]["stages"][stage]["seconds"] for s in scales]),
             f"seconds_per_{last}x_vs_{first}x": round(per_row[-1] / per_row[0], 3),
-            f"peak_rss_{last}x_vs_{first}x": round(rss[-1] / rss[0], 3),
-            f"peak_private_{last}x_vs_{first}x": round(private[-1] / private[0], 3),
-            f"peak_pss_{last}x_vs_{first}x": round(pss[-1] / pss[0], 3),
+            **{f"peak_{kind}_{last}x_vs_{first}x": round(values[-1] / values[0], 3) for kind, values in peaks.items()},
         }
     table["index_codes_mb"] = [sizes[s]["index_codes_mb"] for s in scales]
-    for kind in ("rss", "private"):
+    for kind in MEMORY_KINDS:
         table[f"index_peak_{kind}_minus_codes_mb"] = [
             round(sizes[s]["stages"]["index"][f"peak_{kind}_mb"] - sizes[s]["index_codes_mb"], 1) for s in scales]
     table["memory_loop_seconds_per_step"] = [sizes[s]["memory_loop_seconds_per_step"] for s in scales]
@@ -200,10 +197,9 @@ def bench_scale(ws, out_dir: str) -> dict:
     for stage in STAGES:
         flat[f"scale_{stage}_b"] = table[stage]["b_time"]
         flat[f"scale_{stage}_seconds_per_{last}x_vs_{first}x"] = table[stage][f"seconds_per_{last}x_vs_{first}x"]
-        flat[f"scale_{stage}_peak_rss_{last}x_vs_{first}x"] = table[stage][f"peak_rss_{last}x_vs_{first}x"]
-        flat[f"scale_{stage}_peak_private_{last}x_vs_{first}x"] = table[stage][f"peak_private_{last}x_vs_{first}x"]
-        flat[f"scale_{stage}_peak_pss_{last}x_vs_{first}x"] = table[stage][f"peak_pss_{last}x_vs_{first}x"]
-    for kind in ("rss", "private"):
+        for kind in MEMORY_KINDS:
+            flat[f"scale_{stage}_peak_{kind}_{last}x_vs_{first}x"] = table[stage][f"peak_{kind}_{last}x_vs_{first}x"]
+    for kind in MEMORY_KINDS:
         flat[f"scale_index_peak_{kind}_minus_codes_mb"] = "/".join(str(v) for v in table[f"index_peak_{kind}_minus_codes_mb"])
     flat.update(bench_knnlm_scale.flat(knnlm))
     flat["scale_peak_disk_gb"] = max(knnlm["workspace_disk_gb"], *(sizes[s]["workspace_disk_gb"] for s in sizes))

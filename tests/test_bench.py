@@ -64,6 +64,7 @@ def test_growth_exponent_and_the_scale_summary():
     assert table["index_peak_rss_minus_codes_mb"] == [101.0, 102.0, 104.0]
     assert targets["peak_private_4x_vs_1x"] == round(54 / 51, 3)
     assert targets["peak_pss_mb"] == [82.0, 84.0, 88.0] and targets["peak_pss_4x_vs_1x"] == round(88 / 82, 3)
+    assert table["index_peak_pss_minus_codes_mb"] == [82.0, 84.0, 88.0]
 
 
 def test_synthetic_datastore_rows_are_real_rows_then_seeded_noisy_copies():
