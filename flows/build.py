@@ -30,14 +30,14 @@ from prefect import flow, get_run_logger, runtime, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from flows import stages  # noqa: E402
-from pipelines.stage import Context, Stage  # noqa: E402
-from storage import fs, paths, provenance  # noqa: E402
-from storage.artifact import REBUILD_OUTDATED, read_manifest  # noqa: E402
-from storage.errors import ArtifactError, MemforgeError  # noqa: E402
-from storage.lineage import scalar_pairs  # noqa: E402
-from storage.params import Params, load_params  # noqa: E402
-from storage.params_view import ParamsView  # noqa: E402
+from memforge.flows import stages  # noqa: E402
+from memforge.pipelines.stage import Context, Stage  # noqa: E402
+from memforge.storage import fs, paths, provenance  # noqa: E402
+from memforge.storage.artifact import REBUILD_OUTDATED, read_manifest  # noqa: E402
+from memforge.storage.errors import ArtifactError, MemforgeError  # noqa: E402
+from memforge.storage.lineage import scalar_pairs  # noqa: E402
+from memforge.storage.params import Params, load_params  # noqa: E402
+from memforge.storage.params_view import ParamsView  # noqa: E402
 
 BUILD_FLOW = "memforge-build"
 

@@ -7,14 +7,14 @@ import logging
 import os
 import sys
 
-from flows import stages
-from storage import fs
-from storage.artifact import REBUILD_OUTDATED
-from storage.errors import MemforgeError, is_disk_full
-from storage.lineage import lineage, render
-from storage.listing import find_artifacts, summarise
-from storage.params import load_params
-from storage.verify import verify
+from memforge.flows import stages
+from memforge.storage import fs
+from memforge.storage.artifact import REBUILD_OUTDATED
+from memforge.storage.errors import MemforgeError, is_disk_full
+from memforge.storage.lineage import lineage, render
+from memforge.storage.listing import find_artifacts, summarise
+from memforge.storage.params import load_params
+from memforge.storage.verify import verify
 
 EXIT_PROBLEMS = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
@@ -146,8 +146,8 @@ def _params_file(args) -> str | None:
 
 def _cmd_run(args, beam_args) -> int:
     load_params(args.params, args.overrides)  # bad params fail here, before any flow run starts
-    from flows.build import build
-    from flows.server import prefect_api
+    from memforge.flows.build import build
+    from memforge.flows.server import prefect_api
 
     with prefect_api():  # on Ctrl-C: the stage stops, the flow run is reported, then the server stops
         result = build(params_file=_params_file(args), overrides=args.overrides, first=args.first,
@@ -162,12 +162,12 @@ def _cmd_run(args, beam_args) -> int:
 
 def _cmd_serve(args, beam_args) -> int:
     params = load_params(args.params, args.overrides)
-    from flows.server import configured_api_url
+    from memforge.flows.server import configured_api_url
 
     if not configured_api_url():  # a temporary server would never fire the schedule
         raise MemforgeError("serve needs a Prefect server that outlives this process: start one with "
                             "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
-    from flows.build import build
+    from memforge.flows.build import build
 
     build.serve(name=args.name, cron=args.cron or params.flow.cron, parameters={
         "params_file": _params_file(args), "overrides": args.overrides, "first": args.first, "last": args.last,
@@ -228,7 +228,7 @@ def _cmd_verify(args, _beam_args) -> int:
 
 
 def _cmd_dvc_yaml(args, _beam_args) -> int:
-    from flows.dvc_yaml import render
+    from memforge.flows.dvc_yaml import render
 
     text = render(stages.all_stages())
     if args.output == "-":
@@ -240,7 +240,7 @@ def _cmd_dvc_yaml(args, _beam_args) -> int:
 
 
 def _cmd_bench(args, _beam_args) -> int:
-    from flows import bench
+    from memforge.bench import run as bench
 
     figures = bench.run(args.only, args.workdir, args.out)
     print(json.dumps(figures) if args.json else bench.table(figures))
@@ -248,14 +248,14 @@ def _cmd_bench(args, _beam_args) -> int:
 
 
 def _cmd_retemper(args, _beam_args) -> int:
-    from pipelines.retemper import retemper
+    from memforge.pipelines.retemper import retemper
 
     print(retemper(args.targets, args.temperature, args.k, args.out, args.rebuild, args.width))
     return 0
 
 
 def _cmd_explain(args, _beam_args) -> int:
-    from pipelines.retemper import explain
+    from memforge.pipelines.retemper import explain
 
     print(explain(args.targets, args.row, args.context))
     return 0

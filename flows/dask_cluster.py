@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from flows.server import free_port, stop_process_group
+from memforge.flows.server import free_port, stop_process_group
 
 
 @contextlib.contextmanager

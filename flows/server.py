@@ -17,7 +17,7 @@ import time
 import urllib.request
 from typing import Iterator
 
-from storage.errors import MemforgeError
+from memforge.storage.errors import MemforgeError
 
 STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 

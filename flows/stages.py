@@ -10,13 +10,13 @@ import importlib
 import os
 from typing import Any
 
-from pipelines.stage import Stage
-from storage.errors import MemforgeError
-from storage.params import Params
+from memforge.pipelines.stage import Stage
+from memforge.storage.errors import MemforgeError
+from memforge.storage.params import Params
 
-BUILTIN = ("pipelines.prepare:Prepare", "training.decoder_stage:TrainDecoder", "pipelines.encode:Encode",
-           "pipelines.index:Index", "pipelines.targets:Targets", "training.memory_stage:TrainMemory",
-           "training.evaluate_stage:Evaluate")
+BUILTIN = ("memforge.pipelines.prepare:Prepare", "memforge.training.decoder_stage:TrainDecoder", "memforge.pipelines.encode:Encode",
+           "memforge.pipelines.index:Index", "memforge.pipelines.targets:Targets", "memforge.training.memory_stage:TrainMemory",
+           "memforge.training.evaluate_stage:Evaluate")
 EXTRA_STAGES_ENV = "MEMFORGE_STAGES"
 _LOADED: dict[str, Stage] = {}
 
@@ -68,6 +68,6 @@ def select(first: str | None = None, last: str | None = None) -> list[Stage]:
 def run_stage(name: str, params: Params, *, rebuild: bool | str = False, beam_args: tuple[str, ...] = (),
               reads: set[str] | None = None) -> Any:
     """Run one stage with resolved params (the same call for CLI, DVC and Prefect)."""
-    from pipelines import executor
+    from memforge.pipelines import executor
 
     return executor.run_stage(stage(name), params, rebuild=rebuild, beam_args=beam_args, reads=reads)

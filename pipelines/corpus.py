@@ -17,9 +17,9 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from storage import fs
-from storage.errors import MemforgeError
-from storage.params import CorpusParams
+from memforge.storage import fs
+from memforge.storage.errors import MemforgeError
+from memforge.storage.params import CorpusParams
 
 GLOB_CHARS = "*?["
 FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}

@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 import faiss
 import numpy as np
 
-from pipelines.half_distances import l2_by_idx
-from pipelines.neighbour_lists import MISSING, sort_by_distance
-from storage import fs, local_cache
-from storage.errors import ArtifactError
-from storage.shards import ShardPlan
-from storage.stores import KeyStore, bfloat16_to_float32
+from memforge.pipelines.half_distances import l2_by_idx
+from memforge.pipelines.neighbour_lists import MISSING, sort_by_distance
+from memforge.storage import fs, local_cache
+from memforge.storage.errors import ArtifactError
+from memforge.storage.shards import ShardPlan
+from memforge.storage.stores import KeyStore, bfloat16_to_float32
 
 VALUES = "values.npy"
 KEYS = "keys.npy"

@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from storage.errors import MemforgeError
+from memforge.storage.errors import MemforgeError
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _claimed: dict[str, object] = {}  # this process's GPU claim: the held lock file and the device it names

@@ -9,16 +9,16 @@ from __future__ import annotations
 import logging
 import tempfile
 
-from pipelines.named_decoder import decoder_inputs, decoder_uri
-from pipelines.stage import Context, Published, ShardWorker, Stage
-from pipelines.tokenizer import check_same_tokenizer, load_tokenizer
-from pipelines.windows import encode_rows
-from storage import fs, local_cache
-from storage.errors import MemforgeError
-from storage.paths import split_roles
-from storage.shards import Shard, ShardPlan
-from storage.stores import TOKENIZER_DIR, KeyStore, PartOffsets, TokenStore
-from storage.zarr_rows import shard_geometry
+from memforge.pipelines.named_decoder import decoder_inputs, decoder_uri
+from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
+from memforge.pipelines.tokenizer import check_same_tokenizer, load_tokenizer
+from memforge.pipelines.windows import encode_rows
+from memforge.storage import fs, local_cache
+from memforge.storage.errors import MemforgeError
+from memforge.storage.paths import split_roles
+from memforge.storage.shards import Shard, ShardPlan
+from memforge.storage.stores import TOKENIZER_DIR, KeyStore, PartOffsets, TokenStore
+from memforge.storage.zarr_rows import shard_geometry
 
 log = logging.getLogger("memforge")
 
@@ -34,8 +34,8 @@ class EncodeShards(ShardWorker):
 
         import torch
 
-        from pipelines import devices, worker_cache
-        from pipelines.encoder import RepresentationCapture, load_encoder
+        from memforge.pipelines import devices, worker_cache
+        from memforge.pipelines.encoder import RepresentationCapture, load_encoder
 
         spec = self.spec
         torch.set_num_threads(spec["threads"])
@@ -71,8 +71,8 @@ class EncodeShards(ShardWorker):
 
 def encoder_spec(params, model_uri: str, model_key: str) -> dict:
     """Check the encoder against the params; return what workers need to run it (its URL, not a path)."""
-    from pipelines import devices
-    from pipelines.encoder import EncoderError, RepresentationCapture, hidden_size, load_encoder, \
+    from memforge.pipelines import devices
+    from memforge.pipelines.encoder import EncoderError, RepresentationCapture, hidden_size, load_encoder, \
         max_positions, model_fingerprint
 
     device = devices.resolve(params.encode.device, "encode.device")  # before any work: a missing GPU is named

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from storage.errors import MemforgeError
+from memforge.storage.errors import MemforgeError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _BLOCK_LISTS = ("h", "layers", "blocks", "decoder.layers", "encoder.layers")

@@ -17,18 +17,18 @@ from typing import Callable, Iterable
 
 import apache_beam as beam
 
-from pipelines import worker_errors
-from pipelines.progress import ShardProgress
-from pipelines.runner import pipeline, release
-from pipelines.stage import Context, Published, ShardWorker, Stage
-from storage import fs, paths
-from storage.artifact import ArtifactBuild, open_artifact
-from storage.intact import check_intact
-from storage.errors import (DiskFullError, MemforgeError, is_disk_full,
+from memforge.pipelines import worker_errors
+from memforge.pipelines.progress import ShardProgress
+from memforge.pipelines.runner import pipeline, release
+from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
+from memforge.storage import fs, paths
+from memforge.storage.artifact import ArtifactBuild, open_artifact
+from memforge.storage.intact import check_intact
+from memforge.storage.errors import (DiskFullError, MemforgeError, is_disk_full,
                             is_out_of_memory)
-from storage.params import Params
-from storage.params_view import ParamsView
-from storage.shards import Shard, ShardMarkers, ShardPlan
+from memforge.storage.params import Params
+from memforge.storage.params_view import ParamsView
+from memforge.storage.shards import Shard, ShardMarkers, ShardPlan
 
 log = logging.getLogger("memforge")
 WORKERS_KEY = "encode.num_workers"  # Beam workers of the local runner; declared by every sharded stage

@@ -9,9 +9,9 @@ import threading
 import faiss
 import numpy as np
 
-from storage import fs, local_cache
-from storage.errors import MemforgeError
-from storage.params import IndexParams
+from memforge.storage import fs, local_cache
+from memforge.storage.errors import MemforgeError
+from memforge.storage.params import IndexParams
 
 log = logging.getLogger("memforge")
 TRAINED = "trained.index"
@@ -33,7 +33,7 @@ def faiss_gpu(setting: str, key: str = "index.device") -> str | int | None:
     """
     if setting == "cpu":
         return None
-    from pipelines import devices  # torch: only here, not in every worker that merely reads indexes
+    from memforge.pipelines import devices  # torch: only here, not in every worker that merely reads indexes
 
     resolved = devices.resolve(setting, key)
     if resolved == "cpu":

@@ -18,13 +18,13 @@ import logging
 import faiss
 import numpy as np
 
-from pipelines import datastore_rows, faiss_index, neighbour_lists, ondisk_merge
-from pipelines.datastore_rows import DatastoreRows
-from pipelines.stage import Context, Published, ShardWorker, Stage
-from storage import fs
-from storage.errors import MemforgeError
-from storage.shards import Shard, ShardPlan, load_plan
-from storage.stores import KeyStore
+from memforge.pipelines import datastore_rows, faiss_index, neighbour_lists, ondisk_merge
+from memforge.pipelines.datastore_rows import DatastoreRows
+from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
+from memforge.storage import fs
+from memforge.storage.errors import MemforgeError
+from memforge.storage.shards import Shard, ShardPlan, load_plan
+from memforge.storage.stores import KeyStore
 
 log = logging.getLogger("memforge")
 TRAINING_RECORD = "_training.json"

@@ -23,7 +23,7 @@ def drop_ids(dists: np.ndarray, ids: np.ndarray, k: int, own_first: int | None =
     """Remove from each row its own id (row i of a block of queries starting at global row ``own_first`` is
     ``own_first + i``), the entries flagged in ``drop`` and the missing ones, keeping order, and return the
     first ``k`` of the rest (padded with id -1, distance inf) as float32 / int64."""
-    from pipelines import knn_rows  # Numba: compiled (or loaded from its cache) on first use, not on import
+    from memforge.pipelines import knn_rows  # Numba: compiled (or loaded from its cache) on first use, not on import
 
     out_dists, out_ids = np.empty((len(ids), k), dtype=np.float32), np.empty((len(ids), k), dtype=np.int64)
     knn_rows.drop_entries(np.ascontiguousarray(dists, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64),
@@ -38,7 +38,7 @@ def distributions(dists: np.ndarray, values: np.ndarray, temperature: float,
     ``values`` holds each neighbour's next token (-1 where there is no neighbour). Weights are float32
     (exp of ``-(d - d_min) / T``), summed per token in float64.
     """
-    from pipelines import knn_rows
+    from memforge.pipelines import knn_rows
 
     n = len(values)
     tokens, probs = np.empty((n, width), dtype=np.int32), np.empty((n, width), dtype=np.float32)
@@ -54,7 +54,7 @@ def search_distributions(dists: np.ndarray, ids: np.ndarray, token_of: np.ndarra
                          drop: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``distributions`` of ``drop_ids(dists, ids, k, own_first, drop)`` with values ``token_of[ids]``, in one
     compiled pass over the search's result (same output, bit for bit; no [rows, k] intermediate arrays)."""
-    from pipelines import knn_rows
+    from memforge.pipelines import knn_rows
 
     n = len(ids)
     tokens, probs = np.empty((n, width), dtype=np.int32), np.empty((n, width), dtype=np.float32)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from pipelines.neighbour_lists import MISSING
+from memforge.pipelines.neighbour_lists import MISSING
 
 _HASH = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: token ids are small, dense integers
 

@@ -5,7 +5,7 @@ Never whatever happens to be on disk: a trained decoder left from an earlier run
 """
 from __future__ import annotations
 
-from storage import local_cache
+from memforge.storage import local_cache
 
 
 def external_decoder(params, fingerprint: str) -> dict:

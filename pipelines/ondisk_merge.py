@@ -19,9 +19,9 @@ import tempfile
 
 import faiss
 
-from pipelines import faiss_index
-from storage import fs
-from storage.errors import MemforgeError
+from memforge.pipelines import faiss_index
+from memforge.storage import fs
+from memforge.storage.errors import MemforgeError
 
 
 def merge(root: str, shard_names: list[str]) -> dict[str, str]:

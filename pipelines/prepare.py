@@ -19,14 +19,14 @@ from dataclasses import asdict
 
 import numpy as np
 
-from pipelines.corpus import CorpusError, SourceFile, document_split, read_documents, source_files
-from pipelines.stage import Context, Published, ShardWorker, Stage
-from pipelines.tokenizer import load_tokenizer, train_tokenizer
-from storage import fs, local_cache
-from storage.params import CorpusParams
-from storage.paths import SPLITS
-from storage.shards import Shard, ShardPlan, load_plan
-from storage.stores import TOKENIZER_DIR, PartOffsets, TokenStore
+from memforge.pipelines.corpus import CorpusError, SourceFile, document_split, read_documents, source_files
+from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
+from memforge.pipelines.tokenizer import load_tokenizer, train_tokenizer
+from memforge.storage import fs, local_cache
+from memforge.storage.params import CorpusParams
+from memforge.storage.paths import SPLITS
+from memforge.storage.shards import Shard, ShardPlan, load_plan
+from memforge.storage.stores import TOKENIZER_DIR, PartOffsets, TokenStore
 
 log = logging.getLogger("memforge")
 _DOC_ID_SHIFT = 32

@@ -12,7 +12,7 @@ import threading
 
 from tqdm import tqdm
 
-from storage.shards import Shard, ShardMarkers
+from memforge.storage.shards import Shard, ShardMarkers
 
 log = logging.getLogger("memforge")
 

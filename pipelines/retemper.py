@@ -9,16 +9,16 @@ import tempfile
 
 import numpy as np
 
-from pipelines import executor, knn
-from pipelines.datastore_rows import DatastoreRows
-from pipelines.stage import Published
-from pipelines.targets import Targets
-from pipelines.tokenizer import load_tokenizer
-from storage import fs
-from storage.artifact import Artifact, input_uri, open_artifact
-from storage.errors import MemforgeError
-from storage.shards import Shard, load_layout, load_plan
-from storage.stores import TOKENIZER_DIR, DistributionStore, NeighbourStore, PartOffsets, TokenStore
+from memforge.pipelines import executor, knn
+from memforge.pipelines.datastore_rows import DatastoreRows
+from memforge.pipelines.stage import Published
+from memforge.pipelines.targets import Targets
+from memforge.pipelines.tokenizer import load_tokenizer
+from memforge.storage import fs
+from memforge.storage.artifact import Artifact, input_uri, open_artifact
+from memforge.storage.errors import MemforgeError
+from memforge.storage.shards import Shard, load_layout, load_plan
+from memforge.storage.stores import TOKENIZER_DIR, DistributionStore, NeighbourStore, PartOffsets, TokenStore
 
 log = logging.getLogger("memforge")
 

@@ -19,10 +19,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from storage import paths, provenance
-from storage.artifact import Artifact, ArtifactBuild
-from storage.params_view import ParamsView
-from storage.shards import Shard, ShardPlan
+from memforge.storage import paths, provenance
+from memforge.storage.artifact import Artifact, ArtifactBuild
+from memforge.storage.params_view import ParamsView
+from memforge.storage.shards import Shard, ShardPlan
 
 
 @dataclass

@@ -15,15 +15,15 @@ import logging
 import faiss
 import numpy as np
 
-from pipelines import datastore_rows, faiss_index, knn, worker_cache
-from pipelines.stage import Context, Published, ShardWorker, Stage
-from storage.artifact import Artifact, built_from, recorded_input
-from storage.errors import MemforgeError
-from storage.paths import split_roles
-from storage.shards import Shard, ShardPlan, load_plan
-from storage.stores import (DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore,
+from memforge.pipelines import datastore_rows, faiss_index, knn, worker_cache
+from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
+from memforge.storage.artifact import Artifact, built_from, recorded_input
+from memforge.storage.errors import MemforgeError
+from memforge.storage.paths import split_roles
+from memforge.storage.shards import Shard, ShardPlan, load_plan
+from memforge.storage.stores import (DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore,
                             neighbour_id_dtype)
-from storage.zarr_rows import shard_geometry
+from memforge.storage.zarr_rows import shard_geometry
 
 log = logging.getLogger("memforge")
 

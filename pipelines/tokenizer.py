@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from storage.errors import MemforgeError
+from memforge.storage.errors import MemforgeError
 
 END_OF_TEXT = "<|endoftext|>"
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from storage.stores import PartOffsets, TokenStore
+from memforge.storage.stores import PartOffsets, TokenStore
 
 
 @dataclass(frozen=True)

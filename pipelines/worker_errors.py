@@ -5,9 +5,9 @@ traceback; a report names the shard and the fault, and the shard stays unmarked.
 """
 from __future__ import annotations
 
-from storage import fs
-from storage.errors import MemforgeError
-from storage.shards import Shard
+from memforge.storage import fs
+from memforge.storage.errors import MemforgeError
+from memforge.storage.shards import Shard
 
 ERRORS_DIR = "_errors"
 

@@ -12,10 +12,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from storage import fs, provenance
-from storage.errors import ArtifactError
-from storage.lease import LEASE_NAME, Lease
-from storage.shards import MARKERS_DIR, PLAN_NAME, Shard, ShardMarkers, ShardPlan, load_layout, load_plan, save_plan
+from memforge.storage import fs, provenance
+from memforge.storage.errors import ArtifactError
+from memforge.storage.lease import LEASE_NAME, Lease
+from memforge.storage.shards import MARKERS_DIR, PLAN_NAME, Shard, ShardMarkers, ShardPlan, load_layout, load_plan, save_plan
 
 SCHEMA_VERSION = 2  # 2: content_digest, execution; inputs enter fingerprints by content
 MANIFEST_NAME = "_manifest.json"

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.errors import DamagedFileError
+from memforge.storage.errors import DamagedFileError
 
 CHECKSUM_ALGORITHM = "sha256"
 _READ_BLOCK = 1 << 22

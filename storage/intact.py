@@ -12,10 +12,10 @@ import logging
 import random
 import time
 
-from storage import fs
-from storage.artifact import Artifact
-from storage.errors import ArtifactError
-from storage.verify import check_identity
+from memforge.storage import fs
+from memforge.storage.artifact import Artifact
+from memforge.storage.errors import ArtifactError
+from memforge.storage.verify import check_identity
 
 log = logging.getLogger("memforge")
 SAMPLE_BYTES = 256 * 2**20

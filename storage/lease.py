@@ -17,8 +17,8 @@ import threading
 import time
 import uuid
 
-from storage import fs, provenance
-from storage.errors import ArtifactError
+from memforge.storage import fs, provenance
+from memforge.storage.errors import ArtifactError
 
 LEASE_NAME = "_lease.json"
 HEARTBEAT_S = 15.0

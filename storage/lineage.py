@@ -1,10 +1,10 @@
 """Upstream lineage of an artifact, followed through the ``inputs`` of each manifest."""
 from __future__ import annotations
 
-from storage import fs
-from storage.artifact import read_manifest
-from storage.dvc_lock import dvc_agreement
-from storage.errors import ArtifactError
+from memforge.storage import fs
+from memforge.storage.artifact import read_manifest
+from memforge.storage.dvc_lock import dvc_agreement
+from memforge.storage.errors import ArtifactError
 
 
 def lineage(uri: str, role: str | None = None, expected_fingerprint: str | None = None,

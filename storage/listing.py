@@ -1,10 +1,10 @@
 """Find artifacts below a directory and summarise each (``memforge ls``)."""
 from __future__ import annotations
 
-from storage import fs
-from storage.artifact import BUILD_NAME, MANIFEST_NAME, read_manifest
-from storage.errors import ArtifactError
-from storage.shards import PLAN_NAME, ShardMarkers, load_plan
+from memforge.storage import fs
+from memforge.storage.artifact import BUILD_NAME, MANIFEST_NAME, read_manifest
+from memforge.storage.errors import ArtifactError
+from memforge.storage.shards import PLAN_NAME, ShardMarkers, load_plan
 
 
 def find_artifacts(root: str) -> list[str]:

@@ -18,7 +18,7 @@ import tempfile
 import threading
 from collections import Counter
 
-from storage import fs
+from memforge.storage import fs
 
 fetches: Counter[str] = Counter()
 _copies: dict[tuple[str, str], str] = {}

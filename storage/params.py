@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from storage.errors import ParamsError
+from memforge.storage.errors import ParamsError
 
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")]  # where torch (or FAISS) work runs
 Precision = Literal["fp32", "bf16", "fp16"]  # numeric format of the computation (autocast for bf16/fp16)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from storage.errors import MemforgeError
-from storage.params import Params, Section
+from memforge.storage.errors import MemforgeError
+from memforge.storage.params import Params, Section
 
 
 class UndeclaredParamError(MemforgeError):

@@ -7,7 +7,7 @@ roles: they follow the same rule and carry no kind check).
 """
 from __future__ import annotations
 
-from storage import fs
+from memforge.storage import fs
 
 SPLITS = ("train", "validation")
 ROLES: dict[str, str] = {

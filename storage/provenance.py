@@ -23,6 +23,7 @@ _RUN_ID = os.environ.get("MEMFORGE_RUN_ID") or uuid.uuid4().hex
 
 
 def _source_root() -> Path:
+    """The folder holding memforge's subpackages: the checkout's root, or ``memforge/`` of an installed wheel."""
     return Path(__file__).resolve().parent.parent
 
 
@@ -43,23 +44,29 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
-PROJECT_PACKAGES = ("storage", "pipelines", "training", "flows")
+PACKAGE = "memforge"
+# The API package itself (memforge/__init__.py) is how users call stages, never what a stage writes.
+PROJECT_PACKAGES = ("storage", "pipelines", "training", "flows", "bench")
 # Modules that say how a stage runs or how its artifacts are kept, never what they hold: the declaration
 # and executor machinery, Beam options, progress, worker-error reports, the params schema (params values
 # are hashed themselves), artifact locations, the write lease, manifests (a change to how fingerprints
 # or content digests are computed changes the values themselves), shard plans/markers, the error classes
 # (what a refusal says) and the input checks. The import
 # closure stops at them, so editing them leaves every artifact up to date.
-EXECUTION_MODULES = frozenset({
+EXECUTION_MODULES = frozenset(f"{PACKAGE}.{name}" for name in (
     "pipelines.stage", "pipelines.executor", "pipelines.runner", "pipelines.progress", "pipelines.worker_errors",
     "storage.params", "storage.params_view", "storage.paths", "storage.lease", "storage.artifact",
     "storage.shards", "storage.errors", "storage.intact", "flows",
-})
+))
 
 
 def _module_file(name: str) -> Path | None:
-    """The source file of project module ``name`` (a package: its ``__init__.py``), or None."""
-    base = _source_root().joinpath(*name.split("."))
+    """The source file of project module ``name`` (``memforge.<subpackage>...``; a package: its
+    ``__init__.py``), or None."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[0] != PACKAGE or parts[1] not in PROJECT_PACKAGES:
+        return None
+    base = _source_root().joinpath(*parts[1:])
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
@@ -78,8 +85,8 @@ def _imported_modules(file: Path) -> set[str]:
             continue
         for name in names:
             parts = name.split(".")
-            if parts[0] in PROJECT_PACKAGES:
-                found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            if parts[0] == PACKAGE:
+                found.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))
     return {name for name in found if _module_file(name) is not None}
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from storage import fs
-from storage.errors import ArtifactError
+from memforge.storage import fs
+from memforge.storage.errors import ArtifactError
 
 PLAN_NAME = "_plan.json"
 MARKERS_DIR = "_shards"

@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage import fs
-from storage.artifact import read_manifest
-from storage.errors import ArtifactError
-from storage.shards import Shard
-from storage.zarr_rows import ArraySpec, ZarrRows
+from memforge.storage import fs
+from memforge.storage.artifact import read_manifest
+from memforge.storage.errors import ArtifactError
+from memforge.storage.shards import Shard
+from memforge.storage.zarr_rows import ArraySpec, ZarrRows
 
 KEY_DTYPES = ("float16", "float32", "bfloat16")
 TOKENIZER_DIR = "tokenizer"  # the token store's tokenizer (HF directory) inside the tokens artifact

@@ -11,13 +11,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from storage import fs
-from storage.artifact import BUILD_NAME, MANIFEST_NAME, content_digest, fingerprint, read_manifest
-from storage.errors import ArtifactError
-from storage.lease import LEASE_NAME
-from storage.shards import MARKERS_DIR, PLAN_NAME, ShardMarkers, load_plan
-from storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
-from storage.zarr_rows import ZarrRows
+from memforge.storage import fs
+from memforge.storage.artifact import BUILD_NAME, MANIFEST_NAME, content_digest, fingerprint, read_manifest
+from memforge.storage.errors import ArtifactError
+from memforge.storage.lease import LEASE_NAME
+from memforge.storage.shards import MARKERS_DIR, PLAN_NAME, ShardMarkers, load_plan
+from memforge.storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
+from memforge.storage.zarr_rows import ZarrRows
 
 PROB_TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 

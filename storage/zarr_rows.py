@@ -12,11 +12,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from storage import fs
-from storage.artifact import read_manifest
-from storage.errors import ArtifactError
-from storage.shards import Shard, ShardPlan
-from storage.zarr_stores import zarr_store
+from memforge.storage import fs
+from memforge.storage.artifact import read_manifest
+from memforge.storage.errors import ArtifactError
+from memforge.storage.shards import Shard, ShardPlan
+from memforge.storage.zarr_stores import zarr_store
 
 # Not persisted by Zarr: applied each time an array is opened, so every shard has its file.
 _WRITE_CONFIG = {"write_empty_chunks": True}

@@ -13,7 +13,7 @@ from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
 from zarr.storage import FsspecStore, LocalStore
 
-from storage import fs
+from memforge.storage import fs
 
 
 class _Checksums:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.stages import run_stage
-from storage.params import load_params
+from memforge.flows.stages import run_stage
+from memforge.storage.params import load_params
 from tiny_lm import write_corpus
 
 SETTINGS = {"decoder.vocab_size": 320, "decoder.n_layer": 2, "decoder.n_head": 2, "decoder.n_embd": 48,
@@ -52,7 +52,7 @@ def write_project(root: Path, art: Path | str = "artifacts") -> Path:
     ``SETTINGS`` (what `memforge run`, Prefect and DVC read); returns the params file."""
     import yaml
 
-    from storage.params import load_params
+    from memforge.storage.params import load_params
 
     write_corpus(root / "corpus" / "train", 6, 150, seed=7)
     write_corpus(root / "corpus" / "validation", 2, 60, seed=8)
@@ -70,7 +70,7 @@ def rewrite_manifest(artifact_dir: Path, edit) -> None:
     written it: only cross-artifact checks can then tell (a plain hand edit is refused earlier)."""
     import json
 
-    from storage.artifact import fingerprint
+    from memforge.storage.artifact import fingerprint
 
     manifest = artifact_dir / "_manifest.json"
     data = json.loads(manifest.read_text())

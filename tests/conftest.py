@@ -28,7 +28,7 @@ def chain(tmp_path_factory):
 def dask_cluster(tmp_path_factory):
     """A Dask cluster of separate processes on 127.0.0.1: ``dask scheduler`` and ``dask worker --nworkers 2
     --nthreads 1`` (started once per test run, stopped at its end); yields the scheduler address."""
-    from flows.dask_cluster import local_dask_cluster
+    from memforge.flows.dask_cluster import local_dask_cluster
 
     with local_dask_cluster(workers=2, threads=1, logs=tmp_path_factory.mktemp("dask")) as address:
         yield address
@@ -42,7 +42,7 @@ def s3_server(tmp_path_factory):
     import time
     import urllib.request
 
-    from flows.server import free_port, stop_process_group
+    from memforge.flows.server import free_port, stop_process_group
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     settings = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",

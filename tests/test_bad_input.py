@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import T5Config
 
-from flows.cli import main
-from storage.artifact import open_artifact
+from memforge.flows.cli import main
+from memforge.storage.artifact import open_artifact
 from tiny_lm import make_gpt2, write_corpus
 
 MANIFEST = "_manifest.json"

@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from flows import bench
+from memforge.bench import run as bench
 
 ALLOCATE = "import subprocess, sys, time; b = bytearray({mb} << 20); b[::4096] = b'x' * len(b[::4096]); " \
            "time.sleep(0.5){child}"
@@ -43,7 +43,7 @@ def test_table_aligns_figures():
 def test_growth_exponent_and_the_scale_summary():
     """b of time ∝ N^b is fitted in log-log space; the summary divides each stage's time, memory and disk by
     what it is per, and compares the largest size with the smallest."""
-    from flows import bench_scale
+    from memforge.bench import scale as bench_scale
 
     assert bench_scale.fit_exponent([1, 2, 4, 8], [3, 6, 12, 24]) == 1.0
     assert bench_scale.fit_exponent([1, 4, 16], [5, 10, 20]) == 0.5
@@ -68,7 +68,7 @@ def test_growth_exponent_and_the_scale_summary():
 
 
 def test_synthetic_datastore_rows_are_real_rows_then_seeded_noisy_copies():
-    from flows import bench_knnlm_scale
+    from memforge.bench import knnlm_scale as bench_knnlm_scale
 
     rng = np.random.default_rng(0)
     real = rng.standard_normal((10, 4)).astype(np.float16)
@@ -88,7 +88,7 @@ def test_synthetic_rows_join_their_sources_lists_and_real_rows_are_added_as_fais
     their source's list, so every list grows in proportion to its real size."""
     import faiss
 
-    from flows import bench_knnlm_scale
+    from memforge.bench import knnlm_scale as bench_knnlm_scale
 
     rng = np.random.default_rng(1)
     real = rng.standard_normal((600, 8)).astype(np.float32)
@@ -112,7 +112,7 @@ def test_synthetic_rows_join_their_sources_lists_and_real_rows_are_added_as_fais
 
 def test_knnlm_fit_extrapolates_a_linear_cost_and_labels_it():
     """kNN-LM's seconds per token = a + c·N is recovered from exact points; the extrapolation uses it."""
-    from flows import bench_knnlm_scale
+    from memforge.bench import knnlm_scale as bench_knnlm_scale
 
     a, c = 2e-4, 1e-11
     series = [{"datastore_rows": n, "tokens_per_second": {"knnlm": 1 / (a + c * n), "memory": 1e4, "decoder": 2e4}}
@@ -131,7 +131,7 @@ def test_knnlm_fit_extrapolates_a_linear_cost_and_labels_it():
 
 
 def test_memory_part_refuses_before_any_part_runs_when_the_demo_is_missing(tmp_path, monkeypatch):
-    from storage.errors import MemforgeError
+    from memforge.storage.errors import MemforgeError
 
     monkeypatch.chdir(tmp_path)  # no params.yaml, no artifacts: `memforge run` never ran here
     ran = []
@@ -154,7 +154,7 @@ def test_each_part_prints_its_figures_as_it_ends(tmp_path, monkeypatch, capsys):
 
 
 def test_round_orders_rotate_the_variants_and_end_with_the_last():
-    from flows.bench import round_orders
+    from memforge.bench.run import round_orders
 
     orders = round_orders(3, 3)
     assert all(sorted(order) == [0, 1, 2] for order in orders)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from flows import stages
-from flows.cli import main
+from memforge.flows import stages
+from memforge.flows.cli import main
 
 COMMANDS = [*stages.stage_names(), "run", "ls", "lineage", "verify", "retemper", "explain", "bench", "dvc-yaml"]
 
@@ -55,7 +55,7 @@ def test_beam_options_pass_through_after_double_dash(tmp_path, capsys):
 def test_runner_options():
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
-    from pipelines.runner import pipeline
+    from memforge.pipelines.runner import pipeline
 
     default, name = pipeline([], num_workers=3)
     direct = default.options.view_as(DirectOptions)
@@ -79,7 +79,7 @@ def test_ls_empty_dir(tmp_path, capsys):
 
 
 def test_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "verify", "/nonexistent/artifact"],
+    result = subprocess.run([sys.executable, "-m", "memforge.flows.cli", "verify", "/nonexistent/artifact"],
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "no artifact here" in result.stdout

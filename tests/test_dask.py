@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
+from memforge.flows.cli import main
 
 BEAM_STAGES = ("prepare", "encode", "index", "targets")
 BUILT = ("tokens", "keys/train", "keys/validation", "index", "targets/train", "targets/validation")
@@ -43,7 +43,7 @@ def test_dask_has_a_short_name_and_one_shard_per_task_unless_sized():
     from apache_beam.options.pipeline_options import StandardOptions
     from apache_beam.runners.dask.dask_runner import DaskOptions
 
-    from pipelines.runner import DASK_RUNNER, pipeline
+    from memforge.pipelines.runner import DASK_RUNNER, pipeline
 
     short, name = pipeline(["--runner=dask", "--dask_client_address=tcp://127.0.0.1:8786"], num_workers=2)
     assert name == "DaskRunner" and short.options.view_as(StandardOptions).runner == DASK_RUNNER
@@ -69,8 +69,8 @@ def test_a_dask_worker_killed_mid_stage_costs_nothing(chain, dask_cluster, tmp_p
     from distributed import Client
 
     from crash import MEMFORGE
-    from storage.shards import MARKERS_DIR, load_plan
-    from storage.verify import verify
+    from memforge.storage.shards import MARKERS_DIR, load_plan
+    from memforge.storage.verify import verify
 
     art = tmp_path / "art"
     art.mkdir()

@@ -3,10 +3,10 @@ import faiss
 import numpy as np
 import pytest
 
-from pipelines import datastore_rows
-from pipelines.half_distances import l2_by_idx
-from storage.shards import ShardPlan
-from storage.stores import KeyStore
+from memforge.pipelines import datastore_rows
+from memforge.pipelines.half_distances import l2_by_idx
+from memforge.storage.shards import ShardPlan
+from memforge.storage.stores import KeyStore
 
 N, DIM, K = 300, 24, 50
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from chain import overrides, stage_args
-from flows.cli import main
-from flows.stages import all_stages, run_stage, stage
-from storage.params import load_params
-from storage.params_view import UndeclaredParamError
+from memforge.flows.cli import main
+from memforge.flows.stages import all_stages, run_stage, stage
+from memforge.storage.params import load_params
+from memforge.storage.params_view import UndeclaredParamError
 
 REPO = Path(__file__).resolve().parent.parent
 EXECUTION_CHANGE = {"encode.num_workers": 1, "encode.threads_per_worker": 2, "index.threads": 2,
@@ -84,8 +84,8 @@ def test_execution_and_layout_params_leave_every_artifact_up_to_date(chain, tmp_
 _DIGESTS_AFTER_EDITS = """
 import json, sys
 from pathlib import Path
-from flows.stages import all_stages
-from storage.provenance import source_digest
+from memforge.flows.stages import all_stages
+from memforge.storage.provenance import source_digest
 
 def digests():
     return {s.name: source_digest(s.code_files()) for s in all_stages()}
@@ -100,10 +100,11 @@ print(json.dumps(found))
 
 
 def _digests(root: Path, *edits: str) -> list[dict[str, str]]:
-    """Each stage's code digest as computed from the sources under ``root``: first as they are, then after
-    each of ``edits`` (module paths under ``root``, edited in that order)."""
+    """Each stage's code digest as computed from the sources under ``root`` (the folder that holds the
+    subpackages, imported as ``memforge``): first as they are, then after each of ``edits`` (module paths
+    under ``root``, edited in that order)."""
     done = subprocess.run([sys.executable, "-c", _DIGESTS_AFTER_EDITS, *edits], cwd=root, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root.parent)})
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -111,15 +112,17 @@ def _digests(root: Path, *edits: str) -> list[dict[str, str]]:
 def test_code_digest_covers_the_stage_import_closure(tmp_path):
     """On a scratch copy of the sources: each edit reaches exactly the stages that import the module
     (train-memory and evaluate follow a targets change through their inputs' content, see test_dvc)."""
-    for package in ("storage", "pipelines", "training", "flows"):
-        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    scratch = tmp_path / "memforge"  # laid out as an installed wheel is
+    for package in ("memforge", "storage", "pipelines", "training", "flows"):
+        shutil.copytree(REPO / package, scratch if package == "memforge" else scratch / package,
+                        ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     reaches = {"pipelines/corpus.py": {"prepare"},                 # only prepare imports it
                "pipelines/knn.py": {"targets"},                     # the targets kernel
                "pipelines/neighbour_lists.py": {"index", "targets", "evaluate"},
                "storage/zarr_rows.py": {item.name for item in all_stages()},
                "pipelines/executor.py": set(),                      # how stages run, never what
                "storage/params.py": set()}                          # they write
-    found = _digests(tmp_path, *reaches)
+    found = _digests(scratch, *reaches)
     assert found[0] == _digests(REPO)[0]
     for (module, reached), before, after in zip(reaches.items(), found, found[1:]):
         assert {name for name in before if before[name] != after[name]} == reached, module
@@ -127,7 +130,7 @@ def test_code_digest_covers_the_stage_import_closure(tmp_path):
 
 def test_listing_the_stages_imports_no_torch():
     """The CLI, lineage, verify and dvc-yaml load every declaration: none may pull in torch or transformers."""
-    script = ("import sys; from flows.stages import all_stages; from flows.cli import build_parser; all_stages(); "
+    script = ("import sys; from memforge.flows.stages import all_stages; from memforge.flows.cli import build_parser; all_stages(); "
               "build_parser(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

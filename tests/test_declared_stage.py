@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from crash import MEMFORGE
-from pipelines.stage import Context, Published, ShardWorker, Stage
-from storage import fs
-from storage.artifact import open_artifact
-from storage.shards import Shard, ShardPlan
-from storage.stores import PartOffsets, TokenStore
-from storage.verify import verify
+from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
+from memforge.storage import fs
+from memforge.storage.artifact import open_artifact
+from memforge.storage.shards import Shard, ShardPlan
+from memforge.storage.stores import PartOffsets, TokenStore
+from memforge.storage.verify import verify
 
 TESTS = Path(__file__).resolve().parent
 ENTRY = "test_declared_stage:TokenCounts"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage.errors import MemforgeError
-from training.dev_test import split_by_document
+from memforge.storage.errors import MemforgeError
+from memforge.training.dev_test import split_by_document
 
 
 def test_whole_documents_near_the_share_and_the_same_every_time():

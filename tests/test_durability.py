@@ -6,9 +6,9 @@ import json
 import os
 
 import toy_stage
-from storage import fs
-from storage.shards import MARKERS_DIR
-from storage.verify import verify
+from memforge.storage import fs
+from memforge.storage.shards import MARKERS_DIR
+from memforge.storage.verify import verify
 
 
 def test_data_is_durable_before_its_marker_and_markers_before_the_manifest(tmp_path, monkeypatch):

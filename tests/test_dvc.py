@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from chain import write_project
-from flows.dvc_yaml import render
-from flows.stages import all_stages
+from memforge.flows.dvc_yaml import render
+from memforge.flows.stages import all_stages
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -15,11 +15,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flows.cli import main
-from pipelines.windows import windows_for_rows
-from storage.artifact import open_artifact
-from storage.stores import KeyStore
-from storage.verify import verify
+from memforge.flows.cli import main
+from memforge.pipelines.windows import windows_for_rows
+from memforge.storage.artifact import open_artifact
+from memforge.storage.stores import KeyStore
+from memforge.storage.verify import verify
 from crash import kill_after_first_shard, rerun
 from tiny_lm import make_gpt2, write_corpus
 

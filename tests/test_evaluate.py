@@ -13,12 +13,12 @@ import torch
 from transformers import AutoModel
 
 from chain import rewrite_manifest, stage_args
-from flows.cli import main
-from pipelines.encoder import load_encoder
-from storage.artifact import open_artifact
-from storage.stores import KeyStore, TokenStore
-from storage.verify import verify
-from training.mlp_memory import MODEL_TYPE  # importing it registers the memory with the Auto classes
+from memforge.flows.cli import main
+from memforge.pipelines.encoder import load_encoder
+from memforge.storage.artifact import open_artifact
+from memforge.storage.stores import KeyStore, TokenStore
+from memforge.storage.verify import verify
+from memforge.training.mlp_memory import MODEL_TYPE  # importing it registers the memory with the Auto classes
 
 K = 8
 

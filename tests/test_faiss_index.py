@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from pipelines.faiss_index import build_empty, ivf_of, resolve_factory
-from storage.params import IndexParams
+from memforge.pipelines.faiss_index import build_empty, ivf_of, resolve_factory
+from memforge.storage.params import IndexParams
 
 
 @pytest.mark.parametrize("n_rows, dim", [(250_000, 128), (10_000_000, 1024), (100_000_000, 4096)])
@@ -28,7 +28,7 @@ def test_auto_factory_is_exact_below_the_threshold():
 # thread merges the shards on disk and opens the merged index again and again.
 CHATTER = """
 import os, sys, threading
-from pipelines import faiss_index, ondisk_merge
+from memforge.pipelines import faiss_index, ondisk_merge
 root, stop, count = sys.argv[1], threading.Event(), [0]
 def chatter():
     while not stop.is_set():
@@ -56,7 +56,7 @@ def test_on_disk_merge_and_read_leave_every_threads_stdout_alone(tmp_path):
     import faiss
     import numpy as np
 
-    from pipelines import faiss_index
+    from memforge.pipelines import faiss_index
 
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(2000, 16)).astype(np.float32)

@@ -17,14 +17,14 @@ import pytest
 from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
-import training.evaluate
-import pipelines.targets
+import memforge.training.evaluate
+import memforge.pipelines.targets
 from chain import write_project
 from crash import MEMFORGE, kill_when
-from flows.build import STAGE_FLOWS, build
-from flows.server import free_port, stop_process_group
-from flows.stages import stage_names
-from storage.errors import MemforgeError
+from memforge.flows.build import STAGE_FLOWS, build
+from memforge.flows.server import free_port, stop_process_group
+from memforge.flows.stages import stage_names
+from memforge.storage.errors import MemforgeError
 
 BEAM = ["--direct_running_mode=in_memory"]
 STAGE_NAMES = stage_names()
@@ -70,7 +70,7 @@ def test_build_flow_caches_finished_stages_and_reruns_what_a_param_change_reache
 
     # A transient error is retried (and the retry succeeds); bad input is not retried.
     calls = {"evaluate": 0, "targets": 0}
-    real_evaluate, real_check = training.evaluate.evaluate, pipelines.targets.Targets.check
+    real_evaluate, real_check = memforge.training.evaluate.evaluate, memforge.pipelines.targets.Targets.check
 
     def flaky_evaluate(*args, **kwargs):
         calls["evaluate"] += 1
@@ -82,8 +82,8 @@ def test_build_flow_caches_finished_stages_and_reruns_what_a_param_change_reache
         calls["targets"] += 1
         return real_check(*args, **kwargs)
 
-    monkeypatch.setattr(training.evaluate, "evaluate", flaky_evaluate)
-    monkeypatch.setattr(pipelines.targets.Targets, "check", counted_check)
+    monkeypatch.setattr(memforge.training.evaluate, "evaluate", flaky_evaluate)
+    monkeypatch.setattr(memforge.pipelines.targets.Targets, "check", counted_check)
     retried = build(params_file=params, overrides=["targets.temperature=2.0", "evaluate.split_seed=1"],
                     beam_args=BEAM)
     assert retried["stages"]["evaluate"] == "Completed" and calls["evaluate"] == 2

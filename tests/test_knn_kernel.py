@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.knn import distributions, drop_ids, search_distributions
+from memforge.pipelines.knn import distributions, drop_ids, search_distributions
 
 
 def reference_row(dists, values, temperature, width):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from storage.artifact import open_artifact
-from storage.errors import ArtifactError
-from storage.lease import LEASE_NAME, Lease
-from storage.verify import verify
+from memforge.storage.artifact import open_artifact
+from memforge.storage.errors import ArtifactError
+from memforge.storage.lease import LEASE_NAME, Lease
+from memforge.storage.verify import verify
 import toy_stage
 
 TOY = str(Path(__file__).resolve().parent / "toy_stage.py")
@@ -70,7 +70,7 @@ def test_two_train_memory_runs_at_once_then_ctrl_c(chain, tmp_path, capsys):
 
     from chain import stage_args
     from crash import MEMFORGE, as_from_a_terminal
-    from flows.cli import main
+    from memforge.flows.cli import main
 
     art = tmp_path / "art"
     art.mkdir()

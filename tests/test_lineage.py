@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from flows.cli import main
-from storage.artifact import ArtifactBuild, open_artifact
-from storage.lineage import render
-from storage.shards import ShardPlan
-from storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
-from storage.verify import verify
+from memforge.flows.cli import main
+from memforge.storage.artifact import ArtifactBuild, open_artifact
+from memforge.storage.lineage import render
+from memforge.storage.shards import ShardPlan
+from memforge.storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
+from memforge.storage.verify import verify
 
 ROWS = 300
 VOCAB = 1000

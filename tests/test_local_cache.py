@@ -4,7 +4,7 @@ import subprocess
 import sys
 import tempfile
 
-from storage import local_cache
+from memforge.storage import local_cache
 
 
 def test_scratch_directories_of_dead_processes_are_removed(tmp_path, monkeypatch):

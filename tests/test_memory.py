@@ -15,15 +15,15 @@ from torch.optim.swa_utils import AveragedModel
 from transformers import AutoModel
 
 from crash import kill_when, rerun
-from flows.cli import main
-from pipelines.encoder import RepresentationCapture, load_encoder
-from storage.artifact import open_artifact
-from storage.stores import KeyStore
-from storage.verify import verify
+from memforge.flows.cli import main
+from memforge.pipelines.encoder import RepresentationCapture, load_encoder
+from memforge.storage.artifact import open_artifact
+from memforge.storage.stores import KeyStore
+from memforge.storage.verify import verify
 from chain import rewrite_manifest, stage_args
-from training.memory import moving_average
-from training.memory_data import DecoderStates, KeyStoreStates
-from training.mlp_memory import MemoryConfig, MLPMemory
+from memforge.training.memory import moving_average
+from memforge.training.memory_data import DecoderStates, KeyStoreStates
+from memforge.training.mlp_memory import MemoryConfig, MLPMemory
 
 def linked(chain, tmp_path, names=("tokens", "decoder", "keys", "index", "targets")):
     art = tmp_path / "art"
@@ -215,8 +215,8 @@ def test_the_loss_keeps_the_mass_of_tokens_not_stored():
     """KL from width-m targets plus the remainder bucket, against the KL of the full k-token distribution:
     equal when nothing is cut off, never above it otherwise (coarser distributions), and the cut-off mass
     is never renormalised onto the stored tokens."""
-    from pipelines.knn import distributions
-    from training.memory import memory_loss
+    from memforge.pipelines.knn import distributions
+    from memforge.training.memory import memory_loss
 
     rng = np.random.default_rng(0)
     n, k, vocab = 256, 64, 40

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
-from storage.errors import ParamsError
-from storage.params import Params, load_params
+from memforge.flows.cli import main
+from memforge.storage.errors import ParamsError
+from memforge.storage.params import Params, load_params
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,12 +6,12 @@ import fsspec
 import numpy as np
 from transformers import AutoTokenizer
 
-from flows.cli import main
-from pipelines.corpus import document_split, source_files
-from storage.artifact import open_artifact
-from storage.params import CorpusParams
-from storage.stores import PartOffsets, TokenStore
-from storage.verify import verify
+from memforge.flows.cli import main
+from memforge.pipelines.corpus import document_split, source_files
+from memforge.storage.artifact import open_artifact
+from memforge.storage.params import CorpusParams
+from memforge.storage.stores import PartOffsets, TokenStore
+from memforge.storage.verify import verify
 from tiny_lm import WORDS
 
 

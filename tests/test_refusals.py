@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from chain import overrides, stage_args
-from flows.cli import main
-from flows.stages import stage
-from pipelines import executor
-from pipelines.encoder import EncoderError, load_encoder
-from pipelines.named_decoder import decoder_path
-from storage.artifact import ArtifactBuild
-from storage.errors import ArtifactError
-from storage.params import load_params
-from storage.stores import KeyStore
-from storage.verify import verify
+from memforge.flows.cli import main
+from memforge.flows.stages import stage
+from memforge.pipelines import executor
+from memforge.pipelines.encoder import EncoderError, load_encoder
+from memforge.pipelines.named_decoder import decoder_path
+from memforge.storage.artifact import ArtifactBuild
+from memforge.storage.errors import ArtifactError
+from memforge.storage.params import load_params
+from memforge.storage.stores import KeyStore
+from memforge.storage.verify import verify
 from tiny_lm import WORDS, make_gpt2
 
 
@@ -187,8 +187,8 @@ def test_an_input_whose_bytes_changed_or_manifest_was_edited_is_refused(chain, t
 def test_the_default_input_check_rehashes_a_bounded_random_sample(chain, monkeypatch):
     import random
 
-    from storage import intact
-    from storage.artifact import open_artifact
+    from memforge.storage import intact
+    from memforge.storage.artifact import open_artifact
 
     keys = open_artifact(str(chain["art"] / "keys" / "train"))
     sizes = {p.relative_to(keys.uri).as_posix(): p.stat().st_size for p in Path(keys.uri).rglob("*") if p.is_file()}
@@ -205,7 +205,7 @@ def test_disk_full_is_a_named_error_and_the_rerun_resumes(chain, tmp_path, capsy
     """ENOSPC from the third shard write (Beam re-raises a worker's OSError without its errno)."""
     import errno
 
-    from storage import stores
+    from memforge.storage import stores
 
     art = linked(chain, tmp_path, ("tokens", "keys", "index"))
     Store = getattr(stores, store)
@@ -240,12 +240,12 @@ def test_faiss_cannot_train_the_factory_on_its_sample(chain, tmp_path, capsys):
 
 
 def test_out_of_memory_is_named_with_the_params_that_size_batches(chain, tmp_path, capsys, monkeypatch):
-    import training.memory
+    import memforge.training.memory
 
     def allocation_fails(*_args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(training.memory, "memory_loss", allocation_fails)
+    monkeypatch.setattr(memforge.training.memory, "memory_loss", allocation_fails)
     art = linked(chain, tmp_path, ("tokens", "decoder", "keys", "index", "targets"))
     refused(["train-memory", *stage_args(chain["root"], art)], capsys,
             "train-memory ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower "

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 
-from flows.cli import main
-from flows.stages import run_stage
-from storage.artifact import open_artifact
-from storage.params import load_params
-from storage.verify import verify
+from memforge.flows.cli import main
+from memforge.flows.stages import run_stage
+from memforge.storage.artifact import open_artifact
+from memforge.storage.params import load_params
+from memforge.storage.verify import verify
 from chain import overrides, stage_args
 
 STAGES = ("tokens", "decoder", "keys/train", "keys/validation", "index", "targets/train", "targets/validation",

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 import toy_stage
-from flows.cli import main
-from storage import fs
-from storage.artifact import BUILD_NAME, MANIFEST_NAME, REBUILD_OUTDATED, ArtifactBuild, open_artifact
-from storage.errors import ArtifactError
-from storage.shards import MARKERS_DIR, PLAN_NAME, ShardPlan, load_plan
-from storage.stores import KeyStore
-from storage.verify import verify
+from memforge.flows.cli import main
+from memforge.storage import fs
+from memforge.storage.artifact import BUILD_NAME, MANIFEST_NAME, REBUILD_OUTDATED, ArtifactBuild, open_artifact
+from memforge.storage.errors import ArtifactError
+from memforge.storage.shards import MARKERS_DIR, PLAN_NAME, ShardPlan, load_plan
+from memforge.storage.stores import KeyStore
+from memforge.storage.verify import verify
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = 600           # 64-row chunks x 2 per Zarr shard -> 128-row plan shards: 5 shards, the last one 88 rows

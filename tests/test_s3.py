@@ -8,8 +8,8 @@ import re
 from collections import Counter
 
 from chain import stage_args
-from flows.cli import main
-from flows.stages import stage_names
+from memforge.flows.cli import main
+from memforge.flows.stages import stage_names
 
 BUCKET = "memforge-test"
 
@@ -79,7 +79,7 @@ def test_encode_killed_on_s3_resumes_to_the_same_files(chain, s3_server, caplog)
     import s3fs
 
     from crash import kill_when
-    from storage.verify import verify
+    from memforge.storage.verify import verify
 
     s3 = s3fs.S3FileSystem(use_listings_cache=False)
     s3.mkdir(f"{BUCKET}-resume")
@@ -108,7 +108,7 @@ def test_targets_search_a_merged_on_disk_index_that_lies_on_s3(chain, s3_server,
     fetched once) and write the same files as the local run."""
     import s3fs
 
-    from storage import local_cache
+    from memforge.storage import local_cache
 
     index_settings = {"index.factory": "IVF16,PQ8", "index.nprobe": 4, "index.train_points_per_list": 39}
     local = tmp_path / "art"

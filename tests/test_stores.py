@@ -10,12 +10,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from storage import fs
-from storage.artifact import ArtifactBuild, open_artifact
-from storage.errors import ArtifactError
-from storage.shards import Shard, ShardMarkers, ShardPlan
-from storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore, TOKEN_SCHEMA
-from storage.verify import verify
+from memforge.storage import fs
+from memforge.storage.artifact import ArtifactBuild, open_artifact
+from memforge.storage.errors import ArtifactError
+from memforge.storage.shards import Shard, ShardMarkers, ShardPlan
+from memforge.storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore, TOKEN_SCHEMA
+from memforge.storage.verify import verify
 
 VOCAB = 1000
 

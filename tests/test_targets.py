@@ -10,11 +10,11 @@ import shutil
 import numpy as np
 import pytest
 
-from flows.cli import main
-from pipelines import faiss_index
-from storage.artifact import open_artifact
-from storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore
-from storage.verify import verify
+from memforge.flows.cli import main
+from memforge.pipelines import faiss_index
+from memforge.storage.artifact import open_artifact
+from memforge.storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore
+from memforge.storage.verify import verify
 from crash import kill_after_first_shard, rerun
 from tiny_lm import make_gpt2, write_corpus
 
@@ -97,7 +97,7 @@ def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys, monkeypat
     """IVF-PQ: recall@k is measured and reported; top-1 token agrees with the exact targets on most rows.
     The datastore rows (values.npy, keys.npy) and FAISS's files are hashed as they are written, never read
     back for it at publish."""
-    from storage import fs
+    from memforge.storage import fs
 
     hashed_by_reading, checksum = [], fs.file_checksum
     monkeypatch.setattr(fs, "file_checksum", lambda uri: hashed_by_reading.append(uri) or checksum(uri))

@@ -9,13 +9,13 @@ from uuid import uuid4
 import numpy as np
 import pytest
 
-from flows.cli import main
-from storage import fs
-from storage.artifact import ArtifactBuild, open_artifact
-from storage.errors import ArtifactError
-from storage.shards import ShardPlan, load_plan
-from storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
-from storage.verify import verify
+from memforge.flows.cli import main
+from memforge.storage import fs
+from memforge.storage.artifact import ArtifactBuild, open_artifact
+from memforge.storage.errors import ArtifactError
+from memforge.storage.shards import ShardPlan, load_plan
+from memforge.storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
+from memforge.storage.verify import verify
 
 VOCAB = 500
 N = 48          # rows of every store; 16-row storage units -> 3 shards
@@ -272,7 +272,7 @@ def test_missing_path(tmp_path, capsys):
 def test_counts_are_checked_against_what_the_manifest_records(tmp_path):
     """The manifest a racing --rebuild once published (rows but no files, no arrays), sealed with a consistent
     fingerprint and content digest: verify still finds it empty; so is an array shorter than counts.rows."""
-    from storage.artifact import content_digest, fingerprint
+    from memforge.storage.artifact import content_digest, fingerprint
 
     uri = build_keys(str(tmp_path / "keys"))
     path = Path(uri, "_manifest.json")

@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from storage.artifact import ArtifactBuild
-from storage.stores import KeyStore
+from memforge.storage.artifact import ArtifactBuild
+from memforge.storage.stores import KeyStore
 
 DIM = 16
 VOCAB = 1000

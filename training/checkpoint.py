@@ -16,8 +16,8 @@ import logging
 import torch
 from safetensors.torch import load, save
 
-from storage import fs
-from storage.artifact import CHECKPOINTS_DIR
+from memforge.storage import fs
+from memforge.storage.artifact import CHECKPOINTS_DIR
 
 log = logging.getLogger("memforge")
 

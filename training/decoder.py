@@ -17,18 +17,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipelines import devices
-from pipelines.encoder import retie_output_embeddings
-from pipelines.stage import Published
-from pipelines.tokenizer import check_same_tokenizer, load_tokenizer
-from storage import fs, local_cache
-from storage.errors import MemforgeError
-from storage.stores import TOKENIZER_DIR
-from training.checkpoint import DIR as CHECKPOINTS_DIR
-from training.checkpoint import Checkpoints
-from training.lm_eval import perplexity, target_log_probs, unigram_log_probs
-from training.optim import adamw, apply_gradients, learning_rate_at, set_learning_rate
-from training.token_stream import TokenStream
+from memforge.pipelines import devices
+from memforge.pipelines.encoder import retie_output_embeddings
+from memforge.pipelines.stage import Published
+from memforge.pipelines.tokenizer import check_same_tokenizer, load_tokenizer
+from memforge.storage import fs, local_cache
+from memforge.storage.errors import MemforgeError
+from memforge.storage.stores import TOKENIZER_DIR
+from memforge.training.checkpoint import DIR as CHECKPOINTS_DIR
+from memforge.training.checkpoint import Checkpoints
+from memforge.training.lm_eval import perplexity, target_log_probs, unigram_log_probs
+from memforge.training.optim import adamw, apply_gradients, learning_rate_at, set_learning_rate
+from memforge.training.token_stream import TokenStream
 
 log = logging.getLogger("memforge")
 

@@ -2,8 +2,8 @@
 so listing the stages (CLI, dvc.yaml, lineage) stays quick; the training itself is ``training.decoder``."""
 from __future__ import annotations
 
-from pipelines.stage import Context, Published, Stage
-from storage.errors import MemforgeError
+from memforge.pipelines.stage import Context, Published, Stage
+from memforge.storage.errors import MemforgeError
 
 
 class TrainDecoder(Stage):
@@ -20,7 +20,7 @@ class TrainDecoder(Stage):
     execution = ("decoder.checkpoint_every", "decoder.device")
 
     def check(self, ctx: Context) -> None:
-        from pipelines import devices
+        from memforge.pipelines import devices
 
         tokens, block_size = ctx.inputs["tokens"], ctx.params.decoder.block_size
         n_tokens = tokens.manifest["counts"]["train_tokens"]
@@ -33,6 +33,6 @@ class TrainDecoder(Stage):
         return ctx.params.values(self.content, strip="decoder")
 
     def run(self, ctx: Context, role: str, build) -> Published:
-        from training.decoder import train_decoder
+        from memforge.training.decoder import train_decoder
 
         return train_decoder(ctx.params.decoder, ctx.inputs["tokens"], build.uri, ctx.scratch["device"])

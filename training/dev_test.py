@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage.errors import MemforgeError
+from memforge.storage.errors import MemforgeError
 
 
 def split_by_document(docs: np.ndarray, dev_fraction: float, seed: int) -> np.ndarray:

@@ -31,18 +31,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines import devices, faiss_index
-from pipelines.datastore_rows import DatastoreRows
-from pipelines.encoder import RepresentationCapture, load_encoder
-from pipelines.stage import Published
-from pipelines.windows import window_batches, windows_for_rows
-from storage import fs
-from storage.shards import load_plan
-from storage.stores import PartOffsets, TokenStore
-from training.dev_test import split_by_document
-from training.mlp_memory import MLPMemory
-from training.lm_eval import log_probs_at, perplexity
-from training.token_stream import TokenStream
+from memforge.pipelines import devices, faiss_index
+from memforge.pipelines.datastore_rows import DatastoreRows
+from memforge.pipelines.encoder import RepresentationCapture, load_encoder
+from memforge.pipelines.stage import Published
+from memforge.pipelines.windows import window_batches, windows_for_rows
+from memforge.storage import fs
+from memforge.storage.shards import load_plan
+from memforge.storage.stores import PartOffsets, TokenStore
+from memforge.training.dev_test import split_by_document
+from memforge.training.mlp_memory import MLPMemory
+from memforge.training.lm_eval import log_probs_at, perplexity
+from memforge.training.token_stream import TokenStream
 
 log = logging.getLogger("memforge")
 
@@ -287,7 +287,7 @@ def _metrics(log_probs: dict, is_dev: np.ndarray, choice: Choice, timings: dict,
 
 def _write_outputs(uri: str, metrics: dict, sweep: list[dict], log_probs: dict, is_dev: np.ndarray,
                    scorer: Scorer, inputs: dict) -> None:
-    from training import plots
+    from memforge.training import plots
 
     fs.write_json_atomic(fs.join(uri, "metrics.json"), metrics)
     fs.write_json_atomic(fs.join(uri, "lambda.json"), sweep)

@@ -2,10 +2,10 @@
 listing the stages (CLI, dvc.yaml, lineage) stays quick; the scoring itself is ``training.evaluate``."""
 from __future__ import annotations
 
-from pipelines.named_decoder import decoder_inputs, decoder_path, external_decoder
-from pipelines.stage import Context, Published, Stage
-from storage.artifact import built_from, recorded_input
-from storage.errors import MemforgeError
+from memforge.pipelines.named_decoder import decoder_inputs, decoder_path, external_decoder
+from memforge.pipelines.stage import Context, Published, Stage
+from memforge.storage.artifact import built_from, recorded_input
+from memforge.storage.errors import MemforgeError
 
 
 class Evaluate(Stage):
@@ -28,8 +28,8 @@ class Evaluate(Stage):
         return self.inputs[:4] + decoder_inputs(ctx.params)
 
     def check(self, ctx: Context) -> None:
-        from pipelines import devices
-        from pipelines.encoder import model_fingerprint
+        from memforge.pipelines import devices
+        from memforge.pipelines.encoder import model_fingerprint
 
         ctx.scratch["device"] = devices.use(ctx.params.evaluate.device, "evaluate.device")
         queries, index = ctx.inputs["keys/validation"], ctx.inputs["index"]
@@ -64,6 +64,6 @@ class Evaluate(Stage):
                 "memory": ctx.inputs["memory"], **named}
 
     def run(self, ctx: Context, role: str, build) -> Published:
-        from training.evaluate import evaluate
+        from memforge.training.evaluate import evaluate
 
         return evaluate(ctx.params, ctx.scratch["decoder_path"], ctx.inputs, build.uri, ctx.scratch["device"])

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from training.token_stream import TokenStream
+from memforge.training.token_stream import TokenStream
 
 
 @torch.inference_mode()

@@ -18,18 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from pipelines import devices
-from pipelines.encoder import RepresentationCapture, hidden_size
-from pipelines.stage import Published
-from storage import fs
-from storage.artifact import Artifact, built_from, recorded_input
-from storage.errors import MemforgeError
-from storage.stores import DistributionStore, KeyStore
-from training.checkpoint import DIR as CHECKPOINTS_DIR
-from training.checkpoint import Checkpoints
-from training.memory_data import DecoderStates, KeyStoreStates, MemoryRows
-from training.mlp_memory import MemoryConfig, MLPMemory
-from training.optim import adamw, apply_gradients, learning_rate_at, set_learning_rate
+from memforge.pipelines import devices
+from memforge.pipelines.encoder import RepresentationCapture, hidden_size
+from memforge.pipelines.stage import Published
+from memforge.storage import fs
+from memforge.storage.artifact import Artifact, built_from, recorded_input
+from memforge.storage.errors import MemforgeError
+from memforge.storage.stores import DistributionStore, KeyStore
+from memforge.training.checkpoint import DIR as CHECKPOINTS_DIR
+from memforge.training.checkpoint import Checkpoints
+from memforge.training.memory_data import DecoderStates, KeyStoreStates, MemoryRows
+from memforge.training.mlp_memory import MemoryConfig, MLPMemory
+from memforge.training.optim import adamw, apply_gradients, learning_rate_at, set_learning_rate
 
 log = logging.getLogger("memforge")
 

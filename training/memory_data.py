@@ -14,8 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
-from pipelines.windows import encode_rows
-from storage.stores import DistributionStore, KeyStore, PartOffsets, TokenStore
+from memforge.pipelines.windows import encode_rows
+from memforge.storage.stores import DistributionStore, KeyStore, PartOffsets, TokenStore
 
 
 class KeyStoreStates:

@@ -2,8 +2,8 @@
 so listing the stages (CLI, dvc.yaml, lineage) stays quick; the training itself is ``training.memory``."""
 from __future__ import annotations
 
-from pipelines.named_decoder import decoder_inputs, decoder_path, external_decoder
-from pipelines.stage import Context, Published, Stage
+from memforge.pipelines.named_decoder import decoder_inputs, decoder_path, external_decoder
+from memforge.pipelines.stage import Context, Published, Stage
 
 
 class TrainMemory(Stage):
@@ -25,9 +25,9 @@ class TrainMemory(Stage):
         return self.inputs[:3] + decoder_inputs(ctx.params)
 
     def check(self, ctx: Context) -> None:
-        from pipelines import devices
-        from pipelines.encoder import hidden_size, load_encoder, model_fingerprint, transformer_blocks
-        from training.memory import check_shape, check_targets, resolves_offline
+        from memforge.pipelines import devices
+        from memforge.pipelines.encoder import hidden_size, load_encoder, model_fingerprint, transformer_blocks
+        from memforge.training.memory import check_shape, check_targets, resolves_offline
 
         ctx.scratch["device"] = devices.use(ctx.params.memory.device, "memory.device")
         path = ctx.scratch["decoder_path"] = decoder_path(ctx)
@@ -49,7 +49,7 @@ class TrainMemory(Stage):
         return {"targets": ctx.inputs["targets/train"], "keys": ctx.inputs["keys/train"], **named}
 
     def run(self, ctx: Context, role: str, build) -> Published:
-        from training.memory import train_memory
+        from memforge.training.memory import train_memory
 
         return train_memory(ctx.params, ctx.scratch["decoder"], ctx.scratch["offline"], ctx.inputs, build.uri,
                             ctx.scratch["device"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from storage import fs
+from memforge.storage import fs
 
 MODELS = (("knnlm", "kNN-LM", "knn_lambda", "tab:blue"), ("memory", "decoder + memory", "memory_lambda", "tab:orange"))
 

@@ -10,8 +10,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from storage.artifact import Artifact
-from storage.stores import PartOffsets, TokenStore
+from memforge.storage.artifact import Artifact
+from memforge.storage.stores import PartOffsets, TokenStore
 
 
 class TokenStream:

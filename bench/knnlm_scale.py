@@ -40,9 +40,9 @@ import faiss
 import numpy as np
 import torch
 
-from storage import fs
-from storage.artifact import open_artifact
-from storage.params import Params
+from memforge.storage import fs
+from memforge.storage.artifact import open_artifact
+from memforge.storage.params import Params
 
 log = logging.getLogger("memforge")
 
@@ -94,7 +94,7 @@ def add_to_lists(index: faiss.Index, keys: np.ndarray, lists: np.ndarray) -> Non
 
 def _small_datastore(ws) -> Params:
     """The ``KNN_SCALE`` x corpus encoded by the small model (prepared and encoded once)."""
-    from flows.stages import run_stage
+    from memforge.flows.stages import run_stage
 
     params = ws.params(KNN_SCALE, "small")
     if not fs.exists(fs.join(params.artifacts_dir, "keys", "train", "_manifest.json")):
@@ -104,14 +104,14 @@ def _small_datastore(ws) -> Params:
 
 def knnlm_sweep(ws, scale_params: Params) -> dict:
     """Time decoder, kNN-LM (reference configuration) and decoder + memory at each of ``SIZES``."""
-    from flows import bench_scale
-    from pipelines import faiss_index
-    from pipelines.datastore_rows import DatastoreRows, KEYS, VALUES
-    from pipelines.encoder import load_encoder
-    from storage.stores import KeyStore
-    from training.evaluate import Scorer, score_three_ways
-    from training.memory import build_memory
-    from training.token_stream import TokenStream
+    from memforge.bench import scale as bench_scale
+    from memforge.pipelines import faiss_index
+    from memforge.pipelines.datastore_rows import DatastoreRows, KEYS, VALUES
+    from memforge.pipelines.encoder import load_encoder
+    from memforge.storage.stores import KeyStore
+    from memforge.training.evaluate import Scorer, score_three_ways
+    from memforge.training.memory import build_memory
+    from memforge.training.token_stream import TokenStream
 
     params = _small_datastore(ws)
     art = params.artifacts_dir

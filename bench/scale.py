@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import fs
-from storage.artifact import open_artifact
-from storage.params import Params, parse_params
+from memforge.storage import fs
+from memforge.storage.artifact import open_artifact
+from memforge.storage.params import Params, parse_params
 
 SCALES = (1, 2, 4, 8)
 SCALE_MEMORY_STEPS = 300
@@ -85,7 +85,7 @@ def fit_exponent(sizes, values) -> float:
 def run_sizes(ws, scales=SCALES) -> dict:
     """Build each size's datastore stage by stage (one process each); per stage and size: seconds, peak RSS,
     disk bytes, and the count they are per."""
-    from flows.bench import _peak_tree_memory
+    from memforge.bench.run import _peak_tree_memory
 
     memforge = str(Path(sys.executable).parent / "memforge")
     sizes: dict = {}
@@ -183,7 +183,7 @@ def plot(table: dict, knnlm: dict | None, path: Path) -> None:
 def bench_scale(ws, out_dir: str) -> dict:
     """The scale sweep and the kNN-LM sweep; writes ``scale.json`` and ``scale.png`` into ``out_dir``;
     returns the headline figures flat."""
-    from flows import bench_knnlm_scale
+    from memforge.bench import knnlm_scale as bench_knnlm_scale
 
     sizes = run_sizes(ws)
     table = summarise(sizes)

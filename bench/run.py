@@ -25,10 +25,10 @@ from typing import NamedTuple
 
 import psutil
 
-from storage import fs
-from storage.artifact import open_artifact
-from storage.errors import MemforgeError
-from storage.params import Params, load_params, parse_params
+from memforge.storage import fs
+from memforge.storage.artifact import open_artifact
+from memforge.storage.errors import MemforgeError
+from memforge.storage.params import Params, load_params, parse_params
 
 MODELS = {"tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2}, "small": {"n_layer": 4, "n_embd": 128, "n_head": 4}}
 SHAPES = {**MODELS, "gpt2-small": {"n_layer": 12, "n_embd": 768, "n_head": 12}}  # the GPU bench's encoder
@@ -52,8 +52,8 @@ class Workspace:
             import torch
             from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-            from pipelines.corpus import read_documents, source_files
-            from pipelines.tokenizer import train_tokenizer
+            from memforge.pipelines.corpus import read_documents, source_files
+            from memforge.pipelines.tokenizer import train_tokenizer
 
             path = self.root / f"model-{name}"
             corpus = parse_params({"corpus": self.corpus(1)}).corpus
@@ -80,7 +80,7 @@ class Workspace:
                        "num_workers": 2, "threads_per_worker": 1},
         })
         if scale not in self._prepared:
-            from flows.stages import run_stage
+            from memforge.flows.stages import run_stage
 
             run_stage("prepare", params)
             self._prepared[scale] = params
@@ -97,10 +97,10 @@ def _bare_encode_rows_per_second(params: Params, hooked: bool = False) -> tuple[
     import numpy as np
     import torch
 
-    from pipelines.encoder import RepresentationCapture, load_encoder
-    from pipelines.windows import windows_for_rows
-    from storage.paths import SPLITS, artifact_uri
-    from storage.stores import PartOffsets, TokenStore
+    from memforge.pipelines.encoder import RepresentationCapture, load_encoder
+    from memforge.pipelines.windows import windows_for_rows
+    from memforge.storage.paths import SPLITS, artifact_uri
+    from memforge.storage.stores import PartOffsets, TokenStore
 
     tokens = open_artifact(artifact_uri(params.artifacts_dir, "tokens"), "tokens")
     model = load_encoder(params.encode.model)
@@ -131,7 +131,7 @@ def _bare_encode_rows_per_second(params: Params, hooked: bool = False) -> tuple[
 def bench_encode(ws: Workspace) -> dict:
     """encode_vs_bare: stage rows/s (wall time of the whole stage) / bare forward-loop rows/s;
     encode_vs_bare_hooked: the same against a bare loop that also stops at the captured layer."""
-    from flows.stages import run_stage
+    from memforge.flows.stages import run_stage
 
     figures = {}
     for name in MODELS:
@@ -225,7 +225,7 @@ def bench_storage(ws: Workspace) -> dict:
     n_tokens = tokens.manifest["counts"]["train_tokens"] + tokens.manifest["counts"]["validation_tokens"]
     keys = fs.join(params.artifacts_dir, "keys", "train")
     if not fs.exists(fs.join(keys, "_manifest.json")):
-        from flows.stages import run_stage
+        from memforge.flows.stages import run_stage
 
         run_stage("encode", params)
     manifest = open_artifact(keys).manifest
@@ -253,7 +253,7 @@ BENCH_TARGETS = {"k": 64, "temperature": 16.0, "keep_neighbours": True, "shard_c
 
 def _faiss_params(ws: Workspace) -> Params:
     """The 1x tiny-model datastore (encoded once) with the bench's index and target configuration."""
-    from flows.stages import run_stage
+    from memforge.flows.stages import run_stage
 
     params = ws.params(1, "tiny")
     if not fs.exists(fs.join(params.artifacts_dir, "keys", "train", "_manifest.json")):
@@ -270,8 +270,8 @@ def _bare_index_seconds(params: Params) -> float:
     import faiss
     import numpy as np
 
-    from pipelines import faiss_index
-    from storage.stores import KeyStore
+    from memforge.pipelines import faiss_index
+    from memforge.storage.stores import KeyStore
 
     keys = KeyStore.open(fs.join(params.artifacts_dir, "keys", "train"))
     vectors = np.ascontiguousarray(keys.keys(), dtype=np.float32)
@@ -307,9 +307,9 @@ def _targets_vs_bare(variants: list[Params], bare_index, nprobe: int,
     import faiss
     import numpy as np
 
-    from pipelines import faiss_index
-    from flows.stages import run_stage
-    from storage.stores import KeyStore
+    from memforge.pipelines import faiss_index
+    from memforge.flows.stages import run_stage
+    from memforge.storage.stores import KeyStore
 
     first = variants[0]
     splits = [(np.ascontiguousarray(KeyStore.open(fs.join(first.artifacts_dir, "keys", split)).keys(),
@@ -344,8 +344,8 @@ def _targets_vs_bare(variants: list[Params], bare_index, nprobe: int,
 def bench_faiss(ws: Workspace) -> dict:
     """index_vs_bare: bare train+add time / index stage time; targets_vs_bare: targets stage rows/s /
     bare index.search rows/s (same index, k and nprobe); bytes per row of the target stores."""
-    from pipelines import faiss_index
-    from flows.stages import run_stage
+    from memforge.pipelines import faiss_index
+    from memforge.flows.stages import run_stage
 
     params = _faiss_params(ws)
     bare_before = _bare_index_seconds(params)  # before and after the stage, averaged (see _targets_vs_bare)
@@ -433,7 +433,7 @@ def bench_memory(ws: Workspace) -> dict:
     """memory_vs_decoder, memory_vs_knnlm: tokens/s of decoder + memory ÷ decoder alone and ÷ kNN-LM over
     the same validation tokens in one process, each the median of ``MEMORY_RUNS`` ``evaluate`` runs over
     the demo's artifacts (``artifacts_dir`` of ./params.yaml, built by ``memforge run``)."""
-    from flows.stages import run_stage
+    from memforge.flows.stages import run_stage
 
     params = load_params()
     demo = demo_artifacts(params)
@@ -465,8 +465,8 @@ def bench_dask(ws: Workspace) -> dict:
     on 127.0.0.1 (``encode.num_workers`` workers of ``encode.threads_per_worker`` threads) ÷ on the default
     local runner with the same workers and threads, same data and params (the 1x datastore, the faiss part's
     index); each the wall time of the whole stage, local first."""
-    from flows.dask_cluster import local_dask_cluster
-    from flows.stages import run_stage
+    from memforge.flows.dask_cluster import local_dask_cluster
+    from memforge.flows.stages import run_stage
 
     params = _faiss_params(ws)
     if not fs.exists(fs.join(params.artifacts_dir, "index", "_manifest.json")):
@@ -493,14 +493,14 @@ def bench_dask(ws: Workspace) -> dict:
 def bench_scale(ws: Workspace) -> dict:
     """How time, memory and disk grow with N, and kNN-LM against the memory up to 33 M keys
     (``flows.bench_scale``); only when asked for (``--only scale``: ~40 minutes)."""
-    from flows import bench_scale as scale
+    from memforge.bench import scale
 
     return scale.bench_scale(ws, ws.out_dir)
 
 
 def bench_gpu(ws: Workspace) -> dict:
     """The torch stages and FAISS on a CUDA GPU (``flows.bench_gpu``); only when asked for (``--only gpu``)."""
-    from flows import bench_gpu as on_gpu
+    from memforge.bench import gpu as on_gpu
 
     return on_gpu.bench_gpu(ws)
 

@@ -26,11 +26,11 @@ import time
 
 import numpy as np
 
-from storage import fs
-from storage.artifact import open_artifact
-from storage.errors import MemforgeError
-from storage.params import Params
-from flows.bench import SHAPES
+from memforge.storage import fs
+from memforge.storage.artifact import open_artifact
+from memforge.storage.errors import MemforgeError
+from memforge.storage.params import Params
+from memforge.bench.run import SHAPES
 
 ENCODER = "gpt2-small"
 log = logging.getLogger("memforge")
@@ -54,10 +54,10 @@ def _bare_gpu_rows_per_second(params: Params) -> float:
     """Rows/s of a bare HF forward loop on the GPU over the encode stage's windows and batch size."""
     import torch
 
-    from pipelines.encoder import load_encoder
-    from pipelines.windows import window_batches, windows_for_rows
-    from storage.paths import SPLITS, artifact_uri
-    from storage.stores import PartOffsets, TokenStore
+    from memforge.pipelines.encoder import load_encoder
+    from memforge.pipelines.windows import window_batches, windows_for_rows
+    from memforge.storage.paths import SPLITS, artifact_uri
+    from memforge.storage.stores import PartOffsets, TokenStore
 
     tokens = open_artifact(artifact_uri(params.artifacts_dir, "tokens"), "tokens")
     model = load_encoder(params.encode.model).to(DEVICE)
@@ -86,10 +86,10 @@ def _keys_against_cpu(params: Params) -> dict:
     which are many ULPs of an element close to zero but nothing a distance can see. Also reported: the
     float32 GPU and CPU keys' largest difference before rounding, relative to the row's scale.
     """
-    from pipelines.encoder import RepresentationCapture, load_encoder
-    from pipelines.windows import encode_rows
-    from storage.paths import artifact_uri
-    from storage.stores import KeyStore, PartOffsets, TokenStore
+    from memforge.pipelines.encoder import RepresentationCapture, load_encoder
+    from memforge.pipelines.windows import encode_rows
+    from memforge.storage.paths import artifact_uri
+    from memforge.storage.stores import KeyStore, PartOffsets, TokenStore
 
     tokens = open_artifact(artifact_uri(params.artifacts_dir, "tokens"), "tokens")
     model = load_encoder(params.encode.model)
@@ -118,7 +118,7 @@ def _steady_rows_per_second(params: Params, started: float) -> tuple[float, floa
     """(rows/s once every worker has finished its first shard, seconds from the stage's start to the first
     finished shard) from the shard markers' times: the first round of shards carries the workers' start-up
     (processes importing torch, CUDA contexts, models loaded), which a 100 M-token run pays once."""
-    from storage.shards import MARKERS_DIR
+    from memforge.storage.shards import MARKERS_DIR
 
     done = []
     for split in ("train", "validation"):
@@ -132,7 +132,7 @@ def _steady_rows_per_second(params: Params, started: float) -> tuple[float, floa
 
 
 def _encode_on_gpu(ws) -> dict:
-    from flows.stages import run_stage
+    from memforge.flows.stages import run_stage
 
     params = _with(ws.params(ENCODE_SCALE, ENCODER), encode=ENCODE)
     started, wall = time.perf_counter(), time.time()
@@ -155,7 +155,7 @@ def _run_killed(params: Params, where: str) -> None:
     config = fs.join(where, "params-killed.json")
     fs.write_json_atomic(config, params.model_dump(mode="json"))
     marker = fs.join(params.artifacts_dir, "memory", "_checkpoints", f"step-{KILL_AT:07d}", "trainer.json")
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "train-memory", "--params", config],
+    process = subprocess.Popen([sys.executable, "-m", "memforge.flows.cli", "train-memory", "--params", config],
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while not fs.exists(marker):
         if process.poll() is not None:
@@ -168,7 +168,7 @@ def _run_killed(params: Params, where: str) -> None:
 
 def _training_on_gpu(ws) -> dict:
     """The 1x datastore encoded, indexed and targeted, then the memory trained and evaluated on the GPU."""
-    from flows.stages import run_stage
+    from memforge.flows.stages import run_stage
 
     base = _with(ws.params(1, ENCODER), encode=ENCODE, index=INDEX, memory=MEMORY)
     for name in ("encode", "index", "targets"):
@@ -206,7 +206,7 @@ def _faiss_on_gpu(params: Params) -> dict:
     """Targets rows/s with GPU FAISS ÷ CPU FAISS, and recall of the GPU-trained index ÷ the CPU-trained one."""
     import faiss
 
-    from flows.stages import run_stage
+    from memforge.flows.stages import run_stage
 
     if not getattr(faiss, "get_num_gpus", lambda: 0)():
         return {"faiss_gpu": f"not available: FAISS {faiss.__version__} is a CPU build (pip install 'memforge[gpu]')"}

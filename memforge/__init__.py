@@ -1,0 +1,1 @@
+"""memforge: build, version and read MLP Memory training data."""
