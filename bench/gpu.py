@@ -39,7 +39,8 @@ DEVICE = "cuda"
 ENCODE_SCALE = 16  # corpus megabytes for encode_gpu_vs_bare: Beam's fixed start-up cost must be amortised
 CHECK_ROWS = 4096  # train rows whose GPU keys are compared with CPU keys
 # Four worker processes share the GPU: while one writes its shard (compression, checksums), the others compute.
-ENCODE = {"device": DEVICE, "batch_size": 32, "num_workers": 4, "threads_per_worker": 4}
+ENCODE = {"device": DEVICE, "batch_size": 32}
+RUNTIME = {"num_workers": 4, "threads_per_worker": 4}
 INDEX = {"factory": "IVF1024,PQ64", "train_points_per_list": 39, "nprobe": 32}
 MEMORY = {"depth": 2, "batch_size": 256, "max_steps": 300, "checkpoint_every": 100, "warmup_steps": 20}
 KILL_AT = 200  # the interrupted runs are killed once this step's checkpoint is written
@@ -126,7 +127,7 @@ def _steady_rows_per_second(params: Params, started: float) -> tuple[float, floa
         done += [(os.path.getmtime(fs.join(markers, name)), fs.read_json(fs.join(markers, name))["stats"]["rows"])
                  for name in fs.list_files(markers) if name.endswith(".json")]
     done.sort()
-    first_round = params.encode.num_workers
+    first_round = params.runtime.num_workers
     rows = sum(count for _, count in done[first_round:])
     return rows / (done[-1][0] - done[first_round - 1][0]), done[0][0] - started
 
@@ -134,7 +135,7 @@ def _steady_rows_per_second(params: Params, started: float) -> tuple[float, floa
 def _encode_on_gpu(ws) -> dict:
     from memforge.flows.stages import run_stage
 
-    params = _with(ws.params(ENCODE_SCALE, ENCODER), encode=ENCODE)
+    params = _with(ws.params(ENCODE_SCALE, ENCODER), encode=ENCODE, runtime=RUNTIME)
     started, wall = time.perf_counter(), time.time()
     run_stage("encode", params, rebuild=True)
     seconds = time.perf_counter() - started
@@ -170,7 +171,7 @@ def _training_on_gpu(ws) -> dict:
     """The 1x datastore encoded, indexed and targeted, then the memory trained and evaluated on the GPU."""
     from memforge.flows.stages import run_stage
 
-    base = _with(ws.params(1, ENCODER), encode=ENCODE, index=INDEX, memory=MEMORY)
+    base = _with(ws.params(1, ENCODER), encode=ENCODE, runtime=RUNTIME, index=INDEX, memory=MEMORY)
     for name in ("encode", "index", "targets"):
         run_stage(name, base)
     figures = {}
@@ -209,7 +210,7 @@ def _faiss_on_gpu(params: Params) -> dict:
     from memforge.flows.stages import run_stage
 
     if not getattr(faiss, "get_num_gpus", lambda: 0)():
-        return {"faiss_gpu": f"not available: FAISS {faiss.__version__} is a CPU build (pip install 'memforge[gpu]')"}
+        return {"faiss_gpu": f"not available: FAISS {faiss.__version__} is a CPU build (pip install 'memforge-mlp[gpu]')"}
     figures = {}
     for device in ("cpu", "cuda"):
         on = _with(params, index={"device": device})

@@ -76,8 +76,8 @@ class Workspace:
         """Params for an encode of the ``scale``x corpus with ``model`` (prepared once per scale)."""
         params = parse_params({
             "artifacts_dir": str(self.root / f"art-{scale}x"), "corpus": self.corpus(scale),
-            "encode": {"model": str(self.model("tiny")), "block_size": BLOCK, "stride": STRIDE, "batch_size": 8,
-                       "num_workers": 2, "threads_per_worker": 1},
+            "encode": {"model": str(self.model("tiny")), "block_size": BLOCK, "stride": STRIDE, "batch_size": 8},
+            "runtime": {"num_workers": 2, "threads_per_worker": 1},
         })
         if scale not in self._prepared:
             from memforge.flows.stages import run_stage
@@ -104,7 +104,7 @@ def _bare_encode_rows_per_second(params: Params, hooked: bool = False) -> tuple[
 
     tokens = open_artifact(artifact_uri(params.artifacts_dir, "tokens"), "tokens")
     model = load_encoder(params.encode.model)
-    torch.set_num_threads(params.encode.num_workers * params.encode.threads_per_worker)
+    torch.set_num_threads(params.runtime.num_workers * params.runtime.threads_per_worker)
     batches, rows = [], 0
     for split in SPLITS:
         offsets = PartOffsets.from_json(tokens.manifest["stats"]["splits"][split]["parts"])
@@ -275,7 +275,7 @@ def _bare_index_seconds(params: Params) -> float:
 
     keys = KeyStore.open(fs.join(params.artifacts_dir, "keys", "train"))
     vectors = np.ascontiguousarray(keys.keys(), dtype=np.float32)
-    faiss.omp_set_num_threads(params.encode.num_workers * params.encode.threads_per_worker)
+    faiss.omp_set_num_threads(params.runtime.num_workers * params.runtime.threads_per_worker)
     started = time.perf_counter()
     index = faiss_index.build_empty(params.index.factory, keys.dim)
     nlist = faiss_index.ivf_of(index).nlist
@@ -318,7 +318,7 @@ def _targets_vs_bare(variants: list[Params], bare_index, nprobe: int,
 
     def bare_seconds() -> float:
         faiss_index.set_nprobe(bare_index, nprobe)
-        faiss.omp_set_num_threads(first.encode.num_workers * first.encode.threads_per_worker)
+        faiss.omp_set_num_threads(first.runtime.num_workers * first.runtime.threads_per_worker)
         started = time.perf_counter()
         for queries, extra in splits:
             bare_index.search(queries, first.targets.k + extra)
@@ -462,7 +462,7 @@ def bench_memory(ws: Workspace) -> dict:
 
 def bench_dask(ws: Workspace) -> dict:
     """encode_dask_vs_local, targets_dask_vs_local: the stage's rows/s on a Dask cluster of separate processes
-    on 127.0.0.1 (``encode.num_workers`` workers of ``encode.threads_per_worker`` threads) ÷ on the default
+    on 127.0.0.1 (``runtime.num_workers`` workers of ``runtime.threads_per_worker`` threads) ÷ on the default
     local runner with the same workers and threads, same data and params (the 1x datastore, the faiss part's
     index); each the wall time of the whole stage, local first."""
     from memforge.flows.dask_cluster import local_dask_cluster
@@ -471,9 +471,9 @@ def bench_dask(ws: Workspace) -> dict:
     params = _faiss_params(ws)
     if not fs.exists(fs.join(params.artifacts_dir, "index", "_manifest.json")):
         run_stage("index", params)
-    figures: dict = {"dask_workers": params.encode.num_workers,
-                     "dask_threads_per_worker": params.encode.threads_per_worker}
-    workers, threads = params.encode.num_workers, params.encode.threads_per_worker
+    figures: dict = {"dask_workers": params.runtime.num_workers,
+                     "dask_threads_per_worker": params.runtime.threads_per_worker}
+    workers, threads = params.runtime.num_workers, params.runtime.threads_per_worker
     with local_dask_cluster(workers, threads, ws.root / "dask") as address:
         on_dask = ("--runner=dask", f"--dask_client_address={address}")
         for name, output in (("encode", "keys"), ("targets", "targets")):

@@ -77,7 +77,7 @@ def encoder_spec(params, model_uri: str, model_key: str) -> dict:
 
     device = devices.resolve(params.encode.device, "encode.device")  # before any work: a missing GPU is named
     model_path = local_cache.local_path(model_uri, model_key)
-    model = load_encoder(model_path, params.encode.trust_remote_code)
+    model = load_encoder(model_path, params.runtime.trust_remote_code)
     limit = max_positions(model)
     if limit is not None and params.encode.block_size > limit:
         raise EncoderError(f"encode.block_size: {params.encode.block_size} exceeds the maximum positions "
@@ -87,9 +87,9 @@ def encoder_spec(params, model_uri: str, model_key: str) -> dict:
         "model_uri": model_uri, "model_key": model_key, "model_fingerprint": model_fingerprint(model_path),
         "model_class": type(model).__name__, "vocab_size": int(model.config.vocab_size),
         "hidden_size": hidden_size(model), "max_positions": limit,
-        "trust_remote_code": params.encode.trust_remote_code, "representation": params.encode.representation,
+        "trust_remote_code": params.runtime.trust_remote_code, "representation": params.encode.representation,
         "layer": params.encode.layer, "block_size": params.encode.block_size, "stride": params.encode.stride,
-        "batch_size": params.encode.batch_size, "threads": params.encode.threads_per_worker,
+        "batch_size": params.encode.batch_size, "threads": params.runtime.threads_per_worker,
         "device": device, "precision": params.encode.precision, "key_dtype": params.encode.dtype,
     }
 
@@ -105,7 +105,7 @@ class Encode(Stage):
     content = ("encode.model", "encode.layer", "encode.representation", "encode.dtype", "encode.block_size",
                "encode.stride", "encode.precision")
     layout = ("encode.chunk_rows", "encode.shard_chunks")
-    execution = ("encode.batch_size", "encode.num_workers", "encode.threads_per_worker", "encode.trust_remote_code",
+    execution = ("encode.batch_size", "runtime.num_workers", "runtime.threads_per_worker", "runtime.trust_remote_code",
                  "encode.device")
     sharded = True
     progress_unit = "tokens"
@@ -125,7 +125,7 @@ class Encode(Stage):
             with tempfile.TemporaryDirectory() as scratch:
                 store_tokenizer = load_tokenizer(fs.local_dir(tokens.path(TOKENIZER_DIR), scratch))
             check_same_tokenizer(local_cache.local_path(model_uri, model_key), store_tokenizer, "encode.model",
-                                 ctx.params.encode.trust_remote_code, named=model_uri)
+                                 ctx.params.runtime.trust_remote_code, named=model_uri)
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         spec = ctx.scratch["spec"]

@@ -31,7 +31,7 @@ from memforge.storage.params_view import ParamsView
 from memforge.storage.shards import Shard, ShardMarkers, ShardPlan
 
 log = logging.getLogger("memforge")
-WORKERS_KEY = "encode.num_workers"  # Beam workers of the local runner; declared by every sharded stage
+WORKERS_KEY = "runtime.num_workers"  # Beam workers of the local runner; declared by every sharded stage
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # the process that wrote a shard, in its marker (provenance)
 
 

@@ -20,15 +20,15 @@ MERGED_DATA = "merged.ivfdata"
 
 
 def worker_threads(params) -> int:
-    """FAISS threads per Beam worker: ``index.threads``, else ``encode.threads_per_worker``."""
-    return params.index.threads or params.encode.threads_per_worker
+    """FAISS threads per Beam worker: ``index.threads``, else ``runtime.threads_per_worker``."""
+    return params.index.threads or params.runtime.threads_per_worker
 
 
 def faiss_gpu(setting: str, key: str = "index.device") -> str | int | None:
     """Where FAISS runs for ``setting``: None (the CPU), a GPU number, or ``"all"`` (every GPU it sees).
 
     ``auto`` and ``cuda`` take every GPU this FAISS build sees, ``cuda:N`` that one. With the CPU build
-    (faiss-cpu; ``memforge[gpu]`` installs faiss-gpu) it runs on the CPU and says so in one log line when
+    (faiss-cpu; ``memforge-mlp[gpu]`` installs faiss-gpu) it runs on the CPU and says so in one log line when
     a GPU is there. A GPU asked for that the machine lacks is an error naming ``key``.
     """
     if setting == "cpu":
@@ -40,7 +40,7 @@ def faiss_gpu(setting: str, key: str = "index.device") -> str | int | None:
         return None
     if not getattr(faiss, "get_num_gpus", lambda: 0)():
         log.warning("%s: %s, but this FAISS %s is a CPU build: FAISS runs on the CPU (install faiss-gpu: "
-                    "pip install 'memforge[gpu]')", key, resolved, faiss.__version__)
+                    "pip install 'memforge-mlp[gpu]')", key, resolved, faiss.__version__)
         return None
     return int(resolved.split(":")[1]) if ":" in resolved else "all"
 

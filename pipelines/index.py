@@ -132,7 +132,7 @@ class Index(Stage):
     content = ("index.factory", "index.flat_threshold", "index.train_points_per_list", "index.train_sample",
                "index.nprobe", "index.merge", "index.exact_keys", "index.recall_queries", "index.recall_k",
                "index.seed")
-    execution = ("index.threads", "index.device", "encode.num_workers", "encode.threads_per_worker")
+    execution = ("index.threads", "index.device", "runtime.num_workers", "runtime.threads_per_worker")
     sharded = True
     running_mode = "multi_threading"
     progress_unit = "keys"

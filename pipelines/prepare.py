@@ -53,7 +53,7 @@ def _write_tokenizer(params, files: list[SourceFile], uri: str) -> None:
         source = params.encode.model or params.decoder.init
         if source:  # a local directory or any fsspec URL
             local = local_cache.local_path(source, local_cache.listing_key(source))
-            load_tokenizer(local, params.encode.trust_remote_code).save_pretrained(scratch)
+            load_tokenizer(local, params.runtime.trust_remote_code).save_pretrained(scratch)
         else:
             log.info("prepare: training a byte-level BPE tokenizer (vocab %d) on the train split",
                      params.decoder.vocab_size)
@@ -140,7 +140,7 @@ class Prepare(Stage):
                "corpus.text_field", "corpus.on_decode_error", "corpus.max_bytes", "decoder.init",
                "decoder.vocab_size", "encode.model")
     layout = ("corpus.shard_bytes",)
-    execution = ("encode.num_workers", "encode.trust_remote_code")
+    execution = ("runtime.num_workers", "runtime.trust_remote_code")
     sharded = True
     progress_unit = "tokens"
     progress_rows_known = False
@@ -169,7 +169,7 @@ class Prepare(Stage):
 
     def worker(self, ctx: Context, roles: dict[str, str]) -> ShardWorker:
         return TokenizeShards(roles["tokens"], corpus_params(ctx.params).model_dump(mode="json"),
-                              ctx.params.encode.trust_remote_code, [asdict(f) for f in self.files(ctx)])
+                              ctx.params.runtime.trust_remote_code, [asdict(f) for f in self.files(ctx)])
 
     def finalize(self, ctx: Context, role: str, build) -> Published:
         root = build.uri

@@ -169,7 +169,7 @@ class Targets(Stage):
                "targets.exact_distances", "targets.exclude_same_document_window", "targets.probs_dtype",
                "targets.keep_neighbours", "index.nprobe")
     layout = ("targets.shard_chunks", "encode.chunk_rows")
-    execution = ("encode.num_workers", "encode.threads_per_worker", "index.threads", "index.device",
+    execution = ("runtime.num_workers", "runtime.threads_per_worker", "index.threads", "index.device",
                  "targets.query_block_rows")
     sharded = True
     running_mode = "multi_threading"

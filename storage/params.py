@@ -70,7 +70,6 @@ class EncodeParams(Section):
     """Hidden-state keys: which model, which representation, how they are stored (stage: encode)."""
 
     model: Optional[str] = None
-    trust_remote_code: bool = False
     layer: int = -1
     representation: Literal["ffn_input", "block_output", "final"] = "ffn_input"
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
@@ -79,8 +78,6 @@ class EncodeParams(Section):
     batch_size: int = Field(default=8, gt=0)
     chunk_rows: int = Field(default=4096, gt=0)
     shard_chunks: int = Field(default=8, gt=0)
-    num_workers: int = Field(default=2, gt=0)
-    threads_per_worker: int = Field(default=1, gt=0)
     precision: Precision = "fp32"
     device: Device = "auto"
 
@@ -189,6 +186,15 @@ class EvaluateParams(Section):
     device: Device = "auto"
 
 
+class RuntimeParams(Section):
+    """How every stage runs on this machine (never what it writes): local Beam workers, threads, and
+    whether models' own code may run."""
+
+    num_workers: int = Field(default=2, gt=0)
+    threads_per_worker: int = Field(default=1, gt=0)
+    trust_remote_code: bool = False
+
+
 class FlowParams(Section):
     """The Prefect build flow (``memforge run`` / ``serve``): retries of transient failures, schedule."""
 
@@ -209,6 +215,7 @@ class Params(Section):
     targets: TargetsParams = Field(default_factory=TargetsParams)
     memory: MemoryParams = Field(default_factory=MemoryParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    runtime: RuntimeParams = Field(default_factory=RuntimeParams)
     flow: FlowParams = Field(default_factory=FlowParams)
 
     def section(self, name: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def stage_args(env, command: str, art: Path, train: list[str] | None = None,
         "corpus.validation": json.dumps([str(p) for p in (validation if validation is not None
                                                           else [env["validation"] / "*.txt"])]),
         "encode.block_size": 32, "encode.stride": 16, "encode.chunk_rows": 64, "encode.shard_chunks": 2,
-        "encode.num_workers": 1,
+        "runtime.num_workers": 1,
     }
     values.update({key.replace("__", "."): value for key, value in settings.items()})
     args = [command, "--params", str(env["params"])]

@@ -18,7 +18,7 @@ from memforge.storage.params import load_params
 from memforge.storage.params_view import UndeclaredParamError
 
 REPO = Path(__file__).resolve().parent.parent
-EXECUTION_CHANGE = {"encode.num_workers": 1, "encode.threads_per_worker": 2, "index.threads": 2,
+EXECUTION_CHANGE = {"runtime.num_workers": 1, "runtime.threads_per_worker": 2, "index.threads": 2,
                     "encode.batch_size": 4, "memory.checkpoint_every": 7, "decoder.checkpoint_every": 9,
                     "evaluate.batch_size": 2}
 
@@ -54,7 +54,7 @@ def test_reading_an_undeclared_key_fails_at_once(chain, tmp_path, monkeypatch):
     art = linked(chain, tmp_path / "art", names=("keys",))
     params = load_params(chain["root"] / "params.yaml", overrides(chain["args"]))
     index = stage("index")
-    monkeypatch.setattr(type(index), "execution", ("index.device", "encode.num_workers", "encode.threads_per_worker"))
+    monkeypatch.setattr(type(index), "execution", ("index.device", "runtime.num_workers", "runtime.threads_per_worker"))
     with pytest.raises(UndeclaredParamError, match="stage index read params key 'index.threads'"):
         run_stage("index", params.model_copy(update={"artifacts_dir": str(art)}))
 

@@ -47,7 +47,7 @@ class TokenCounts(Stage):
     inputs = ("tokens",)
     content = ("decoder.vocab_size",)
     layout = ("encode.chunk_rows",)
-    execution = ("encode.num_workers",)
+    execution = ("runtime.num_workers",)
     sharded = True
 
     def plan(self, ctx: Context, role: str) -> ShardPlan:
@@ -84,7 +84,7 @@ def test_a_stage_declared_in_a_test_file_runs_through_the_cli_and_prefect(chain,
     artifact = open_artifact(str(art / "token-counts"), "token-counts")
     assert artifact.manifest["counts"]["rows"] == open_artifact(str(art / "tokens")).manifest["counts"]["train_tokens"]
     assert artifact.params == {"decoder.vocab_size": 320}
-    assert artifact.manifest["execution"] == {"encode.num_workers": 2, "beam_args": ["--direct_running_mode=in_memory"]}
+    assert artifact.manifest["execution"] == {"runtime.num_workers": 2, "beam_args": ["--direct_running_mode=in_memory"]}
     assert artifact.manifest["code"]["source_files"][-1] == "tests/test_declared_stage.py"
     assert verify(artifact.uri) == []
 

@@ -21,8 +21,24 @@ BIN = Path(sys.executable).parent
 STAGES = all_stages()
 
 
+def _import_root(checkout: Path) -> Path:
+    """A folder beside ``checkout`` holding ``memforge/`` as a wheel lays it out, made of links to the
+    checkout's folders: with it on PYTHONPATH, ``memforge`` runs the checkout's code, edits included."""
+    root = checkout.parent / f"{checkout.name}-import"
+    if not root.exists():
+        package = root / "memforge"
+        package.mkdir(parents=True)
+        for entry in (checkout / "memforge").iterdir():
+            (package / entry.name).symlink_to(entry)
+        for name in ("storage", "pipelines", "training", "flows", "bench"):
+            (package / name).symlink_to(checkout / name)
+    return root
+
+
 def _run(cwd: Path, *command: str, **extra_env: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(cwd), **extra_env}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra_env}
+    if (cwd / "memforge").is_dir() and "PYTHONPATH" not in extra_env:
+        env["PYTHONPATH"] = str(_import_root(cwd))
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, (command, done.stdout[-3000:], done.stderr[-3000:])
     return done.stdout + done.stderr
@@ -87,7 +103,8 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path, 
     # Execution params (workers, threads, batch sizes) and layout params (chunk sizes) change no artifact.
     original = params_file.read_text()
     params = yaml.safe_load(original)
-    params["encode"].update(num_workers=1, threads_per_worker=2, batch_size=4, chunk_rows=32)
+    params["encode"].update(batch_size=4, chunk_rows=32)
+    params.setdefault("runtime", {}).update(num_workers=1, threads_per_worker=2)
     params["index"]["threads"] = 2
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     assert "Data and pipelines are up to date" in _run(clone, "dvc", "status")
@@ -149,7 +166,7 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path, 
 
     # A stage declared as one class in a test file joins the generated dvc.yaml and runs there.
     toy = {"MEMFORGE_STAGES": "test_declared_stage:TokenCounts",
-           "PYTHONPATH": f"{clone}{os.pathsep}{clone / 'tests'}"}
+           "PYTHONPATH": f"{_import_root(clone)}{os.pathsep}{clone / 'tests'}"}
     _run(clone, "memforge", "dvc-yaml", **toy)
     assert "token-counts" in yaml.safe_load((clone / "dvc.yaml").read_text())["stages"]
     third = _run(clone, "dvc", "repro", "token-counts", **toy)

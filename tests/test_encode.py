@@ -32,7 +32,7 @@ def stage_args(art: Path, model: Path, corpus: Path, *extra: str) -> list[str]:
         "artifacts_dir": str(art), "encode.model": str(model),
         "corpus.train": f"[{corpus}/train/*.txt]", "corpus.validation": f"[{corpus}/validation/*.txt]",
         "encode.block_size": BLOCK, "encode.stride": STRIDE, "encode.chunk_rows": 16, "encode.shard_chunks": 2,
-        "encode.batch_size": 4, "encode.num_workers": 2,
+        "encode.batch_size": 4, "runtime.num_workers": 2,
     }
     args = []
     for key, value in settings.items():
@@ -123,7 +123,7 @@ def test_other_representations_and_dtypes(setup, tmp_path, representation, layer
     art.mkdir()
     os.symlink(setup["art"] / "tokens", art / "tokens")
     args = [*setup["args"], "--set", f"artifacts_dir={art}", "--set", f"encode.representation={representation}",
-            "--set", f"encode.layer={layer}", "--set", f"encode.dtype={dtype}", "--set", "encode.num_workers=1"]
+            "--set", f"encode.layer={layer}", "--set", f"encode.dtype={dtype}", "--set", "runtime.num_workers=1"]
     assert main(["encode", *args]) == 0
     model = AutoModelForCausalLM.from_pretrained(setup["model"]).eval()
     tokens = stream(AutoTokenizer.from_pretrained(setup["model"]), setup["validation"])

@@ -51,7 +51,7 @@ def test_build_flow_caches_finished_stages_and_reruns_what_a_param_change_reache
 
     # How stages run (workers, threads, batch sizes) and how their data is chunked never outdate what they
     # wrote: every stage stays Cached.
-    execution = ["encode.num_workers=1", "encode.threads_per_worker=2", "index.threads=2", "encode.batch_size=4",
+    execution = ["runtime.num_workers=1", "runtime.threads_per_worker=2", "index.threads=2", "encode.batch_size=4",
                  "encode.chunk_rows=32", "targets.shard_chunks=1"]
     assert build(params_file=params, overrides=execution, beam_args=BEAM)["stages"] == dict.fromkeys(STAGE_NAMES,
                                                                                                       "Cached")

@@ -177,7 +177,7 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
     tokens, queries, index = inputs["tokens"], inputs["keys/validation"], inputs["index"]
     memory_artifact = inputs["memory"]
     stats = queries.manifest["stats"]
-    decoder = load_encoder(decoder_path, params.encode.trust_remote_code).to(device)
+    decoder = load_encoder(decoder_path, params.runtime.trust_remote_code).to(device)
     with tempfile.TemporaryDirectory() as scratch:
         memory = MLPMemory.from_pretrained(fs.local_dir(memory_artifact.path("model"), scratch)).to(device).eval()
     memory_params = memory_artifact.manifest["params"]

@@ -19,7 +19,7 @@ class Evaluate(Stage):
     content = ("evaluate.k", "evaluate.nprobe", "evaluate.dev_fraction", "evaluate.split_seed",
                "evaluate.lambda_grid", "evaluate.temperature_grid", "evaluate.memory_temperature_grid",
                "evaluate.precision", "encode.model")
-    execution = ("evaluate.batch_size", "evaluate.device", "index.threads", "encode.trust_remote_code")
+    execution = ("evaluate.batch_size", "evaluate.device", "index.threads", "runtime.trust_remote_code")
     dvc_files = {"outs": ("_manifest.json", "token_log_probs.parquet"), "metrics": ("metrics.json",),
                  "plots": (("lambda.json", {"x": "lambda"}), ("loss.json", {"x": "step", "y": "loss"}),
                            "lambda.png", "loss.png")}

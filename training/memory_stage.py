@@ -19,7 +19,7 @@ class TrainMemory(Stage):
                "memory.weight_decay", "memory.ema_decay", "memory.warmup_steps", "memory.max_steps",
                "memory.shuffle_buffer_chunks", "memory.seed", "memory.precision", "encode.model",
                "encode.representation")
-    execution = ("memory.checkpoint_every", "memory.device", "encode.batch_size", "encode.trust_remote_code")
+    execution = ("memory.checkpoint_every", "memory.device", "encode.batch_size", "runtime.trust_remote_code")
 
     def input_roles(self, ctx: Context) -> tuple[str, ...]:
         return self.inputs[:3] + decoder_inputs(ctx.params)
@@ -31,7 +31,7 @@ class TrainMemory(Stage):
 
         ctx.scratch["device"] = devices.use(ctx.params.memory.device, "memory.device")
         path = ctx.scratch["decoder_path"] = decoder_path(ctx)
-        decoder = ctx.scratch["decoder"] = load_encoder(path, ctx.params.encode.trust_remote_code)
+        decoder = ctx.scratch["decoder"] = load_encoder(path, ctx.params.runtime.trust_remote_code)
         keys = ctx.inputs["keys/train"]
         check_targets(ctx.inputs["targets/train"], keys, int(decoder.config.vocab_size))
         check_shape(ctx.params.memory, hidden_size(decoder))
