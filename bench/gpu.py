@@ -26,11 +26,11 @@ import time
 
 import numpy as np
 
+from memforge.bench.run import SHAPES
 from memforge.storage import fs
 from memforge.storage.artifact import open_artifact
 from memforge.storage.errors import MemforgeError
 from memforge.storage.params import Params
-from memforge.bench.run import SHAPES
 
 ENCODER = "gpt2-small"
 log = logging.getLogger("memforge")

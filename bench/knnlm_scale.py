@@ -106,7 +106,7 @@ def knnlm_sweep(ws, scale_params: Params) -> dict:
     """Time decoder, kNN-LM (reference configuration) and decoder + memory at each of ``SIZES``."""
     from memforge.bench import scale as bench_scale
     from memforge.pipelines import faiss_index
-    from memforge.pipelines.datastore_rows import DatastoreRows, KEYS, VALUES
+    from memforge.pipelines.datastore_rows import KEYS, VALUES, DatastoreRows
     from memforge.pipelines.encoder import load_encoder
     from memforge.storage.stores import KeyStore
     from memforge.training.evaluate import Scorer, score_three_ways

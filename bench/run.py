@@ -307,8 +307,8 @@ def _targets_vs_bare(variants: list[Params], bare_index, nprobe: int,
     import faiss
     import numpy as np
 
-    from memforge.pipelines import faiss_index
     from memforge.flows.stages import run_stage
+    from memforge.pipelines import faiss_index
     from memforge.storage.stores import KeyStore
 
     first = variants[0]
@@ -344,8 +344,8 @@ def _targets_vs_bare(variants: list[Params], bare_index, nprobe: int,
 def bench_faiss(ws: Workspace) -> dict:
     """index_vs_bare: bare train+add time / index stage time; targets_vs_bare: targets stage rows/s /
     bare index.search rows/s (same index, k and nprobe); bytes per row of the target stores."""
-    from memforge.pipelines import faiss_index
     from memforge.flows.stages import run_stage
+    from memforge.pipelines import faiss_index
 
     params = _faiss_params(ws)
     bare_before = _bare_index_seconds(params)  # before and after the stage, averaged (see _targets_vs_bare)

@@ -14,9 +14,9 @@ from memforge.pipelines.stage import Stage
 from memforge.storage.errors import MemforgeError
 from memforge.storage.params import Params
 
-BUILTIN = ("memforge.pipelines.prepare:Prepare", "memforge.training.decoder_stage:TrainDecoder", "memforge.pipelines.encode:Encode",
-           "memforge.pipelines.index:Index", "memforge.pipelines.targets:Targets", "memforge.training.memory_stage:TrainMemory",
-           "memforge.training.evaluate_stage:Evaluate")
+BUILTIN = ("memforge.pipelines.prepare:Prepare", "memforge.training.decoder_stage:TrainDecoder",
+           "memforge.pipelines.encode:Encode", "memforge.pipelines.index:Index", "memforge.pipelines.targets:Targets",
+           "memforge.training.memory_stage:TrainMemory", "memforge.training.evaluate_stage:Evaluate")
 EXTRA_STAGES_ENV = "MEMFORGE_STAGES"
 _LOADED: dict[str, Stage] = {}
 

@@ -72,8 +72,14 @@ class EncodeShards(ShardWorker):
 def encoder_spec(params, model_uri: str, model_key: str) -> dict:
     """Check the encoder against the params; return what workers need to run it (its URL, not a path)."""
     from memforge.pipelines import devices
-    from memforge.pipelines.encoder import EncoderError, RepresentationCapture, hidden_size, load_encoder, \
-        max_positions, model_fingerprint
+    from memforge.pipelines.encoder import (
+        EncoderError,
+        RepresentationCapture,
+        hidden_size,
+        load_encoder,
+        max_positions,
+        model_fingerprint,
+    )
 
     device = devices.resolve(params.encode.device, "encode.device")  # before any work: a missing GPU is named
     model_path = local_cache.local_path(model_uri, model_key)

@@ -23,9 +23,8 @@ from memforge.pipelines.runner import pipeline, release
 from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
 from memforge.storage import fs, paths
 from memforge.storage.artifact import ArtifactBuild, open_artifact
+from memforge.storage.errors import DiskFullError, MemforgeError, is_disk_full, is_out_of_memory
 from memforge.storage.intact import check_intact
-from memforge.storage.errors import (DiskFullError, MemforgeError, is_disk_full,
-                            is_out_of_memory)
 from memforge.storage.params import Params
 from memforge.storage.params_view import ParamsView
 from memforge.storage.shards import Shard, ShardMarkers, ShardPlan

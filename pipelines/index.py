@@ -165,8 +165,9 @@ class Index(Stage):
             faiss.omp_set_num_threads(ctx.params.index.threads)
         keys = ctx.inputs["keys/train"]
         factory = ctx.scratch["factory"]
-        record, checksum = _train(ctx.params, KeyStore.open(keys.uri), faiss_index.build_empty(factory, keys.manifest["stats"][
-            "hidden_size"]), factory, keys.manifest["counts"]["rows"], build.uri, ctx.scratch["gpu"])
+        empty = faiss_index.build_empty(factory, keys.manifest["stats"]["hidden_size"])
+        record, checksum = _train(ctx.params, KeyStore.open(keys.uri), empty, factory, keys.manifest["counts"]["rows"],
+                                  build.uri, ctx.scratch["gpu"])
         fs.write_json_atomic(fs.join(build.uri, TRAINING_RECORD), record)
         ctx.scratch.setdefault("hashed", {})[faiss_index.TRAINED] = checksum
 

@@ -21,8 +21,14 @@ from memforge.storage.artifact import Artifact, built_from, recorded_input
 from memforge.storage.errors import MemforgeError
 from memforge.storage.paths import split_roles
 from memforge.storage.shards import Shard, ShardPlan, load_plan
-from memforge.storage.stores import (DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore,
-                            neighbour_id_dtype)
+from memforge.storage.stores import (
+    DistributionStore,
+    KeyStore,
+    NeighbourStore,
+    PartOffsets,
+    TokenStore,
+    neighbour_id_dtype,
+)
 from memforge.storage.zarr_rows import shard_geometry
 
 log = logging.getLogger("memforge")

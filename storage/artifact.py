@@ -15,7 +15,16 @@ from typing import Any
 from memforge.storage import fs, provenance
 from memforge.storage.errors import ArtifactError
 from memforge.storage.lease import LEASE_NAME, Lease
-from memforge.storage.shards import MARKERS_DIR, PLAN_NAME, Shard, ShardMarkers, ShardPlan, load_layout, load_plan, save_plan
+from memforge.storage.shards import (
+    MARKERS_DIR,
+    PLAN_NAME,
+    Shard,
+    ShardMarkers,
+    ShardPlan,
+    load_layout,
+    load_plan,
+    save_plan,
+)
 
 SCHEMA_VERSION = 2  # 2: content_digest, execution; inputs enter fingerprints by content
 MANIFEST_NAME = "_manifest.json"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from memforge.flows.stages import run_stage
 from memforge.storage.params import load_params
+
 from tiny_lm import write_corpus
 
 SETTINGS = {"decoder.vocab_size": 320, "decoder.n_layer": 2, "decoder.n_head": 2, "decoder.n_embd": 48,

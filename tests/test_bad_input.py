@@ -13,6 +13,7 @@ from transformers import T5Config
 
 from memforge.flows.cli import main
 from memforge.storage.artifact import open_artifact
+
 from tiny_lm import make_gpt2, write_corpus
 
 MANIFEST = "_manifest.json"

@@ -68,9 +68,10 @@ def test_a_dask_worker_killed_mid_stage_costs_nothing(chain, dask_cluster, tmp_p
 
     from distributed import Client
 
-    from crash import MEMFORGE
     from memforge.storage.shards import MARKERS_DIR, load_plan
     from memforge.storage.verify import verify
+
+    from crash import MEMFORGE
 
     art = tmp_path / "art"
     art.mkdir()

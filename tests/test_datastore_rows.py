@@ -51,7 +51,8 @@ def test_every_finite_16_bit_key_is_widened_exactly(bfloat16):
     """Distances from queries 0 and 1 to a one-dimensional key of each finite bit pattern are exactly
     x^2 and (1 - x)^2: the kernel reads every value, subnormals and signed zeros included, as float32 does."""
     patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    values = (patterns.astype(np.uint32) << 16).view(np.float32) if bfloat16 else patterns.view(np.float16).astype(np.float32)
+    values = ((patterns.astype(np.uint32) << 16).view(np.float32) if bfloat16
+              else patterns.view(np.float16).astype(np.float32))
     finite = np.isfinite(values)
     patterns, values = patterns[finite].reshape(-1, 1), values[finite]
     out = np.empty((2, len(values)), np.float32)

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from chain import overrides, stage_args
 from memforge.flows.cli import main
 from memforge.flows.stages import all_stages, run_stage, stage
 from memforge.storage.params import load_params
 from memforge.storage.params_view import UndeclaredParamError
+
+from chain import overrides, stage_args
 
 REPO = Path(__file__).resolve().parent.parent
 EXECUTION_CHANGE = {"runtime.num_workers": 1, "runtime.threads_per_worker": 2, "index.threads": 2,
@@ -130,8 +131,8 @@ def test_code_digest_covers_the_stage_import_closure(tmp_path):
 
 def test_listing_the_stages_imports_no_torch():
     """The CLI, lineage, verify and dvc-yaml load every declaration: none may pull in torch or transformers."""
-    script = ("import sys; from memforge.flows.stages import all_stages; from memforge.flows.cli import build_parser; all_stages(); "
-              "build_parser(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    script = ("import sys; from memforge.flows.stages import all_stages; from memforge.flows.cli import build_parser; "
+              "all_stages(); build_parser(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"

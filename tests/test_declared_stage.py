@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from crash import MEMFORGE
 from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
 from memforge.storage import fs
 from memforge.storage.artifact import open_artifact
 from memforge.storage.shards import Shard, ShardPlan
 from memforge.storage.stores import PartOffsets, TokenStore
 from memforge.storage.verify import verify
+
+from crash import MEMFORGE
 
 TESTS = Path(__file__).resolve().parent
 ENTRY = "test_declared_stage:TokenCounts"
@@ -84,7 +85,8 @@ def test_a_stage_declared_in_a_test_file_runs_through_the_cli_and_prefect(chain,
     artifact = open_artifact(str(art / "token-counts"), "token-counts")
     assert artifact.manifest["counts"]["rows"] == open_artifact(str(art / "tokens")).manifest["counts"]["train_tokens"]
     assert artifact.params == {"decoder.vocab_size": 320}
-    assert artifact.manifest["execution"] == {"runtime.num_workers": 2, "beam_args": ["--direct_running_mode=in_memory"]}
+    assert artifact.manifest["execution"] == {"runtime.num_workers": 2,
+                                              "beam_args": ["--direct_running_mode=in_memory"]}
     assert artifact.manifest["code"]["source_files"][-1] == "tests/test_declared_stage.py"
     assert verify(artifact.uri) == []
 

@@ -8,10 +8,11 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from crash import kill_when, rerun
 from memforge.flows.cli import main
 from memforge.storage.artifact import open_artifact
 from memforge.storage.verify import verify
+
+from crash import kill_when, rerun
 from tiny_lm import write_corpus
 
 DECODER = {"decoder.vocab_size": 320, "decoder.n_layer": 2, "decoder.n_head": 2, "decoder.n_embd": 48,

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from chain import overrides
 from memforge.flows.cli import main
 from memforge.flows.stages import run_stage
 from memforge.pipelines import devices, faiss_index
 from memforge.storage.params import load_params
 from memforge.storage.stores import KeyStore
+
+from chain import overrides
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without CUDA")
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-import toy_stage
 from memforge.storage import fs
 from memforge.storage.shards import MARKERS_DIR
 from memforge.storage.verify import verify
+
+import toy_stage
 
 
 def test_data_is_durable_before_its_marker_and_markers_before_the_manifest(tmp_path, monkeypatch):

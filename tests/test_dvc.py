@@ -12,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from chain import write_project
 from memforge.flows.dvc_yaml import render
 from memforge.flows.stages import all_stages
+
+from chain import write_project
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -20,6 +20,7 @@ from memforge.pipelines.windows import windows_for_rows
 from memforge.storage.artifact import open_artifact
 from memforge.storage.stores import KeyStore
 from memforge.storage.verify import verify
+
 from crash import kill_after_first_shard, rerun
 from tiny_lm import make_gpt2, write_corpus
 
@@ -131,8 +132,8 @@ def test_other_representations_and_dtypes(setup, tmp_path, representation, layer
     assert store.key_dtype == dtype
     tolerance = 1e-5 if dtype == "float32" else 2e-2
     for row in (0, 5, BLOCK + 3, len(tokens) - 2):
-        np.testing.assert_allclose(store.keys(row, row + 1)[0], reference_key(model, tokens, row, representation, layer),
-                                   rtol=tolerance, atol=tolerance)
+        expected = reference_key(model, tokens, row, representation, layer)
+        np.testing.assert_allclose(store.keys(row, row + 1)[0], expected, rtol=tolerance, atol=tolerance)
 
 
 def test_windows_cover_every_target_once():

@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from chain import rewrite_manifest, stage_args
 from memforge.flows.cli import main
 from memforge.pipelines.encoder import load_encoder
 from memforge.storage.artifact import open_artifact
@@ -20,12 +19,15 @@ from memforge.storage.stores import KeyStore, TokenStore
 from memforge.storage.verify import verify
 from memforge.training.mlp_memory import MODEL_TYPE  # importing it registers the memory with the Auto classes
 
+from chain import rewrite_manifest, stage_args
+
 K = 8
 
 
 @pytest.fixture(scope="module")
 def evaluated(chain):
-    assert main(["evaluate", *chain["args"], "--set", "evaluate.lambda_grid=[0.0, 0.1, 0.25, 0.4, 0.6, 0.8, 0.95]"]) == 0
+    grid = "evaluate.lambda_grid=[0.0, 0.1, 0.25, 0.4, 0.6, 0.8, 0.95]"
+    assert main(["evaluate", *chain["args"], "--set", grid]) == 0
     return chain["art"] / "eval"
 
 

@@ -17,14 +17,15 @@ import pytest
 from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
-import memforge.training.evaluate
 import memforge.pipelines.targets
-from chain import write_project
-from crash import MEMFORGE, kill_when
+import memforge.training.evaluate
 from memforge.flows.build import STAGE_FLOWS, build
 from memforge.flows.server import free_port, stop_process_group
 from memforge.flows.stages import stage_names
 from memforge.storage.errors import MemforgeError
+
+from chain import write_project
+from crash import MEMFORGE, kill_when
 
 BEAM = ["--direct_running_mode=in_memory"]
 STAGE_NAMES = stage_names()

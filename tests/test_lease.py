@@ -14,6 +14,7 @@ from memforge.storage.artifact import open_artifact
 from memforge.storage.errors import ArtifactError
 from memforge.storage.lease import LEASE_NAME, Lease
 from memforge.storage.verify import verify
+
 import toy_stage
 
 TOY = str(Path(__file__).resolve().parent / "toy_stage.py")
@@ -68,9 +69,10 @@ def test_two_train_memory_runs_at_once_then_ctrl_c(chain, tmp_path, capsys):
     its lease given up and its checkpoints kept, and the rerun resumes and publishes a sound memory."""
     import signal
 
+    from memforge.flows.cli import main
+
     from chain import stage_args
     from crash import MEMFORGE, as_from_a_terminal
-    from memforge.flows.cli import main
 
     art = tmp_path / "art"
     art.mkdir()

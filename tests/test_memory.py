@@ -14,16 +14,18 @@ from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 from transformers import AutoModel
 
-from crash import kill_when, rerun
 from memforge.flows.cli import main
 from memforge.pipelines.encoder import RepresentationCapture, load_encoder
 from memforge.storage.artifact import open_artifact
 from memforge.storage.stores import KeyStore
 from memforge.storage.verify import verify
-from chain import rewrite_manifest, stage_args
 from memforge.training.memory import moving_average
 from memforge.training.memory_data import DecoderStates, KeyStoreStates
 from memforge.training.mlp_memory import MemoryConfig, MLPMemory
+
+from chain import rewrite_manifest, stage_args
+from crash import kill_when, rerun
+
 
 def linked(chain, tmp_path, names=("tokens", "decoder", "keys", "index", "targets")):
     art = tmp_path / "art"

@@ -12,6 +12,7 @@ from memforge.storage.artifact import open_artifact
 from memforge.storage.params import CorpusParams
 from memforge.storage.stores import PartOffsets, TokenStore
 from memforge.storage.verify import verify
+
 from tiny_lm import WORDS
 
 
@@ -62,7 +63,8 @@ def test_prepare_reads_an_fsspec_url_corpus(tmp_path, capsys):
     tokenizer = AutoTokenizer.from_pretrained(art / "tokens" / "tokenizer")
     assert tokens.manifest["counts"]["vocab_size"] == len(tokenizer) <= 300
     for split, texts in (("train", docs[:25]), ("validation", docs[25:])):
-        expected = [i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+        expected = [i for t in texts
+                    for i in tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
         info = tokens.manifest["stats"]["splits"][split]
         offsets = PartOffsets.from_json(info["parts"])
         stream = TokenStore.open(tokens.uri, split).read_rows(offsets, 0, offsets.total_rows)
@@ -127,7 +129,8 @@ def test_corpus_file_names_that_are_not_utf8(tmp_path, capsys):
     (tmp_path / "p.yaml").write_text("{}\n")
     art = tmp_path / "art"
     assert main(["prepare", "--params", str(tmp_path / "p.yaml"), "--set", f"artifacts_dir={art}",
-                 "--set", f"corpus.train=[{tmp_path / 'train'}]", "--set", f"corpus.validation=[{tmp_path / 'validation'}]",
+                 "--set", f"corpus.train=[{tmp_path / 'train'}]",
+                 "--set", f"corpus.validation=[{tmp_path / 'validation'}]",
                  "--set", "decoder.vocab_size=300", "--", "--direct_running_mode=in_memory"]) == 0
     tokens = open_artifact(str(art / "tokens"), "tokens")
     assert verify(str(art / "tokens")) == []

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from chain import overrides, stage_args
 from memforge.flows.cli import main
 from memforge.flows.stages import stage
 from memforge.pipelines import executor
@@ -22,6 +21,8 @@ from memforge.storage.errors import ArtifactError
 from memforge.storage.params import load_params
 from memforge.storage.stores import KeyStore
 from memforge.storage.verify import verify
+
+from chain import overrides, stage_args
 from tiny_lm import WORDS, make_gpt2
 
 

@@ -10,6 +10,7 @@ from memforge.flows.stages import run_stage
 from memforge.storage.artifact import open_artifact
 from memforge.storage.params import load_params
 from memforge.storage.verify import verify
+
 from chain import overrides, stage_args
 
 STAGES = ("tokens", "decoder", "keys/train", "keys/validation", "index", "targets/train", "targets/validation",

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import toy_stage
 from memforge.flows.cli import main
 from memforge.storage import fs
 from memforge.storage.artifact import BUILD_NAME, MANIFEST_NAME, REBUILD_OUTDATED, ArtifactBuild, open_artifact
@@ -20,6 +19,8 @@ from memforge.storage.errors import ArtifactError
 from memforge.storage.shards import MARKERS_DIR, PLAN_NAME, ShardPlan, load_plan
 from memforge.storage.stores import KeyStore
 from memforge.storage.verify import verify
+
+import toy_stage
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = 600           # 64-row chunks x 2 per Zarr shard -> 128-row plan shards: 5 shards, the last one 88 rows

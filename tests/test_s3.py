@@ -7,9 +7,10 @@ import os
 import re
 from collections import Counter
 
-from chain import stage_args
 from memforge.flows.cli import main
 from memforge.flows.stages import stage_names
+
+from chain import stage_args
 
 BUCKET = "memforge-test"
 
@@ -78,8 +79,9 @@ def test_encode_killed_on_s3_resumes_to_the_same_files(chain, s3_server, caplog)
     skips the done shards and the key stores equal the uninterrupted local run's, file for file."""
     import s3fs
 
-    from crash import kill_when
     from memforge.storage.verify import verify
+
+    from crash import kill_when
 
     s3 = s3fs.S3FileSystem(use_listings_cache=False)
     s3.mkdir(f"{BUCKET}-resume")

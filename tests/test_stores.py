@@ -14,7 +14,7 @@ from memforge.storage import fs
 from memforge.storage.artifact import ArtifactBuild, open_artifact
 from memforge.storage.errors import ArtifactError
 from memforge.storage.shards import Shard, ShardMarkers, ShardPlan
-from memforge.storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore, TOKEN_SCHEMA
+from memforge.storage.stores import TOKEN_SCHEMA, DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore
 from memforge.storage.verify import verify
 
 VOCAB = 1000

@@ -15,6 +15,7 @@ from memforge.pipelines import faiss_index
 from memforge.storage.artifact import open_artifact
 from memforge.storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore
 from memforge.storage.verify import verify
+
 from crash import kill_after_first_shard, rerun
 from tiny_lm import make_gpt2, write_corpus
 
@@ -30,7 +31,8 @@ def datastore(tmp_path_factory):
     model = make_gpt2(root / "model", [p.read_text() for p in train])
     (root / "params.yaml").write_text("{}\n")
     settings = {"artifacts_dir": root / "art", "encode.model": model,
-                "corpus.train": f"[{root}/corpus/train/*.txt]", "corpus.validation": f"[{root}/corpus/validation/*.txt]",
+                "corpus.train": f"[{root}/corpus/train/*.txt]",
+                "corpus.validation": f"[{root}/corpus/validation/*.txt]",
                 "encode.block_size": 32, "encode.stride": 16, "encode.chunk_rows": 64, "encode.shard_chunks": 2,
                 "targets.k": K, "targets.width": WIDTH, "targets.temperature": T, "targets.keep_neighbours": "true"}
     args = ["--params", str(root / "params.yaml")]
@@ -118,8 +120,10 @@ def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys, monkeypat
     assert index["factory"] == "IVF16,PQ8" and index["nlist"] == 16 and index["nprobe"] == 4
     assert index["merge"] == "ondisk" and (art / "index" / "merged.ivfdata").is_file()
     assert 0.0 < index["recall_at_k"] <= 1.0 and index["recall_queries"] > 0
-    assert main(["ls", str(art)]) == 0 and f"recall@{index['recall_k']}={index['recall_at_k']}" in capsys.readouterr().out
-    assert main(["lineage", str(art / "index")]) == 0 and f"recall_at_k={index['recall_at_k']}" in capsys.readouterr().out
+    assert main(["ls", str(art)]) == 0
+    assert f"recall@{index['recall_k']}={index['recall_at_k']}" in capsys.readouterr().out
+    assert main(["lineage", str(art / "index")]) == 0
+    assert f"recall_at_k={index['recall_at_k']}" in capsys.readouterr().out
     exact = DistributionStore.open(str(datastore["art"] / "targets" / "train")).tokens()[:, 0]
     approx = DistributionStore.open(str(art / "targets" / "train")).tokens()[:, 0]
     agreement = float((exact == approx).mean())
@@ -191,7 +195,8 @@ def test_same_document_window_excludes_nearby_rows(datastore, tmp_path):
     # Nearby rows of another document (across a document boundary) are kept: every unfiltered neighbour that
     # is not excluded stays among the k nearest of the rest.
     nearby = (unfiltered >= 0) & (np.abs(unfiltered - rows) <= window)
-    assert (nearby & ~same_document_nearby(unfiltered)).sum() > 0, "the corpus must have neighbours across a document boundary"
+    assert (nearby & ~same_document_nearby(unfiltered)).sum() > 0, \
+        "the corpus must have neighbours across a document boundary"
     for row in range(len(ids)):
         kept = set(unfiltered[row][~same_document_nearby(unfiltered)[row]]) - {-1}
         assert kept <= set(ids[row]), row

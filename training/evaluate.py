@@ -14,8 +14,8 @@ The validation documents are split into dev and test (``dev_test``). kNN-LM's (Î
 test at those values (the memory alone at Ï„ 1, its own output). Output ``<artifacts_dir>/eval``: ``metrics.json``
 (DVC metrics), ``token_log_probs.parquet`` (per row: target, split, log p of the decoder, kNN-LM,
 decoder + memory, p_kNN alone and the memory alone, and ``nearest_distance``: the squared L2 distance of
-the row's nearest neighbour in the datastore, to see where kNN-LM and the memory part), ``lambda.json`` and ``loss.json`` (DVC plots
-data) and their PNGs.
+the row's nearest neighbour in the datastore, to see where kNN-LM and the memory part), ``lambda.json`` and
+``loss.json`` (DVC plots data) and their PNGs.
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ from memforge.storage import fs
 from memforge.storage.shards import load_plan
 from memforge.storage.stores import PartOffsets, TokenStore
 from memforge.training.dev_test import split_by_document
-from memforge.training.mlp_memory import MLPMemory
 from memforge.training.lm_eval import log_probs_at, perplexity
+from memforge.training.mlp_memory import MLPMemory
 from memforge.training.token_stream import TokenStream
 
 log = logging.getLogger("memforge")
