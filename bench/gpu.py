@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-from memforge.bench.run import SHAPES
+from memforge.bench.measure import Note
+from memforge.bench.workspace import SHAPES
 from memforge.storage import fs
 from memforge.storage.artifact import open_artifact
 from memforge.storage.errors import MemforgeError
@@ -44,6 +45,56 @@ RUNTIME = {"num_workers": 4, "threads_per_worker": 4}
 INDEX = {"factory": "IVF1024,PQ64", "train_points_per_list": 39, "nprobe": 32}
 MEMORY = {"depth": 2, "batch_size": 256, "max_steps": 300, "checkpoint_every": 100, "warmup_steps": 20}
 KILL_AT = 200  # the interrupted runs are killed once this step's checkpoint is written
+RESUMES = ((DEVICE, "cpu"), ("cpu", DEVICE))  # (killed on, resumed on)
+EVALUATED = ("decoder", "knnlm", "memory")
+FAISS_DEVICES = ("cpu", "cuda")
+
+NOTES = {
+    "gpu_name": Note("the CUDA device the part ran on (device 0)"),
+    "torch_version": Note("torch's version"),
+    "encoder_shape": Note(f"the encoder's shape ({ENCODER}, random weights)"),
+    "encode_gpu_rows": Note(f"datastore rows (both splits) of {ENCODE_SCALE} MB of text"),
+    "encode_gpu_devices": Note("the devices the encode workers used (from the key store's manifest)"),
+    "encode_gpu_rows_per_s": Note(f"rows/s of the whole encode stage on the GPU, {RUNTIME['num_workers']} workers"),
+    "encode_bare_gpu_rows_per_s": Note("rows/s of a bare HF forward loop on the GPU, same windows and batch size, "
+                                       "fp16 keys copied to the host"),
+    "encode_gpu_vs_bare": Note("stage rows/s ÷ bare GPU loop rows/s", ("encode_gpu_rows_per_s",
+                                                                      "encode_bare_gpu_rows_per_s")),
+    "encode_gpu_first_shard_s": Note("seconds from the stage's start to its first finished shard (start-up)"),
+    "encode_gpu_steady_rows_per_s": Note("rows/s once every worker has finished its first shard"),
+    "encode_gpu_steady_vs_bare": Note("steady rows/s ÷ bare GPU loop rows/s", ("encode_gpu_steady_rows_per_s",
+                                                                              "encode_bare_gpu_rows_per_s")),
+    "keys_checked_rows": Note("train rows whose stored GPU keys are compared with keys computed on the CPU"),
+    "keys_stored_dtype": Note("the key store's dtype"),
+    "keys_gpu_vs_cpu_max_abs": Note("largest absolute difference between stored GPU keys and CPU keys"),
+    "keys_gpu_vs_cpu_max_row_ulps": Note("that difference in ULPs of the stored dtype at each row's scale (≤ 1: "
+                                         "the stored format's rounding)"),
+    "keys_gpu_vs_cpu_within_rounding": Note("whether every checked key is within one such ULP"),
+    "keys_fp32_gpu_vs_cpu_max_rel": Note("largest float32 GPU-vs-CPU difference before rounding ÷ the row's scale"),
+    "memory_gpu_steps": Note("memory training steps on the GPU"),
+    "memory_gpu_rows_per_s": Note("memory training rows/s on the GPU (from the memory's manifest)"),
+    "memory_gpu_seconds": Note("wall seconds of `train-memory` on the GPU"),
+    "memory_gpu_final_loss": Note("final loss of the uninterrupted GPU run"),
+    **{figure: note for first, second in RESUMES for figure, note in {
+        f"memory_{first}_checkpoint_resumes_on_{second}": Note(f"a run killed on {first} after step {KILL_AT}'s "
+                                                               f"checkpoint resumed from that step on {second}"),
+        f"memory_{first}_to_{second}_final_loss": Note("that resumed run's final loss (compare "
+                                                       "memory_gpu_final_loss)"),
+    }.items()},
+    "evaluate_gpu_seconds": Note("wall seconds of `evaluate` on the GPU"),
+    "evaluate_gpu_device": Note("the device evaluate recorded"),
+    **{f"evaluate_gpu_tokens_per_s_{name}": Note(f"evaluate's {name} tokens/s on the GPU") for name in EVALUATED},
+    **{f"evaluate_gpu_perplexity_{name}": Note(f"evaluate's {name} test perplexity on the GPU")
+       for name in (*EVALUATED, "memory_alone")},
+    "faiss_gpu": Note("why the FAISS figures are missing: no GPU build of FAISS"),
+    **{f"index_recall_{device}_trained": Note(f"recall@k of the index trained on {device}")
+       for device in FAISS_DEVICES},
+    **{f"targets_{device}_seconds": Note(f"seconds of the targets stage with FAISS on {device}")
+       for device in FAISS_DEVICES},
+    "targets_gpu_vs_cpu_faiss": Note("targets seconds with CPU FAISS ÷ with GPU FAISS",
+                                     ("targets_cpu_seconds", "targets_cuda_seconds")),
+    "index_recall_gpu_minus_cpu": Note("recall@k of the GPU-trained index minus the CPU-trained one's"),
+}
 
 
 def _with(params: Params, **sections) -> Params:
@@ -181,7 +232,7 @@ def _training_on_gpu(ws) -> dict:
     figures.update(memory_gpu_steps=MEMORY["max_steps"], memory_gpu_rows_per_s=uninterrupted["rows_per_second"],
                    memory_gpu_seconds=round(time.perf_counter() - started, 1),
                    memory_gpu_final_loss=uninterrupted["final_loss"])
-    for turn, (first, second) in enumerate(((DEVICE, "cpu"), ("cpu", DEVICE))):
+    for turn, (first, second) in enumerate(RESUMES):
         art = str(ws.root / f"resume-{turn}")
         os.makedirs(art)
         for name in ("tokens", "keys", "index", "targets"):
@@ -210,14 +261,15 @@ def _faiss_on_gpu(params: Params) -> dict:
     from memforge.flows.stages import run_stage
 
     if not getattr(faiss, "get_num_gpus", lambda: 0)():
-        return {"faiss_gpu": f"not available: FAISS {faiss.__version__} is a CPU build (pip install 'memforge-mlp[gpu]')"}
+        return {"faiss_gpu": f"not available: FAISS {faiss.__version__} is a CPU build "
+                             "(pip install 'memforge-mlp[gpu]')"}
     figures = {}
-    for device in ("cpu", "cuda"):
+    for device in FAISS_DEVICES:
         on = _with(params, index={"device": device})
         run_stage("index", on, rebuild=True)
         figures[f"index_recall_{device}_trained"] = open_artifact(
             fs.join(params.artifacts_dir, "index")).manifest["stats"]["recall_at_k"]
-    for device in ("cpu", "cuda"):
+    for device in FAISS_DEVICES:
         started = time.perf_counter()
         run_stage("targets", _with(params, index={"device": device}), rebuild=True)
         figures[f"targets_{device}_seconds"] = round(time.perf_counter() - started, 2)

@@ -25,8 +25,8 @@ does not depend on its weights. The decoder and decoder + memory passes (~1 s ea
 ``FAST_PASS_REPEATS`` times per size, alternating, and their medians taken. This VM's speed drifts by
 10-20 % over a sweep (the decoder alone, which never reads the datastore, drifts with it), so the
 spread of decoder + memory's speed over the decoder's at the same size is reported beside its raw spread:
-the memory's own cost, free of the machine's drift. kNN-LM's time per token is fitted as a + c·N and extrapolated to 100 M
-and 500 M keys (labelled as extrapolation).
+the memory's own cost, free of the machine's drift. kNN-LM's time per token is fitted as a + c·N and extrapolated
+to 100 M and 500 M keys (labelled as extrapolation).
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ import faiss
 import numpy as np
 import torch
 
+from memforge.bench.measure import Note, tree_bytes
 from memforge.storage import fs
 from memforge.storage.artifact import open_artifact
 from memforge.storage.params import Params
@@ -53,6 +54,24 @@ REFERENCE = {"nlist": 4096, "nprobe": 32, "k": 1024, "train_points_per_list": 39
 ADD_BLOCK = 1 << 20
 FAST_PASS_REPEATS = 5  # decoder and decoder + memory take ~1 s a pass here: their median of 5 is timed
 EXTRAPOLATE_TO = (100_000_000, 500_000_000)
+REFERENCE_INDEX = f"IVF{REFERENCE['nlist']},PQ (d/2 sub-quantizers), nprobe {REFERENCE['nprobe']}, k {REFERENCE['k']}"
+
+NOTES = {
+    "knnlm_scale_factory": Note("the index factory of the kNN-LM sweep (the reference kNN-LM configuration)"),
+    "knnlm_scale_largest_rows": Note("keys of the sweep's largest datastore (real small-model keys, then noisy "
+                                     "copies)"),
+    "knnlm_scale_memory_vs_knnlm_largest": Note(f"decoder + memory tokens/s ÷ kNN-LM tokens/s ({REFERENCE_INDEX}, "
+                                                "exact re-ranking) at the largest size"),
+    "knnlm_scale_decoder_vs_knnlm_largest": Note("decoder tokens/s ÷ kNN-LM tokens/s at the largest size"),
+    "knnlm_scale_b_largest_two": Note("b of kNN-LM time per token ∝ N^b between the two largest sizes"),
+    "knnlm_scale_memory_speed_spread": Note("decoder + memory tokens/s over the sizes: lowest and highest ÷ mean, "
+                                            "minus 1 (the machine's drift included)"),
+    "knnlm_scale_memory_per_decoder_spread": Note("the same for decoder + memory tokens/s ÷ decoder tokens/s at "
+                                                  "each size (the memory's own cost, free of drift)"),
+    **{f"knnlm_scale_memory_vs_knnlm_{n // 1_000_000}M_extrapolated": Note(
+        f"decoder + memory ÷ kNN-LM at {n // 1_000_000} M keys from the fit a + c·N: extrapolated, not measured")
+       for n in EXTRAPOLATE_TO},
+}
 
 
 class _IndexSearcher:
@@ -104,7 +123,6 @@ def _small_datastore(ws) -> Params:
 
 def knnlm_sweep(ws, scale_params: Params) -> dict:
     """Time decoder, kNN-LM (reference configuration) and decoder + memory at each of ``SIZES``."""
-    from memforge.bench import scale as bench_scale
     from memforge.pipelines import faiss_index
     from memforge.pipelines.datastore_rows import KEYS, VALUES, DatastoreRows
     from memforge.pipelines.encoder import load_encoder
@@ -165,11 +183,12 @@ def knnlm_sweep(ws, scale_params: Params) -> dict:
                      "decoder_vs_knnlm": round(speed["decoder"] / speed["knnlm"], 3)}
             log.info("bench scale: kNN-LM at %d keys: %s", size, point)
             series.append(point)
-        disk_gb = round(bench_scale.tree_bytes(ws.root) / 2**30, 2)  # the largest synthetic datastore, on disk
+        disk_gb = round(tree_bytes(ws.root) / 2**30, 2)  # the largest synthetic datastore, on disk
     return {"factory": factory, "nprobe": REFERENCE["nprobe"], "k": REFERENCE["k"], "exact_distances": True,
             "validation_rows": scorer.n_rows, "real_keys": len(real_keys), "noise": NOISE,
             "decoder": "bench small GPT-2 (4 layers, d 128)", "memory": "default shape, seeded init (speed only)",
-            "train_seconds": round(train_seconds, 1), "add_seconds": round(add_seconds, 1), "workspace_disk_gb": disk_gb,
+            "train_seconds": round(train_seconds, 1), "add_seconds": round(add_seconds, 1),
+            "workspace_disk_gb": disk_gb,
             "series": {"reference": series}, "fit": fit(series)}
 
 

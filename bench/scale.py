@@ -15,11 +15,12 @@ kNN-LM's cost beyond these sizes is measured by ``bench_knnlm_scale``. Writes ``
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from memforge.bench import knnlm_scale
+from memforge.bench.measure import Note, memforge_command, peak_tree_memory, tree_bytes
 from memforge.storage import fs
 from memforge.storage.artifact import open_artifact
 from memforge.storage.params import Params, parse_params
@@ -35,16 +36,46 @@ PER_ROW = {"prepare": "token", "encode": "row", "index": "datastore row", "targe
            "train-memory": "step", "evaluate": "validation row"}
 OUTPUTS = {"prepare": ("tokens",), "encode": ("keys",), "index": ("index",), "targets": ("targets",),
            "train-memory": ("memory",), "evaluate": ("eval",)}
+MEMORY_NAMES = {"rss": "RSS", "private": "private memory (RSS minus shared pages)",
+                "pss": "PSS (shared pages split among the processes)"}
+FIRST, LAST = SCALES[0], SCALES[-1]
+SIZES_SHOWN = "/".join(f"{s}x" for s in SCALES)
+
+
+def _stage_notes(stage: str) -> dict[str, Note]:
+    """The notes of one stage's scale figures."""
+    return {
+        f"scale_{stage}_b": Note(f"b of `memforge {stage}` wall time ∝ N^b over {SIZES_SHOWN} (least squares, "
+                                 "log-log)"),
+        f"scale_{stage}_seconds_per_{LAST}x_vs_{FIRST}x": Note(
+            f"{stage}'s seconds per {PER_ROW[stage]} at {LAST}x ÷ at {FIRST}x (1: linear in N)"),
+        **{f"scale_{stage}_peak_{kind}_{LAST}x_vs_{FIRST}x": Note(f"{stage}'s peak {name} of its process tree at "
+                                                                 f"{LAST}x ÷ at {FIRST}x")
+           for kind, name in MEMORY_NAMES.items()},
+    }
+
+
+NOTES = {
+    "scale_sizes_rows": Note(f"datastore rows at {SIZES_SHOWN} the bench's 1 MB of text (tiny model, default params)"),
+    **{figure: note for stage in STAGES for figure, note in _stage_notes(stage).items()},
+    **{f"scale_index_peak_{kind}_minus_codes_mb": Note(f"index stage's peak {name} minus its PQ codes and ids (MiB), "
+                                                       f"at {SIZES_SHOWN}") for kind, name in MEMORY_NAMES.items()},
+    **knnlm_scale.NOTES,
+    "scale_peak_disk_gb": Note("the largest the bench workspace grew on disk (GiB)"),
+    "scale_written": Note("the file with every size's figures (scale.png beside it: log-log plots)"),
+}
 
 
 def scale_params(ws, scale: int) -> Params:
     """The default params for a datastore of ``scale`` x the bench's text, encoded by the tiny model."""
     defaults = Params()
     return parse_params({
-        "artifacts_dir": str(ws.root / f"scale-{scale}x"), "corpus": {**ws.corpus(scale), "validation": SCALE_VALIDATION},
+        "artifacts_dir": str(ws.root / f"scale-{scale}x"),
+        "corpus": {**ws.corpus(scale), "validation": SCALE_VALIDATION},
         "encode": {**defaults.section("encode"), "model": str(ws.model("tiny"))},
         "targets": {**defaults.section("targets"), **SCALE_TARGETS},
-        "memory": {**defaults.section("memory"), "max_steps": SCALE_MEMORY_STEPS, "checkpoint_every": SCALE_MEMORY_STEPS},
+        "memory": {**defaults.section("memory"), "max_steps": SCALE_MEMORY_STEPS,
+                   "checkpoint_every": SCALE_MEMORY_STEPS},
     })
 
 
@@ -64,13 +95,6 @@ def _rows(params: Params, stage: str) -> int:
     return open_artifact(fs.join(art, "eval")).manifest["counts"]["rows"]
 
 
-def tree_bytes(path: Path, allocated: bool = True) -> int:
-    """Bytes of a directory tree's files: allocated on disk (so sparse files count what they hold), or
-    their sizes."""
-    return sum(f.stat().st_blocks * 512 if allocated else f.stat().st_size for f in Path(path).rglob("*")
-               if f.is_file())
-
-
 def _disk_bytes(params: Params, stage: str) -> int:
     """The stage's output artifacts' file sizes."""
     return sum(tree_bytes(Path(fs.join(params.artifacts_dir, name)), allocated=False) for name in OUTPUTS[stage])
@@ -85,9 +109,6 @@ def fit_exponent(sizes, values) -> float:
 def run_sizes(ws, scales=SCALES) -> dict:
     """Build each size's datastore stage by stage (one process each); per stage and size: seconds, peak RSS,
     disk bytes, and the count they are per."""
-    from memforge.bench.run import _peak_tree_memory
-
-    memforge = str(Path(sys.executable).parent / "memforge")
     sizes: dict = {}
     for scale in scales:
         params = scale_params(ws, scale)
@@ -95,7 +116,7 @@ def run_sizes(ws, scales=SCALES) -> dict:
         config.write_text(json.dumps(params.model_dump(mode="json")))
         figures = {}
         for stage in STAGES:
-            peak = _peak_tree_memory([memforge, stage, "--params", str(config)])
+            peak = peak_tree_memory(memforge_command(stage, "--params", str(config)))
             figures[stage] = {"seconds": round(peak.seconds, 2), "peak_rss_mb": round(peak.rss / 2**20, 1),
                               "peak_private_mb": round(peak.private / 2**20, 1),
                               "peak_pss_mb": round(peak.pss / 2**20, 1),
@@ -145,15 +166,14 @@ def summarise(sizes: dict) -> dict:
     return table
 
 
-def plot(table: dict, knnlm: dict | None, path: Path) -> None:
+def plot(table: dict, knnlm: dict, path: Path) -> None:
     """Log-log: seconds per row and peak RSS against datastore rows per stage; kNN-LM vs memory tokens/s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 3 if knnlm else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(16.5, 4.5))
     n_rows = list(table["datastore_rows"].values())
     for stage in STAGES:
         axes[0].loglog(n_rows, table[stage]["seconds_per"], "o-", label=f"{stage} (per {table[stage]['per']})")
@@ -163,15 +183,15 @@ def plot(table: dict, knnlm: dict | None, path: Path) -> None:
     axes[0].set(xlabel="datastore rows N", ylabel="wall seconds per unit", title="time per unit")
     axes[1].set(xlabel="datastore rows N", ylabel="MB, summed over the process tree",
                 title="peak RSS (solid), private (dashed), PSS (dotted)")
-    if knnlm:
-        for config, series in knnlm["series"].items():
-            sizes = [p["datastore_rows"] for p in series]
-            for model, style in (("knnlm", "o-"), ("memory", "s--"), ("decoder", "^:")):
-                axes[2].loglog(sizes, [p["tokens_per_second"][model] for p in series], style, label=f"{model} ({config}: IVF4096, synthetic beyond 0.6M, small model)")
-        real = table["evaluate_tokens_per_second"]
-        for model, style in (("knnlm", "o-"), ("memory", "s--")):
-            axes[2].loglog(n_rows, [real[s][model] for s in real], style, label=f"{model} (auto index, real, tiny model)")
-        axes[2].set(xlabel="datastore rows N", ylabel="evaluate tokens/s", title="kNN-LM vs decoder + memory")
+    for config, series in knnlm["series"].items():
+        sizes = [p["datastore_rows"] for p in series]
+        for model, style in (("knnlm", "o-"), ("memory", "s--"), ("decoder", "^:")):
+            axes[2].loglog(sizes, [p["tokens_per_second"][model] for p in series], style,
+                           label=f"{model} ({config}: IVF4096, synthetic beyond 0.6M, small model)")
+    real = table["evaluate_tokens_per_second"]
+    for model, style in (("knnlm", "o-"), ("memory", "s--")):
+        axes[2].loglog(n_rows, [real[s][model] for s in real], style, label=f"{model} (auto index, real, tiny model)")
+    axes[2].set(xlabel="datastore rows N", ylabel="evaluate tokens/s", title="kNN-LM vs decoder + memory")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6, ncol=2 if ax is axes[1] else 1)
@@ -180,28 +200,27 @@ def plot(table: dict, knnlm: dict | None, path: Path) -> None:
     plt.close(fig)
 
 
-def bench_scale(ws, out_dir: str) -> dict:
-    """The scale sweep and the kNN-LM sweep; writes ``scale.json`` and ``scale.png`` into ``out_dir``;
-    returns the headline figures flat."""
-    from memforge.bench import knnlm_scale as bench_knnlm_scale
-
+def bench_scale(ws) -> dict:
+    """How time, memory and disk grow with N, and kNN-LM against the memory up to 33 M keys; only when asked for
+    (``--only scale``: ~40 minutes). Writes ``scale.json`` and ``scale.png`` into ``ws.out_dir``; returns the
+    headline figures flat."""
     sizes = run_sizes(ws)
     table = summarise(sizes)
-    knnlm = bench_knnlm_scale.knnlm_sweep(ws, scale_params(ws, SCALES[0]))
-    out = Path(out_dir)
+    knnlm = knnlm_scale.knnlm_sweep(ws, scale_params(ws, SCALES[0]))
+    out = Path(ws.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps({"sizes": sizes, "table": table, "knnlm": knnlm}, indent=1))
     plot(table, knnlm, out / "scale.png")
-    last, first = SCALES[-1], SCALES[0]
     flat = {"scale_sizes_rows": "/".join(str(n) for n in table["datastore_rows"].values())}
     for stage in STAGES:
         flat[f"scale_{stage}_b"] = table[stage]["b_time"]
-        flat[f"scale_{stage}_seconds_per_{last}x_vs_{first}x"] = table[stage][f"seconds_per_{last}x_vs_{first}x"]
+        flat[f"scale_{stage}_seconds_per_{LAST}x_vs_{FIRST}x"] = table[stage][f"seconds_per_{LAST}x_vs_{FIRST}x"]
         for kind in MEMORY_KINDS:
-            flat[f"scale_{stage}_peak_{kind}_{last}x_vs_{first}x"] = table[stage][f"peak_{kind}_{last}x_vs_{first}x"]
+            flat[f"scale_{stage}_peak_{kind}_{LAST}x_vs_{FIRST}x"] = table[stage][f"peak_{kind}_{LAST}x_vs_{FIRST}x"]
     for kind in MEMORY_KINDS:
-        flat[f"scale_index_peak_{kind}_minus_codes_mb"] = "/".join(str(v) for v in table[f"index_peak_{kind}_minus_codes_mb"])
-    flat.update(bench_knnlm_scale.flat(knnlm))
+        flat[f"scale_index_peak_{kind}_minus_codes_mb"] = "/".join(
+            str(v) for v in table[f"index_peak_{kind}_minus_codes_mb"])
+    flat.update(knnlm_scale.flat(knnlm))
     flat["scale_peak_disk_gb"] = max(knnlm["workspace_disk_gb"], *(sizes[s]["workspace_disk_gb"] for s in sizes))
     flat["scale_written"] = str(out / "scale.json")
     return flat

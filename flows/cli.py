@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workdir", help="directory for the temporary workspace (default: system temp)")
     bench.add_argument("--out", default="bench-out", help="directory for the files a part writes (scale: "
                        "scale.json, scale.png; default: bench-out)")
+    bench.add_argument("--report", metavar="FILE", help="also write a Markdown report: machine, commit, date, and "
+                       "per part its figures with what each measures")
     dvc = commands.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations",
                               description="Generate dvc.yaml (one DVC stage per memforge stage: its cmd, the code "
                                           "files and input artifacts it depends on, its content params, its "
@@ -240,10 +242,15 @@ def _cmd_dvc_yaml(args, _beam_args) -> int:
 
 
 def _cmd_bench(args, _beam_args) -> int:
+    from memforge.bench import report
     from memforge.bench import run as bench
 
-    figures = bench.run(args.only, args.workdir, args.out)
+    runs = bench.run(args.only, args.workdir, args.out)
+    figures = bench.flat(runs)
     print(json.dumps(figures) if args.json else bench.table(figures))
+    if args.report:
+        with open(args.report, "w") as handle:
+            handle.write(report.markdown(runs, bench.NOTES))
     return 0
 
 

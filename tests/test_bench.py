@@ -1,23 +1,32 @@
-"""The benchmark's own measuring tools (the benchmark itself runs as `memforge bench`, never as a timed test)."""
+"""The benchmark's own measuring tools and its report (the benchmark itself runs as `memforge bench`, never as a
+timed test)."""
+import datetime
+import json
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from memforge.bench import measure, report
 from memforge.bench import run as bench
+from memforge.bench.measure import Note, PartRun
 
 ALLOCATE = "import subprocess, sys, time; b = bytearray({mb} << 20); b[::4096] = b'x' * len(b[::4096]); " \
            "time.sleep(0.5){child}"
 
 
+@pytest.mark.unit
 def test_peak_rss_counts_the_whole_process_tree():
     """A parent holding 100 MB that starts a child holding 200 MB peaks above 300 MB in total."""
     child = "; subprocess.run([sys.executable, '-c', " + repr(ALLOCATE.format(mb=200, child="")) + "], check=True)"
-    peak = bench._peak_tree_memory([sys.executable, "-c", ALLOCATE.format(mb=100, child=child)])
+    peak = measure.peak_tree_memory([sys.executable, "-c", ALLOCATE.format(mb=100, child=child)])
     assert peak.rss > 300 * 2**20
     assert peak.seconds >= 1.0
 
 
+@pytest.mark.unit
 def test_pss_counts_a_file_mapped_by_the_whole_tree_once(tmp_path):
     """Parent and child both map the same 200 MB file: their RSS sums count it twice, their PSS once."""
     data = tmp_path / "mapped.bin"
@@ -26,20 +35,23 @@ def test_pss_counts_a_file_mapped_by_the_whole_tree_once(tmp_path):
              "m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); s = sum(m[i] for i in range(0, len(m), 4096)); "
              "time.sleep(1.0){child}")
     child = "; subprocess.run([sys.executable, '-c', " + repr(touch.format(child="")) + "], check=True)"
-    peak = bench._peak_tree_memory([sys.executable, "-c", touch.format(child=child)])
+    peak = measure.peak_tree_memory([sys.executable, "-c", touch.format(child=child)])
     assert peak.rss > 400 * 2**20
     assert 200 * 2**20 < peak.pss < 300 * 2**20
 
 
+@pytest.mark.unit
 def test_peak_rss_reports_a_failing_command():
     with pytest.raises(RuntimeError, match="exited 3"):
-        bench._peak_tree_memory([sys.executable, "-c", "raise SystemExit(3)"])
+        measure.peak_tree_memory([sys.executable, "-c", "raise SystemExit(3)"])
 
 
+@pytest.mark.unit
 def test_table_aligns_figures():
     assert bench.table({"a": 1, "longer_name": 0.5}).splitlines() == ["a            1", "longer_name  0.5"]
 
 
+@pytest.mark.unit
 def test_growth_exponent_and_the_scale_summary():
     """b of time ∝ N^b is fitted in log-log space; the summary divides each stage's time, memory and disk by
     what it is per, and compares the largest size with the smallest."""
@@ -67,6 +79,7 @@ def test_growth_exponent_and_the_scale_summary():
     assert table["index_peak_pss_minus_codes_mb"] == [82.0, 84.0, 88.0]
 
 
+@pytest.mark.unit
 def test_synthetic_datastore_rows_are_real_rows_then_seeded_noisy_copies():
     from memforge.bench import knnlm_scale as bench_knnlm_scale
 
@@ -83,6 +96,7 @@ def test_synthetic_datastore_rows_are_real_rows_then_seeded_noisy_copies():
     assert np.array_equal(keys, again)  # seeded by the first row: any size's rows are the same rows
 
 
+@pytest.mark.unit
 def test_synthetic_rows_join_their_sources_lists_and_real_rows_are_added_as_faiss_adds_them():
     """Real rows added with their nearest centroid give the index ``index.add`` gives; noisy copies land in
     their source's list, so every list grows in proportion to its real size."""
@@ -100,7 +114,8 @@ def test_synthetic_rows_join_their_sources_lists_and_real_rows_are_added_as_fais
     plain.add(real)
     lists = bench_knnlm_scale.real_lists(grown, real)
     bench_knnlm_scale.add_to_lists(real_only, real, lists)
-    assert [np.array_equal(a, b) for a, b in zip(plain.search(real[:50], 5), real_only.search(real[:50], 5))] == [True, True]
+    assert [np.array_equal(a, b) for a, b in zip(plain.search(real[:50], 5),
+                                                  real_only.search(real[:50], 5))] == [True, True]
     for start in range(0, 1800, 500):  # blocks straddle the end of the real rows
         keys, _, source = bench_knnlm_scale.synthetic_rows(real, values, np.full(8, 0.01, np.float32), start,
                                                            min(1800, start + 500))
@@ -110,6 +125,7 @@ def test_synthetic_rows_join_their_sources_lists_and_real_rows_are_added_as_fais
     assert [3 * n for n in sizes[0]] == sizes[1] and sum(sizes[0]) == 600
 
 
+@pytest.mark.unit
 def test_knnlm_fit_extrapolates_a_linear_cost_and_labels_it():
     """kNN-LM's seconds per token = a + c·N is recovered from exact points; the extrapolation uses it."""
     from memforge.bench import knnlm_scale as bench_knnlm_scale
@@ -127,9 +143,11 @@ def test_knnlm_fit_extrapolates_a_linear_cost_and_labels_it():
     drifting = [{**p, "tokens_per_second": {**p["tokens_per_second"], "memory": 1e4 * f, "decoder": 2e4 * f}}
                 for p, f in zip(series, (1.0, 0.8, 1.2))]  # the machine slows both passes alike
     drifted = bench_knnlm_scale.fit(drifting)
-    assert drifted["memory_tokens_per_second_spread"] == [-0.2, 0.2] and drifted["memory_per_decoder_spread"] == [0.0, 0.0]
+    assert drifted["memory_tokens_per_second_spread"] == [-0.2, 0.2]
+    assert drifted["memory_per_decoder_spread"] == [0.0, 0.0]
 
 
+@pytest.mark.unit
 def test_memory_part_refuses_before_any_part_runs_when_the_demo_is_missing(tmp_path, monkeypatch):
     from memforge.storage.errors import MemforgeError
 
@@ -141,6 +159,7 @@ def test_memory_part_refuses_before_any_part_runs_when_the_demo_is_missing(tmp_p
     assert ran == []  # refused up front, not after the long parts
 
 
+@pytest.mark.unit
 def test_each_part_prints_its_figures_as_it_ends(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(bench.PARTS, "storage", lambda ws: {"keys_bytes_per_token": 118.57})
 
@@ -153,11 +172,58 @@ def test_each_part_prints_its_figures_as_it_ends(tmp_path, monkeypatch, capsys):
     assert 'memforge bench: storage: {"keys_bytes_per_token": 118.57}' in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_round_orders_rotate_the_variants_and_end_with_the_last():
-    from memforge.bench.run import round_orders
-
-    orders = round_orders(3, 3)
+    orders = measure.round_orders(3, 3)
     assert all(sorted(order) == [0, 1, 2] for order in orders)
     assert [sorted(order[position] for order in orders) for position in range(3)] == [[0, 1, 2]] * 3
     assert orders[-1] == [0, 1, 2]
-    assert round_orders(2, 1) == [[0, 1]] and round_orders(1, 1) == [[0]]
+    assert measure.round_orders(2, 1) == [[0, 1]] and measure.round_orders(1, 1) == [[0]]
+
+
+@pytest.mark.unit
+def test_every_ratio_names_two_figures_of_its_own_part():
+    for part, notes in bench.NOTES.items():
+        assert notes, part
+        for figure, note in notes.items():
+            assert note.what and "\n" not in note.what, (part, figure)
+            assert note.ratio_of is None or set(note.ratio_of) <= set(notes), (part, figure, note.ratio_of)
+    assert set(bench.NOTES) == set(bench.PARTS)
+
+
+@pytest.mark.unit
+def test_report_shows_a_ratio_with_both_sides_and_refuses_a_figure_without_a_note():
+    notes = {"p": {"a_s": Note("seconds of a"), "b_s": Note("seconds of b"),
+                   "b_vs_a": Note("a seconds ÷ b seconds", ("a_s", "b_s"))}}
+    text = report.markdown({"p": PartRun({"a_s": 3.0, "b_s": 1.5, "b_vs_a": 2.0}, 4.2)}, notes)
+    assert "| `b_vs_a` | 2.0 = 3.0 ÷ 1.5 | a seconds ÷ b seconds |" in text
+    assert "#### p (4 s)" in text and "### `memforge bench --only p`" in text
+    from memforge.storage.errors import MemforgeError
+
+    with pytest.raises(MemforgeError, match="p: c_s"):
+        report.markdown({"p": PartRun({"a_s": 3.0, "c_s": 1.0}, 1.0)}, notes)
+
+
+@pytest.mark.stage
+def test_bench_report_of_the_storage_part(tmp_path, monkeypatch, capsys):
+    """`memforge bench --only storage --report FILE` (~50 s on 2 cores): the report states machine, commit and
+    date, and every figure the run printed, with its note."""
+    from memforge.flows.cli import main
+    from memforge.storage.provenance import code_version
+
+    monkeypatch.chdir(tmp_path)
+    before = datetime.datetime.now(datetime.timezone.utc).replace(second=0, microsecond=0)
+    assert main(["bench", "--only", "storage", "--json", "--workdir", str(tmp_path / "work"),
+                 "--report", "report.md"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    text = Path("report.md").read_text()
+    assert set(printed) == set(bench.NOTES["storage"])
+    for figure, value in printed.items():
+        assert f"| `{figure}` | {value} | {bench.NOTES['storage'][figure].what} |" in text
+    assert re.search(r"\| Machine \| .+, \d+ logical cores .*GiB memory, GPU: ", text)
+    version = code_version(())
+    if version["git_sha"]:
+        assert f"| Commit | {version['git_sha'][:7]}" in text
+    date = datetime.datetime.strptime(re.search(r"\| Date \| (.+) UTC \|", text).group(1), "%Y-%m-%d %H:%M")
+    assert before <= date.replace(tzinfo=datetime.timezone.utc) <= datetime.datetime.now(datetime.timezone.utc)
+    assert not list((tmp_path / "work").iterdir())  # the scratch workspace is removed
