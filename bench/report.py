@@ -47,7 +47,7 @@ def notes_markdown(notes: dict[str, dict[str, Note]]) -> str:
     """Every part's figures and what each measures, one table per part (for the docs)."""
     lines = []
     for part, part_notes in notes.items():
-        lines += [f"#### {part}", "", "| Figure | What it measures |", "|---|---|"]
+        lines += [f"### {part}", "", "| Figure | What it measures |", "|---|---|"]
         lines += [f"| `{figure}` | {_cell(_what(note))} |" for figure, note in part_notes.items()]
         lines.append("")
     return "\n".join(lines)
