@@ -4,16 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from memforge.flows import stages
+from memforge.runs import run, run_stage
 from memforge.storage import fs
 from memforge.storage.artifact import REBUILD_OUTDATED
 from memforge.storage.errors import MemforgeError, is_disk_full
 from memforge.storage.lineage import lineage, render
 from memforge.storage.listing import find_artifacts, summarise
-from memforge.storage.params import load_params
+from memforge.storage.params import load_params, params_file
 from memforge.storage.verify import verify
 
 EXIT_PROBLEMS = 1
@@ -132,28 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_stage(args, beam_args) -> int:
-    params = load_params(args.params, args.overrides)
     rebuild = True if args.rebuild else REBUILD_OUTDATED if args.replace_outdated else False
-    result = stages.run_stage(args.command, params, rebuild=rebuild, beam_args=tuple(beam_args))
+    result = run_stage(args.command, args.params, overrides=args.overrides, rebuild=rebuild, beam_args=beam_args)
     if result is not None:
         print(result)
     return 0
 
 
-def _params_file(args) -> str | None:
-    """The params file as an absolute path (flow runs may start in another directory), or None."""
-    path = args.params or ("params.yaml" if os.path.exists("params.yaml") else None)
-    return os.path.abspath(path) if path else None
-
-
 def _cmd_run(args, beam_args) -> int:
-    load_params(args.params, args.overrides)  # bad params fail here, before any flow run starts
-    from memforge.flows.build import build
-    from memforge.flows.server import prefect_api
-
-    with prefect_api():  # on Ctrl-C: the stage stops, the flow run is reported, then the server stops
-        result = build(params_file=_params_file(args), overrides=args.overrides, first=args.first,
-                       last=args.last, rebuild=args.rebuild, beam_args=beam_args)
+    result = run(args.params, overrides=args.overrides, first=args.first, last=args.last, rebuild=args.rebuild,
+                 beam_args=beam_args)
     for name, state in result["stages"].items():
         print(f"memforge run: {name}: {state}")
     print(f"memforge run: done; artifacts in {result['artifacts_dir']}")
@@ -172,7 +160,7 @@ def _cmd_serve(args, beam_args) -> int:
     from memforge.flows.build import build
 
     build.serve(name=args.name, cron=args.cron or params.flow.cron, parameters={
-        "params_file": _params_file(args), "overrides": args.overrides, "first": args.first, "last": args.last,
+        "params_file": params_file(args.params), "overrides": args.overrides, "first": args.first, "last": args.last,
         "beam_args": beam_args})
     return 0
 

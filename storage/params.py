@@ -270,12 +270,30 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+def _given_or_default(path: str | Path | None) -> str | Path | None:
+    return "params.yaml" if path is None and Path("params.yaml").exists() else path
+
+
+def params_file(path: str | Path | None = None) -> str | None:
+    """``path``, else ``./params.yaml`` when present, as an absolute path (flow runs may start elsewhere)."""
+    path = _given_or_default(path)
+    return None if path is None else str(Path(path).absolute())
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] = (), source: str = "params") -> Params:
+    """Validate ``data`` with ``--set`` style ``KEY=VALUE`` overrides applied (``data`` is changed)."""
+    for override in overrides:
+        _apply_override(data, override)
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    return parse_params(data, source)
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] = ()) -> Params:
     """Read ``path`` (default: ./params.yaml when present), apply ``--set`` overrides, validate."""
     source = "defaults"
     data: dict[str, Any] = {}
-    if path is None and Path("params.yaml").exists():
-        path = "params.yaml"
+    path = _given_or_default(path)
     if path is not None:
         source = str(path)
         try:
@@ -288,8 +306,4 @@ def load_params(path: str | Path | None = None, overrides: list[str] = ()) -> Pa
             raise ParamsError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ParamsError(f"{path}: top level must be a mapping of sections")
-    for override in overrides:
-        _apply_override(data, override)
-    if overrides:
-        source += " + --set " + " ".join(overrides)
-    return parse_params(data, source)
+    return apply_overrides(data, overrides, source)
