@@ -16,6 +16,18 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+TIERS = ("unit", "stage", "integration")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test carries exactly one tier marker (see pyproject's markers)."""
+    wrong = [f"{item.nodeid}: {tiers or 'no tier'}" for item in items
+             if len(tiers := [m.name for m in item.iter_markers() if m.name in TIERS]) != 1]
+    if wrong:
+        raise pytest.UsageError("tests must carry exactly one of the markers " + ", ".join(TIERS) + ":\n  "
+                                + "\n  ".join(wrong))
+
+
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory):
     """The tiny demo chain up to a trained memory (built once for all training tests)."""

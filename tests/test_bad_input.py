@@ -16,6 +16,8 @@ from memforge.storage.artifact import open_artifact
 
 from tiny_lm import make_gpt2, write_corpus
 
+pytestmark = pytest.mark.stage
+
 MANIFEST = "_manifest.json"
 
 

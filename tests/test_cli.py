@@ -11,6 +11,7 @@ from memforge.flows.cli import main
 COMMANDS = [*stages.stage_names(), "run", "ls", "lineage", "verify", "retemper", "explain", "bench", "dvc-yaml"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_documents_each_command(command, capsys):
     with pytest.raises(SystemExit) as done:
@@ -22,6 +23,7 @@ def test_help_documents_each_command(command, capsys):
         assert "--params" in out and "--set" in out and "--rebuild" in out
 
 
+@pytest.mark.unit
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "memforge"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
@@ -30,6 +32,7 @@ def test_console_script_is_installed():
     assert "artifacts_dir" in out and "keys/<split>" in out
 
 
+@pytest.mark.stage
 def test_run_stops_at_the_first_failing_stage(tmp_path, capsys):
     code = main(["run", "--set", f"artifacts_dir={tmp_path}", "--from", "train-memory", "--until", "evaluate"])
     captured = capsys.readouterr()
@@ -39,11 +42,13 @@ def test_run_stops_at_the_first_failing_stage(tmp_path, capsys):
     assert not (tmp_path / "eval").exists() and "evaluate" not in captured.out
 
 
+@pytest.mark.stage
 def test_run_rejects_reversed_range(capsys):
     assert main(["run", "--from", "targets", "--until", "encode"]) == 1
     assert "--from targets comes after --until encode" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_beam_options_pass_through_after_double_dash(tmp_path, capsys):
     # Everything after `--` is for Beam and never reaches memforge's own parser.
     assert main(["encode", "--set", f"artifacts_dir={tmp_path}", "--", "--runner=FlinkRunner",
@@ -52,6 +57,7 @@ def test_beam_options_pass_through_after_double_dash(tmp_path, capsys):
     assert "unrecognized arguments" not in err and "no artifact here" in err
 
 
+@pytest.mark.unit
 def test_runner_options():
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
@@ -73,11 +79,13 @@ def test_runner_options():
     assert isinstance(flink.options, PipelineOptions)
 
 
+@pytest.mark.unit
 def test_ls_empty_dir(tmp_path, capsys):
     assert main(["ls", str(tmp_path)]) == 0
     assert "no artifacts under" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "memforge.flows.cli", "verify", "/nonexistent/artifact"],
                             capture_output=True, text=True)
@@ -85,6 +93,7 @@ def test_module_entry_point():
     assert "no artifact here" in result.stdout
 
 
+@pytest.mark.unit
 def test_exit_codes(tmp_path, capsys):
     """0 success, 1 a named error or a problem found, 2 a command line that does not parse (130: test_flows)."""
     assert main(["ls", str(tmp_path)]) == 0

@@ -10,6 +10,8 @@ import pytest
 
 from memforge.flows.cli import main
 
+pytestmark = pytest.mark.integration
+
 BEAM_STAGES = ("prepare", "encode", "index", "targets")
 BUILT = ("tokens", "keys/train", "keys/validation", "index", "targets/train", "targets/validation")
 

@@ -8,6 +8,8 @@ from memforge.pipelines.half_distances import l2_by_idx
 from memforge.storage.shards import ShardPlan
 from memforge.storage.stores import KeyStore
 
+pytestmark = pytest.mark.unit
+
 N, DIM, K = 300, 24, 50
 
 

@@ -18,6 +18,8 @@ from memforge.storage.params_view import UndeclaredParamError
 
 from chain import overrides, stage_args
 
+pytestmark = pytest.mark.stage
+
 REPO = Path(__file__).resolve().parent.parent
 EXECUTION_CHANGE = {"runtime.num_workers": 1, "runtime.threads_per_worker": 2, "index.threads": 2,
                     "encode.batch_size": 4, "memory.checkpoint_every": 7, "decoder.checkpoint_every": 9,

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
 from memforge.storage import fs
@@ -17,6 +18,8 @@ from memforge.storage.stores import PartOffsets, TokenStore
 from memforge.storage.verify import verify
 
 from crash import MEMFORGE
+
+pytestmark = pytest.mark.integration
 
 TESTS = Path(__file__).resolve().parent
 ENTRY = "test_declared_stage:TokenCounts"

@@ -15,6 +15,8 @@ from memforge.storage.verify import verify
 from crash import kill_when, rerun
 from tiny_lm import write_corpus
 
+pytestmark = pytest.mark.stage
+
 DECODER = {"decoder.vocab_size": 320, "decoder.n_layer": 2, "decoder.n_head": 2, "decoder.n_embd": 48,
            "decoder.block_size": 32, "decoder.batch_size": 8, "decoder.max_steps": 60, "decoder.warmup_steps": 5,
            "decoder.learning_rate": 0.005, "decoder.checkpoint_every": 20}

@@ -7,6 +7,8 @@ import pytest
 from memforge.storage.errors import MemforgeError
 from memforge.training.dev_test import split_by_document
 
+pytestmark = pytest.mark.unit
+
 
 def test_whole_documents_near_the_share_and_the_same_every_time():
     docs = np.repeat(np.arange(40), np.random.default_rng(0).integers(50, 400, 40))

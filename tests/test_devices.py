@@ -19,7 +19,8 @@ from memforge.storage.stores import KeyStore
 
 from chain import overrides
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without CUDA")
+pytestmark = [pytest.mark.stage,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without CUDA")]
 
 
 def manifest(path) -> dict:

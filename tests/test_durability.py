@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from memforge.storage import fs
 from memforge.storage.shards import MARKERS_DIR
 from memforge.storage.verify import verify
 
 import toy_stage
+
+pytestmark = pytest.mark.unit
 
 
 def test_data_is_durable_before_its_marker_and_markers_before_the_manifest(tmp_path, monkeypatch):

@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from memforge.flows.dvc_yaml import render
 from memforge.flows.stages import all_stages
 
 from chain import write_project
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

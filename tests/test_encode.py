@@ -24,6 +24,8 @@ from memforge.storage.verify import verify
 from crash import kill_after_first_shard, rerun
 from tiny_lm import make_gpt2, write_corpus
 
+pytestmark = pytest.mark.stage
+
 BLOCK, STRIDE = 32, 12
 
 

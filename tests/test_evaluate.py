@@ -21,6 +21,8 @@ from memforge.training.mlp_memory import MODEL_TYPE  # importing it registers th
 
 from chain import rewrite_manifest, stage_args
 
+pytestmark = pytest.mark.stage
+
 K = 8
 
 

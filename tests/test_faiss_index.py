@@ -8,6 +8,8 @@ import pytest
 from memforge.pipelines.faiss_index import build_empty, ivf_of, resolve_factory
 from memforge.storage.params import IndexParams
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("n_rows, dim", [(250_000, 128), (10_000_000, 1024), (100_000_000, 4096)])
 def test_auto_factory_follows_the_rules_of_thumb(n_rows, dim):

@@ -27,6 +27,8 @@ from memforge.storage.errors import MemforgeError
 from chain import write_project
 from crash import MEMFORGE, kill_when
 
+pytestmark = pytest.mark.integration
+
 BEAM = ["--direct_running_mode=in_memory"]
 STAGE_NAMES = stage_names()
 PREFECT = str(Path(sys.executable).parent / "prefect")

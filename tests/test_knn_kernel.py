@@ -10,6 +10,8 @@ import pytest
 
 from memforge.pipelines.knn import distributions, drop_ids, search_distributions
 
+pytestmark = pytest.mark.unit
+
 
 def reference_row(dists, values, temperature, width):
     """(stored {token: p}, truncated) of one row, computed the slow way."""

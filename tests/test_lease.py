@@ -17,6 +17,8 @@ from memforge.storage.verify import verify
 
 import toy_stage
 
+pytestmark = pytest.mark.integration
+
 TOY = str(Path(__file__).resolve().parent / "toy_stage.py")
 TRIALS = 20
 

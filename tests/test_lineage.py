@@ -13,6 +13,8 @@ from memforge.storage.shards import ShardPlan
 from memforge.storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
 from memforge.storage.verify import verify
 
+pytestmark = pytest.mark.stage
+
 ROWS = 300
 VOCAB = 1000
 DIM = 8

@@ -4,7 +4,11 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 from memforge.storage import local_cache
+
+pytestmark = pytest.mark.unit
 
 
 def test_scratch_directories_of_dead_processes_are_removed(tmp_path, monkeypatch):

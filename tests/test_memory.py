@@ -26,6 +26,8 @@ from memforge.training.mlp_memory import MemoryConfig, MLPMemory
 from chain import rewrite_manifest, stage_args
 from crash import kill_when, rerun
 
+pytestmark = pytest.mark.stage
+
 
 def linked(chain, tmp_path, names=("tokens", "decoder", "keys", "index", "targets")):
     art = tmp_path / "art"

@@ -8,6 +8,8 @@ from memforge.flows.cli import main
 from memforge.storage.errors import ParamsError
 from memforge.storage.params import Params, load_params
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 
 

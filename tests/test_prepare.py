@@ -4,6 +4,7 @@ from uuid import uuid4
 
 import fsspec
 import numpy as np
+import pytest
 from transformers import AutoTokenizer
 
 from memforge.flows.cli import main
@@ -14,6 +15,8 @@ from memforge.storage.stores import PartOffsets, TokenStore
 from memforge.storage.verify import verify
 
 from tiny_lm import WORDS
+
+pytestmark = pytest.mark.stage
 
 
 def test_default_corpus_is_the_standard_library_capped_in_sorted_order():

@@ -25,6 +25,8 @@ from memforge.storage.verify import verify
 from chain import overrides, stage_args
 from tiny_lm import WORDS, make_gpt2
 
+pytestmark = pytest.mark.stage
+
 
 def refused(args: list[str], capsys, *expected: str) -> str:
     capsys.readouterr()

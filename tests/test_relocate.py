@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from memforge.flows.cli import main
 from memforge.flows.stages import run_stage
 from memforge.storage.artifact import open_artifact
@@ -12,6 +14,8 @@ from memforge.storage.params import load_params
 from memforge.storage.verify import verify
 
 from chain import overrides, stage_args
+
+pytestmark = pytest.mark.stage
 
 STAGES = ("tokens", "decoder", "keys/train", "keys/validation", "index", "targets/train", "targets/validation",
           "memory")

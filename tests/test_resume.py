@@ -22,6 +22,8 @@ from memforge.storage.verify import verify
 
 import toy_stage
 
+pytestmark = pytest.mark.stage
+
 REPO = Path(__file__).resolve().parent.parent
 ROWS = 600           # 64-row chunks x 2 per Zarr shard -> 128-row plan shards: 5 shards, the last one 88 rows
 N_SHARDS = 5

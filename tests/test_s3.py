@@ -7,10 +7,14 @@ import os
 import re
 from collections import Counter
 
+import pytest
+
 from memforge.flows.cli import main
 from memforge.flows.stages import stage_names
 
 from chain import stage_args
+
+pytestmark = pytest.mark.integration
 
 BUCKET = "memforge-test"
 

@@ -17,6 +17,8 @@ from memforge.storage.shards import Shard, ShardMarkers, ShardPlan
 from memforge.storage.stores import TOKEN_SCHEMA, DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore
 from memforge.storage.verify import verify
 
+pytestmark = pytest.mark.unit
+
 VOCAB = 1000
 
 

@@ -19,6 +19,8 @@ from memforge.storage.verify import verify
 from crash import kill_after_first_shard, rerun
 from tiny_lm import make_gpt2, write_corpus
 
+pytestmark = pytest.mark.stage
+
 K, WIDTH, T = 8, 8, 8.0
 
 

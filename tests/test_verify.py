@@ -17,6 +17,8 @@ from memforge.storage.shards import ShardPlan, load_plan
 from memforge.storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
 from memforge.storage.verify import verify
 
+pytestmark = pytest.mark.unit
+
 VOCAB = 500
 N = 48          # rows of every store; 16-row storage units -> 3 shards
 WIDTH = 5       # distribution entries per row
