@@ -7,6 +7,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
+from memforge.storage.extras import require
+
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 DASK_NAMES = ("dask", "DaskRunner", DASK_RUNNER)  # how --runner may name it
 
@@ -42,6 +44,7 @@ def pipeline(beam_args: list[str], num_workers: int,
     runner = options.view_as(StandardOptions).runner
     if runner is not None:
         if runner in DASK_NAMES:
+            require("distributed", "dask", "--runner=dask")
             options = PipelineOptions(_dask_args(beam_args))
             runner = "DaskRunner"
         return beam.Pipeline(options=options), runner

@@ -16,6 +16,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from memforge.storage.errors import DamagedFileError
+from memforge.storage.extras import missing_filesystem
 
 CHECKSUM_ALGORITHM = "sha256"
 _READ_BLOCK = 1 << 22
@@ -41,7 +42,10 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path for ``uri``. Object stores without fsspec's listings cache:
     other processes (workers) write markers and shards all the time, so a cached listing is soon wrong."""
     uri = normalize(uri)
-    fs, path = fsspec.core.url_to_fs(uri, **({} if is_local(uri) else {"use_listings_cache": False}))
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **({} if is_local(uri) else {"use_listings_cache": False}))
+    except ImportError as exc:
+        raise missing_filesystem(uri, exc) from None
     return fs, path
 
 

@@ -14,6 +14,7 @@ from zarr.core.buffer import Buffer
 from zarr.storage import FsspecStore, LocalStore
 
 from memforge.storage import fs
+from memforge.storage.extras import missing_filesystem
 
 
 class _Checksums:
@@ -53,4 +54,7 @@ def zarr_store(uri: str) -> Store:
     uri = fs.normalize(uri)
     if fs.is_local(uri):
         return DurableLocalStore(uri)
-    return HashingFsspecStore.from_url(uri)
+    try:
+        return HashingFsspecStore.from_url(uri)
+    except ImportError as exc:
+        raise missing_filesystem(uri, exc) from None

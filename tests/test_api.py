@@ -131,3 +131,4 @@ def test_run_stage_with_overrides_is_the_cli_call(chain):
         memforge.run_stage("index", params, overrides=["index.seed=5"], beam_args=["--direct_running_mode=in_memory"])
     with pytest.raises(memforge.MemforgeError, match="index.nosuchkey"):
         memforge.run_stage("index", params, overrides=["index.nosuchkey=1"])
+
