@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from memforge.flows.dvc_yaml import render
 from memforge.flows.stages import all_stages
 
 from chain import write_project
+from working_tree import copy_working_tree
 
 pytestmark = pytest.mark.integration
 
@@ -73,14 +73,8 @@ def test_dvc_yaml_is_generated_from_the_stage_declarations():
 
 
 def _copy_working_tree(target: Path) -> None:
-    """The working tree (tracked and untracked files, not ignored ones) as a new git repository: the test
-    runs the code as it is, not the last commit."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                            check=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        if (REPO / rel).is_file():
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, target / rel)
+    """The working tree as a new git repository."""
+    copy_working_tree(target)
     _git(target, "init", "-q")
     _git(target, "add", "-A")
     _git(target, "commit", "-q", "-m", "working tree")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tiny_lm import write_corpus
+from working_tree import copy_working_tree
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parent.parent
 
 USER_SCRIPT = """
 import json, sys
@@ -38,19 +38,8 @@ print(json.dumps({
 """
 
 
-def _sources(target: Path) -> Path:
-    """The tracked files of this checkout (as a fresh clone has them) under ``target``."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                            check=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        if (REPO / rel).is_file():
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            (target / rel).write_bytes((REPO / rel).read_bytes())
-    return target
-
-
 def test_wheel_installs_one_package_and_its_api_works_beside_user_packages(chain, tmp_path):
-    sources = _sources(tmp_path / "src")
+    sources = copy_working_tree(tmp_path / "src")
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), str(sources)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
