@@ -132,3 +132,13 @@ def test_run_stage_with_overrides_is_the_cli_call(chain):
     with pytest.raises(memforge.MemforgeError, match="index.nosuchkey"):
         memforge.run_stage("index", params, overrides=["index.nosuchkey=1"])
 
+
+
+def test_run_is_the_build_flow(chain):
+    """memforge.run runs the Prefect build flow over the selected stages; the chain's index is up to date."""
+    overrides = [v for f, v in zip(chain["args"], chain["args"][1:]) if f == "--set"]
+    before = memforge.open_artifact(str(chain["art"] / "index")).fingerprint
+    result = memforge.run(chain["root"] / "params.yaml", overrides=overrides, first="index", last="index",
+                          beam_args=["--direct_running_mode=in_memory"])
+    assert list(result["stages"]) == ["index"] and result["artifacts_dir"] == str(chain["art"])
+    assert memforge.open_artifact(str(chain["art"] / "index")).fingerprint == before
