@@ -227,3 +227,21 @@ def test_bench_report_of_the_storage_part(tmp_path, monkeypatch, capsys):
     date = datetime.datetime.strptime(re.search(r"\| Date \| (.+) UTC \|", text).group(1), "%Y-%m-%d %H:%M")
     assert before <= date.replace(tzinfo=datetime.timezone.utc) <= datetime.datetime.now(datetime.timezone.utc)
     assert not list((tmp_path / "work").iterdir())  # the scratch workspace is removed
+
+
+BENCHMARKS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+@pytest.mark.unit
+def test_the_benchmarks_page_explains_figures_from_the_notes_and_shows_whole_reports():
+    """docs/benchmarks.md: its figure notes are the parts' NOTES as generated; each report on it is a whole
+    generated report (machine, commit, date, then tables of figures)."""
+    page = BENCHMARKS_PAGE.read_text()
+    assert report.notes_markdown(bench.NOTES) in page
+    reports = page.split("## Latest reports", 1)[1].split("### `memforge bench")[1:]
+    assert reports
+    for text in reports:
+        assert re.search(r"\| Machine \| .+ \|\n\| Commit \| \w{7}.* \|\n\| Date \| \d{4}-\d\d-\d\d \d\d:\d\d UTC \|",
+                         text)
+        figures = re.findall(r"^\| `(\w+)` \| ", text, flags=re.MULTILINE)
+        assert figures and all(any(f in notes for notes in bench.NOTES.values()) for f in figures)
