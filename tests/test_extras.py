@@ -1,7 +1,7 @@
 """A missing optional dependency is named with the extra that installs it."""
 from __future__ import annotations
 
-import builtins
+import importlib
 import sys
 
 import pytest
@@ -12,17 +12,14 @@ pytestmark = pytest.mark.unit
 
 
 def _without(monkeypatch, *names):
-    """Imports of ``names`` fail from here on, as when their distributions are not installed."""
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name.split(".")[0] in names:
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+    """Imports of ``names`` fail from here on, as when their distributions are not installed (None in
+    ``sys.modules`` stops ``import`` and ``importlib`` alike), and fsspec forgets filesystem classes it loaded."""
     for name in names:
-        monkeypatch.delitem(sys.modules, name, raising=False)
+        monkeypatch.setitem(sys.modules, name, None)
+    loaded = importlib.import_module("fsspec.registry")._registry  # fsspec.registry is its read-only view
+    for protocol, implementation in list(loaded.items()):
+        if implementation.__module__.split(".")[0] in names:
+            monkeypatch.delitem(loaded, protocol)
 
 
 def test_an_s3_url_without_s3fs_names_the_s3_extra(monkeypatch):
