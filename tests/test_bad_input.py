@@ -112,8 +112,12 @@ def test_empty_or_whitespace_corpus(env, tmp_path, capsys, content):
     write(tmp_path / "corpus" / "a.txt", content)
     write(tmp_path / "corpus" / "b.txt", content)
     code, err = run_cli(stage_args(env, "prepare", art, train=[tmp_path / "corpus" / "*.txt"]), capsys)
-    assert_refused(code, err, "prepare", "corpus.train", "empty or whitespace")
-    assert_unpublished(art / "tokens")
+    if content:
+        assert_refused(code, err, "prepare", "corpus.train", "empty or whitespace")
+        assert_unpublished(art / "tokens")
+    else:  # refused before any work: no Beam job, nothing left behind
+        assert_refused(code, err, "prepare", "corpus.train", "2 file(s) are empty (0 bytes)", "a.txt")
+        assert not (art / "tokens").exists()
 
 
 def test_binary_file(env, tmp_path, capsys):
