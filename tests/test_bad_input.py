@@ -220,6 +220,18 @@ def test_encode_non_causal_lm(env, prepared, tmp_path, capsys):
     assert_unpublished(*keys_dirs(prepared))
 
 
+def test_encode_model_with_its_own_code(env, prepared, tmp_path, capsys):
+    """A model whose config names its own code: refused naming runtime.trust_remote_code; the code never runs."""
+    model = tmp_path / "custom"
+    write(model / "config.json", json.dumps({"model_type": "my-custom", "auto_map": {
+        "AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyModel"}}))
+    write(model / "configuration_my.py", f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    code, err = run_cli(stage_args(env, "encode", prepared, encode__model=str(model)), capsys)
+    assert_refused(code, err, "encode", str(model), "needs its own code", "runtime.trust_remote_code=true")
+    assert not (tmp_path / "ran").exists()
+    assert_unpublished(*keys_dirs(prepared))
+
+
 def test_encode_block_size_beyond_positions(env, prepared, capsys):
     code, err = run_cli(stage_args(env, "encode", prepared, encode__block_size=128, encode__stride=64), capsys)
     assert_refused(code, err, "encode", "encode.block_size: 128 exceeds the maximum positions (64)",
