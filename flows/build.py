@@ -31,6 +31,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
 from memforge.flows import stages  # noqa: E402
+from memforge.flows.result_guard import trusted_cache_key  # noqa: E402
 from memforge.pipelines.stage import Context, Stage  # noqa: E402
 from memforge.storage import fs, paths, provenance  # noqa: E402
 from memforge.storage.artifact import REBUILD_OUTDATED, read_manifest  # noqa: E402
@@ -73,7 +74,7 @@ def stage_cache_key(_context, parameters: dict[str, Any]) -> str:
         "code": provenance.source_digest(item.code_files()),
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    return f"memforge-{item.name}-{digest[:40]}"
+    return trusted_cache_key(f"memforge-{item.name}-{digest[:40]}")
 
 
 def _transient(_task, _task_run, state) -> bool:

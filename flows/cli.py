@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from memforge.flows import stages
@@ -260,6 +261,16 @@ _COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "ls": _cmd_ls, "lineage": _cm
              "retemper": _cmd_retemper, "explain": _cmd_explain, "bench": _cmd_bench, "dvc-yaml": _cmd_dvc_yaml}
 
 
+def _os_error(exc: OSError) -> str:
+    """One line for an operating-system error: the path and the cause."""
+    if is_disk_full(exc):
+        where = exc.filename or "the output"
+        return (f"{where}: no space left on its filesystem ({fs.free_space(str(where)) if exc.filename else exc}); "
+                "free space and rerun")
+    where = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None) or "a file"
+    return f"{where}: {exc.strerror or exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``memforge`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -272,16 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("memforge").setLevel(logging.INFO)
     handler = _COMMANDS.get(args.command, _cmd_stage)
     try:
-        return handler(args, beam_args)
+        code = handler(args, beam_args)
+        sys.stdout.flush()  # a reader that went away shows here, inside the handling below
+        return code
     except MemforgeError as exc:
         print(f"memforge {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
+    except BrokenPipeError:  # `memforge ls | head`: the reader has what it wanted; stop without a word
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PROBLEMS
     except OSError as exc:
-        if not is_disk_full(exc):
-            raise
-        where = exc.filename or "the output"
-        print(f"memforge {args.command}: error: {where}: no space left on its filesystem "
-              f"({fs.free_space(str(where)) if exc.filename else exc}); free space and rerun", file=sys.stderr)
+        print(f"memforge {args.command}: error: {_os_error(exc)}", file=sys.stderr)
         return EXIT_PROBLEMS
     except KeyboardInterrupt:
         print(f"memforge {args.command}: interrupted; finished shards and checkpoints are kept, a rerun "

@@ -44,6 +44,9 @@ def load_encoder(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise EncoderError(f"{path}: the model needs its own code to load, which memforge runs only with "
+                               "runtime.trust_remote_code=true (set it only for code you trust)") from None
         raise EncoderError(f"{path}: not a Hugging Face model directory: {exc}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,

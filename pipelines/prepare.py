@@ -150,6 +150,14 @@ class Prepare(Stage):
             ctx.scratch["files"] = source_files(corpus_params(ctx.params))
         return ctx.scratch["files"]
 
+    def check(self, ctx: Context) -> None:
+        """A split whose files hold no bytes at all is refused before anything is written or run."""
+        for key, splits in (("corpus.train", (None, "train")), ("corpus.validation", ("validation",))):
+            files = [f for f in self.files(ctx) if f.split in splits]
+            if files and not any(f.size for f in files):
+                names = ", ".join(f.uri for f in files[:3]) + (", ..." if len(files) > 3 else "")
+                raise CorpusError(f"{key}: its {len(files)} file(s) are empty (0 bytes): {names}")
+
     def external(self, ctx: Context) -> dict:
         """What the corpus files are right now (count, bytes, content hash)."""
         if "sources" not in ctx.scratch:

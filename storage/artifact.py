@@ -270,9 +270,13 @@ class ArtifactBuild:
         return load_plan(self.uri), load_layout(self.uri)
 
     def pending(self, plan: ShardPlan) -> list[Shard]:
-        """Shards of ``plan`` that have no completion marker yet."""
-        done = self.markers.done_names()
-        return [s for s in plan.shards if s.name not in done]
+        """Shards of ``plan`` without a sound completion marker: not yet done, or with a damaged marker
+        (torn, another shard's), which is redone."""
+        sound, damaged = self.markers.sound(plan, self._records)
+        for problem in damaged.values():
+            _log.warning("%s; its shard is redone", problem)
+        self._records.update(sound)
+        return [s for s in plan.shards if s.name not in sound]
 
     # -- publish --------------------------------------------------------------------------
     def shard_records(self, plan: ShardPlan) -> list[dict]:

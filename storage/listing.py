@@ -49,8 +49,9 @@ def summarise(uri: str) -> dict:
             progress = ""
             if fs.exists(fs.join(uri, PLAN_NAME)):
                 plan = load_plan(uri)
-                done = len(ShardMarkers(uri).done_names())
-                progress = f" ({done}/{len(plan.shards)} shards done)"
+                sound, damaged = ShardMarkers(uri).sound(plan)
+                progress = f" ({len(sound)}/{len(plan.shards)} shards done" + (
+                    f", {len(damaged)} damaged marker(s) redone on rerun)" if damaged else ")")
         except (ValueError, KeyError, TypeError) as damage:
             return _damaged(uri, f"unreadable build record or shard plan: {damage}")
         return {"uri": uri, "status": "incomplete" + progress, "kind": state.get("kind", "?"),

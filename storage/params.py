@@ -19,7 +19,7 @@ Precision = Literal["fp32", "bf16", "fp16"]  # numeric format of the computation
 class Section(BaseModel):
     """Base of every params section: unknown keys are errors; values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # manifests are strict JSON
 
 
 class CorpusParams(Section):
@@ -230,6 +230,31 @@ class Params(Section):
         return node
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+        line = key_node.start_mark.line + 1
+        if key in first_line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice, on lines {first_line[key]} and {line}", key_node.start_mark)
+        if key is not None:
+            first_line[key] = line
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _yaml(text: str) -> Any:
+    """``text`` parsed as YAML: safe tags only, each key of a mapping once."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _describe(error: dict[str, Any]) -> str:
     path = ".".join(str(part) for part in error["loc"]) or "<root>"
     reason = error["msg"]
@@ -257,7 +282,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     if not sep or not key:
         raise ParamsError(f"--set {override!r}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ParamsError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
     node = data
@@ -301,7 +326,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] = ()) -> Pa
         except OSError as exc:
             raise ParamsError(f"{path}: cannot read params file: {exc.strerror}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = _yaml(text) or {}
         except yaml.YAMLError as exc:
             raise ParamsError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from memforge.storage import fs
-from memforge.storage.errors import ArtifactError
+from memforge.storage.errors import ArtifactError, DamagedFileError
 
 PLAN_NAME = "_plan.json"
 MARKERS_DIR = "_shards"
@@ -89,6 +89,33 @@ class ShardMarkers:
 
     def read(self, shard: Shard) -> dict:
         return fs.read_json(self._marker(shard))
+
+    def check(self, shard: Shard) -> tuple[dict | None, str | None]:
+        """``shard``'s marker and None when it is sound; else None and why not (torn, another shard's, no
+        file list): such a shard is not done."""
+        try:
+            marker = self.read(shard)
+        except DamagedFileError as exc:
+            return None, str(exc)
+        if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+            return None, f"{self._marker(shard)}: damaged, not a shard marker"
+        if (marker.get("id"), marker.get("start"), marker.get("stop")) != (shard.id, shard.start, shard.stop):
+            return None, f"{self._marker(shard)}: damaged, it names rows {marker.get('start')}-{marker.get('stop')}, " \
+                         f"the plan's shard {shard.name} is rows {shard.start}-{shard.stop}"
+        return marker, None
+
+    def sound(self, plan: ShardPlan, known: dict[str, dict] | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+        """The markers of ``plan``'s finished shards that are sound (by shard name), and why each other one
+        present is not; markers in ``known`` (checked before) are not read again."""
+        present, sound, damaged = self.done_names(), dict(known or {}), {}
+        for shard in plan.shards:
+            if shard.name in present and shard.name not in sound:
+                marker, problem = self.check(shard)
+                if problem is None:
+                    sound[shard.name] = marker
+                else:
+                    damaged[shard.name] = problem
+        return sound, damaged
 
 
 def save_plan(artifact_uri: str, plan: ShardPlan, layout: dict | None = None) -> ShardPlan:

@@ -112,8 +112,12 @@ def test_empty_or_whitespace_corpus(env, tmp_path, capsys, content):
     write(tmp_path / "corpus" / "a.txt", content)
     write(tmp_path / "corpus" / "b.txt", content)
     code, err = run_cli(stage_args(env, "prepare", art, train=[tmp_path / "corpus" / "*.txt"]), capsys)
-    assert_refused(code, err, "prepare", "corpus.train", "empty or whitespace")
-    assert_unpublished(art / "tokens")
+    if content:
+        assert_refused(code, err, "prepare", "corpus.train", "empty or whitespace")
+        assert_unpublished(art / "tokens")
+    else:  # refused before any work: no Beam job, nothing left behind
+        assert_refused(code, err, "prepare", "corpus.train", "2 file(s) are empty (0 bytes)", "a.txt")
+        assert not (art / "tokens").exists()
 
 
 def test_binary_file(env, tmp_path, capsys):
@@ -213,6 +217,18 @@ def test_encode_non_causal_lm(env, prepared, tmp_path, capsys):
     T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=400).save_pretrained(model)
     code, err = run_cli(stage_args(env, "encode", prepared, encode__model=str(model)), capsys)
     assert_refused(code, err, "encode", str(model), "cannot load as a causal LM")
+    assert_unpublished(*keys_dirs(prepared))
+
+
+def test_encode_model_with_its_own_code(env, prepared, tmp_path, capsys):
+    """A model whose config names its own code: refused naming runtime.trust_remote_code; the code never runs."""
+    model = tmp_path / "custom"
+    write(model / "config.json", json.dumps({"model_type": "my-custom", "auto_map": {
+        "AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyModel"}}))
+    write(model / "configuration_my.py", f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    code, err = run_cli(stage_args(env, "encode", prepared, encode__model=str(model)), capsys)
+    assert_refused(code, err, "encode", str(model), "needs its own code", "runtime.trust_remote_code=true")
+    assert not (tmp_path / "ran").exists()
     assert_unpublished(*keys_dirs(prepared))
 
 

@@ -104,3 +104,24 @@ def test_exit_codes(tmp_path, capsys):
         with pytest.raises(SystemExit) as done:
             main(argv)
         assert done.value.code == 2
+
+
+@pytest.mark.unit
+def test_os_errors_are_one_named_line(tmp_path, capsys):
+    """An artifacts_dir that is a file, or below a path that cannot exist: the path and the cause, exit 1."""
+    (tmp_path / "a-file").write_text("not a directory")
+    for where, named, cause in ((tmp_path / "a-file", tmp_path / "a-file", "Not a directory"),
+                                ("/proc/no-such/dir", "/proc/no-such", "No such file or directory")):
+        assert main(["prepare", "--set", f"artifacts_dir={where}"]) == 1
+        err = capsys.readouterr().err
+        assert f"memforge prepare: error: {named}" in err and cause in err and "Traceback" not in err
+
+
+@pytest.mark.unit
+def test_a_reader_that_goes_away_stops_the_output_quietly(tmp_path):
+    """`memforge ls | head`: the pipe closes before memforge writes; no traceback, exit 1."""
+    listing = subprocess.Popen([sys.executable, "-m", "memforge.flows.cli", "ls", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    listing.stdout.close()
+    err = listing.stderr.read().decode()
+    assert listing.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err

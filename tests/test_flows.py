@@ -192,3 +192,36 @@ def test_served_deployment_runs_when_triggered(tmp_path):
             stop_process_group(served)
         stop_process_group(server)
     assert server.poll() is not None
+
+
+def test_a_cached_result_that_is_not_json_data_is_never_read(harness, tmp_path, caplog):
+    """A stage's cached Prefect result rewritten as a pickle (as anyone who can write the result storage
+    could): the next run refuses it, runs the stage instead, and the payload never runs."""
+    import base64
+    import pickle
+
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    params = str(write_project(tmp_path, tmp_path / "art"))
+    started = time.time()
+    assert build(params_file=params, first="prepare", last="prepare", beam_args=BEAM)["stages"] == \
+        {"prepare": "Completed"}
+    storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    record = next(p for p in storage.glob("memforge-prepare-*") if p.stat().st_mtime >= started)
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(tmp_path / "payload-ran"), "w")
+
+    stored = json.loads(record.read_text())
+    stored["metadata"]["serializer"] = {"type": "pickle", "picklelib": "pickle", "picklelib_version": None}
+    stored["result"] = base64.b64encode(pickle.dumps(Payload())).decode()
+    record.write_text(json.dumps(stored))
+
+    with caplog.at_level("WARNING", logger="memforge"):
+        again = build(params_file=params, first="prepare", last="prepare", beam_args=BEAM)
+    assert again["stages"] == {"prepare": "Completed"}  # not Cached: the record was not read
+    assert not (tmp_path / "payload-ran").exists()
+    assert f"cached result {record.name} is refused (its serializer is 'pickle'" in caplog.text
+    assert build(params_file=params, first="prepare", last="prepare", beam_args=BEAM)["stages"] == \
+        {"prepare": "Cached"}  # the run cached a JSON result under the new key

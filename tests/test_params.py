@@ -40,6 +40,8 @@ def test_set_overrides_are_typed(tmp_path):
     ("targets.width=2000", "targets.width", "must not exceed k (1024)"),
     ("encode.stride=256", "encode.stride", "smaller than block_size (256)"),
     ("encode.dtype=int8", "encode.dtype", "float16"),
+    ("targets.temperature=inf", "targets.temperature", "finite number"),  # a manifest must stay strict JSON
+    ("memory.learning_rate=.nan", "memory.learning_rate", "finite number"),
 ])
 def test_bad_values_name_the_dotted_key(override, key, reason):
     with pytest.raises(ParamsError) as error:
@@ -67,3 +69,12 @@ def test_malformed_override_and_file(tmp_path):
         load_params(path)
     with pytest.raises(ParamsError, match="cannot read params file"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("targets:\n  width: 16\n  k: 64\n  width: 32\n")
+    with pytest.raises(ParamsError, match=rf"{path}: .*key 'width' is given twice, on lines 2 and 4"):
+        load_params(path)
+    with pytest.raises(ParamsError, match="key 'a' is given twice"):
+        load_params(None, ["corpus.train={a: 1, a: 2}"])

@@ -113,13 +113,39 @@ def test_damaged_bookkeeping_is_named_and_ls_never_crashes(tmp_path, capsys):
     assert "damaged: " in out and "_manifest.json" in out and "_plan.json" in out
     with pytest.raises(ArtifactError, match=r"_plan.json: damaged, not valid JSON"):
         toy_stage.run(str(interrupted), seed=1, rows=256)
-    (interrupted / "_plan.json").unlink()
-    next((interrupted / "_shards").glob("*.json")).write_text("{")
-    with pytest.raises(ArtifactError, match=r"_shards/00000.json: damaged, not valid JSON"):
-        toy_stage.run(str(interrupted), seed=1, rows=256)
-    assert not (interrupted / "_manifest.json").exists()
     assert main(["verify", str(published)]) == 1
     assert "_manifest.json: manifest is not valid JSON" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["torn", "another shard's"])
+def test_a_damaged_shard_marker_makes_its_shard_pending_again(tmp_path, capsys, caplog, damage):
+    """A torn marker (cut short) or one that names another shard's rows: `ls` shows it, the rerun redoes that
+    shard (and only it) and publishes what an uninterrupted build publishes."""
+    import toy_stage
+
+    clean, interrupted = tmp_path / "clean", tmp_path / "art" / "interrupted"
+    toy_stage.run(str(clean), seed=1, rows=256)
+    build = ArtifactBuild.begin(str(interrupted), "keys", {"seed": 1, "rows": 256})  # two shards, then stopped
+    store = KeyStore.create(build.uri, 256, dim=toy_stage.DIM, chunk_rows=toy_stage.CHUNK_ROWS,
+                            shard_chunks=toy_stage.SHARD_CHUNKS)
+    first, second = build.plan(store.rows.plan()).shards[:2]
+    for shard in (first, second):
+        build.markers.mark_done(shard, store.write_shard(shard, *toy_stage.shard_data(1, shard.id, shard.rows)))
+    build.release()
+    marker = interrupted / "_shards" / f"{first.name}.json"
+    if damage == "torn":
+        marker.write_bytes(marker.read_bytes()[:40])
+    else:
+        marker.write_bytes((interrupted / "_shards" / f"{second.name}.json").read_bytes())
+    capsys.readouterr()
+    assert main(["ls", str(tmp_path / "art")]) == 0
+    assert "(1/2 shards done, 1 damaged marker(s) redone on rerun)" in capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="memforge"):
+        result = toy_stage.run(str(interrupted), seed=1, rows=256)
+    assert (result["skipped"], result["written"]) == (1, 1)
+    assert f"_shards/{first.name}.json: damaged" in caplog.text
+    assert json.loads((interrupted / "_manifest.json").read_text())["content_digest"] == \
+        json.loads((clean / "_manifest.json").read_text())["content_digest"]
 
 
 def test_serve_without_a_server_says_how_to_start_one(chain, capsys, monkeypatch):
