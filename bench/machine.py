@@ -9,7 +9,7 @@ import sys
 
 import psutil
 
-from memforge.storage.provenance import code_version
+from memforge.storage.provenance import DISTRIBUTION, code_version
 
 
 def cpu_model() -> str:
@@ -52,7 +52,7 @@ def commit() -> str:
     that it is not a git checkout."""
     version = code_version(())
     if version["git_sha"] is None:
-        return f"unknown (not a git checkout; memforge-mlp {version['package_version']})"
+        return f"unknown (not a git checkout; {DISTRIBUTION} {version['package_version']})"
     return version["git_sha"][:7] + (" (dirty)" if version["git_dirty"] else "")
 
 

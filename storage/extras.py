@@ -4,9 +4,7 @@ from __future__ import annotations
 import importlib
 
 from memforge.storage.errors import MemforgeError
-
-DISTRIBUTION = "memforge-mlp"
-
+from memforge.storage.provenance import DISTRIBUTION
 
 FILESYSTEM_EXTRAS = {"s3": "s3", "s3a": "s3"}  # URL scheme -> the extra that installs its fsspec filesystem
 

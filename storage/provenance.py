@@ -14,7 +14,7 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 
-PACKAGE_NAME = "memforge"
+DISTRIBUTION = "memforge-mlp"  # the name it installs under (memforge on the index is another project)
 ENVIRONMENT_PACKAGES = (
     "torch", "transformers", "tokenizers", "faiss-cpu", "apache-beam", "prefect",
     "zarr", "pyarrow", "numpy", "dvc",
@@ -140,7 +140,7 @@ def code_version(files: tuple[str, ...]) -> dict:
     commit with its dirty flag when in a checkout."""
     sha, dirty = _git_state()
     return {
-        "package_version": _package_version(PACKAGE_NAME),
+        "package_version": _package_version(DISTRIBUTION),
         "source_digest": source_digest(files),
         "source_files": list(files),
         "git_sha": sha,
