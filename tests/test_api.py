@@ -9,6 +9,8 @@ import torch
 
 import memforge
 
+from chain import overrides
+
 pytestmark = pytest.mark.stage
 
 
@@ -122,7 +124,7 @@ def test_run_stage_with_overrides_is_the_cli_call(chain):
     """The chain's index is up to date: run_stage with the chain's params says so and returns what is there;
     a content override it does not declare changes nothing, one it declares is refused without rebuild."""
     params = memforge.load_params(chain["root"] / "params.yaml",
-                                  [v for f, v in zip(chain["args"], chain["args"][1:]) if f == "--set"])
+                                  overrides(chain["args"]))
     before = memforge.open_artifact(str(chain["art"] / "index")).fingerprint
     memforge.run_stage("index", params, overrides=["runtime.num_workers=1"],
                        beam_args=["--direct_running_mode=in_memory"])
@@ -136,9 +138,8 @@ def test_run_stage_with_overrides_is_the_cli_call(chain):
 
 def test_run_is_the_build_flow(chain):
     """memforge.run runs the Prefect build flow over the selected stages; the chain's index is up to date."""
-    overrides = [v for f, v in zip(chain["args"], chain["args"][1:]) if f == "--set"]
     before = memforge.open_artifact(str(chain["art"] / "index")).fingerprint
-    result = memforge.run(chain["root"] / "params.yaml", overrides=overrides, first="index", last="index",
-                          beam_args=["--direct_running_mode=in_memory"])
+    result = memforge.run(chain["root"] / "params.yaml", overrides=overrides(chain["args"]), first="index",
+                          last="index", beam_args=["--direct_running_mode=in_memory"])
     assert list(result["stages"]) == ["index"] and result["artifacts_dir"] == str(chain["art"])
     assert memforge.open_artifact(str(chain["art"] / "index")).fingerprint == before
