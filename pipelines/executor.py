@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import apache_beam as beam
 
 from memforge.pipelines import worker_errors
+from memforge.pipelines.contracts import check_contracts
 from memforge.pipelines.progress import ShardProgress
 from memforge.pipelines.runner import pipeline, release
 from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
@@ -42,6 +43,7 @@ def context(stage: Stage, params: Params, reads: set[str] | None = None) -> Cont
             ctx.inputs[role] = check_intact(open_artifact(ctx.uri(role), paths.kind_of(role)), params.check_inputs)
         except MemforgeError as exc:
             raise type(exc)(f"{stage.name} reads {role}: {exc}") from None
+    check_contracts(stage.name, ctx.inputs, params.artifacts_dir)
     return ctx
 
 

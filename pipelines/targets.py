@@ -17,7 +17,7 @@ import numpy as np
 
 from memforge.pipelines import datastore_rows, faiss_index, knn, worker_cache
 from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
-from memforge.storage.artifact import Artifact, built_from, recorded_input
+from memforge.storage.artifact import Artifact
 from memforge.storage.errors import MemforgeError
 from memforge.storage.paths import split_roles
 from memforge.storage.shards import Shard, ShardPlan, load_plan
@@ -139,7 +139,7 @@ def candidates(config) -> int:
     return config.candidates or config.k
 
 
-def check_compatible(params, index: Artifact, datastore: Artifact, queries: Artifact) -> None:
+def check_compatible(params, index: Artifact, datastore: Artifact) -> None:
     """Refuse inputs that cannot give meaningful targets, naming the value at fault."""
     n_rows, k = datastore.manifest["counts"]["rows"], params.targets.k
     if k >= n_rows:
@@ -147,14 +147,6 @@ def check_compatible(params, index: Artifact, datastore: Artifact, queries: Arti
     if candidates(params.targets) >= n_rows:
         raise MemforgeError(f"targets.candidates: {params.targets.candidates} must be smaller than the datastore "
                             f"size ({n_rows} rows)")
-    if not built_from(index, "keys", datastore):
-        found = (recorded_input(index, "keys") or {}).get("content_digest")
-        raise MemforgeError(f"{index.uri}: built from another key store (content {str(found)[:12]}), "
-                            f"not {datastore.uri} ({datastore.content_digest[:12]}); rebuild the index")
-    dim = queries.manifest["stats"]["hidden_size"]
-    if dim != index.manifest["stats"]["dim"]:
-        raise MemforgeError(f"{queries.uri}: key dimension {dim} differs from the index dimension "
-                            f"{index.manifest['stats']['dim']}")
     if params.targets.exact_distances and datastore_rows.KEYS not in index.manifest["files"]:
         raise MemforgeError(f"targets.exact_distances: {index.uri} has no exact keys (built with "
                             "index.exact_keys: false); set targets.exact_distances: false or rebuild the index")
@@ -189,9 +181,9 @@ class Targets(Stage):
         return ctx.params.targets.nprobe or ctx.params.index.nprobe
 
     def check(self, ctx: Context) -> None:
-        """Every split is checked before any work starts."""
-        for role in split_roles("keys"):
-            check_compatible(ctx.params, ctx.inputs["index"], ctx.inputs["keys/train"], ctx.inputs[role])
+        """Checked before any work starts (that the splits, the index and the datastore belong together is a
+        contract: ``pipelines.contracts``)."""
+        check_compatible(ctx.params, ctx.inputs["index"], ctx.inputs["keys/train"])
         ctx.scratch["gpu"] = faiss_index.faiss_gpu(ctx.params.index.device)
 
     def artifact_params(self, ctx: Context, role: str) -> dict:

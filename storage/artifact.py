@@ -131,17 +131,6 @@ def input_uri(artifact: Artifact, record: dict) -> str:
     return fs.resolve(artifact.uri, record["uri"])
 
 
-def recorded_input(artifact: Artifact, role: str) -> dict | None:
-    """The record of input ``role`` in ``artifact``'s manifest, or None."""
-    return next((i for i in artifact.manifest.get("inputs", []) if i.get("role") == role), None)
-
-
-def built_from(artifact: Artifact, role: str, upstream: Artifact) -> bool:
-    """True when ``artifact`` was built from ``upstream``'s content as its input ``role``."""
-    record = recorded_input(artifact, role)
-    return record is not None and record.get("content_digest") == upstream.content_digest
-
-
 class ArtifactBuild:
     """One stage's write of one artifact: fingerprint check, shard plan, markers, publish.
 

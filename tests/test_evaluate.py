@@ -139,16 +139,16 @@ def test_evaluate_refuses_nprobe_beyond_nlist(chain, tmp_path, capsys):
     art.mkdir()
     for name in ("tokens", "decoder", "keys", "targets", "memory"):
         (art / name).symlink_to(chain["art"] / name)
-    args = stage_args(chain["root"], art, **{"index.factory": "IVF4,Flat", "index.nprobe": 2, "evaluate.nprobe": 16})
-    assert main(["index", *args, "--", "--direct_running_mode=in_memory"]) == 0
+    shutil.copytree(chain["art"] / "index", art / "index")  # the same index, as an IVF4 one would describe itself
+    rewrite_manifest(art / "index", lambda manifest: manifest["stats"].update(nlist=4))
     capsys.readouterr()
-    assert main(["evaluate", *args]) == 1
+    assert main(["evaluate", *stage_args(chain["root"], art, **{"evaluate.nprobe": 16})]) == 1
     assert "evaluate.nprobe: 16 exceeds the index's nlist (4)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, role, message", [
-    ("memory", "decoder", "was trained on another decoder (ffffffffffff)"),
-    ("index", "recall_queries", "belongs to another datastore"),
+    ("memory", "decoder", "its inputs disagree on decoder: "),
+    ("index", "recall_queries", "its inputs disagree on keys/validation: "),
 ])
 def test_evaluate_refuses_a_memory_or_index_of_other_inputs(chain, tmp_path, capsys, name, role, message):
     """A memory trained on another decoder, an index of another datastore: refused, naming both."""

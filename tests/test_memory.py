@@ -178,7 +178,7 @@ def _edited_targets(chain, tmp_path, edit) -> list[str]:
     (lambda m: m["counts"].update(vocab_size=999), "vocabulary of 999 tokens, but the decoder has"),
     (lambda m: m["counts"].update(rows=m["counts"]["rows"] - 64), "rows do not align with the"),
     (lambda m: next(i for i in m["inputs"] if i["role"] == "queries").update(content_digest="f" * 64),
-     "built from another key store (content ffffffffffff)"),
+     "its inputs disagree on keys/train: "),
 ])
 def test_mismatched_targets_are_refused(chain, tmp_path, capsys, edit, message):
     args = _edited_targets(chain, tmp_path, edit)

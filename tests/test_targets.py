@@ -248,7 +248,7 @@ def test_index_from_another_key_store_is_refused(datastore, tmp_path, capsys):
                  *datastore["beam"]]) == 0
     capsys.readouterr()
     assert main(["targets", *datastore["args"], "--set", f"artifacts_dir={art}", *datastore["beam"]]) == 1
-    assert "built from another key store" in capsys.readouterr().err
+    assert "its inputs disagree on keys/train: " in capsys.readouterr().err
 
 
 def test_retemper_equals_a_fresh_run(datastore, tmp_path):
@@ -337,7 +337,7 @@ def test_sigkill_mid_targets_then_rerun_is_byte_identical(datastore, tmp_path):
 
 
 def test_query_dimension_must_match_the_index(datastore, tmp_path, capsys):
-    """Validation keys from another model (d=48) against a d=32 index are refused, naming both dimensions."""
+    """Validation keys from another model (d=48) against a d=32 index are refused, naming both key stores."""
     other = tmp_path / "other"
     other.mkdir()
     os.symlink(datastore["art"] / "tokens", other / "tokens")
@@ -353,7 +353,8 @@ def test_query_dimension_must_match_the_index(datastore, tmp_path, capsys):
     os.symlink(other / "keys" / "validation", art / "keys" / "validation")
     capsys.readouterr()
     assert main(["targets", *datastore["args"], "--set", f"artifacts_dir={art}", *datastore["beam"]]) == 1
-    assert "key dimension 48 differs from the index dimension 32" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "its inputs disagree on keys/validation: " in err and str(art / "index") in err
     assert not (art / "targets").exists()  # refused before any split started
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from memforge.pipelines.named_decoder import decoder_inputs, decoder_path, external_decoder
 from memforge.pipelines.stage import Context, Published, Stage
-from memforge.storage.artifact import built_from, recorded_input
 from memforge.storage.errors import MemforgeError
 
 
@@ -40,16 +39,11 @@ class Evaluate(Stage):
             raise MemforgeError(f"evaluate: kNN-LM queries come from the decoder's forward pass, but {queries.uri} "
                                 f"was encoded by model {encoded_by[:12]}, not by the decoder {path} "
                                 f"({decoder_fingerprint[:12]}); encode with the decoder (encode.model: null)")
-        if not built_from(index, "recall_queries", queries):
-            raise MemforgeError(f"evaluate: {index.uri} belongs to another datastore: it was not built beside "
-                                f"{queries.uri} ({queries.content_digest[:12]}); rebuild the index")
-        memory = ctx.inputs["memory"]
-        trained_on = ((recorded_input(memory, "decoder") or {}).get("content_digest") if "decoder" in ctx.inputs
-                      else memory.params.get("decoder"))
-        expected = ctx.inputs["decoder"].content_digest if "decoder" in ctx.inputs else decoder_fingerprint
-        if trained_on != expected:
-            raise MemforgeError(f"evaluate: {memory.uri} was trained on another decoder ({str(trained_on)[:12]}), "
-                                f"not on {path} ({expected[:12]}); retrain the memory")
+        memory = ctx.inputs["memory"]  # a decoder artifact's identity is a contract (pipelines.contracts)
+        if "decoder" not in ctx.inputs and memory.params.get("decoder") != decoder_fingerprint:
+            raise MemforgeError(f"evaluate: {memory.uri} was trained on another decoder "
+                                f"({str(memory.params.get('decoder'))[:12]}), not on {path} "
+                                f"({decoder_fingerprint[:12]}); retrain the memory")
         nlist = index.manifest["stats"]["nlist"]
         if nlist is not None and ctx.params.evaluate.nprobe > nlist:
             raise MemforgeError(f"evaluate.nprobe: {ctx.params.evaluate.nprobe} exceeds the index's nlist ({nlist})")

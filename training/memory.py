@@ -22,7 +22,7 @@ from memforge.pipelines import devices
 from memforge.pipelines.encoder import RepresentationCapture, hidden_size
 from memforge.pipelines.stage import Published
 from memforge.storage import fs
-from memforge.storage.artifact import Artifact, built_from, recorded_input
+from memforge.storage.artifact import Artifact
 from memforge.storage.errors import MemforgeError
 from memforge.storage.stores import DistributionStore, KeyStore
 from memforge.training.checkpoint import DIR as CHECKPOINTS_DIR
@@ -89,11 +89,8 @@ def check_shape(config, decoder_width: int) -> None:
 
 
 def check_targets(targets: Artifact, keys: Artifact, decoder_vocab: int) -> None:
-    """Refuse targets that do not belong to this key store or do not fit the decoder's vocabulary."""
-    if not built_from(targets, "queries", keys):
-        found = (recorded_input(targets, "queries") or {}).get("content_digest")
-        raise MemforgeError(f"{targets.uri}: built from another key store (content {str(found)[:12]}), "
-                            f"not {keys.uri} ({keys.content_digest[:12]}); rerun targets")
+    """Refuse targets whose rows do not align with the key store's or that do not fit the decoder's vocabulary
+    (that they were built from this key store is a contract: ``pipelines.contracts``)."""
     if targets.manifest["counts"]["rows"] != keys.manifest["counts"]["rows"]:
         raise MemforgeError(f"{targets.uri}: {targets.manifest['counts']['rows']} rows do not align with the "
                             f"{keys.manifest['counts']['rows']} rows of {keys.uri}")
