@@ -18,7 +18,7 @@ import numpy as np
 
 from memforge.pipelines.half_distances import l2_by_idx
 from memforge.pipelines.neighbour_lists import MISSING, sort_by_distance
-from memforge.storage import fs, local_cache
+from memforge.storage import fs, headers, local_cache
 from memforge.storage.errors import ArtifactError
 from memforge.storage.shards import ShardPlan
 from memforge.storage.stores import KeyStore, bfloat16_to_float32
@@ -65,7 +65,9 @@ class DatastoreRows:
 
     def __init__(self, index_uri: str, content_key: str):
         def load(uri: str) -> np.ndarray:
-            return np.load(local_cache.local_path(uri, content_key), mmap_mode="r", allow_pickle=False)
+            path = local_cache.local_path(uri, content_key)
+            headers.npy_header(path, uri)  # an object dtype is refused here, naming the file, before numpy reads it
+            return np.load(path, mmap_mode="r", allow_pickle=False)
 
         self.values = load(fs.join(index_uri, VALUES))
         keys_uri = fs.join(index_uri, KEYS)

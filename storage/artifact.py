@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from memforge.storage import fs, provenance
+from memforge.storage import fs, headers, provenance
 from memforge.storage.errors import ArtifactError
 from memforge.storage.lease import LEASE_NAME, Lease
 from memforge.storage.shards import (
@@ -294,7 +294,8 @@ class ArtifactBuild:
                 hashed: dict[str, str] | None = None) -> Artifact:
         """Write ``_manifest.json`` last, atomically; refuses while planned shards lack markers. Files are
         recorded with the checksums their shard markers or ``hashed`` (taken as they were written) give;
-        only the rest are read to hash them."""
+        only the rest are read to hash them. The headers of ``.npy`` and Parquet files are recorded too
+        (``arrays`` describes the Zarr arrays)."""
         plan = load_plan(self.uri) if fs.exists(fs.join(self.uri, PLAN_NAME)) else None
         if plan is not None:
             missing = self.pending(plan)
@@ -321,6 +322,7 @@ class ArtifactBuild:
             "shards": {"count": len(plan.shards) if plan else 0},
             "stats": stats or {},
             "files": files,
+            "headers": headers.describe_files(self.uri, list(files)),
         }
         fs.write_json_atomic(fs.join(self.uri, MANIFEST_NAME), manifest)
         fs.remove_tree(fs.join(self.uri, BUILD_NAME))

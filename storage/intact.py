@@ -1,5 +1,6 @@
 """What a stage checks of an input artifact before reading it: the manifest's identity, every recorded file
-present, and the bytes of a sample of them (or all) against their checksums.
+present, every typed file's header (``.npy``, Parquet, Zarr: read without the data, compared with the manifest,
+object dtypes refused), and the bytes of a sample of the files (or all) against their checksums.
 
 A consumer must never build from an artifact that ``memforge verify`` would fail. Re-hashing every input in
 full on every run costs a full read (about 256 GB of fp16 keys at 100 M tokens), so the default re-hashes a
@@ -15,6 +16,7 @@ import time
 from memforge.storage import fs
 from memforge.storage.artifact import Artifact
 from memforge.storage.errors import ArtifactError
+from memforge.storage.headers import check_headers
 from memforge.storage.verify import check_identity
 
 log = logging.getLogger("memforge")
@@ -34,13 +36,15 @@ def _sample(artifact: Artifact, rng: random.Random) -> list[str]:
 
 
 def check_intact(artifact: Artifact, mode: str = "sample", rng: random.Random | None = None) -> Artifact:
-    """``artifact`` once its identity, files and (per ``mode``: sample, full, off) checksums hold."""
+    """``artifact`` once its identity, files, headers and (per ``mode``: sample, full, off) checksums hold."""
     problems = list(check_identity(artifact.manifest))
     present = set(fs.list_files(artifact.uri))
     missing = sorted(rel for rel in artifact.manifest["files"] if rel not in present)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         problems.append(f"{missing[0]}{more} recorded in its manifest is missing")
+    if not problems:
+        problems.extend(check_headers(artifact.uri, artifact.manifest, present))
     if not problems and mode != "off":
         started = time.perf_counter()
         files = list(artifact.manifest["files"]) if mode == "full" else _sample(artifact, rng or random.Random())

@@ -1,4 +1,4 @@
-"""Re-check a published artifact: checksums, markers, shapes and dtypes, per-store invariants.
+"""Re-check a published artifact: checksums, markers, every typed file's header (``headers``), per-store invariants.
 
 Content invariants are read from the manifest's conventions: ``counts.vocab_size`` bounds
 token ids and values, ``counts.datastore_rows`` bounds neighbour ids, and
@@ -14,6 +14,7 @@ import numpy as np
 from memforge.storage import fs
 from memforge.storage.artifact import BUILD_NAME, MANIFEST_NAME, content_digest, fingerprint, read_manifest
 from memforge.storage.errors import ArtifactError
+from memforge.storage.headers import check_headers
 from memforge.storage.lease import LEASE_NAME
 from memforge.storage.shards import MARKERS_DIR, PLAN_NAME, ShardMarkers, load_plan
 from memforge.storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
@@ -37,9 +38,8 @@ def check_identity(manifest: dict) -> Iterator[str]:
         yield f"{MANIFEST_NAME}: content_digest does not match the recorded files: the manifest was edited"
 
 
-def _check_files(uri: str, manifest: dict) -> Iterator[str]:
+def _check_files(uri: str, manifest: dict, present: set[str]) -> Iterator[str]:
     recorded = manifest.get("files", {})
-    present = set(fs.list_files(uri))
     for rel, checksum in recorded.items():
         if rel not in present:
             yield f"{rel}: missing (recorded in manifest)"
@@ -71,18 +71,6 @@ def _check_markers(uri: str) -> Iterator[str]:
         if shard.name not in done:
             yield f"{MARKERS_DIR}/{shard.name}.json: missing completion marker for shard {shard.name} " \
                   f"(rows {shard.start}..{shard.stop})"
-
-
-def _check_arrays(uri: str, manifest: dict) -> Iterator[str]:
-    for name, expected in manifest.get("arrays", {}).items():
-        sub, _, array_name = name.rpartition("/")
-        try:
-            array = ZarrRows.open(uri, sub).array(array_name)
-        except (ArtifactError, OSError, ValueError) as exc:
-            yield f"{name}: cannot open array: {exc}"
-            continue
-        if list(array.shape) != expected["shape"] or str(array.dtype) != expected["dtype"]:
-            yield f"{name}: is {list(array.shape)} {array.dtype}, manifest says {expected['shape']} {expected['dtype']}"
 
 
 def _blocks(rows: ZarrRows) -> Iterator[tuple[int, int]]:
@@ -188,8 +176,9 @@ def verify(uri: str) -> list[str]:
         manifest = read_manifest(uri)
     except ArtifactError as exc:
         return [str(exc)]
-    problems = [*check_identity(manifest), *_check_counts(manifest), *_check_files(uri, manifest), *_check_markers(uri),
-                *_check_arrays(uri, manifest)]
+    present = set(fs.list_files(uri))
+    problems = [*check_identity(manifest), *_check_counts(manifest), *_check_files(uri, manifest, present),
+                *_check_markers(uri), *check_headers(uri, manifest, present)]
     if problems:
         # Content checks read every row; they only make sense on files that match the manifest.
         return problems + ["content checks skipped until the problems above are fixed"]

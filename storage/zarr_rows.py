@@ -15,6 +15,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from memforge.storage import fs
 from memforge.storage.artifact import read_manifest
 from memforge.storage.errors import ArtifactError
+from memforge.storage.headers import zarr_header
 from memforge.storage.shards import Shard, ShardPlan
 from memforge.storage.zarr_stores import zarr_store
 
@@ -107,12 +108,18 @@ class ZarrRows:
             )
 
     def array(self, name: str) -> zarr.Array:
-        """Array ``name``; it writes shards even when they hold only the fill value (a file per shard)."""
+        """Array ``name``; it writes shards even when they hold only the fill value (a file per shard). Metadata
+        Zarr cannot parse, and data types or codecs memforge never writes (``headers.zarr_header``), are refused
+        naming the array before any of its data is read."""
         if name not in self._arrays:
             try:
-                self._arrays[name] = self.group[name].with_config(_WRITE_CONFIG)
+                array = self.group[name]
             except KeyError:
                 raise ArtifactError(f"{self.uri}: array {name!r} missing") from None
+            except (ValueError, TypeError) as exc:
+                raise ArtifactError(f"{self.uri}/{name}: unreadable Zarr metadata ({exc})") from None
+            zarr_header(array.metadata.to_dict(), f"{self.uri}/{name}")
+            self._arrays[name] = array.with_config(_WRITE_CONFIG)
         return self._arrays[name]
 
     @property

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ from memforge.storage.params import load_params
 from memforge.storage.stores import KeyStore
 from memforge.storage.verify import verify
 
-from chain import overrides, stage_args
+from chain import overrides, reseal, stage_args, write_object_npy
 from tiny_lm import WORDS, make_gpt2
 
 pytestmark = pytest.mark.stage
@@ -61,6 +62,19 @@ def test_index_params_the_datastore_cannot_honour(chain, tmp_path, capsys, setti
     art = linked(chain, tmp_path, ("keys",))
     refused(["index", *stage_args(chain["root"], art, **settings)], capsys, message)
     assert not (art / "index").exists()
+
+
+def test_targets_refuses_an_object_dtype_values_npy(chain, tmp_path, capsys):
+    """#35 fault 3 end to end: the index's values.npy rewritten as an object (pickle) array and every checksum
+    re-sealed; ``memforge targets`` stops before any worker starts, with one line naming the file, exit 1."""
+    art = linked(chain, tmp_path, ("keys", "tokens"))
+    shutil.copytree(chain["art"] / "index", art / "index")
+    values = art / "index" / "values.npy"
+    write_object_npy(values, len(np.load(values, mmap_mode="r")))
+    reseal(art / "index")
+    refused(["targets", *stage_args(chain["root"], art)], capsys,
+            "targets reads index: ", "index: values.npy: dtype object holds Python objects")
+    assert not (art / "targets").exists()
 
 
 def test_lambda_grid_outside_zero_one(chain, capsys):

@@ -7,15 +7,21 @@ from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from memforge.flows.cli import main
+from memforge.pipelines import datastore_rows
 from memforge.storage import fs
 from memforge.storage.artifact import ArtifactBuild, open_artifact
 from memforge.storage.errors import ArtifactError
+from memforge.storage.intact import check_intact
 from memforge.storage.shards import ShardPlan, load_plan
 from memforge.storage.stores import DistributionStore, KeyStore, NeighbourStore, TokenStore
 from memforge.storage.verify import verify
+
+from chain import reseal, write_object_npy
 
 pytestmark = pytest.mark.unit
 
@@ -91,7 +97,17 @@ def build_tokens(uri: str) -> str:
     return uri
 
 
-BUILDERS = {"keys": build_keys, "targets": build_targets, "tokens": build_tokens}
+def build_index(uri: str) -> str:
+    """A published artifact holding the datastore rows an index holds (``values.npy``, ``keys.npy``), written by
+    the index stage's own writer from a key store built beside it."""
+    keys_uri = build_keys(uri + "-keys")
+    build = ArtifactBuild.begin(uri, "index", {"which": "index"}, {"keys": open_artifact(keys_uri, "keys")})
+    hashed = datastore_rows.write(KeyStore.open(keys_uri), load_plan(keys_uri), build.uri, exact_keys=True)
+    build.publish(counts={"rows": N, "datastore_rows": N}, hashed=hashed)
+    return uri
+
+
+BUILDERS = {"index": build_index, "keys": build_keys, "targets": build_targets, "tokens": build_tokens}
 
 
 def assert_cli_reports(uri: str, capsys, *expected: str) -> None:
@@ -104,6 +120,13 @@ def assert_cli_reports(uri: str, capsys, *expected: str) -> None:
     for fragment in expected:
         assert any(fragment in line for line in problem_lines), (fragment, out)
     assert "problem(s)" in out
+
+
+def edit_json(path: Path, edit) -> None:
+    """Apply ``edit`` to the JSON document at ``path``."""
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
 
 
 def flip_byte(path: str) -> None:
@@ -125,7 +148,7 @@ def test_sound_artifact_verifies(kind, where, tmp_path, capsys):
     uri = str(tmp_path / kind) if where == "local" else f"memory://v-{uuid4().hex}/{kind}"
     try:
         BUILDERS[kind](uri)
-        assert open_artifact(uri, kind).manifest["shards"]["count"] == 3
+        assert open_artifact(uri, kind).manifest["shards"]["count"] == (0 if kind == "index" else 3)
         assert verify(uri) == []
         capsys.readouterr()
         assert main(["verify", uri]) == 0
@@ -133,6 +156,7 @@ def test_sound_artifact_verifies(kind, where, tmp_path, capsys):
     finally:
         if where == "memory":
             fs.remove_tree(uri)
+            fs.remove_tree(uri + "-keys")
 
 
 # -- damaged files ----------------------------------------------------------------------------------------
@@ -208,6 +232,94 @@ def test_hand_edited_manifest(tmp_path, capsys, edit, problem):
     Path(uri, "_manifest.json").write_text(json.dumps(manifest))
     assert any(problem in p for p in verify(uri)), verify(uri)
     assert_cli_reports(uri, capsys, "_manifest.json")
+
+
+# -- typed files: each header against the manifest, object dtypes refused (checksums re-sealed) ------------
+
+
+def test_manifest_records_every_typed_files_header(tmp_path):
+    index = open_artifact(build_index(str(tmp_path / "index"))).manifest
+    assert index["headers"] == {"keys.npy": {"dtype": "float16", "shape": [N, 8], "fortran_order": False},
+                                "values.npy": {"dtype": "int32", "shape": [N], "fortran_order": False}}
+    tokens = open_artifact(build_tokens(str(tmp_path / "tokens"))).manifest
+    assert tokens["headers"]["parts/part-00002.parquet"] == {"schema": ["token: int32", "doc: int64", "pos: int32"],
+                                                             "rows": 8}
+    assert sorted(tokens["headers"]) == [rel for rel in tokens["files"] if rel.endswith(".parquet")]
+
+
+@pytest.mark.parametrize("manifest_says", ["int32", "object", "nothing"])
+def test_object_dtype_values_npy_with_resealed_manifest(tmp_path, capsys, manifest_says):
+    """#35 fault 3: values.npy rewritten as an object (pickle) array and every checksum re-sealed; the manifest
+    still says int32, was re-sealed to say object, or records no headers (as an older memforge wrote it)."""
+    uri = build_index(str(tmp_path / "index"))
+    write_object_npy(tmp_path / "index" / "values.npy", N)
+
+    def edit(manifest):
+        if manifest_says == "object":
+            manifest["headers"]["values.npy"]["dtype"] = "object"
+        elif manifest_says == "nothing":
+            del manifest["headers"]
+    reseal(tmp_path / "index", edit)
+    refusal = "values.npy: dtype object holds Python objects, which only pickle reads: refused (memforge never " \
+              "unpickles)"
+    assert verify(uri)[0] == refusal, verify(uri)
+    assert_cli_reports(uri, capsys, refusal)
+    index = open_artifact(uri, "index")
+    with pytest.raises(ArtifactError, match=r"index: values\.npy: dtype object holds Python objects"):
+        check_intact(index, "off")  # what every stage runs on its inputs, whatever check_inputs says
+    with pytest.raises(ArtifactError, match=r"index/values\.npy: dtype object holds Python objects"):
+        datastore_rows.DatastoreRows(uri, index.fingerprint)  # what the targets workers read
+
+
+def test_npy_with_the_right_dtype_but_another_shape(tmp_path, capsys):
+    uri = build_index(str(tmp_path / "index"))
+    np.save(tmp_path / "index" / "values.npy", np.arange(N // 2, dtype=np.int32))
+    reseal(tmp_path / "index")
+    assert verify(uri)[0] == f"values.npy: shape is [{N // 2}], manifest says [{N}]"
+    assert_cli_reports(uri, capsys, "values.npy: shape is")
+    with pytest.raises(ArtifactError, match=r"index: values\.npy: shape is"):
+        check_intact(open_artifact(uri, "index"), "off")
+
+
+@pytest.mark.parametrize("edit, problem, refused_on_read", [
+    (lambda meta: meta.update(data_type="float32"), "datastore.zarr/vals: dtype is float32, manifest says int32",
+     False),
+    (lambda meta: meta.update(data_type="string"),
+     "datastore.zarr/vals: data type 'string' is not a fixed-size number", True),
+    (lambda meta: meta["codecs"][0]["configuration"]["codecs"].append({"name": "numcodecs.pickle"}),
+     "datastore.zarr/vals: codec 'numcodecs.pickle' is not one memforge writes", True),
+])
+def test_zarr_array_whose_metadata_says_another_type(tmp_path, capsys, edit, problem, refused_on_read):
+    """A ``zarr.json`` rewritten (checksums re-sealed) is compared with the manifest's ``arrays``; data types and
+    codecs memforge never writes are refused also where the array is read, before any data."""
+    uri = build_keys(str(tmp_path / "keys"))
+    edit_json(Path(uri, "datastore.zarr/vals/zarr.json"), edit)
+    reseal(tmp_path / "keys")
+    assert verify(uri)[0].startswith(problem), verify(uri)
+    assert_cli_reports(uri, capsys, problem)
+    with pytest.raises(ArtifactError, match=problem):
+        check_intact(open_artifact(uri, "keys"), "off")
+    if refused_on_read:
+        with pytest.raises(ArtifactError, match="datastore.zarr/vals"):
+            KeyStore.open(uri).vals(0, N)
+
+
+def test_zarr_array_the_manifest_does_not_describe(tmp_path, capsys):
+    uri = build_keys(str(tmp_path / "keys"))
+    reseal(tmp_path / "keys", lambda manifest: manifest["arrays"].pop("datastore.zarr/vals"))
+    assert verify(uri) == ["datastore.zarr/vals: a Zarr array the manifest does not describe (arrays)",
+                           "content checks skipped until the problems above are fixed"]
+
+
+def test_parquet_part_with_another_schema(tmp_path, capsys):
+    uri = build_tokens(str(tmp_path / "tokens"))
+    part = tmp_path / "tokens" / "parts" / "part-00001.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.set_column(0, "token", table.column("token").cast(pa.int64())), part)
+    reseal(tmp_path / "tokens")
+    assert verify(uri)[0] == ("parts/part-00001.parquet: schema is ['token: int64', 'doc: int64', 'pos: int32'], "
+                              "manifest says ['token: int32', 'doc: int64', 'pos: int32']")
+    assert_cli_reports(uri, capsys, "parts/part-00001.parquet: schema is")
 
 
 # -- content invariants (files intact, checksums valid) ---------------------------------------------------
