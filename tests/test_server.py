@@ -29,12 +29,15 @@ with prefect_api() as url:
 """
 
 
-def start_run(home: Path, log: Path) -> subprocess.Popen:
-    """A process that enters ``prefect_api()`` on PREFECT_HOME ``home`` with no PREFECT_API_URL, prints the
-    API's URL and holds it until its stdin closes; in a session of its own, as a job started at a terminal."""
+def start_run(log: Path, home: Path | None = None) -> subprocess.Popen:
+    """A process that enters ``prefect_api()`` with no PREFECT_API_URL (on PREFECT_HOME ``home``, else the test
+    session's), prints the API's URL and holds it until its stdin closes; in a session of its own, as a job
+    started at a terminal."""
     env = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
+    if home:
+        env["PREFECT_HOME"] = str(home)
     with log.open("w") as stderr:
-        return subprocess.Popen([sys.executable, "-c", RUN], env={**env, "PREFECT_HOME": str(home)},
+        return subprocess.Popen([sys.executable, "-c", RUN], env=env,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                 start_new_session=True)
 
@@ -65,7 +68,7 @@ def running(process: psutil.Process) -> bool:
 @pytest.mark.integration
 def test_a_sigkilled_run_takes_its_temporary_server_with_it(tmp_path):
     log = tmp_path / "run.log"
-    run = start_run(tmp_path / "prefect", log)
+    run = start_run(log)
     url = api_of(run, log)
     server = psutil.Process(run.pid).children(recursive=True)
     assert server and answers(url)
@@ -83,7 +86,7 @@ def test_a_sigkilled_run_takes_its_temporary_server_with_it(tmp_path):
 def test_two_runs_starting_together_on_a_fresh_prefect_home_both_get_a_server(tmp_path):
     home = tmp_path / "prefect"
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    runs = [start_run(home, log) for log in logs]  # both servers would create and migrate one new database
+    runs = [start_run(log, home) for log in logs]  # both servers would create and migrate one new database
     urls = [api_of(run, log) for run, log in zip(runs, logs)]
     assert urls[0] != urls[1] and all(map(answers, urls))
 
