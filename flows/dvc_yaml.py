@@ -37,7 +37,7 @@ def stage_entry(item: Stage) -> dict:
     """The dvc.yaml entry of one stage."""
     entry = {
         "cmd": f"memforge {item.name} --replace-outdated",
-        "deps": [*item.code_files(), *dict.fromkeys(_top(role) for role in item.inputs)],
+        "deps": [*(file.name for file in item.code_files()), *dict.fromkeys(_top(role) for role in item.inputs)],
         "params": ["artifacts_dir", *item.content],
     }
     if item.dvc_files:  # outputs file by file: DVC metrics and plots cannot sit inside another output
