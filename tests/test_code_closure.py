@@ -2,11 +2,15 @@
 memforge, with paths relative to each package's folder (read from the sources, nothing imported)."""
 from __future__ import annotations
 
+import importlib
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from memforge.flows.dvc_yaml import render
 from memforge.storage.provenance import code_files, source_digest
 
 from user_package import CLOSURE, STAGE, edit_kernel, write_package
@@ -50,3 +54,21 @@ def test_a_package_in_site_packages_covers_only_itself():
     assert "s3fs/core.py" in [file.name for file in files]
     assert all(file.root == site and file.name.startswith("s3fs/") for file in files), files
 
+
+@pytest.fixture
+def user_stage(tmp_path, monkeypatch):
+    """The user's stage class, imported from its package under ``tmp_path/project/src``."""
+    monkeypatch.syspath_prepend(str(write_package(tmp_path / "project" / "src")))
+    yield importlib.import_module(STAGE).Scale
+    for name in [name for name in sys.modules if name.split(".")[0] in ("mylab", "helpers")]:
+        del sys.modules[name]
+
+
+def test_dvc_yaml_lists_a_user_stage_files_relative_to_the_project(user_stage, tmp_path):
+    project = tmp_path / "project"
+    deps = yaml.safe_load(render([user_stage()], project))["stages"]["scale"]["deps"]
+    assert [dep for dep in deps if not Path(dep).is_absolute()] == [f"src/{name}" for name in CLOSURE]
+    assert all((project / dep).is_file() for dep in deps)  # memforge's, outside the project: absolute
+
+    outside = yaml.safe_load(render([user_stage()], tmp_path / "other"))["stages"]["scale"]["deps"]
+    assert all(Path(dep).is_absolute() and Path(dep).is_file() for dep in outside)

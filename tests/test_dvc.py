@@ -53,7 +53,7 @@ def _git(cwd: Path, *args: str) -> str:
 
 
 def test_dvc_yaml_is_generated_from_the_stage_declarations():
-    assert (REPO / "dvc.yaml").read_text() == render(all_stages()), "run `memforge dvc-yaml` and commit dvc.yaml"
+    assert (REPO / "dvc.yaml").read_text() == render(all_stages(), REPO), "run `memforge dvc-yaml` and commit dvc.yaml"
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(dvc) == [item.name for item in STAGES]
     for item in STAGES:
