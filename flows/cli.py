@@ -221,7 +221,7 @@ def _cmd_verify(args, _beam_args) -> int:
 def _cmd_dvc_yaml(args, _beam_args) -> int:
     from memforge.flows.dvc_yaml import render
 
-    text = render(stages.all_stages())
+    text = render(stages.all_stages(), "." if args.output == "-" else os.path.dirname(os.path.abspath(args.output)))
     if args.output == "-":
         print(text, end="")
     else:

@@ -28,6 +28,7 @@ from memforge.storage.errors import DiskFullError, MemforgeError, is_disk_full, 
 from memforge.storage.intact import check_intact
 from memforge.storage.params import Params
 from memforge.storage.params_view import ParamsView
+from memforge.storage.provenance import SourceFile
 from memforge.storage.shards import Shard, ShardMarkers, ShardPlan
 
 log = logging.getLogger("memforge")
@@ -220,7 +221,7 @@ class RunShard(beam.DoFn):
 
 
 def derive(uri: str, kind: str, params: dict, inputs: dict, fmt: str, rebuild: bool | str,
-           code_files: tuple[str, ...], plan: ShardPlan, layout: dict, create: Callable[[], None],
+           code_files: tuple[SourceFile, ...], plan: ShardPlan, layout: dict, create: Callable[[], None],
            write: Callable[[Shard], dict[str, str]], finalize: Callable[[], Published],
            root: str | None = None) -> bool:
     """Build an artifact derived in this process from another one, shard by shard with markers (resumable),

@@ -89,9 +89,9 @@ class Stage:
         return (*cls.content, *cls.layout, *cls.execution)
 
     @classmethod
-    def code_files(cls) -> tuple[str, ...]:
+    def code_files(cls) -> tuple[provenance.SourceFile, ...]:
         """The source files that determine this stage's artifacts (its module's import closure)."""
-        return provenance.code_files(sys.modules[cls.__module__].__file__)
+        return provenance.code_files(cls.__module__, sys.modules[cls.__module__].__file__)
 
     def input_roles(self, ctx: Context) -> tuple[str, ...]:
         """The input roles of this run (a stage may read an input only under some params)."""

@@ -139,7 +139,7 @@ class ArtifactBuild:
     """
 
     def __init__(self, uri: str, kind: str, params: dict, inputs: dict[str, Artifact], fmt: str,
-                 started_at: str, up_to_date: bool, code_files: tuple[str, ...] = (),
+                 started_at: str, up_to_date: bool, code_files: tuple[provenance.SourceFile, ...] = (),
                  execution: dict | None = None, root: str | None = None):
         self.uri = uri
         self.root = root
@@ -158,8 +158,9 @@ class ArtifactBuild:
 
     @classmethod
     def begin(cls, uri: str, kind: str, params: dict, inputs: dict[str, Artifact] | None = None,
-              fmt: str = "directory", rebuild: bool | str = False, code_files: tuple[str, ...] = (),
-              execution: dict | None = None, root: str | None = None) -> "ArtifactBuild":
+              fmt: str = "directory", rebuild: bool | str = False,
+              code_files: tuple[provenance.SourceFile, ...] = (), execution: dict | None = None,
+              root: str | None = None) -> "ArtifactBuild":
         """Start, resume, or refuse a build of ``kind`` at ``uri``.
 
         ``params`` are the content params (they enter the fingerprint with the inputs' fingerprints and

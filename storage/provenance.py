@@ -5,14 +5,19 @@ import ast
 import datetime as _dt
 import functools
 import hashlib
+import importlib.util
 import os
 import platform
+import site
 import socket
 import subprocess
 import sys
+import sysconfig
 import uuid
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 DISTRIBUTION = "memforge-mlp"  # the name it installs under (memforge on the index is another project)
 ENVIRONMENT_PACKAGES = (
@@ -60,34 +65,85 @@ EXECUTION_MODULES = frozenset(f"{PACKAGE}.{name}" for name in (
 ))
 
 
-def _module_file(name: str) -> Path | None:
-    """The source file of project module ``name`` (``memforge.<subpackage>...``; a package: its
-    ``__init__.py``), or None."""
-    parts = name.split(".")
-    if len(parts) < 2 or parts[0] != PACKAGE or parts[1] not in PROJECT_PACKAGES:
-        return None
-    base = _source_root().joinpath(*parts[1:])
+class SourceFile(NamedTuple):
+    """A source file that determines a stage's artifacts: its ``name`` as recorded, relative to ``root``, the
+    folder that holds its top-level package (memforge's: its source root, so ``pipelines/encode.py``; a
+    user's: the folder on the Python path, so ``mylab/stages/kernel.py``)."""
+
+    name: str
+    root: Path
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.name
+
+
+def _find(root: Path, parts: list[str]) -> SourceFile | None:
+    """The module ``parts`` under ``root`` (a package: its ``__init__.py``), or None."""
+    base = root.joinpath(*parts)
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
-            return candidate
+            return SourceFile(candidate.relative_to(root).as_posix(), root)
     return None
 
 
-def _imported_modules(file: Path) -> set[str]:
-    """Project modules named by the import statements of ``file`` (anywhere in it, lazy ones included)."""
+def _installation_folders() -> set[Path]:
+    """Where installed packages and the standard library live (site-packages, dist-packages, stdlib)."""
+    found = {*site.getsitepackages(), site.getusersitepackages(),
+             *(sysconfig.get_path(key) for key in ("stdlib", "platstdlib", "purelib", "platlib"))}
+    return {Path(folder).resolve() for folder in found if folder}
+
+
+@dataclass(frozen=True)
+class _Packages:
+    """The modules an import closure follows, found by path (nothing imported): memforge's subpackages, and
+    those in ``root`` (the folder on the Python path that holds a user's stage) whose top-level name is in
+    ``tops`` (None: any)."""
+
+    root: Path | None = None
+    tops: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, module: str, module_file: Path) -> "_Packages":
+        """Where the modules beside stage module ``module`` (at ``module_file``) live: the folder holding its
+        top-level package or module, and there every top-level module, or only its own top-level package
+        when that folder is where packages are installed (the others there are other distributions)."""
+        parts = module.split(".")
+        if parts[0] == PACKAGE:
+            return cls()
+        root = module_file.parents[len(parts) - 1 + (module_file.name == "__init__.py")]
+        return cls(root, frozenset(parts[:1]) if root.resolve() in _installation_folders() else None)
+
+    def file(self, name: str) -> SourceFile | None:
+        """The source file of module ``name`` when the closure follows it, else None."""
+        parts = name.split(".")
+        if parts[0] == PACKAGE:
+            return _find(_source_root(), parts[1:]) if len(parts) > 1 and parts[1] in PROJECT_PACKAGES else None
+        if self.root is None or (self.tops is not None and parts[0] not in self.tops):
+            return None
+        return _find(self.root, parts)
+
+
+def _imported_modules(module: str, file: Path) -> set[str]:
+    """Modules named by the import statements of module ``module`` at ``file`` (anywhere in it, lazy ones
+    included; relative ones resolved), with the packages above them."""
+    package = module if file.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(file.read_text(), str(file))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            try:
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            except ImportError:  # a relative import above the top-level package: it fails when run
+                continue
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
         for name in names:
             parts = name.split(".")
-            if parts[0] == PACKAGE:
-                found.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))
-    return {name for name in found if _module_file(name) is not None}
+            found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return found
 
 
 def _excluded(name: str) -> bool:
@@ -95,33 +151,36 @@ def _excluded(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def code_files(module_file: str) -> tuple[str, ...]:
-    """The source files that determine what a stage writes: the stage's module file and the project
-    modules it imports, transitively (execution-only modules excluded); paths relative to the source
-    root, sorted."""
-    root = _source_root()
-    start = Path(module_file).resolve()
-    files, todo, seen = {start}, [start], set()
+def code_files(module: str, module_file: str) -> tuple[SourceFile, ...]:
+    """The source files that determine what a stage writes: the file of its module ``module`` and the
+    modules it imports, transitively: memforge's (execution-only modules excluded) and, for a stage
+    declared outside memforge, those in the folder that holds its top-level package or module (only its
+    own package when that folder is site-packages). Sorted; names relative to each package's folder, so
+    they do not depend on where memforge or the stage is installed."""
+    file = Path(os.path.abspath(module_file))
+    packages = _Packages.of(module, file)
+    start = (packages.file(module) if packages.root is None
+             else SourceFile(file.relative_to(packages.root).as_posix(), packages.root))
+    files, todo, seen = {start: module}, [start], set()
     while todo:
         file = todo.pop()
-        for name in sorted(_imported_modules(file)):
+        for name in sorted(_imported_modules(files[file], file.path)):
             if name in seen or _excluded(name):
                 continue
             seen.add(name)
-            found = _module_file(name)
-            if found not in files:
-                files.add(found)
+            found = packages.file(name)
+            if found is not None and found not in files:
+                files[found] = name
                 todo.append(found)
-    return tuple(sorted(os.path.relpath(f, root) for f in files))
+    return tuple(sorted(files))
 
 
-def source_digest(files: tuple[str, ...]) -> str:
-    """sha256 over the given source files (path + content), so any code change there shows."""
-    root = _source_root()
+def source_digest(files: tuple[SourceFile, ...]) -> str:
+    """sha256 over the given source files (recorded name + content), so any code change there shows."""
     digest = hashlib.sha256()
-    for rel in files:
-        digest.update(Path(rel).as_posix().encode() + b"\0")
-        digest.update((root / rel).read_bytes() + b"\0")
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        digest.update(file.path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -135,14 +194,14 @@ def _git_state() -> tuple[str | None, bool | None]:
     return sha, dirty
 
 
-def code_version(files: tuple[str, ...]) -> dict:
+def code_version(files: tuple[SourceFile, ...]) -> dict:
     """Package version, digest and list of the source files that determine an artifact, and the git
     commit with its dirty flag when in a checkout."""
     sha, dirty = _git_state()
     return {
         "package_version": _package_version(DISTRIBUTION),
         "source_digest": source_digest(files),
-        "source_files": list(files),
+        "source_files": [file.name for file in files],
         "git_sha": sha,
         "git_dirty": dirty,
     }

@@ -18,6 +18,7 @@ from memforge.storage.stores import PartOffsets, TokenStore
 from memforge.storage.verify import verify
 
 from crash import MEMFORGE
+from user_package import CLOSURE, STAGE_ENTRY, edit_kernel, write_package
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +91,9 @@ def test_a_stage_declared_in_a_test_file_runs_through_the_cli_and_prefect(chain,
     assert artifact.params == {"decoder.vocab_size": 320}
     assert artifact.manifest["execution"] == {"runtime.num_workers": 2,
                                               "beam_args": ["--direct_running_mode=in_memory"]}
-    assert artifact.manifest["code"]["source_files"][-1] == "tests/test_declared_stage.py"
+    # its code: memforge's modules, this file and the modules beside it that it imports
+    assert [name for name in artifact.manifest["code"]["source_files"] if "/" not in name] == [
+        "crash.py", "test_declared_stage.py", "user_package.py"]
     assert verify(artifact.uri) == []
 
     # Prefect: the build flow runs it as a task of its own, then finds it cached.
@@ -102,3 +105,24 @@ def test_a_stage_declared_in_a_test_file_runs_through_the_cli_and_prefect(chain,
         assert f"memforge run: token-counts: {expected}" in run.stdout, run.stdout
     assert json.loads((art / "token-counts" / "_manifest.json").read_text())["fingerprint"] == artifact.fingerprint
 
+
+def test_a_stage_of_a_user_package_is_outdated_by_an_edit_of_its_kernel(tmp_path):
+    package, art = write_package(tmp_path / "src"), tmp_path / "art"
+    env = {**os.environ, "MEMFORGE_STAGES": STAGE_ENTRY,
+           "PYTHONPATH": os.pathsep.join([str(package), os.environ.get("PYTHONPATH", "")])}
+
+    def scale(*args: str) -> tuple[str, dict, list]:
+        done = subprocess.run([MEMFORGE, "scale", "--set", f"artifacts_dir={art}", *args], cwd=tmp_path,
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr, *(json.loads((art / "scaled" / name).read_text()) for name in ("_manifest.json",
+                                                                                           "values.json"))
+
+    _, manifest, values = scale()
+    assert values == [2, 4, 6]
+    assert [name for name in manifest["code"]["source_files"] if name in CLOSURE] == CLOSURE
+
+    edit_kernel(package)
+    log, rebuilt, values = scale("--replace-outdated")
+    assert "replacing the outdated scaled artifact" in log
+    assert values == [3, 6, 9] and rebuilt["fingerprint"] != manifest["fingerprint"]

@@ -53,7 +53,7 @@ def _git(cwd: Path, *args: str) -> str:
 
 
 def test_dvc_yaml_is_generated_from_the_stage_declarations():
-    assert (REPO / "dvc.yaml").read_text() == render(all_stages()), "run `memforge dvc-yaml` and commit dvc.yaml"
+    assert (REPO / "dvc.yaml").read_text() == render(all_stages(), REPO), "run `memforge dvc-yaml` and commit dvc.yaml"
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(dvc) == [item.name for item in STAGES]
     for item in STAGES:
@@ -62,8 +62,9 @@ def test_dvc_yaml_is_generated_from_the_stage_declarations():
         assert stage["params"] == ["artifacts_dir", *item.content]
         assert not set(stage["params"]) & set(item.execution + item.layout)
         top_dirs = list(dict.fromkeys("${artifacts_dir}/" + role.split("/")[0] for role in item.inputs))
-        assert stage["deps"] == list(item.code_files()) + top_dirs
-        assert all((REPO / dep).is_file() for dep in item.code_files())
+        code = [file.name for file in item.code_files()]
+        assert stage["deps"] == code + top_dirs
+        assert all((REPO / dep).is_file() for dep in code)
         outs = [next(iter(out)) for out in stage["outs"]]
         if item.name == "evaluate":
             assert all(out.startswith("${artifacts_dir}/eval/") for out in outs)
