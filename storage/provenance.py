@@ -56,12 +56,12 @@ PROJECT_PACKAGES = ("storage", "pipelines", "training", "flows", "bench")
 # and executor machinery, Beam options, progress, worker-error reports, the params schema (params values
 # are hashed themselves), artifact locations, the write lease, manifests (a change to how fingerprints
 # or content digests are computed changes the values themselves), shard plans/markers, the error classes
-# (what a refusal says), the optional-dependency checks and the input checks. The import
+# (what a refusal says), the optional-dependency checks and the input checks (file headers included). The import
 # closure stops at them, so editing them leaves every artifact up to date.
 EXECUTION_MODULES = frozenset(f"{PACKAGE}.{name}" for name in (
     "pipelines.stage", "pipelines.executor", "pipelines.runner", "pipelines.progress", "pipelines.worker_errors",
     "storage.params", "storage.params_view", "storage.paths", "storage.lease", "storage.artifact",
-    "storage.shards", "storage.errors", "storage.extras", "storage.intact", "flows",
+    "storage.shards", "storage.errors", "storage.extras", "storage.intact", "storage.headers", "flows",
 ))
 
 
