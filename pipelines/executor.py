@@ -7,6 +7,7 @@ begins ``ArtifactBuild``s and drives progress.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -23,7 +24,17 @@ from memforge.pipelines.runner import pipeline, release
 from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
 from memforge.storage import fs, paths
 from memforge.storage.artifact import ArtifactBuild, open_artifact
-from memforge.storage.errors import DiskFullError, MemforgeError, is_disk_full, is_out_of_memory
+from memforge.storage.errors import (
+    WRITE_ERRNOS,
+    DiskFullError,
+    MemforgeError,
+    StoreUnreachableError,
+    WriteError,
+    is_disk_full,
+    is_out_of_memory,
+    store_unreachable,
+    write_fault,
+)
 from memforge.storage.intact import check_intact
 from memforge.storage.params import Params
 from memforge.storage.params_view import ParamsView
@@ -75,6 +86,13 @@ def run_stage(stage: Stage, params: Params, *, rebuild: bool | str = False, beam
     except Exception as exc:
         if is_disk_full(exc) and builds:
             raise _disk_full(stage, builds, exc) from None
+        if (fault := write_fault(exc)) is not None and builds:
+            raise _write_refused(stage, builds, fault) from None
+        if (cause := store_unreachable(exc)) is not None:
+            where = ", ".join(build.uri for build in builds.values()) or fs.normalize(params.artifacts_dir)
+            raise StoreUnreachableError(f"{where}: the object store stopped answering while {stage.name} ran "
+                                        f"({cause}); nothing was published and finished shards are kept: rerun "
+                                        "when it answers") from None
         if is_out_of_memory(exc):
             raise _out_of_memory(stage, exc) from None
         raise
@@ -93,6 +111,14 @@ def _disk_full(stage: Stage, builds: dict[str, ArtifactBuild], exc: Exception) -
     return DiskFullError(f"{where}: no space left on its filesystem{f' ({free})' if free else ''} while {stage.name} "
                          f"wrote it ({cause}); free space or move artifacts_dir, then rerun: finished shards and "
                          "checkpoints are kept and nothing was published")
+
+
+def _write_refused(stage: Stage, builds: dict[str, ArtifactBuild], fault: OSError) -> WriteError:
+    """The named form of a write the operating system refused: the file, its cause and what to do."""
+    where = ", ".join(build.uri for build in builds.values())
+    name = errno.errorcode.get(fault.errno, str(fault.errno))
+    return WriteError(f"{fault.filename or where}: {fault.strerror} ({name}) while {stage.name} wrote {where}: "
+                      f"{WRITE_ERRNOS[fault.errno]}, then rerun: finished shards are kept and nothing was published")
 
 
 def _out_of_memory(stage: Stage, exc: Exception) -> MemforgeError:
@@ -189,7 +215,7 @@ def _publish(build: ArtifactBuild, published: Published, runner: str | None) -> 
 
 class RunShard(beam.DoFn):
     """One Beam element = one shard of one output: skip it when already done, else let the stage's worker
-    write it, then mark it done. Bad input is reported (named, not retried), never raised."""
+    write it, then mark it done. Bad input and refused writes are reported (named, not retried), never raised."""
 
     def __init__(self, worker: ShardWorker):
         self.worker = worker
@@ -211,6 +237,14 @@ class RunShard(beam.DoFn):
             files, stats = self.worker.process(element["role"], uri, shard)
         except MemforgeError as exc:
             worker_errors.report(uri, shard, exc)
+            return
+        except OSError as exc:  # a refused write is reported like bad input; any other error is Beam's to handle
+            if (fault := write_fault(exc)) is None:
+                raise
+            try:
+                worker_errors.report(uri, shard, fault)
+            except OSError:  # the report cannot be written either: Beam passes the fault's text to the driver
+                raise fault from None
             return
         markers.mark_done(shard, files, {"rows": shard.rows, **stats, "seconds": time.perf_counter() - started,
                                          "worker": WORKER})

@@ -105,14 +105,16 @@ def exists(uri: str) -> bool:
 
 class HashingWriter:
     """A binary file handle that hashes the bytes written through it: ``checksum()`` is what
-    ``file_checksum`` would read back, for writers that stream more than fits in memory."""
+    ``file_checksum`` would read back, for writers that stream more than fits in memory. A write the
+    operating system refuses names ``path``, the file being written."""
 
-    def __init__(self, handle: BinaryIO):
-        self._handle, self._digest = handle, hashlib.new(CHECKSUM_ALGORITHM)
+    def __init__(self, handle: BinaryIO, path: str):
+        self._handle, self._digest, self.path = handle, hashlib.new(CHECKSUM_ALGORITHM), path
 
     def write(self, data) -> int:
         self._digest.update(data)
-        return self._handle.write(data)
+        with named(self.path):
+            return self._handle.write(data)
 
     def checksum(self) -> str:
         return self._digest.hexdigest()
@@ -122,37 +124,50 @@ class HashingWriter:
 
 
 @contextlib.contextmanager
+def named(path: str) -> Iterator[None]:
+    """Give an OSError raised in the block without a file name (write, flush, fsync: EFBIG, ENOSPC) ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise type(exc)(exc.errno, exc.strerror, path) from exc
+        raise
+
+
+@contextlib.contextmanager
 def atomic_writer(uri: str) -> Iterator[HashingWriter]:
     """A binary file handle whose content appears at ``uri`` only when the block exits cleanly; it hashes what
     is written (``checksum()``).
 
-    Locally: temp file in the same directory, fsync, rename, fsync the directory. Object
-    stores: the file is staged locally and uploaded with one PUT, which they publish atomically.
+    Locally: temp file in the same directory, fsync, rename, fsync the directory; the temp file is removed
+    when the block or the write fails. Object stores: the file is staged locally and uploaded with one PUT,
+    which they publish atomically.
     """
     fs, path = filesystem(uri)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
-    local = isinstance(fs, LocalFileSystem)
-    tmp = f"{path}{TEMP_INFIX}{uuid.uuid4().hex}" if local else None
-    with (open(tmp, "wb") if local else tempfile.NamedTemporaryFile("w+b")) as handle:
-        try:
-            yield HashingWriter(handle)
+    if not isinstance(fs, LocalFileSystem):
+        with tempfile.NamedTemporaryFile("w+b") as handle:
+            yield HashingWriter(handle, uri)
             handle.flush()
-            if local:
-                os.fsync(handle.fileno())
-        except BaseException:
-            if local:
-                os.unlink(tmp)
-            raise
-        if not local:
             fs.put_file(handle.name, path)
-    if local:
-        os.replace(tmp, path)
-        dir_fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        return
+    tmp = f"{path}{TEMP_INFIX}{uuid.uuid4().hex}"
+    try:
+        with named(path), open(tmp, "wb") as handle:
+            yield HashingWriter(handle, path)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    os.replace(tmp, path)
+    dir_fd = os.open(parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def checksum_of(data) -> str:

@@ -4,6 +4,8 @@ value at fault (exit 1, no traceback), and nothing is published. Errors found in
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,9 +14,10 @@ import pytest
 from transformers import T5Config
 
 from memforge.flows.cli import main
+from memforge.storage import fs
 from memforge.storage.artifact import open_artifact
 
-from tiny_lm import make_gpt2, write_corpus
+from tiny_lm import WORDS, make_gpt2, write_corpus
 
 pytestmark = pytest.mark.stage
 
@@ -271,3 +274,26 @@ def test_failed_attempt_does_not_force_rebuild(env, tmp_path, capsys):
     code, err = run_cli(stage_args(env, "prepare", art), capsys)
     assert code == 0, err
     assert open_artifact(str(art / "tokens"), "tokens").manifest["counts"]["train_tokens"] > 0
+
+
+# -- faults of the operating system inside Beam workers -------------------------------------------
+
+def test_a_write_beyond_the_file_size_limit_is_one_named_line(env, tmp_path):
+    """`ulimit -f` (RLIMIT_FSIZE) below a token part's size: the worker process's write fails with EFBIG
+    (Python ignores SIGXFSZ); the CLI prints one named line, no traceback, and publishes nothing."""
+    train = write(tmp_path / "big" / "train.txt", " ".join(WORDS[i % len(WORDS)] for i in range(40_000)))
+    limit = 24 * 1024  # above the tokenizer's files, below the train part's
+    args = stage_args(env, "prepare", tmp_path / "art", train=[train])
+    limited = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (%d, %d)); "
+               "from memforge.flows.cli import main; sys.exit(main(sys.argv[1:]))" % (limit, limit))
+    run = subprocess.run([sys.executable, "-c", limited, *args], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
+    assert run.returncode == 1, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("memforge ")]
+    assert len(errors) == 1 and errors[0].startswith("memforge prepare: error: "), run.stderr
+    assert "Traceback" not in run.stderr and "OSError" not in run.stderr
+    part = tmp_path / "art" / "tokens" / "train" / "part-00000.parquet"
+    assert f"{part}: File too large (EFBIG) while prepare wrote" in errors[0] and "ulimit -f" in errors[0]
+    assert_unpublished(tmp_path / "art" / "tokens")
+    assert not part.exists() and not list((tmp_path / "art").rglob(f"*{fs.TEMP_INFIX}*"))
+    assert not (tmp_path / "art" / "tokens" / "_lease.json").exists()
