@@ -221,34 +221,50 @@ class RunShard(beam.DoFn):
         self.worker = worker
 
     def setup(self) -> None:
-        self.worker.setup()
+        with _short_store_errors():
+            self.worker.setup()
         self.markers: dict[str, ShardMarkers] = {}
 
     def teardown(self) -> None:
         self.worker.teardown()
 
     def process(self, element: dict):
-        uri, shard = element["uri"], Shard(**element["shard"])
-        markers = self.markers.setdefault(uri, ShardMarkers(uri))
-        if markers.is_done(shard):  # a retried bundle: the shard is already durable
-            return
-        started = time.perf_counter()
-        try:
-            files, stats = self.worker.process(element["role"], uri, shard)
-        except MemforgeError as exc:
-            worker_errors.report(uri, shard, exc)
-            return
-        except OSError as exc:  # a refused write is reported like bad input; any other error is Beam's to handle
-            if (fault := write_fault(exc)) is None:
-                raise
+        with _short_store_errors():
+            uri, shard = element["uri"], Shard(**element["shard"])
+            markers = self.markers.setdefault(uri, ShardMarkers(uri))
+            if markers.is_done(shard):  # a retried bundle: the shard is already durable
+                return
+            started = time.perf_counter()
             try:
-                worker_errors.report(uri, shard, fault)
-            except OSError:  # the report cannot be written either: Beam passes the fault's text to the driver
-                raise fault from None
-            return
-        markers.mark_done(shard, files, {"rows": shard.rows, **stats, "seconds": time.perf_counter() - started,
-                                         "worker": WORKER})
-        yield f"{element['role']}/{shard.name}"
+                files, stats = self.worker.process(element["role"], uri, shard)
+            except MemforgeError as exc:
+                worker_errors.report(uri, shard, exc)
+                return
+            except OSError as exc:  # a refused write is reported like bad input; other errors are Beam's to handle
+                if (fault := write_fault(exc)) is None:
+                    raise
+                try:
+                    worker_errors.report(uri, shard, fault)
+                except OSError:  # the report cannot be written either: Beam passes the fault's text to the driver
+                    raise fault from None
+                return
+            markers.mark_done(shard, files, {"rows": shard.rows, **stats, "seconds": time.perf_counter() - started,
+                                             "worker": WORKER})
+            yield f"{element['role']}/{shard.name}"
+
+
+@contextlib.contextmanager
+def _short_store_errors():
+    """An object store that stops answering in a worker is raised as one short ConnectionError with the
+    client's message (no report can be written there): Beam passes its text on and the driver names it."""
+    try:
+        yield
+    except MemforgeError:
+        raise
+    except Exception as exc:
+        if (cause := store_unreachable(exc)) is None:
+            raise
+        raise ConnectionError(cause) from None
 
 
 def derive(uri: str, kind: str, params: dict, inputs: dict, fmt: str, rebuild: bool | str,
