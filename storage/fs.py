@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -17,10 +18,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from memforge.storage.errors import DamagedFileError
 from memforge.storage.extras import missing_filesystem
+from memforge.storage.finite import nulled
 
 CHECKSUM_ALGORITHM = "sha256"
 _READ_BLOCK = 1 << 22
 TEMP_INFIX = ".tmp-"
+_log = logging.getLogger("memforge")
 
 
 def normalize(uri: str | os.PathLike) -> str:
@@ -189,8 +192,13 @@ def write_bytes_atomic(uri: str, data) -> str:
 
 
 def write_json_atomic(uri: str, obj: Any) -> None:
-    """Atomically write ``obj`` as indented, key-sorted JSON."""
-    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Atomically write ``obj`` as indented, key-sorted, strict JSON: a NaN or infinite number (a diverged
+    loss, a perplexity that overflowed, a mean over nothing) is written as null and logged with its key."""
+    obj, replaced = nulled(obj)
+    if replaced:
+        _log.warning("%s: %s not a finite number; written as null", uri,
+                     ", ".join(replaced) + (" is" if len(replaced) == 1 else " are"))
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
 def read_json(uri: str) -> Any:

@@ -70,7 +70,7 @@ class Lease:
 
     def _create(self, record: dict) -> bool:
         """Write the lease if no lease file exists; True when this writer now holds it."""
-        data = json.dumps(record, sort_keys=True).encode()
+        data = json.dumps(record, sort_keys=True, allow_nan=False).encode()
         if fs.is_local(self.path):
             os.makedirs(self.uri, exist_ok=True)
             try:
