@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -297,3 +298,41 @@ def test_a_write_beyond_the_file_size_limit_is_one_named_line(env, tmp_path):
     assert_unpublished(tmp_path / "art" / "tokens")
     assert not part.exists() and not list((tmp_path / "art").rglob(f"*{fs.TEMP_INFIX}*"))
     assert not (tmp_path / "art" / "tokens" / "_lease.json").exists()
+
+
+# -- a huge line and corpus.max_bytes ------------------------------------------------------------
+
+HUGE_LINE = b"alpha beta gamma delta " * 1_500_000  # 34.5 MB without a line break
+
+
+def test_a_huge_line_beyond_max_bytes_is_refused_at_once(env, tmp_path, capsys):
+    """One 34.5 MB line in a file and the default corpus.max_bytes (1 MB): nothing of the split fits, a named
+    error in seconds (the file was once taken whole, and prepare ran for minutes)."""
+    train = write(tmp_path / "huge" / "train.txt", HUGE_LINE + b"\n")
+    started = time.monotonic()
+    code, err = run_cli(stage_args(env, "prepare", tmp_path / "art", train=[train]), capsys)
+    assert_refused(code, err, "prepare", f"corpus.train: {train}: its first line (or Parquet row) is longer than "
+                   "corpus.max_bytes (1,000,000 bytes)", "raise corpus.max_bytes")
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "art" / "tokens").exists()
+
+
+def test_max_bytes_cuts_a_file_at_a_line_end_and_says_what_it_left_out(env, tmp_path, capsys, caplog):
+    """corpus.max_bytes is a hard cap: the file that reaches it is read up to its last line end inside it (here
+    its short lines, not the 34.5 MB line after them), later files are left out, and both are logged."""
+    lines = b"".join(f"line {i} alpha beta gamma\n".encode() for i in range(200))
+    first = write(tmp_path / "capped" / "a.txt", lines + HUGE_LINE + b"\n")
+    write(tmp_path / "capped" / "b.txt", lines)
+    art = tmp_path / "art"
+    started = time.monotonic()
+    code, err = run_cli(stage_args(env, "prepare", art, train=[tmp_path / "capped" / "*.txt"],
+                                   corpus__max_bytes=len(lines) + 1000) + ["--", "--direct_running_mode=in_memory"],
+                        capsys)
+    assert code == 0, err
+    assert time.monotonic() - started < 60
+    left_out = first.stat().st_size - len(lines)
+    assert (f"corpus.train: corpus.max_bytes ({len(lines) + 1000:,} bytes) reached: {len(lines):,} bytes read; "
+            f"left out {left_out:,} bytes of {first} and 1 more files ({len(lines):,} bytes)") in caplog.text
+    tokens = open_artifact(str(art / "tokens"), "tokens").manifest
+    train = tokens["stats"]["splits"]["train"]
+    assert train["documents"] == 1 and train["tokens"] < 10_000  # the short lines of a.txt, none of b.txt
