@@ -131,7 +131,8 @@ def store_unreachable(exc: BaseException) -> str | None:
         text = str(seen)
         for marker in _UNREACHABLE_TEXT:
             if marker in text:
-                return next(line.strip() for line in reversed(text.splitlines()) if marker in line)
+                line = next(line for line in reversed(text.splitlines()) if marker in line)
+                return line[line.index(marker):].strip()
     return None
 
 
