@@ -117,7 +117,7 @@ def _write_refused(stage: Stage, builds: dict[str, ArtifactBuild], fault: OSErro
     """The named form of a write the operating system refused: the file, its cause and what to do."""
     where = ", ".join(build.uri for build in builds.values())
     name = errno.errorcode.get(fault.errno, str(fault.errno))
-    return WriteError(f"{fault.filename or where}: {fault.strerror} ({name}) while {stage.name} wrote {where}: "
+    return WriteError(f"{fault.filename or where}: {fault.strerror} ({name}) while {stage.name} built {where}: "
                       f"{WRITE_ERRNOS[fault.errno]}, then rerun: finished shards are kept and nothing was published")
 
 

@@ -68,16 +68,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
         any(text in str(exc) for text in _OUT_OF_MEMORY_TEXT)
 
 
-# Write faults a rerun meets again until the user acts (named, never retried), and what to do about each.
+# Faults of the operating system a rerun meets again until the user acts (named, never retried), mostly
+# refused writes, and what to do about each.
 WRITE_ERRNOS = {
     errno.EFBIG: "the file outgrew the size this process may write (ulimit -f); raise that limit",
-    errno.EACCES: "no permission to write there; fix the permissions or move artifacts_dir",
-    errno.EPERM: "the operation is not permitted there; fix the permissions or move artifacts_dir",
+    errno.EACCES: "no permission there; fix the permissions of that path or move artifacts_dir",
+    errno.EPERM: "the operation is not permitted there; fix the permissions of that path or move artifacts_dir",
     errno.EROFS: "the filesystem is mounted read-only; remount it or move artifacts_dir",
     errno.ENOSPC: "no space left; free space or move artifacts_dir",
     errno.EDQUOT: "the disk quota is used up; free space or move artifacts_dir",
-    errno.ENOTDIR: "a component of the path is a file, not a directory; move it away",
-    errno.EISDIR: "a directory stands where the file goes; move it away",
+    errno.ENOTDIR: "a component of that path is a file, not a directory; move it away",
+    errno.EISDIR: "that path is a directory; move it away",
     errno.ENAMETOOLONG: "the path is too long for the filesystem; choose a shorter artifacts_dir",
 }
 _ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^:'\n\[\]]+)(?:: '([^'\n]+)')?")

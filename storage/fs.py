@@ -127,12 +127,13 @@ class HashingWriter:
 
 
 @contextlib.contextmanager
-def named(path: str) -> Iterator[None]:
-    """Give an OSError raised in the block without a file name (write, flush, fsync: EFBIG, ENOSPC) ``path``."""
+def named(path: str, temporary: str | None = None) -> Iterator[None]:
+    """Let an OSError raised in the block name ``path`` when it names no file (write, flush, fsync: EFBIG,
+    ENOSPC) or only ``temporary``, the file staged for it."""
     try:
         yield
     except OSError as exc:
-        if exc.filename is None and exc.errno is not None:
+        if exc.errno is not None and exc.filename in (None, temporary):
             raise type(exc)(exc.errno, exc.strerror, path) from exc
         raise
 
@@ -157,7 +158,7 @@ def atomic_writer(uri: str) -> Iterator[HashingWriter]:
         return
     tmp = f"{path}{TEMP_INFIX}{uuid.uuid4().hex}"
     try:
-        with named(path), open(tmp, "wb") as handle:
+        with named(path, tmp), open(tmp, "wb") as handle:
             yield HashingWriter(handle, path)
             handle.flush()
             os.fsync(handle.fileno())

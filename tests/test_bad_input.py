@@ -294,7 +294,7 @@ def test_a_write_beyond_the_file_size_limit_is_one_named_line(env, tmp_path):
     assert len(errors) == 1 and errors[0].startswith("memforge prepare: error: "), run.stderr
     assert "Traceback" not in run.stderr and "OSError" not in run.stderr
     part = tmp_path / "art" / "tokens" / "train" / "part-00000.parquet"
-    assert f"{part}: File too large (EFBIG) while prepare wrote" in errors[0] and "ulimit -f" in errors[0]
+    assert f"{part}: File too large (EFBIG) while prepare built" in errors[0] and "ulimit -f" in errors[0]
     assert_unpublished(tmp_path / "art" / "tokens")
     assert not part.exists() and not list((tmp_path / "art").rglob(f"*{fs.TEMP_INFIX}*"))
     assert not (tmp_path / "art" / "tokens" / "_lease.json").exists()
