@@ -118,7 +118,7 @@ def _capped(found: list[SourceFile], key: str, max_bytes: int) -> list[SourceFil
             kept.append(cut)
             total += cut.limit
         elif not kept:
-            raise CorpusError(f"{key}: {file.uri}: its first line (or Parquet row) is longer than corpus.max_bytes "
+            raise CorpusError(f"{key}: {file.uri}: its first line is longer than corpus.max_bytes "
                               f"({max_bytes:,} bytes), so nothing of the split fits; raise corpus.max_bytes or "
                               "break the file into lines")
         rest = found[position + 1:]

@@ -311,7 +311,7 @@ def test_a_huge_line_beyond_max_bytes_is_refused_at_once(env, tmp_path, capsys):
     train = write(tmp_path / "huge" / "train.txt", HUGE_LINE + b"\n")
     started = time.monotonic()
     code, err = run_cli(stage_args(env, "prepare", tmp_path / "art", train=[train]), capsys)
-    assert_refused(code, err, "prepare", f"corpus.train: {train}: its first line (or Parquet row) is longer than "
+    assert_refused(code, err, "prepare", f"corpus.train: {train}: its first line is longer than "
                    "corpus.max_bytes (1,000,000 bytes)", "raise corpus.max_bytes")
     assert time.monotonic() - started < 30
     assert not (tmp_path / "art" / "tokens").exists()
