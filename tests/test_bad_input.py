@@ -307,7 +307,7 @@ HUGE_LINE = b"alpha beta gamma delta " * 1_500_000  # 34.5 MB without a line bre
 
 def test_a_huge_line_beyond_max_bytes_is_refused_at_once(env, tmp_path, capsys):
     """One 34.5 MB line in a file and the default corpus.max_bytes (1 MB): nothing of the split fits, a named
-    error in seconds (the file was once taken whole, and prepare ran for minutes)."""
+    error in seconds (taking the file whole would keep prepare busy for minutes)."""
     train = write(tmp_path / "huge" / "train.txt", HUGE_LINE + b"\n")
     started = time.monotonic()
     code, err = run_cli(stage_args(env, "prepare", tmp_path / "art", train=[train]), capsys)
