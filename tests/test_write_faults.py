@@ -59,3 +59,15 @@ def test_a_refused_connection_is_an_unreachable_store_in_every_form():
     url = 'Could not connect to the endpoint URL: "http://127.0.0.1:9/bucket/art/_lease.json"'
     assert store_unreachable(RuntimeError(f"botocore.exceptions.EndpointConnectionError: {url}")).startswith(url)
     assert store_unreachable(ValueError("bad input")) is None
+
+
+def test_flows_retry_an_unreachable_store_but_not_bad_input():
+    from prefect.states import Failed
+
+    from memforge.flows.build import _transient
+    from memforge.storage.errors import MemforgeError, StoreUnreachableError, WriteError
+
+    assert _transient(None, None, Failed(data=StoreUnreachableError("s3://b/art/tokens: the store stopped")))
+    assert _transient(None, None, Failed(data=RuntimeError("a worker process died")))
+    assert not _transient(None, None, Failed(data=MemforgeError("corpus.train: no file matches")))
+    assert not _transient(None, None, Failed(data=WriteError("/art/x: File too large (EFBIG)")))
