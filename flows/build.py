@@ -9,7 +9,8 @@ runner finish as ``Cached``), the content digests of its input artifacts, its ex
 persist as JSON. So a rerun on unchanged inputs, scheduled or after a failure, finishes every stage
 as ``Cached``, a changed param reruns that stage and what reads its output, and a stage interrupted
 mid-way resumes from its shard markers. Transient errors are retried with exponential backoff (``flow`` params);
-bad input (``MemforgeError``) never is.
+bad input (``MemforgeError``) never is, unless it may pass (``TransientError``: an object store that stopped
+answering).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from memforge.flows.result_guard import trusted_cache_key  # noqa: E402
 from memforge.pipelines.stage import Context, Stage  # noqa: E402
 from memforge.storage import fs, paths, provenance  # noqa: E402
 from memforge.storage.artifact import REBUILD_OUTDATED, read_manifest  # noqa: E402
-from memforge.storage.errors import ArtifactError, MemforgeError  # noqa: E402
+from memforge.storage.errors import ArtifactError, MemforgeError, TransientError  # noqa: E402
 from memforge.storage.lineage import scalar_pairs  # noqa: E402
 from memforge.storage.params import Params, load_params  # noqa: E402
 from memforge.storage.params_view import ParamsView  # noqa: E402
@@ -78,8 +79,9 @@ def stage_cache_key(_context, parameters: dict[str, Any]) -> str:
 
 
 def _transient(_task, _task_run, state) -> bool:
-    """Retry unless the stage refused bad input (params, artifacts, data): those fail the same way again."""
-    return not isinstance(state.data, MemforgeError)
+    """Retry unless the stage refused bad input (params, artifacts, data): those fail the same way again; an
+    object store that stopped answering may be back."""
+    return not isinstance(state.data, MemforgeError) or isinstance(state.data, TransientError)
 
 
 def _markdown(item: Stage, params: Params) -> str:

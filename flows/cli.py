@@ -11,7 +11,7 @@ from memforge.flows import stages
 from memforge.runs import run, run_stage
 from memforge.storage import fs
 from memforge.storage.artifact import REBUILD_OUTDATED
-from memforge.storage.errors import MemforgeError, is_disk_full
+from memforge.storage.errors import MemforgeError, is_disk_full, store_unreachable
 from memforge.storage.lineage import lineage, render
 from memforge.storage.listing import find_artifacts, summarise
 from memforge.storage.params import load_params, params_file
@@ -292,8 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `memforge ls | head`: the reader has what it wanted; stop without a word
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PROBLEMS
-    except OSError as exc:
-        print(f"memforge {args.command}: error: {_os_error(exc)}", file=sys.stderr)
+    except Exception as exc:
+        cause = store_unreachable(exc)
+        if cause is None and not isinstance(exc, OSError):
+            raise
+        message = _os_error(exc) if cause is None else \
+            f"the object store cannot be reached ({cause}); rerun when it answers"
+        print(f"memforge {args.command}: error: {message}", file=sys.stderr)
         return EXIT_PROBLEMS
     except KeyboardInterrupt:
         print(f"memforge {args.command}: interrupted; finished shards and checkpoints are kept, a rerun "

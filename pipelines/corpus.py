@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import pyarrow.parquet as pq
@@ -21,7 +22,9 @@ from memforge.storage import fs
 from memforge.storage.errors import MemforgeError
 from memforge.storage.params import CorpusParams
 
+log = logging.getLogger("memforge")
 GLOB_CHARS = "*?["
+_CUT_BLOCK = 1 << 20  # bytes read at a time looking for the last line end before corpus.max_bytes
 FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -32,7 +35,9 @@ class CorpusError(MemforgeError):
 @dataclass(frozen=True)
 class SourceFile:
     """One input file: its index in the sorted file list, URI, name (path below the pattern's fixed
-    prefix, the same on every machine), format, size and split (None: split by document)."""
+    prefix, the same on every machine), format, size, split (None: split by document) and ``limit``: the
+    bytes read from its start when ``corpus.max_bytes`` cuts it (text and JSONL: up to a line end; Parquet:
+    the rows whose text fits), None when it is read whole."""
 
     index: int
     uri: str
@@ -40,6 +45,12 @@ class SourceFile:
     format: str
     size: int
     split: str | None
+    limit: int | None = None
+
+    @property
+    def taken(self) -> int:
+        """Bytes of the file that are read (its size unless ``corpus.max_bytes`` cuts it)."""
+        return self.size if self.limit is None else self.limit
 
 
 def _expand(pattern: str, where: str) -> list[tuple[str, str, int]]:
@@ -74,7 +85,9 @@ def _format(uri: str, configured: str) -> str:
 
 
 def source_files(params: CorpusParams) -> list[SourceFile]:
-    """All input files, sorted per split, each split capped at ``max_bytes`` (whole files, at least one)."""
+    """All input files, sorted per split; each split is cut at ``max_bytes``: the file that reaches the cap is
+    read up to its last line end inside it (Parquet: its rows that fit), later files are left out, and what
+    was left out is logged."""
     groups = [("train" if params.validation else None, "corpus.train", params.train)]
     if params.validation:
         groups.append(("validation", "corpus.validation", params.validation))
@@ -82,18 +95,56 @@ def source_files(params: CorpusParams) -> list[SourceFile]:
         raise CorpusError("corpus.train: no sources given (list paths, globs or URLs)")
     files: list[SourceFile] = []
     for split, key, patterns in groups:  # each split has its own max_bytes budget
-        total = 0
         seen: dict[str, tuple[str, int]] = {}
         for i, pattern in enumerate(patterns):
             for uri, name, size in _expand(pattern, f"{key}[{i}]"):
                 seen.setdefault(uri, (name, size))
-        for uri in sorted(seen):
-            name, size = seen[uri]
-            if total and total + size > params.max_bytes:
-                break
-            files.append(SourceFile(len(files), uri, name, _format(uri, params.format), size, split))
-            total += size
+        found = [SourceFile(0, uri, name, _format(uri, params.format), size, split)
+                 for uri, (name, size) in sorted(seen.items())]
+        files += [replace(f, index=len(files) + i) for i, f in enumerate(_capped(found, key, params.max_bytes))]
     return files
+
+
+def _capped(found: list[SourceFile], key: str, max_bytes: int) -> list[SourceFile]:
+    """The files of one split within ``max_bytes``, the last one cut at a line end; logs what is left out."""
+    kept, total = [], 0
+    for position, file in enumerate(found):
+        if total + file.size <= max_bytes:
+            kept.append(file)
+            total += file.size
+            continue
+        cut = _cut(file, max_bytes - total)
+        if cut.limit:
+            kept.append(cut)
+            total += cut.limit
+        elif not kept:
+            raise CorpusError(f"{key}: {file.uri}: its first line is longer than corpus.max_bytes "
+                              f"({max_bytes:,} bytes), so nothing of the split fits; raise corpus.max_bytes or "
+                              "break the file into lines")
+        rest = found[position + 1:]
+        log.warning("%s: corpus.max_bytes (%s bytes) reached: %s bytes read; left out %s bytes of %s%s", key,
+                    f"{max_bytes:,}", f"{total:,}", f"{file.size - (cut.limit or 0):,}", file.uri,
+                    f" and {len(rest)} more files ({sum(f.size for f in rest):,} bytes)" if rest else "")
+        break
+    return kept
+
+
+def _cut(file: SourceFile, budget: int) -> SourceFile:
+    """``file`` read up to its last line end within ``budget`` bytes (limit 0: not even one line fits);
+    Parquet is cut where its rows' text exceeds the budget (``read_documents``)."""
+    if file.format == "parquet" or budget <= 0:
+        return replace(file, limit=max(budget, 0))
+    filesystem, path = fs.filesystem(file.uri)
+    with filesystem.open(path, "rb") as handle:  # search backwards from the budget, a block at a time
+        end = budget
+        while end > 0:
+            start = max(0, end - _CUT_BLOCK)
+            handle.seek(start)
+            line_end = handle.read(end - start).rfind(b"\n")
+            if line_end >= 0:
+                return replace(file, limit=start + line_end + 1)
+            end = start
+    return replace(file, limit=0)
 
 
 def document_split(file: SourceFile, doc_index: int, validation_fraction: float) -> str:
@@ -129,13 +180,18 @@ def read_documents(file: SourceFile, params: CorpusParams) -> Iterator[tuple[int
             table = pq.read_table(path, columns=[params.text_field], filesystem=filesystem)
         except (KeyError, ValueError, OSError) as exc:
             raise CorpusError(f"{file.uri}: cannot read column {params.text_field!r} from Parquet: {exc}") from None
+        budget = file.limit
         for i, text in enumerate(table.column(params.text_field).to_pylist()):
             if text is not None and not isinstance(text, str):
                 raise CorpusError(f"{file.uri}: row {i}: {params.text_field!r} is not a string")
+            if budget is not None:
+                budget -= len((text or "").encode())
+                if budget < 0:  # corpus.max_bytes cuts the file before this row
+                    return
             yield i, text or ""
         return
     with filesystem.open(path, "rb") as handle:
-        data = handle.read()
+        data = handle.read(-1 if file.limit is None else file.limit)
     if file.format == "text":
         yield 0, _decode(data, file.uri, params.on_decode_error)
         return

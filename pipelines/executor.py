@@ -7,6 +7,7 @@ begins ``ArtifactBuild``s and drives progress.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -24,7 +25,17 @@ from memforge.pipelines.runner import pipeline, release
 from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
 from memforge.storage import fs, paths
 from memforge.storage.artifact import ArtifactBuild, open_artifact
-from memforge.storage.errors import DiskFullError, MemforgeError, is_disk_full, is_out_of_memory
+from memforge.storage.errors import (
+    WRITE_ERRNOS,
+    DiskFullError,
+    MemforgeError,
+    StoreUnreachableError,
+    WriteError,
+    is_disk_full,
+    is_out_of_memory,
+    store_unreachable,
+    write_fault,
+)
 from memforge.storage.intact import check_intact
 from memforge.storage.params import Params
 from memforge.storage.params_view import ParamsView
@@ -78,6 +89,13 @@ def run_stage(stage: Stage, params: Params, *, rebuild: bool | str = False, beam
     except Exception as exc:
         if is_disk_full(exc) and builds:
             raise _disk_full(stage, builds, exc) from None
+        if (fault := write_fault(exc)) is not None and builds:
+            raise _write_refused(stage, builds, fault) from None
+        if (cause := store_unreachable(exc)) is not None:
+            where = ", ".join(build.uri for build in builds.values()) or fs.normalize(params.artifacts_dir)
+            raise StoreUnreachableError(f"{where}: the object store stopped answering while {stage.name} ran "
+                                        f"({cause}); nothing was published and finished shards are kept: rerun "
+                                        "when it answers") from None
         if is_out_of_memory(exc):
             raise _out_of_memory(stage, exc) from None
         raise
@@ -96,6 +114,14 @@ def _disk_full(stage: Stage, builds: dict[str, ArtifactBuild], exc: Exception) -
     return DiskFullError(f"{where}: no space left on its filesystem{f' ({free})' if free else ''} while {stage.name} "
                          f"wrote it ({cause}); free space or move artifacts_dir, then rerun: finished shards and "
                          "checkpoints are kept and nothing was published")
+
+
+def _write_refused(stage: Stage, builds: dict[str, ArtifactBuild], fault: OSError) -> WriteError:
+    """The named form of a write the operating system refused: the file, its cause and what to do."""
+    where = ", ".join(build.uri for build in builds.values())
+    name = errno.errorcode.get(fault.errno, str(fault.errno))
+    return WriteError(f"{fault.filename or where}: {fault.strerror} ({name}) while {stage.name} built {where}: "
+                      f"{WRITE_ERRNOS[fault.errno]}, then rerun: finished shards are kept and nothing was published")
 
 
 def _out_of_memory(stage: Stage, exc: Exception) -> MemforgeError:
@@ -192,32 +218,56 @@ def _publish(build: ArtifactBuild, published: Published, runner: str | None) -> 
 
 class RunShard(beam.DoFn):
     """One Beam element = one shard of one output: skip it when already done, else let the stage's worker
-    write it, then mark it done. Bad input is reported (named, not retried), never raised."""
+    write it, then mark it done. Bad input and refused writes are reported (named, not retried), never raised."""
 
     def __init__(self, worker: ShardWorker):
         self.worker = worker
 
     def setup(self) -> None:
-        self.worker.setup()
+        with _short_store_errors():
+            self.worker.setup()
         self.markers: dict[str, ShardMarkers] = {}
 
     def teardown(self) -> None:
         self.worker.teardown()
 
     def process(self, element: dict):
-        uri, shard = element["uri"], Shard(**element["shard"])
-        markers = self.markers.setdefault(uri, ShardMarkers(uri))
-        if markers.is_done(shard):  # a retried bundle: the shard is already durable
-            return
-        started = time.perf_counter()
-        try:
-            files, stats = self.worker.process(element["role"], uri, shard)
-        except MemforgeError as exc:
-            worker_errors.report(uri, shard, exc)
-            return
-        markers.mark_done(shard, files, {"rows": shard.rows, **stats, "seconds": time.perf_counter() - started,
-                                         "worker": WORKER})
-        yield f"{element['role']}/{shard.name}"
+        with _short_store_errors():
+            uri, shard = element["uri"], Shard(**element["shard"])
+            markers = self.markers.setdefault(uri, ShardMarkers(uri))
+            if markers.is_done(shard):  # a retried bundle: the shard is already durable
+                return
+            started = time.perf_counter()
+            try:
+                files, stats = self.worker.process(element["role"], uri, shard)
+            except MemforgeError as exc:
+                worker_errors.report(uri, shard, exc)
+                return
+            except OSError as exc:  # a refused write is reported like bad input; other errors are Beam's to handle
+                if (fault := write_fault(exc)) is None:
+                    raise
+                try:
+                    worker_errors.report(uri, shard, fault)
+                except OSError:  # the report cannot be written either: Beam passes the fault's text to the driver
+                    raise fault from None
+                return
+            markers.mark_done(shard, files, {"rows": shard.rows, **stats, "seconds": time.perf_counter() - started,
+                                             "worker": WORKER})
+            yield f"{element['role']}/{shard.name}"
+
+
+@contextlib.contextmanager
+def _short_store_errors():
+    """An object store that stops answering in a worker is raised as one short ConnectionError with the
+    client's message (no report can be written there): Beam passes its text on and the driver names it."""
+    try:
+        yield
+    except MemforgeError:
+        raise
+    except Exception as exc:
+        if (cause := store_unreachable(exc)) is None:
+            raise
+        raise ConnectionError(cause) from None
 
 
 def derive(uri: str, kind: str, params: dict, inputs: dict, fmt: str, rebuild: bool | str,

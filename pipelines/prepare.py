@@ -64,10 +64,10 @@ def _write_tokenizer(params, files: list[SourceFile], uri: str) -> None:
 def _shard_plan(files: list[SourceFile], shard_bytes: int) -> ShardPlan:
     sizes, current, used = [], 0, 0
     for file in files:
-        if current and used + file.size > shard_bytes:
+        if current and used + file.taken > shard_bytes:
             sizes.append(current)
             current, used = 0, 0
-        current, used = current + 1, used + file.size
+        current, used = current + 1, used + file.taken
     return ShardPlan.from_sizes(sizes + [current])
 
 
@@ -172,7 +172,7 @@ class Prepare(Stage):
 
     def plan(self, ctx: Context, role: str) -> ShardPlan:
         files = self.files(ctx)
-        log.info("prepare: %d files (%d bytes)", len(files), sum(f.size for f in files))
+        log.info("prepare: %d files (%d bytes)", len(files), sum(f.taken for f in files))
         return _shard_plan(files, ctx.params.corpus.shard_bytes)
 
     def worker(self, ctx: Context, roles: dict[str, str]) -> ShardWorker:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -17,10 +18,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from memforge.storage.errors import DamagedFileError
 from memforge.storage.extras import missing_filesystem
+from memforge.storage.finite import nulled
 
 CHECKSUM_ALGORITHM = "sha256"
 _READ_BLOCK = 1 << 22
 TEMP_INFIX = ".tmp-"
+_log = logging.getLogger("memforge")
 
 
 def normalize(uri: str | os.PathLike) -> str:
@@ -105,14 +108,16 @@ def exists(uri: str) -> bool:
 
 class HashingWriter:
     """A binary file handle that hashes the bytes written through it: ``checksum()`` is what
-    ``file_checksum`` would read back, for writers that stream more than fits in memory."""
+    ``file_checksum`` would read back, for writers that stream more than fits in memory. A write the
+    operating system refuses names ``path``, the file being written."""
 
-    def __init__(self, handle: BinaryIO):
-        self._handle, self._digest = handle, hashlib.new(CHECKSUM_ALGORITHM)
+    def __init__(self, handle: BinaryIO, path: str):
+        self._handle, self._digest, self.path = handle, hashlib.new(CHECKSUM_ALGORITHM), path
 
     def write(self, data) -> int:
         self._digest.update(data)
-        return self._handle.write(data)
+        with named(self.path):
+            return self._handle.write(data)
 
     def checksum(self) -> str:
         return self._digest.hexdigest()
@@ -122,37 +127,51 @@ class HashingWriter:
 
 
 @contextlib.contextmanager
+def named(path: str, temporary: str | None = None) -> Iterator[None]:
+    """Let an OSError raised in the block name ``path`` when it names no file (write, flush, fsync: EFBIG,
+    ENOSPC) or only ``temporary``, the file staged for it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is not None and exc.filename in (None, temporary):
+            raise type(exc)(exc.errno, exc.strerror, path) from exc
+        raise
+
+
+@contextlib.contextmanager
 def atomic_writer(uri: str) -> Iterator[HashingWriter]:
     """A binary file handle whose content appears at ``uri`` only when the block exits cleanly; it hashes what
     is written (``checksum()``).
 
-    Locally: temp file in the same directory, fsync, rename, fsync the directory. Object
-    stores: the file is staged locally and uploaded with one PUT, which they publish atomically.
+    Locally: temp file in the same directory, fsync, rename, fsync the directory; the temp file is removed
+    when the block or the write fails. Object stores: the file is staged locally and uploaded with one PUT,
+    which they publish atomically.
     """
     fs, path = filesystem(uri)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
-    local = isinstance(fs, LocalFileSystem)
-    tmp = f"{path}{TEMP_INFIX}{uuid.uuid4().hex}" if local else None
-    with (open(tmp, "wb") if local else tempfile.NamedTemporaryFile("w+b")) as handle:
-        try:
-            yield HashingWriter(handle)
+    if not isinstance(fs, LocalFileSystem):
+        with tempfile.NamedTemporaryFile("w+b") as handle:
+            yield HashingWriter(handle, uri)
             handle.flush()
-            if local:
-                os.fsync(handle.fileno())
-        except BaseException:
-            if local:
-                os.unlink(tmp)
-            raise
-        if not local:
             fs.put_file(handle.name, path)
-    if local:
-        os.replace(tmp, path)
-        dir_fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        return
+    tmp = f"{path}{TEMP_INFIX}{uuid.uuid4().hex}"
+    try:
+        with named(path, tmp), open(tmp, "wb") as handle:
+            yield HashingWriter(handle, path)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    os.replace(tmp, path)
+    dir_fd = os.open(parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def checksum_of(data) -> str:
@@ -174,8 +193,13 @@ def write_bytes_atomic(uri: str, data) -> str:
 
 
 def write_json_atomic(uri: str, obj: Any) -> None:
-    """Atomically write ``obj`` as indented, key-sorted JSON."""
-    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Atomically write ``obj`` as indented, key-sorted, strict JSON: a NaN or infinite number (a diverged
+    loss, a perplexity that overflowed, a mean over nothing) is written as null and logged with its key."""
+    obj, replaced = nulled(obj)
+    if replaced:
+        _log.warning("%s: %s not a finite number; written as null", uri,
+                     ", ".join(replaced) + (" is" if len(replaced) == 1 else " are"))
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
 def read_json(uri: str) -> Any:

@@ -11,6 +11,7 @@ no create-if-absent that fsspec exposes everywhere).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -23,6 +24,7 @@ from memforge.storage.errors import ArtifactError
 LEASE_NAME = "_lease.json"
 HEARTBEAT_S = 15.0
 STALE_AFTER_S = 120.0
+log = logging.getLogger("memforge")
 
 
 def _alive(record: dict) -> bool:
@@ -68,7 +70,7 @@ class Lease:
 
     def _create(self, record: dict) -> bool:
         """Write the lease if no lease file exists; True when this writer now holds it."""
-        data = json.dumps(record, sort_keys=True).encode()
+        data = json.dumps(record, sort_keys=True, allow_nan=False).encode()
         if fs.is_local(self.path):
             os.makedirs(self.uri, exist_ok=True)
             try:
@@ -101,17 +103,32 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            current = self._read()
-            if not current or current.get("token") != self.token:
-                return  # released or taken over: stop touching it
-            fs.write_json_atomic(self.path, {**current, "heartbeat": time.time()})
+            try:
+                current = self._read()
+                if not current or current.get("token") != self.token:
+                    return  # released or taken over: stop touching it
+                fs.write_json_atomic(self.path, {**current, "heartbeat": time.time()})
+            except Exception as exc:  # noqa: BLE001 - the build itself meets the fault and names it
+                log.warning("%s: the lease's heartbeat was not written (%s); trying again in %.0f s", self.path,
+                            _cause(exc), HEARTBEAT_S)
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lease if this writer still holds it."""
+        """Stop the heartbeat and remove the lease if this writer still holds it. Never raises: a build that
+        failed propagates its own error, not the release's (a lease left behind is logged; a rerun takes it
+        over once its holder is gone)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        current = self._read()
-        if current and current.get("token") == self.token:
-            fs.remove_tree(self.path)
+        try:
+            current = self._read()
+            if current and current.get("token") == self.token:
+                fs.remove_tree(self.path)
+        except Exception as exc:  # noqa: BLE001 - any failure here is logged; the caller's outcome stands
+            log.warning("%s: the lease was not released (%s); a rerun takes it over once this process is gone "
+                        "(on another host: %.0f s after its last heartbeat)", self.path, _cause(exc), STALE_AFTER_S)
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[-1]}" if text else type(exc).__name__

@@ -50,35 +50,17 @@ def dask_cluster(tmp_path_factory):
 def s3_server(tmp_path_factory):
     """An S3-compatible server on 127.0.0.1 (moto's standalone server, which s3fs's own tests use), with the
     environment s3fs reads set for this process and the worker processes it starts; yields the endpoint."""
-    import subprocess
-    import time
-    import urllib.request
+    from moto_server import CREDENTIALS, moto_server
 
-    from memforge.flows.server import free_port, stop_process_group
-
-    endpoint = f"http://127.0.0.1:{free_port()}"
-    settings = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL": endpoint}
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    with open(tmp_path_factory.mktemp("s3") / "moto.log", "wb") as log:
-        server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
-                                   endpoint.rsplit(":", 1)[1]], stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=2).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-                time.sleep(0.2)
-        yield endpoint
-    finally:
-        stop_process_group(server)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with moto_server(tmp_path_factory.mktemp("s3") / "moto.log") as (_server, endpoint):
+        settings = {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+        saved = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
+        try:
+            yield endpoint
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value

@@ -4,6 +4,9 @@ value at fault (exit 1, no traceback), and nothing is published. Errors found in
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,9 +15,10 @@ import pytest
 from transformers import T5Config
 
 from memforge.flows.cli import main
+from memforge.storage import fs
 from memforge.storage.artifact import open_artifact
 
-from tiny_lm import make_gpt2, write_corpus
+from tiny_lm import WORDS, make_gpt2, write_corpus
 
 pytestmark = pytest.mark.stage
 
@@ -271,3 +275,64 @@ def test_failed_attempt_does_not_force_rebuild(env, tmp_path, capsys):
     code, err = run_cli(stage_args(env, "prepare", art), capsys)
     assert code == 0, err
     assert open_artifact(str(art / "tokens"), "tokens").manifest["counts"]["train_tokens"] > 0
+
+
+# -- faults of the operating system inside Beam workers -------------------------------------------
+
+def test_a_write_beyond_the_file_size_limit_is_one_named_line(env, tmp_path):
+    """`ulimit -f` (RLIMIT_FSIZE) below a token part's size: the worker process's write fails with EFBIG
+    (Python ignores SIGXFSZ); the CLI prints one named line, no traceback, and publishes nothing."""
+    train = write(tmp_path / "big" / "train.txt", " ".join(WORDS[i % len(WORDS)] for i in range(40_000)))
+    limit = 24 * 1024  # above the tokenizer's files, below the train part's
+    args = stage_args(env, "prepare", tmp_path / "art", train=[train])
+    limited = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (%d, %d)); "
+               "from memforge.flows.cli import main; sys.exit(main(sys.argv[1:]))" % (limit, limit))
+    run = subprocess.run([sys.executable, "-c", limited, *args], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
+    assert run.returncode == 1, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("memforge ")]
+    assert len(errors) == 1 and errors[0].startswith("memforge prepare: error: "), run.stderr
+    assert "Traceback" not in run.stderr and "OSError" not in run.stderr
+    part = tmp_path / "art" / "tokens" / "train" / "part-00000.parquet"
+    assert f"{part}: File too large (EFBIG) while prepare built" in errors[0] and "ulimit -f" in errors[0]
+    assert_unpublished(tmp_path / "art" / "tokens")
+    assert not part.exists() and not list((tmp_path / "art").rglob(f"*{fs.TEMP_INFIX}*"))
+    assert not (tmp_path / "art" / "tokens" / "_lease.json").exists()
+
+
+# -- a huge line and corpus.max_bytes ------------------------------------------------------------
+
+HUGE_LINE = b"alpha beta gamma delta " * 1_500_000  # 34.5 MB without a line break
+
+
+def test_a_huge_line_beyond_max_bytes_is_refused_at_once(env, tmp_path, capsys):
+    """One 34.5 MB line in a file and the default corpus.max_bytes (1 MB): nothing of the split fits, a named
+    error in seconds (taking the file whole would keep prepare busy for minutes)."""
+    train = write(tmp_path / "huge" / "train.txt", HUGE_LINE + b"\n")
+    started = time.monotonic()
+    code, err = run_cli(stage_args(env, "prepare", tmp_path / "art", train=[train]), capsys)
+    assert_refused(code, err, "prepare", f"corpus.train: {train}: its first line is longer than "
+                   "corpus.max_bytes (1,000,000 bytes)", "raise corpus.max_bytes")
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "art" / "tokens").exists()
+
+
+def test_max_bytes_cuts_a_file_at_a_line_end_and_says_what_it_left_out(env, tmp_path, capsys, caplog):
+    """corpus.max_bytes is a hard cap: the file that reaches it is read up to its last line end inside it (here
+    its short lines, not the 34.5 MB line after them), later files are left out, and both are logged."""
+    lines = b"".join(f"line {i} alpha beta gamma\n".encode() for i in range(200))
+    first = write(tmp_path / "capped" / "a.txt", lines + HUGE_LINE + b"\n")
+    write(tmp_path / "capped" / "b.txt", lines)
+    art = tmp_path / "art"
+    started = time.monotonic()
+    code, err = run_cli(stage_args(env, "prepare", art, train=[tmp_path / "capped" / "*.txt"],
+                                   corpus__max_bytes=len(lines) + 1000) + ["--", "--direct_running_mode=in_memory"],
+                        capsys)
+    assert code == 0, err
+    assert time.monotonic() - started < 60
+    left_out = first.stat().st_size - len(lines)
+    assert (f"corpus.train: corpus.max_bytes ({len(lines) + 1000:,} bytes) reached: {len(lines):,} bytes read; "
+            f"left out {left_out:,} bytes of {first} and 1 more files ({len(lines):,} bytes)") in caplog.text
+    tokens = open_artifact(str(art / "tokens"), "tokens").manifest
+    train = tokens["stats"]["splits"]["train"]
+    assert train["documents"] == 1 and train["tokens"] < 10_000  # the short lines of a.txt, none of b.txt

@@ -110,9 +110,11 @@ def test_exit_codes(tmp_path, capsys):
 def test_os_errors_are_one_named_line(tmp_path, capsys):
     """An artifacts_dir that is a file, or below a path that cannot exist: the path and the cause, exit 1."""
     (tmp_path / "a-file").write_text("not a directory")
+    corpus = tmp_path / "corpus.txt"  # within corpus.max_bytes: nothing is logged before the error
+    corpus.write_text("alpha beta gamma\n")
     for where, named, cause in ((tmp_path / "a-file", tmp_path / "a-file", "Not a directory"),
                                 ("/proc/no-such/dir", "/proc/no-such", "No such file or directory")):
-        assert main(["prepare", "--set", f"artifacts_dir={where}"]) == 1
+        assert main(["prepare", "--set", f"artifacts_dir={where}", "--set", f"corpus.train=[{corpus}]"]) == 1
         err = capsys.readouterr().err
         assert f"memforge prepare: error: {named}" in err and cause in err and "Traceback" not in err
 

@@ -127,3 +127,25 @@ def test_fine_tuning_from_decoder_init_starts_from_its_weights(trained, tmp_path
     manifest = open_artifact(str(art / "decoder"), "decoder").manifest
     assert manifest["stats"]["init"] == str(init) and verify(str(art / "decoder")) == []
     AutoModelForCausalLM.from_pretrained(art / "decoder" / "model")
+
+
+def test_a_diverged_decoder_publishes_strict_json(trained, tmp_path, caplog):
+    """A learning rate of 1e12 drives the loss and the validation perplexity to NaN: the manifest (and the loss
+    curve) record them as null and stay strict JSON (no NaN or Infinity token), and the log says which keys."""
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "tokens").symlink_to(trained["art"] / "tokens")
+    assert main(["train-decoder", *settings_args(trained["root"], art, **{
+        "decoder.learning_rate": 1e12, "decoder.max_steps": 4, "decoder.warmup_steps": 1,
+        "decoder.checkpoint_every": 4})]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in a memforge JSON file")
+
+    manifest = json.loads((art / "decoder" / "_manifest.json").read_text(), parse_constant=refuse)
+    curve = json.loads((art / "decoder" / "loss.json").read_text(), parse_constant=refuse)
+    assert manifest["stats"]["validation_perplexity"] is None and manifest["stats"]["final_train_loss"] is None
+    assert curve[-1]["loss"] is None
+    assert "_manifest.json: stats.final_train_loss (nan), stats.validation_perplexity (nan) are not a finite " \
+           "number; written as null" in caplog.text
+    assert verify(str(art / "decoder")) == []

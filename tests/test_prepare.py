@@ -25,7 +25,7 @@ def test_default_corpus_is_the_standard_library_capped_in_sorted_order():
     stdlib = sysconfig.get_paths()["stdlib"]
     assert files and all(f.uri.startswith(stdlib) and f.uri.endswith(".py") for f in files)
     assert [f.uri for f in files] == sorted(f.uri for f in files)
-    assert sum(f.size for f in files) <= params.max_bytes
+    assert sum(f.taken for f in files) <= params.max_bytes
     assert [f.name for f in files] == [f.uri[len(stdlib) + 1:] for f in files]  # machine-independent names
 
 
@@ -33,7 +33,7 @@ def test_site_packages_placeholder_names_the_installed_packages():
     files = source_files(CorpusParams(train=["{site_packages}/*.dist-info/METADATA"], max_bytes=200_000))
     purelib = sysconfig.get_paths()["purelib"]
     assert files and all(f.uri.startswith(purelib) and f.uri.endswith("/METADATA") for f in files)
-    assert sum(f.size for f in files) <= 200_000
+    assert sum(f.taken for f in files) <= 200_000
 
 
 def test_split_by_document_depends_on_names_not_locations(tmp_path):

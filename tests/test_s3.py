@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 from collections import Counter
 
 import pytest
 
 from memforge.flows.cli import main
+from memforge.flows.server import stop_process_group
 from memforge.flows.stages import stage_names
 
 from chain import stage_args
+from moto_server import CREDENTIALS, moto_server
+from tiny_lm import write_corpus
 
 pytestmark = pytest.mark.integration
 
@@ -134,3 +140,40 @@ def test_targets_search_a_merged_on_disk_index_that_lies_on_s3(chain, s3_server,
         on_s3 = json.loads(s3.cat(f"{BUCKET}-merged/art/targets/{split}/_manifest.json"))
         assert on_s3["files"] == json.loads((local / "targets" / split / "_manifest.json").read_text())["files"]
     assert [local_cache.fetches[f"{art}/index/{name}"] for name in ("merged.index", "merged.ivfdata")] == [1, 1]
+
+
+def test_an_object_store_killed_mid_prepare_is_one_named_line(tmp_path):
+    """A moto server of this test's own is killed once prepare has planned its shards on it: one named line
+    (the artifact, the client's cause), exit 1; the lease's release fails too, which is logged and never masks
+    the stage's error."""
+    import s3fs
+
+    write_corpus(tmp_path / "corpus" / "train", 3, 100, seed=1)
+    write_corpus(tmp_path / "corpus" / "validation", 1, 60, seed=2)
+    (tmp_path / "p.yaml").write_text("{}\n")
+    with moto_server(tmp_path / "moto.log") as (server, endpoint):
+        s3 = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint, use_listings_cache=False,
+                               skip_instance_cache=True)
+        s3.mkdir("dying")
+        s3.put(str(tmp_path / "corpus") + "/", "dying/corpus/", recursive=True)
+        settings = {"artifacts_dir": "s3://dying/art", "corpus.train": "[s3://dying/corpus/train/*.txt]",
+                    "corpus.validation": "[s3://dying/corpus/validation/*.txt]", "decoder.vocab_size": 320,
+                    "runtime.num_workers": 1}
+        args = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+        env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": endpoint, "AWS_MAX_ATTEMPTS": "1"}
+        run = subprocess.Popen([sys.executable, "-m", "memforge.flows.cli", "prepare", "--params",
+                                str(tmp_path / "p.yaml"), *args], env=env, cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 240
+        while not s3.exists("dying/art/tokens/_plan.json"):
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1]
+            time.sleep(0.05)
+        stop_process_group(server)
+        _, err = run.communicate(timeout=240)
+    assert run.returncode == 1, err
+    named = [line for line in err.splitlines() if line.startswith("memforge ")]
+    assert len(named) == 1 and err.rstrip().endswith(named[0]), err
+    assert named[0].startswith("memforge prepare: error: s3://dying/art/tokens: the object store stopped "
+                               "answering while prepare ran (Could not connect to the endpoint URL: "
+                               f'"{endpoint}/dying/art/tokens'), named[0]
+    assert "_lease.json: the lease was not released (EndpointConnectionError" in err

@@ -30,7 +30,14 @@ def log_probs_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def perplexity(log_probs: np.ndarray) -> float:
-    return float(math.exp(-log_probs.mean()))
+    """exp of the mean negative log-probability: inf when that overflows (a diverged model), NaN over no
+    tokens or NaN log-probabilities (both recorded as null in manifests)."""
+    if not len(log_probs):
+        return math.nan
+    try:
+        return math.exp(-float(log_probs.mean()))
+    except OverflowError:
+        return math.inf
 
 
 def unigram_log_probs(train: TokenStream, targets: TokenStream, vocab_size: int) -> np.ndarray:
