@@ -92,3 +92,16 @@ def test_the_readme_holds_the_test_command():
     command = [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("```")]
     assert len(command) == 1, f"the test-command block must hold one command line, found {command}"
     assert "pytest" in command[0] and "-c constraints.txt" in command[0]
+
+
+@pytest.mark.unit
+def test_every_fault_row_names_tests_that_exist():
+    """Each row of reliability.md's "What happens when…" table names the tests that reproduce it, and they exist."""
+    table = (DOCS / "reliability.md").read_text().split("## What happens when", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| when")]
+    assert len(rows) > 30
+    for row in rows:
+        named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", row.rsplit("|", 2)[-2])
+        assert named, f"no test named in: {row[:80]}"
+        for file, name in named:
+            assert re.search(rf"^def {name}\(", (ROOT / "tests" / file).read_text(), re.MULTILINE), (file, name)
