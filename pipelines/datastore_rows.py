@@ -115,8 +115,8 @@ class DatastoreRows:
     def neighbours(self, queries: np.ndarray, dists: np.ndarray, ids: np.ndarray, exact: bool,
                    k: int | None = None, ordered: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(distances, ids, values) of the ``k`` nearest (default: all) of the candidates found by a search;
-        with ``exact`` the candidates are re-ranked by exact distance first. When every candidate is kept and
-        ``ordered`` is false they keep the search's order (a distribution does not depend on it): the sort by
+        with ``exact`` the candidates are re-ranked by (exact distance, id) first. When every candidate is kept
+        and ``ordered`` is false they keep the search's order (the same for a query in any block): the sort by
         exact distance is skipped."""
         if exact:
             dists = self.distances(queries, ids)

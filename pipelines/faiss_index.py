@@ -9,6 +9,7 @@ import threading
 import faiss
 import numpy as np
 
+from memforge.pipelines.per_query_search import per_query
 from memforge.storage import fs, local_cache
 from memforge.storage.errors import MemforgeError
 from memforge.storage.params import IndexParams
@@ -181,9 +182,10 @@ class ShardedIndex:
         self.dim = self.shards[0].d
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest global ids and squared L2 distances over all shards."""
+        """k nearest global ids and squared L2 distances over all shards; on the CPU a query's result does not
+        depend on the other queries searched with it nor on the thread count (``per_query_search``)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        with self.gpu_lock:
+        with self.gpu_lock, per_query(len(queries)):
             results = [searcher.search(queries, k) for searcher in self.searchers]
         if len(results) == 1:
             return results[0]

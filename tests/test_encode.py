@@ -251,3 +251,15 @@ def test_rerun_is_up_to_date(setup, capsys, caplog):
     with caplog.at_level("INFO", logger="memforge"):
         assert main(["encode", *setup["args"]]) == 0
     assert "is up to date" in caplog.text
+
+
+def test_other_batch_size_workers_and_threads_give_byte_identical_keys(setup, tmp_path):
+    """Keys encoded one window at a time, by one worker on 2 threads, are the bytes of the module's run (4
+    windows per forward pass, 2 workers on 1 thread): a window's forward pass does not depend on its batch."""
+    art = tmp_path / "art"
+    art.mkdir()
+    os.symlink(setup["art"] / "tokens", art / "tokens")
+    assert main(["encode", *setup["args"], "--set", f"artifacts_dir={art}", "--set", "encode.batch_size=1",
+                 "--set", "runtime.num_workers=1", "--set", "runtime.threads_per_worker=2"]) == 0
+    for split in ("train", "validation"):
+        assert manifest_files(art, split) == manifest_files(setup["art"], split), split

@@ -75,3 +75,38 @@ def test_on_disk_merge_and_read_leave_every_threads_stdout_alone(tmp_path):
     lines = done.stdout.splitlines()
     assert lines == [f"line {i}" for i in range(len(lines))], "every line the thread wrote, in order, nothing else"
     assert "resizing" in done.stderr and "line " not in done.stderr and "searched True" in done.stderr
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,PQ8x4"])
+def test_a_querys_search_does_not_depend_on_its_block_or_the_threads(tmp_path, factory):
+    """FAISS computes a block of 2000 queries at d 64 as one BLAS product, and a lone query on 2 threads by
+    splitting the database: other float bits for the same query (and with them the order of near ties).
+    The index's search gives a query the same distances and ids in a block of 2000, of 7 or alone, on 1
+    or 2 threads, and leaves FAISS's BLAS switch as it was."""
+    import faiss
+    import numpy as np
+
+    from memforge.pipelines.faiss_index import ShardedIndex, shard_file, write
+
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(10_000, 64)).astype(np.float16).astype(np.float32)
+    index = build_empty(factory, 64)
+    index.train(keys)
+    index.add_with_ids(keys, np.arange(len(keys)))
+    write(index, str(tmp_path / shard_file("00000")))
+    searcher = ShardedIndex(str(tmp_path), "", ["00000"], 16, merged=False)
+    queries = keys[:2002] + np.float32(0.01)
+    threshold, threads = faiss.cvar.distance_compute_blas_threshold, faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        whole = searcher.search(queries, 32)
+        for block in (7, 1):
+            parts = [searcher.search(queries[start:start + block], 32) for start in range(0, 420, block)]
+            for got, expected in zip((np.concatenate(p) for p in zip(*parts)), whole):
+                np.testing.assert_array_equal(got, expected[:420])
+        faiss.omp_set_num_threads(1)
+        for got, expected in zip(searcher.search(queries, 32), whole):
+            np.testing.assert_array_equal(got, expected)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    assert faiss.cvar.distance_compute_blas_threshold == threshold

@@ -112,3 +112,20 @@ def test_fused_search_distributions_equal_drop_lookup_and_distribution(tmp_path)
         fused = search_distributions(dists, ids, token_of, k, 8.0, width, own_first, drop)
         for want, got in zip(expected, fused):
             assert got.dtype == want.dtype and np.array_equal(got, want), trial
+
+
+def test_equal_distances_are_ordered_by_id_whatever_the_search_order():
+    """Re-ranked candidates with equal exact distances (duplicate keys) come out in id order, missing ones
+    last, however the search listed them: the k kept and their order do not depend on the search's order.
+    Ids too wide to pack (2**32 - 1 and up) sort the same way."""
+    from memforge.pipelines.neighbour_lists import sort_by_distance
+
+    dists = np.array([[2.0, 1.0, 1.0, np.inf, 1.0, 0.0]], dtype=np.float32)
+    ids = np.array([[5, 9, 3, -1, 7, 4]])
+    expected_dists = np.array([[0.0, 1.0, 1.0, 1.0, 2.0, np.inf]], dtype=np.float32)
+    for order in ([0, 1, 2, 3, 4, 5], [3, 4, 2, 1, 0, 5], [5, 4, 3, 2, 1, 0]):
+        for base in (0, 2 ** 32):
+            shifted = np.where(ids[:, order] >= 0, ids[:, order] + base, -1)
+            got_dists, got_ids = sort_by_distance(dists[:, order], shifted)
+            np.testing.assert_array_equal(got_dists, expected_dists)
+            np.testing.assert_array_equal(got_ids, np.array([[4, 3, 7, 9, 5, -1]]) + np.array([[base] * 5 + [0]]))

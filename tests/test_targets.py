@@ -409,3 +409,33 @@ def test_unmerged_ivf_shards_and_pq_distances_are_working_configurations(datasto
     assert np.all(np.diff(np.where(np.isfinite(dists), dists, np.inf), axis=1) >= 0), "PQ distances ascending"
     probs = DistributionStore.open(str(runs["none"]))
     np.testing.assert_allclose(probs.probs().sum(axis=1) + probs.truncated(), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("factory", ["exact", "IVF16,PQ8x4"])
+def test_other_execution_settings_give_byte_identical_targets(datastore, tmp_path, monkeypatch, factory):
+    """Targets rebuilt with other query blocks (3 queries, 1 at a chunk's end), workers and threads are the same
+    bytes, on the exact index and on IVF-PQ (merged on disk). FAISS is set as it runs at a large model
+    dimension (BLAS products for blocks of queries), and the stored distances are FAISS's own
+    (``exact_distances: false``), so any rounding that depended on the block or the threads would show."""
+    import faiss
+
+    monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", 0)
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("tokens", "keys") if factory != "exact" else ("tokens", "keys", "index"):
+        os.symlink(datastore["art"] / name, art / name)
+    args = [*datastore["args"], "--set", f"artifacts_dir={art}", "--set", "targets.exact_distances=false"]
+    if factory != "exact":
+        args += ["--set", f"index.factory={factory}", "--set", "index.nprobe=4", "--set",
+                 "index.train_points_per_list=39"]
+        assert main(["index", *args, *datastore["beam"]]) == 0
+    assert main(["targets", *args, *datastore["beam"]]) == 0
+    reference = {split: json.loads((art / "targets" / split / "_manifest.json").read_text())
+                 for split in ("train", "validation")}
+    shutil.rmtree(art / "targets")
+    other = ["--set", "targets.query_block_rows=3", "--set", "runtime.num_workers=1",
+             "--set", "runtime.threads_per_worker=2", "--set", "index.threads=2"]
+    assert main(["targets", *args, *other, *datastore["beam"]]) == 0
+    for split, manifest in reference.items():
+        rebuilt = json.loads((art / "targets" / split / "_manifest.json").read_text())
+        assert rebuilt["fingerprint"] == manifest["fingerprint"] and rebuilt["files"] == manifest["files"], split
