@@ -108,11 +108,13 @@ def test_exit_codes(tmp_path, capsys):
 
 @pytest.mark.unit
 def test_os_errors_are_one_named_line(tmp_path, capsys):
-    """An artifacts_dir that is a file, or below a path that cannot exist: the path and the cause, exit 1."""
+    """An artifacts_dir that is a file, lies below one, or below a path that cannot exist: the path and the cause,
+    exit 1."""
     (tmp_path / "a-file").write_text("not a directory")
     corpus = tmp_path / "corpus.txt"  # within corpus.max_bytes: nothing is logged before the error
     corpus.write_text("alpha beta gamma\n")
     for where, named, cause in ((tmp_path / "a-file", tmp_path / "a-file", "Not a directory"),
+                                (tmp_path / "a-file" / "below", tmp_path / "a-file", "Not a directory"),
                                 ("/proc/no-such/dir", "/proc/no-such", "No such file or directory")):
         assert main(["prepare", "--set", f"artifacts_dir={where}", "--set", f"corpus.train=[{corpus}]"]) == 1
         err = capsys.readouterr().err

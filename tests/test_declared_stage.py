@@ -123,6 +123,10 @@ def test_a_stage_of_a_user_package_is_outdated_by_an_edit_of_its_kernel(tmp_path
     assert [name for name in manifest["code"]["source_files"] if name in CLOSURE] == CLOSURE
 
     edit_kernel(package)
+    refused = subprocess.run([MEMFORGE, "scale", "--set", f"artifacts_dir={art}"], cwd=tmp_path, capture_output=True,
+                             text=True, env=env, timeout=120)
+    assert refused.returncode == 1 and "a different scaled artifact is published here" in refused.stderr, \
+        refused.stderr[-3000:]
     log, rebuilt, values = scale("--replace-outdated")
     assert "replacing the outdated scaled artifact" in log
     assert values == [3, 6, 9] and rebuilt["fingerprint"] != manifest["fingerprint"]

@@ -20,7 +20,7 @@ import toy_stage
 pytestmark = pytest.mark.integration
 
 TOY = str(Path(__file__).resolve().parent / "toy_stage.py")
-TRIALS = 20
+TRIALS = 10
 
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
