@@ -38,7 +38,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _healthy(url: str) -> bool:
+def answers(url: str) -> bool:
+    """True when the Prefect server at ``url`` answers its health check."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
             return response.status == 200
@@ -120,7 +121,7 @@ def start_server(url: str, log: IO[bytes], timeout: float) -> subprocess.Popen:
              "--analytics-off"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            while not _healthy(url):
+            while not answers(url):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise startup_failure(url, process, log, timeout)
                 time.sleep(0.2)

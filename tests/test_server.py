@@ -10,13 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from memforge.flows.server import STARTUP_LOCK, prefect_api, startup_turn
+from memforge.flows.server import STARTUP_LOCK, answers, prefect_api, startup_turn
 from memforge.storage.errors import MemforgeError
 
 # What `memforge run` does around its flow: enter prefect_api(), here holding the server until stdin closes.
@@ -47,14 +46,6 @@ def api_of(run: subprocess.Popen, log: Path) -> str:
     url = run.stdout.readline().strip()
     assert url.startswith("http://"), f"no server (exit {run.poll()}):\n{log.read_text()[-3000:]}"
     return url
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def running(process: psutil.Process) -> bool:
