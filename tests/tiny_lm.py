@@ -4,9 +4,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from memforge.pipelines.tokenizer import train_tokenizer
+
+# Llama- and Qwen2-style: RMSNorm, rotary positions, a gated SiLU FFN and grouped KV heads; Qwen2 adds q/k/v
+# biases, and its tiny model here ties the LM head to the input embeddings (as small Qwen2 models do), Llama's not.
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM, {}),
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True})}
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega").split()
@@ -35,4 +48,20 @@ def make_gpt2(directory: Path, texts: list[str], vocab_size: int = 320, n_layer:
     config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=n_positions, vocab_size=len(tokenizer),
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+def make_family_lm(family: str, directory: Path, texts: list[str], vocab_size: int = 320, seed: int = 0) -> Path:
+    """Train a byte-level BPE tokenizer on ``texts`` and save it with a random tiny model of ``family`` (a key of
+    ``FAMILIES``: hidden 32, 2 blocks, 2 query heads sharing 1 KV head, FFN 64, 64 positions) in ``directory``.
+    Weights are drawn with std 0.2 (not 0.02), so attention is far from uniform and a misplaced capture shows."""
+    config_class, model_class, extra = FAMILIES[family]
+    train_tokenizer(texts, vocab_size, str(directory))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    torch.manual_seed(seed)
+    config = config_class(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                          intermediate_size=64, max_position_embeddings=64, vocab_size=len(tokenizer),
+                          initializer_range=0.2, bos_token_id=tokenizer.eos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, **extra)
+    model_class(config).save_pretrained(directory)
     return directory
