@@ -33,6 +33,7 @@ from memforge.storage.errors import (
     WriteError,
     is_disk_full,
     is_out_of_memory,
+    last_line,
     store_unreachable,
     write_fault,
 )
@@ -110,7 +111,7 @@ def _disk_full(stage: Stage, builds: dict[str, ArtifactBuild], exc: Exception) -
     """The named form of a write that found no space: which outputs, how much is free, what to do."""
     where = ", ".join(build.uri for build in builds.values())
     free = fs.free_space(next(iter(builds.values())).uri)
-    cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    cause = last_line(exc)
     return DiskFullError(f"{where}: no space left on its filesystem{f' ({free})' if free else ''} while {stage.name} "
                          f"wrote it ({cause}); free space or move artifacts_dir, then rerun: finished shards and "
                          "checkpoints are kept and nothing was published")
@@ -128,7 +129,7 @@ def _out_of_memory(stage: Stage, exc: Exception) -> MemforgeError:
     """The named form of an allocation failure: which params size the stage's batches, and of which kind."""
     batch = [f"{key} ({'execution' if key in stage.execution else 'content: another artifact'})"
              for key in stage.declared_keys() if "batch" in key]
-    return MemforgeError(f"{stage.name} ran out of memory ({str(exc).strip().splitlines()[-1][:200]}); lower "
+    return MemforgeError(f"{stage.name} ran out of memory ({last_line(exc)[:200]}); lower "
                          f"{', '.join(batch) or 'its workers'}, then rerun: finished shards and checkpoints are kept")
 
 

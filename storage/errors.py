@@ -128,7 +128,7 @@ def store_unreachable(exc: BaseException) -> str | None:
     clients = _client_errors()
     for seen in _chain(exc):
         if isinstance(seen, clients) or (isinstance(seen, OSError) and seen.errno in _CONNECTION_ERRNOS):
-            return _last_line(seen)
+            return last_line(seen)
         text = str(seen)
         for marker in _UNREACHABLE_TEXT:
             if marker in text:
@@ -137,6 +137,7 @@ def store_unreachable(exc: BaseException) -> str | None:
     return None
 
 
-def _last_line(exc: BaseException) -> str:
+def last_line(exc: BaseException) -> str:
+    """The last line of an exception's message (the cause, under any traceback text it carries), or its type."""
     text = str(exc).strip()
     return text.splitlines()[-1] if text else type(exc).__name__
