@@ -57,6 +57,16 @@ class _Walk:
         self.sightings: dict[str, list[Sighting]] = {}
         self.facts: dict[tuple[str, str], list[tuple[object, str]]] = {}  # (kind, field) -> [(value, uri)]
         self._followed: set[tuple[str, str]] = set()
+        self.manifests: dict[str, dict | None] = {}  # uri -> its manifest, None when unreadable
+
+    def manifest(self, uri: str) -> dict | None:
+        """The manifest at ``uri`` (read on first use), or None when it is gone or unreadable."""
+        if uri not in self.manifests:
+            try:
+                self.manifests[uri] = read_manifest(uri)
+            except ArtifactError:
+                self.manifests[uri] = None
+        return self.manifests[uri]
 
     def follow(self, uri: str, manifest: dict) -> None:
         """Record ``manifest``'s facts and inputs, then follow each input whose manifest still holds the
@@ -70,11 +80,8 @@ class _Walk:
         for record in manifest.get("inputs", []):
             upstream = input_uri(home, record)
             self.see(upstream, Sighting(str(record.get("content_digest")), uri, direct=False))
-            try:
-                current = read_manifest(upstream)
-            except ArtifactError:
-                continue  # gone or unreadable: known only by what was recorded
-            if current.get("content_digest") == record.get("content_digest"):
+            current = self.manifest(upstream)  # None: gone or unreadable, known only by what was recorded
+            if current is not None and current.get("content_digest") == record.get("content_digest"):
                 self.follow(upstream, current)
 
     def see(self, uri: str, sighting: Sighting) -> None:
@@ -90,6 +97,7 @@ def _describe(identity: str, sighting: Sighting) -> str:
 def check_contracts(stage_name: str, inputs: dict[str, Artifact], artifacts_dir: str) -> None:
     """Refuse inputs that disagree on any upstream artifact or shared fact (see module doc), naming both sides."""
     walk = _Walk(fs.normalize(artifacts_dir))
+    walk.manifests.update({artifact.uri: artifact.manifest for artifact in inputs.values()})
     for artifact in inputs.values():
         walk.see(artifact.uri, Sighting(artifact.content_digest, artifact.uri, direct=True))
         walk.follow(artifact.uri, artifact.manifest)
