@@ -137,7 +137,20 @@ def _cmd_stage(args, beam_args) -> int:
     result = run_stage(args.command, args.params, overrides=args.overrides, rebuild=rebuild, beam_args=beam_args)
     if result is not None:
         print(result)
+    if args.command == "evaluate" and result is not None:
+        _print_report(result)
     return 0
+
+
+def _print_report(eval_uri: str) -> None:
+    """evaluate's table in the papers' form (valid and test perplexity per model, the chosen values)."""
+    from memforge.training.paper_table import FILE
+
+    uri = fs.join(eval_uri, FILE)
+    if fs.exists(uri):
+        filesystem, path = fs.filesystem(uri)
+        with filesystem.open(path, "r", encoding="utf-8") as handle:
+            print(handle.read(), end="")
 
 
 def _cmd_run(args, beam_args) -> int:
@@ -148,6 +161,7 @@ def _cmd_run(args, beam_args) -> int:
     print(f"memforge run: done; artifacts in {result['artifacts_dir']}")
     if result["metrics"]:
         print(f"memforge run: metrics in {result['metrics']}")
+        _print_report(result["metrics"].rsplit("/", 1)[0])
     return 0
 
 

@@ -91,6 +91,8 @@ def source_files(params: CorpusParams) -> list[SourceFile]:
     groups = [("train" if params.validation else None, "corpus.train", params.train)]
     if params.validation:
         groups.append(("validation", "corpus.validation", params.validation))
+    if params.test:
+        groups.append(("test", "corpus.test", params.test))
     if not params.train:
         raise CorpusError("corpus.train: no sources given (list paths, globs or URLs)")
     files: list[SourceFile] = []

@@ -27,6 +27,7 @@ class CorpusParams(Section):
 
     train: list[str] = Field(default_factory=lambda: ["{stdlib}/*.py"])
     validation: list[str] = Field(default_factory=list)
+    test: list[str] = Field(default_factory=list)
     validation_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"

@@ -195,6 +195,16 @@ def test_empty_validation_split(env, tmp_path, capsys):
     assert_unpublished(art / "tokens")
 
 
+@pytest.mark.parametrize("content", ["", "  \n\t\n"], ids=["empty", "whitespace"])
+def test_empty_test_split(env, tmp_path, capsys, content):
+    """A test split that is named but holds no token is refused (as an empty validation split is)."""
+    art = tmp_path / "art"
+    empty = write(tmp_path / "test.txt", content)
+    code, err = run_cli(stage_args(env, "prepare", art, corpus__test=json.dumps([str(empty)])), capsys)
+    assert_refused(code, err, "prepare", "corpus.test", "empty" if not content else "fewer than 2 tokens")
+    assert_unpublished(art / "tokens")
+
+
 # -- encode -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
