@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     ret.add_argument("targets", metavar="TARGETS", help="a targets artifact, e.g. artifacts/targets/train")
     ret.add_argument("--temperature", type=float, required=True)
     ret.add_argument("--k", type=int, help="keep only the k nearest stored neighbours (default: all)")
-    ret.add_argument("--width", type=int, help="tokens stored per row, at most k (default: the stored width)")
+    ret.add_argument("--width", type=int, help="the most tokens a row keeps, at most k (default: the source's "
+                     "targets.width; its min_prob and mass stay)")
     ret.add_argument("--out", metavar="PATH", help="output artifact (default: TARGETS-T<T>-k<k>)")
     ret.add_argument("--rebuild", action="store_true", help="replace an existing different artifact at --out")
     exp = commands.add_parser("explain", help="show one row's query, neighbours and distribution as text",

@@ -82,7 +82,7 @@ def retemper(targets_uri: str, temperature: float, k: int | None = None, out: st
         raise MemforgeError(f"--k: {k} must be between 1 and the stored k ({params['k']})")
     if width is not None and not 0 < width <= k:
         raise MemforgeError(f"--width: {width} must be between 1 and k ({k}), as targets.width must; "
-                            f"the stored width is {params['width']}")
+                            f"the stored width is {params['width'] or params['k']}")
     rule = knn.KeepRule.of(k, width, params.get("min_prob"), params.get("mass"))
     new_params = {**params, "temperature": temperature, "k": k, "width": width,
                   "min_prob": params.get("min_prob"), "mass": params.get("mass")}
