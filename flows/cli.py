@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     ret.add_argument("targets", metavar="TARGETS", help="a targets artifact, e.g. artifacts/targets/train")
     ret.add_argument("--temperature", type=float, required=True)
     ret.add_argument("--k", type=int, help="keep only the k nearest stored neighbours (default: all)")
-    ret.add_argument("--width", type=int, help="tokens stored per row, at most k (default: the stored width)")
+    ret.add_argument("--width", type=int, help="the most tokens a row keeps, at most k (default: the source's "
+                     "targets.width; its min_prob and mass stay)")
     ret.add_argument("--out", metavar="PATH", help="output artifact (default: TARGETS-T<T>-k<k>)")
     ret.add_argument("--rebuild", action="store_true", help="replace an existing different artifact at --out")
     exp = commands.add_parser("explain", help="show one row's query, neighbours and distribution as text",
@@ -111,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run benchmark parts and print a table of figures (ratios are "
                                             "stage / bare library, measured in one run on this machine).")
     bench.add_argument("--only", action="append",
-                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "scale", "gpu"],
-                       help="run only this part (repeatable); scale (~40 min) and gpu (on a CUDA machine) run "
-                            "only when asked for")
+                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "scale", "gpu", "shape"],
+                       help="run only this part (repeatable); scale (~40 min), gpu (on a CUDA machine) and shape "
+                            "(the demo's memory trained once per keep rule) run only when asked for")
     bench.add_argument("--json", action="store_true", help="print one JSON object of all figures")
     bench.add_argument("--workdir", help="directory for the temporary workspace (default: system temp)")
     bench.add_argument("--out", default="bench-out", help="directory for the files a part writes (scale: "
