@@ -279,7 +279,7 @@ def test_jsonl_decode_errors_give_the_file_offset(env, tmp_path, capsys):
     """Offsets in JSONL errors count from the start of the file, not of the line."""
     first = b'{"text": "first line"}\n'
     bad = write(tmp_path / "x.jsonl", first + b'{"text": "ok \xff"}\n')
-    code, err = run_cli(stage_args(env, "prepare", tmp_path / "art", train=[bad], validation=[bad]), capsys)
+    code, err = run_cli(stage_args(env, "prepare", tmp_path / "art", train=[bad]), capsys)
     assert_refused(code, err, "prepare", f"{bad} line 2: not valid UTF-8 at byte offset {len(first) + 13}")
     assert_unpublished(tmp_path / "art" / "tokens")
 
