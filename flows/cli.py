@@ -111,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run benchmark parts and print a table of figures (ratios are "
                                             "stage / bare library, measured in one run on this machine).")
     bench.add_argument("--only", action="append",
-                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "scale", "gpu"],
-                       help="run only this part (repeatable); scale (~40 min) and gpu (on a CUDA machine) run "
-                            "only when asked for")
+                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "scale", "gpu",
+                                "prepare"],
+                       help="run only this part (repeatable); scale (~40 min), prepare (a 200 MB file) and gpu "
+                            "(on a CUDA machine) run only when asked for")
     bench.add_argument("--json", action="store_true", help="print one JSON object of all figures")
     bench.add_argument("--workdir", help="directory for the temporary workspace (default: system temp)")
     bench.add_argument("--out", default="bench-out", help="directory for the files a part writes (scale: "

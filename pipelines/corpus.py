@@ -124,7 +124,7 @@ def _capped(found: list[SourceFile], key: str, max_bytes: int) -> list[SourceFil
 
 def _cut(file: SourceFile, budget: int) -> SourceFile:
     """``file`` read up to its last line end within ``budget`` bytes (limit 0: not even one line fits);
-    Parquet is cut where its rows' text exceeds the budget (``read_documents``)."""
+    Parquet is cut where its rows' text exceeds the budget (``documents.parquet_documents``)."""
     if file.format == "parquet" or budget <= 0:
         return replace(file, limit=max(budget, 0))
     filesystem, path = fs.filesystem(file.uri)

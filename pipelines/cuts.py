@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 
+from memforge.pipelines.tokenizer import TokenIds
+
 CONTEXT = 256  # characters each side of a candidate cut that checks it
-CANDIDATES = 64  # line ends tried per search before giving up on this stretch of text
+CANDIDATES = 1024  # line ends tried per search before giving up on this stretch of text
 
 
 def line_cut(text: str, at: int) -> int | None:
@@ -28,14 +30,14 @@ def _around(text: str, cut: int) -> tuple[str, str]:
     return text[first or max(0, cut - 4 * CONTEXT):cut], text[cut:len(text) if last < 0 else last + 1]
 
 
-def joins_cleanly(tokenizer, text: str, cut: int) -> bool:
+def joins_cleanly(token_ids: TokenIds, text: str, cut: int) -> bool:
     """Whether the lines around ``cut`` tokenize to the same ids whole as in two pieces."""
     before, after = _around(text, cut)
-    ids = tokenizer([before + after, before, after], add_special_tokens=False)["input_ids"]
+    ids = token_ids([before + after, before, after])
     return ids[0] == ids[1] + ids[2]
 
 
-def stream_cut(tokenizer, text: str, at: int, end: int | None = None) -> int | None:
+def stream_cut(token_ids: TokenIds, text: str, at: int, end: int | None = None) -> int | None:
     """The first line end at or after ``at`` (and ``CONTEXT`` characters before ``end``, the text's when None)
     where the tokenizer reads the two sides as the whole; None after ``CANDIDATES`` line ends that are not."""
     end = len(text) - CONTEXT if end is None else end
@@ -43,7 +45,7 @@ def stream_cut(tokenizer, text: str, at: int, end: int | None = None) -> int | N
         cut = line_cut(text, at)
         if cut is None or cut > end:
             return None
-        if joins_cleanly(tokenizer, text, cut):
+        if joins_cleanly(token_ids, text, cut):
             return cut
         at = cut
     return None

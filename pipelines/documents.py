@@ -20,7 +20,7 @@ from memforge.storage import fs
 from memforge.storage.params import CorpusParams
 
 READ_BYTES = 1 << 20  # bytes read from a file at a time
-SUB_BLOCK = 1 << 20  # characters of text handed on at a time (a piece is cut at about 1 to 2 of these)
+SUB_BLOCK = 1 << 18  # characters of text tokenized at a time (a piece is cut at about 1 to 2 of these)
 
 Piece = tuple[int | None, str, bool]  # (document key, text, whether the document ends with it)
 

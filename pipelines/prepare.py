@@ -23,7 +23,7 @@ from memforge.pipelines.corpus import CorpusError, SourceFile, source_files
 from memforge.pipelines.range_tokens import RangeTokens
 from memforge.pipelines.ranges import FileRange, file_ranges
 from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
-from memforge.pipelines.tokenizer import load_tokenizer, train_tokenizer
+from memforge.pipelines.tokenizer import TokenIds, load_tokenizer, train_tokenizer
 from memforge.pipelines.tokenizer_sample import sample_texts
 from memforge.storage import fs, local_cache
 from memforge.storage.params import CorpusParams
@@ -77,14 +77,14 @@ class TokenizeShards(ShardWorker):
     def setup(self) -> None:
         self.params = CorpusParams(**self.corpus)
         self.scratch = tempfile.TemporaryDirectory()
-        self.tokenizer = load_tokenizer(fs.local_dir(fs.join(self.root, TOKENIZER_DIR), self.scratch.name),
-                                        self.trust_remote_code)
+        self.token_ids = TokenIds.load(fs.local_dir(fs.join(self.root, TOKENIZER_DIR), self.scratch.name),
+                                       self.trust_remote_code)
 
     def teardown(self) -> None:
         self.scratch.cleanup()
 
     def process(self, role: str, uri: str, shard: Shard):
-        tokens = RangeTokens(self.tokenizer, self.params)
+        tokens = RangeTokens(self.token_ids, self.params)
         for file_index, start, stop in self.ranges[shard.start:shard.stop]:
             tokens.read(SourceFile(**self.files[file_index]), start, stop)
         columns, stats = tokens.columns()
@@ -146,7 +146,7 @@ class Prepare(Stage):
         if "ranges" not in ctx.scratch:
             params = corpus_params(ctx.params)
             with tempfile.TemporaryDirectory() as scratch:
-                tokenizer = functools.cache(lambda: load_tokenizer(
+                tokenizer = functools.cache(lambda: TokenIds.load(
                     fs.local_dir(fs.join(ctx.uri(role), TOKENIZER_DIR), scratch), ctx.params.runtime.trust_remote_code))
                 ctx.scratch["ranges"] = [r for f in self.files(ctx) for r in file_ranges(f, params, tokenizer)]
         return ctx.scratch["ranges"]

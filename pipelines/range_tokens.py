@@ -17,6 +17,7 @@ from memforge.pipelines.documents import (
     separator,
     text_pieces,
 )
+from memforge.pipelines.tokenizer import TokenIds
 from memforge.storage import fs
 from memforge.storage.params import CorpusParams
 from memforge.storage.paths import SPLITS
@@ -27,9 +28,9 @@ DOC_ID_SHIFT = 40  # document id = file index << 40 + the document's byte offset
 class RangeTokens:
     """Tokens and document ids of the ranges read so far, per split, with document counts."""
 
-    def __init__(self, tokenizer, params: CorpusParams):
-        self.tokenizer, self.params, self.splitter = tokenizer, params, separator(params)
-        self.eos = tokenizer.eos_token_id
+    def __init__(self, token_ids: TokenIds, params: CorpusParams):
+        self.token_ids, self.params, self.splitter = token_ids, params, separator(params)
+        self.eos = token_ids.eos_token_id
         self.parts: dict[str, tuple[list, list]] = {split: ([], []) for split in SPLITS}
         self.stats = {"skipped_documents": 0, "empty_documents": 0, "documents": {s: 0 for s in SPLITS}}
 
@@ -56,7 +57,7 @@ class RangeTokens:
     def _text(self, file: SourceFile, blocks, start: int, stop: int) -> None:
         """A text range: its documents, or its part of a stream, tokenized a piece at a time."""
         stream = self.splitter is None
-        pieces = text_pieces(blocks, start, self.splitter, lambda text, at: stream_cut(self.tokenizer, text, at),
+        pieces = text_pieces(blocks, start, self.splitter, lambda text, at: stream_cut(self.token_ids, text, at),
                              0 if start == 0 or stream else None, not stream or stop == file.taken)
         open_doc = None  # (key, id arrays, whether it holds more than whitespace)
         for key, text, ends in pieces:
@@ -74,7 +75,7 @@ class RangeTokens:
             self._add(file, *open_doc, ends=False)
 
     def _ids(self, text: str) -> np.ndarray:
-        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+        return np.asarray(self.token_ids([text])[0], np.int32)
 
     def _whole(self, file: SourceFile, key: int, text: str) -> None:
         self._add(file, key, [self._ids(text)] if text.strip() else [], bool(text.strip()), ends=True)

@@ -14,7 +14,7 @@ from memforge.pipelines import documents
 from memforge.pipelines.corpus import source_files
 from memforge.pipelines.cuts import joins_cleanly, stream_cut
 from memforge.pipelines.ranges import file_ranges
-from memforge.pipelines.tokenizer import load_tokenizer, train_tokenizer
+from memforge.pipelines.tokenizer import TokenIds, train_tokenizer
 from memforge.pipelines.tokenizer_sample import PIECE, sample_texts
 from memforge.storage.artifact import open_artifact
 from memforge.storage.errors import ParamsError
@@ -138,7 +138,7 @@ def test_a_stream_is_never_cut_where_the_tokenizer_joins_the_two_sides(tmp_path)
     indented = tmp_path / "indented.txt"
     indented.write_text("".join(f"  {' '.join(WORDS[i % 20:i % 20 + 5])}\n" for i in range(3000)))
     train_tokenizer([indented.read_text()], 300, str(tmp_path / "tok"))
-    tokenizer = load_tokenizer(str(tmp_path / "tok"))
+    tokenizer = TokenIds.load(str(tmp_path / "tok"))
     text = "alpha beta\n  gamma delta\nepsilon zeta\n"
     assert not joins_cleanly(tokenizer, text, text.index("  gamma"))
     assert joins_cleanly(tokenizer, text, text.index("epsilon"))
