@@ -37,7 +37,7 @@ def write_corpus(path: Path, size: int) -> None:
     sources = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
     written = 0
     with open(path, "w", encoding="utf-8") as out:
-        while written < size:
+        while True:
             for source in sources:
                 try:
                     text = source.read_text(encoding="utf-8")
@@ -45,12 +45,12 @@ def write_corpus(path: Path, size: int) -> None:
                     continue
                 if "\0" in text:
                     continue
-                if written + len(text.encode()) > size:
-                    text = text[:text.rfind("\n", 0, size - written) + 1]
+                size_left = size - written
+                if len(text.encode()) >= size_left:
+                    out.write(text[:text.rfind("\n", 0, size_left) + 1])
+                    return
                 out.write(text)
                 written += len(text.encode())
-                if written >= size or not text:
-                    return
 
 
 def bench_prepare(ws: Workspace) -> dict:

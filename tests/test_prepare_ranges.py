@@ -209,3 +209,21 @@ def test_tokenizer_training_on_one_very_long_line_is_prompt_bounded_and_determin
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
     bounded = CorpusParams(train=[str(line)], max_bytes=10**9, tokenizer_sample_bytes=2_000_000)
     assert 1_900_000 < sum(len(p) for p in sample_texts(files, bounded)) <= 2_000_000
+
+
+@pytest.mark.stage
+def test_the_prepare_bench_part_at_a_small_size(tmp_path, monkeypatch):
+    """`memforge bench --only prepare` on a 1.5 MB file in 500 KB ranges (the bench runs 200 MB): both runs
+    publish, every figure has its note, and the process tree's peak RSS is below 1.5 GB."""
+    from memforge.bench import prepare as prepare_part
+    from memforge.bench import report
+    from memforge.bench import run as bench
+
+    monkeypatch.setattr(prepare_part, "CORPUS_BYTES", 1_500_000)
+    monkeypatch.setattr(prepare_part, "SHARD_BYTES", 500_000)
+    runs = bench.run(only=["prepare"], workdir=str(tmp_path))
+    figures = runs["prepare"].figures
+    assert set(figures) == set(prepare_part.NOTES) and 1.4 < figures["prepare_corpus_mb"] <= 1.5
+    assert figures["prepare_shards"] >= 3 and figures["prepare_train_tokens"] > 100_000
+    assert 0 < figures["prepare_parallel_peak_rss_mb"] < 1536 and 0 < figures["prepare_serial_peak_rss_mb"] < 1536
+    assert "| `prepare_speedup` |" in report.markdown(runs, bench.NOTES)
