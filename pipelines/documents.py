@@ -59,10 +59,11 @@ def text_pieces(blocks: Iterator[str], start: int, splitter: re.Pattern | None, 
                 first_key: int | None, ends_document: bool) -> Iterator[Piece]:
     """The documents of a text range starting at byte ``start``, as pieces of about ``SUB_BLOCK`` characters.
 
-    Text is handed on a block at a time, cut at a checked separator match (``cuts.separator_cut``) or, inside a
-    long document, where ``cut(text, at)`` says. ``first_key``: the document the range's text begins in (None:
-    one that began before the range; its text before the first separator match comes with key None).
-    ``ends_document``: whether the range's end ends its last document (a separator file, or a stream's end)."""
+    Text is handed on a block at a time, cut at a checked separator match (``cuts.separator_cut``) or, in a
+    stretch without separator matches (a stream, a long document), where ``cut(text, at)`` says.
+    ``first_key``: the document the range's text begins in (None: one that began before the range; its text
+    before the first separator match comes with key None). ``ends_document``: whether the range's end ends
+    its last document (a separator file, or a stream's end)."""
     buffer, key, exhausted = "", first_key, False
     while True:
         while not exhausted and len(buffer) < 2 * SUB_BLOCK:
@@ -74,7 +75,8 @@ def text_pieces(blocks: Iterator[str], start: int, splitter: re.Pattern | None, 
         at = len(buffer) - SUB_BLOCK
         end = (separator_cut(splitter, buffer, at) or separator_cut(splitter, buffer, 1)) if splitter else None
         at_separator = end is not None
-        end = end or cut(buffer, at)
+        if not at_separator and (splitter is None or not splitter.search(buffer, 1)):  # inside one long document
+            end = cut(buffer, at)
         if not end:  # no cut in this stretch: read on
             block = next(blocks, None)
             exhausted, buffer = block is None, buffer + (block or "")

@@ -26,13 +26,14 @@ from tiny_lm import WORDS, make_gpt2
 HEADING = r"^(?= = [^=])"  # WikiText's article headings, kept with their article
 
 
-def wiki_text(articles: int, seed: int) -> str:
-    """WikiText-like text: ' = Title = ' headings, lines of words, blank lines, lines that start with spaces."""
+def wiki_text(articles: int, seed: int, lines: int = 10) -> str:
+    """WikiText-like text: ' = Title = ' headings, 1 to ``lines`` lines of words, blank lines, lines that start
+    with spaces."""
     rng = np.random.default_rng(seed)
     parts = [" \n"]
     for a in range(articles):
         parts.append(f" = Article {a} = \n \n")
-        for _ in range(rng.integers(1, 10)):
+        for _ in range(rng.integers(1, lines)):
             indent = "  " if rng.random() < 0.2 else " "
             parts.append(indent + " ".join(rng.choice(WORDS, rng.integers(0, 14))) + " \n" * rng.integers(1, 3))
     return "".join(parts)
@@ -79,12 +80,13 @@ def expected(tokenizer, text: str, separator: str | None) -> tuple[list[int], li
 
 
 @pytest.mark.stage
-@pytest.mark.parametrize("separator", [None, HEADING, r"\n\s*\n"])
-def test_a_large_text_file_in_ranges_is_tokenized_as_the_whole_file(tmp_path, monkeypatch, separator):
-    """A 60 KB file in ~8 KB ranges (sub-blocks of ~2 KB), with a trained BPE tokenizer and with a GPT-2
-    model's: the same token ids and doc ids as each document tokenized whole, and as one big shard."""
-    monkeypatch.setattr(documents, "SUB_BLOCK", 2048)
-    text = wiki_text(200, seed=3)
+@pytest.mark.parametrize("separator, sub_block", [(None, 2048), (HEADING, 2048), (r"\n\s*\n", 2048), (HEADING, 300)])
+def test_a_large_text_file_in_ranges_is_tokenized_as_the_whole_file(tmp_path, monkeypatch, separator, sub_block):
+    """A 60 KB file in ~8 KB ranges (sub-blocks of ~2 KB; of 300 characters: articles longer than a sub-block are
+    cut inside), with a trained BPE tokenizer and with a GPT-2 model's: the same token ids and doc ids as each
+    document tokenized whole, and as one big shard."""
+    monkeypatch.setattr(documents, "SUB_BLOCK", sub_block)
+    text = wiki_text(200, seed=3) if sub_block > 1000 else wiki_text(40, seed=3, lines=60)
     corpus = tmp_path / "wiki.train.tokens"
     corpus.write_text(text)
     model = make_gpt2(tmp_path / "gpt2", [wiki_text(50, seed=4)])
