@@ -13,8 +13,9 @@ import re
 
 from memforge.pipelines.tokenizer import TokenIds
 
-CONTEXT = 256  # characters each side of a candidate cut that checks it
+CONTEXT = 128  # characters each side of a candidate cut that checks it
 CANDIDATES = 1024  # line ends tried per search before giving up on this stretch of text
+BATCH = 32  # line ends checked in one call of the tokenizer
 
 
 def line_cut(text: str, at: int) -> int | None:
@@ -32,22 +33,29 @@ def _around(text: str, cut: int) -> tuple[str, str]:
 
 def joins_cleanly(token_ids: TokenIds, text: str, cut: int) -> bool:
     """Whether the lines around ``cut`` tokenize to the same ids whole as in two pieces."""
-    before, after = _around(text, cut)
-    ids = token_ids([before + after, before, after])
-    return ids[0] == ids[1] + ids[2]
+    return _clean_cuts(token_ids, text, [cut]) == [cut]
+
+
+def _clean_cuts(token_ids: TokenIds, text: str, cuts: list[int]) -> list[int]:
+    """Those of ``cuts`` where the lines around tokenize to the same ids whole as in two pieces (one call)."""
+    sides = [_around(text, cut) for cut in cuts]
+    ids = token_ids([piece for before, after in sides for piece in (before + after, before, after)])
+    return [cut for i, cut in enumerate(cuts) if ids[3 * i] == ids[3 * i + 1] + ids[3 * i + 2]]
 
 
 def stream_cut(token_ids: TokenIds, text: str, at: int, end: int | None = None) -> int | None:
     """The first line end at or after ``at`` (and ``CONTEXT`` characters before ``end``, the text's when None)
-    where the tokenizer reads the two sides as the whole; None after ``CANDIDATES`` line ends that are not."""
+    where the tokenizer reads the two sides as the whole; None after ``CANDIDATES`` line ends that are not.
+    Candidates are checked ``BATCH`` at a time."""
     end = len(text) - CONTEXT if end is None else end
-    for _ in range(CANDIDATES):
-        cut = line_cut(text, at)
-        if cut is None or cut > end:
-            return None
-        if joins_cleanly(token_ids, text, cut):
-            return cut
-        at = cut
+    for _ in range(CANDIDATES // BATCH):
+        cuts = []
+        while len(cuts) < BATCH and (cut := line_cut(text, at)) is not None and cut <= end:
+            cuts.append(cut)
+            at = cut
+        clean = _clean_cuts(token_ids, text, cuts) if cuts else []
+        if clean or len(cuts) < BATCH:
+            return clean[0] if clean else None
     return None
 
 

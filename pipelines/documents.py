@@ -20,7 +20,8 @@ from memforge.storage import fs
 from memforge.storage.params import CorpusParams
 
 READ_BYTES = 1 << 20  # bytes read from a file at a time
-SUB_BLOCK = 1 << 18  # characters of text tokenized at a time (a piece is cut at about 1 to 2 of these)
+SUB_BLOCK = 1 << 16  # characters of text tokenized at a time (a piece is cut at 1 to 2 of these): the tokenizer
+                     # holds ~0.5 KB per token of the text it is given while it runs
 
 Piece = tuple[int | None, str, bool]  # (document key, text, whether the document ends with it)
 
@@ -64,28 +65,27 @@ def text_pieces(blocks: Iterator[str], start: int, splitter: re.Pattern | None, 
     ``first_key``: the document the range's text begins in (None: one that began before the range; its text
     before the first separator match comes with key None). ``ends_document``: whether the range's end ends
     its last document (a separator file, or a stream's end)."""
-    buffer, key, exhausted = "", first_key, False
+    buffer, key, exhausted, at = "", first_key, False, SUB_BLOCK
     while True:
-        while not exhausted and len(buffer) < 2 * SUB_BLOCK:
+        while not exhausted and len(buffer) < at + SUB_BLOCK:
             block = next(blocks, None)
             exhausted, buffer = block is None, buffer + (block or "")
-        if exhausted:
+        if exhausted and len(buffer) <= at + SUB_BLOCK:
             yield from _split(buffer, start, key, splitter, ends_document)[0]
             return
-        at = len(buffer) - SUB_BLOCK
-        end = (separator_cut(splitter, buffer, at) or separator_cut(splitter, buffer, 1)) if splitter else None
+        window = buffer[:at + SUB_BLOCK]  # a cut is looked for in its last SUB_BLOCK characters
+        end = (separator_cut(splitter, window, at) or separator_cut(splitter, window, 1)) if splitter else None
         at_separator = end is not None
-        if not at_separator and (splitter is None or not splitter.search(buffer, 1)):  # inside one long document
-            end = cut(buffer, at)
-        if not end:  # no cut in this stretch: read on
-            block = next(blocks, None)
-            exhausted, buffer = block is None, buffer + (block or "")
+        if not at_separator and (splitter is None or not splitter.search(window, 1)):  # inside one long document
+            end = cut(window, at)
+        if not end:  # no cut in this stretch: look further on
+            at += SUB_BLOCK
             continue
         pieces, key = _split(buffer[:end], start, key, splitter, at_separator)
         yield from pieces
         key = None if at_separator else key  # the next block starts with the separator match
         start += len(buffer[:end].encode())
-        buffer = buffer[end:]
+        buffer, at = buffer[end:], SUB_BLOCK
 
 
 def _split(text: str, start: int, key: int | None, splitter: re.Pattern | None,
