@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     ret.add_argument("targets", metavar="TARGETS", help="a targets artifact, e.g. artifacts/targets/train")
     ret.add_argument("--temperature", type=float, required=True)
     ret.add_argument("--k", type=int, help="keep only the k nearest stored neighbours (default: all)")
-    ret.add_argument("--width", type=int, help="tokens stored per row, at most k (default: the stored width)")
+    ret.add_argument("--width", type=int, help="the most tokens a row keeps, at most k (default: the source's "
+                     "targets.width; its min_prob and mass stay)")
     ret.add_argument("--out", metavar="PATH", help="output artifact (default: TARGETS-T<T>-k<k>)")
     ret.add_argument("--rebuild", action="store_true", help="replace an existing different artifact at --out")
     exp = commands.add_parser("explain", help="show one row's query, neighbours and distribution as text",
@@ -111,10 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run benchmark parts and print a table of figures (ratios are "
                                             "stage / bare library, measured in one run on this machine).")
     bench.add_argument("--only", action="append",
-                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "scale", "gpu",
+                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "scale", "gpu", "shape",
                                 "prepare"],
-                       help="run only this part (repeatable); scale (~40 min), prepare (a 200 MB file) and gpu "
-                            "(on a CUDA machine) run only when asked for")
+                       help="run only this part (repeatable); scale (~40 min), gpu (on a CUDA machine), shape "
+                            "(the demo's memory trained once per keep rule) and prepare (a 200 MB file) run only "
+                            "when asked for")
     bench.add_argument("--json", action="store_true", help="print one JSON object of all figures")
     bench.add_argument("--workdir", help="directory for the temporary workspace (default: system temp)")
     bench.add_argument("--out", default="bench-out", help="directory for the files a part writes (scale: "
@@ -138,7 +140,20 @@ def _cmd_stage(args, beam_args) -> int:
     result = run_stage(args.command, args.params, overrides=args.overrides, rebuild=rebuild, beam_args=beam_args)
     if result is not None:
         print(result)
+    if args.command == "evaluate" and result is not None:
+        _print_report(result)
     return 0
+
+
+def _print_report(eval_uri: str) -> None:
+    """evaluate's table in the papers' form (valid and test perplexity per model, the chosen values)."""
+    from memforge.training.paper_table import FILE
+
+    uri = fs.join(eval_uri, FILE)
+    if fs.exists(uri):
+        filesystem, path = fs.filesystem(uri)
+        with filesystem.open(path, "r", encoding="utf-8") as handle:
+            print(handle.read(), end="")
 
 
 def _cmd_run(args, beam_args) -> int:
@@ -149,6 +164,7 @@ def _cmd_run(args, beam_args) -> int:
     print(f"memforge run: done; artifacts in {result['artifacts_dir']}")
     if result["metrics"]:
         print(f"memforge run: metrics in {result['metrics']}")
+        _print_report(result["metrics"].rsplit("/", 1)[0])
     return 0
 
 

@@ -78,7 +78,7 @@ class Targets:
 
     @property
     def width(self) -> int:
-        """Tokens stored per row (``targets.width``)."""
+        """The most tokens a row keeps: the stored width (``targets.width``, or k when it is null)."""
         return self.store.width
 
     @property

@@ -84,13 +84,19 @@ def source_files(params: CorpusParams) -> list[SourceFile]:
     groups = [("train" if params.validation else None, "corpus.train", params.train)]
     if params.validation:
         groups.append(("validation", "corpus.validation", params.validation))
+    if params.test:
+        groups.append(("test", "corpus.test", params.test))
     if not params.train:
         raise CorpusError("corpus.train: no sources given (list paths, globs or URLs)")
     files: list[SourceFile] = []
+    owner: dict[str, str] = {}  # uri -> the split key that named it first
     for split, key, patterns in groups:  # each split has its own max_bytes budget
         seen: dict[str, tuple[str, int]] = {}
         for i, pattern in enumerate(patterns):
             for uri, name, size in _expand(pattern, f"{key}[{i}]"):
+                if owner.setdefault(uri, key) != key:  # its tokens would be searched and scored alike
+                    raise CorpusError(f"{key}[{i}]: {uri} is also a file of {owner[uri]}; a file belongs to one "
+                                      "split")
                 seen.setdefault(uri, (name, size))
         found = [SourceFile(0, uri, name, _format(uri, params.format), size, split)
                  for uri, (name, size) in sorted(seen.items())]

@@ -1,9 +1,10 @@
 """``memforge prepare``: read the corpus, tokenize it in parallel (Beam), write the token store.
 
-Output ``<artifacts_dir>/tokens``: ``tokenizer/`` (HF directory), and per split
-``<split>/part-NNNNN.parquet`` (one part per work shard: a group of small files, or one byte range of a file
-larger than ``corpus.shard_bytes``, see ``ranges``). It knows nothing of the key store's chunks: ``encode``
-plans its own shards from the token counts.
+Output ``<artifacts_dir>/tokens``: ``tokenizer/`` (HF directory), and per split (train, validation,
+test) ``<split>/part-NNNNN.parquet`` (one part per work shard: a group of small files, or one byte range of a
+file larger than ``corpus.shard_bytes``, see ``ranges``). The test split (``corpus.test``) is only ever scored
+by evaluate: nothing encodes it. It knows nothing of the key store's chunks: ``encode`` plans its own shards
+from the token counts.
 
 Each split is one token stream: documents in input order, each followed by the tokenizer's
 end-of-text token. Datastore row ``i`` is stream position ``i``: its key is the state after
@@ -27,7 +28,7 @@ from memforge.pipelines.tokenizer import TokenIds, load_tokenizer, train_tokeniz
 from memforge.pipelines.tokenizer_sample import sample_texts
 from memforge.storage import fs, local_cache
 from memforge.storage.params import CorpusParams
-from memforge.storage.paths import SPLITS
+from memforge.storage.paths import TOKEN_SPLITS
 from memforge.storage.shards import Shard, ShardPlan, load_plan
 from memforge.storage.stores import TOKENIZER_DIR, PartOffsets, TokenStore
 
@@ -89,7 +90,7 @@ class TokenizeShards(ShardWorker):
             tokens.read(SourceFile(**self.files[file_index]), start, stop)
         columns, stats = tokens.columns()
         files = {}
-        for split in SPLITS:
+        for split in TOKEN_SPLITS:
             files.update(TokenStore(self.root, split).write_shard(shard, *columns[split]))
         return files, stats
 
@@ -107,7 +108,7 @@ class Prepare(Stage):
     summary = "read and tokenize the corpus into the token store (Beam)"
     outputs = ("tokens",)
     format = "parquet"
-    content = ("corpus.train", "corpus.validation", "corpus.validation_fraction", "corpus.format",
+    content = ("corpus.train", "corpus.validation", "corpus.test", "corpus.validation_fraction", "corpus.format",
                "corpus.text_field", "corpus.on_decode_error", "corpus.max_bytes", "corpus.document_separator",
                "corpus.tokenizer_sample_bytes", "decoder.init", "decoder.vocab_size", "encode.model")
     layout = ("corpus.shard_bytes",)
@@ -123,7 +124,8 @@ class Prepare(Stage):
 
     def check(self, ctx: Context) -> None:
         """A split whose files hold no bytes at all is refused before anything is written or run."""
-        for key, splits in (("corpus.train", (None, "train")), ("corpus.validation", ("validation",))):
+        for key, splits in (("corpus.train", (None, "train")), ("corpus.validation", ("validation",)),
+                            ("corpus.test", ("test",))):
             files = [f for f in self.files(ctx) if f.split in splits]
             if files and not any(f.size for f in files):
                 names = ", ".join(f.uri for f in files[:3]) + (", ..." if len(files) > 3 else "")
@@ -169,17 +171,20 @@ class Prepare(Stage):
         with tempfile.TemporaryDirectory() as scratch:
             vocab_size = len(load_tokenizer(fs.local_dir(fs.join(root, TOKENIZER_DIR), scratch)))
         splits, counts = {}, {"vocab_size": vocab_size}
-        for split in SPLITS:
+        has_test = any(f.split == "test" for f in self.files(ctx))
+        for split in TOKEN_SPLITS:
             offsets = PartOffsets.from_counts([(m_shard.name, m["stats"][f"{split}_tokens"])
                                                for m_shard, m in zip(plan.shards, markers)])
             documents = sum(m["stats"]["documents"][split] for m in markers)
-            if offsets.total_rows < 2:
-                what = "corpus.train" if split == "train" else "the validation split"
-                hint = ("all documents are empty or whitespace-only" if split == "train"
-                        else "set corpus.validation or raise corpus.validation_fraction")
+            if offsets.total_rows < 2 and (split != "test" or has_test):
+                what = {"train": "corpus.train", "validation": "the validation split", "test": "corpus.test"}[split]
+                hint = {"train": "all documents are empty or whitespace-only",
+                        "validation": "set corpus.validation or raise corpus.validation_fraction",
+                        "test": "its documents are empty or whitespace-only"}[split]
                 raise CorpusError(f"{what}: fewer than 2 tokens ({documents} non-empty documents): {hint}")
-            splits[split] = {"tokens": offsets.total_rows, "documents": documents,
-                             "datastore_rows": offsets.total_rows - 1, "parts": offsets.to_json()}
+            splits[split] = {"tokens": offsets.total_rows, "documents": documents, "parts": offsets.to_json()}
+            if split != "test":  # the test split is scored only: it has no datastore rows
+                splits[split]["datastore_rows"] = offsets.total_rows - 1
             counts[f"{split}_tokens"] = offsets.total_rows
         counts["rows"] = counts["train_tokens"]
         stats = {
@@ -187,6 +192,7 @@ class Prepare(Stage):
             "skipped_documents": sum(m["stats"]["skipped_documents"] for m in markers),
             "empty_documents": sum(m["stats"]["empty_documents"] for m in markers),
         }
-        log.info("prepare: %s: %s train / %s validation tokens, vocab %d", root,
-                 f"{counts['train_tokens']:,}", f"{counts['validation_tokens']:,}", vocab_size)
+        log.info("prepare: %s: %s train / %s validation / %s test tokens, vocab %d", root,
+                 f"{counts['train_tokens']:,}", f"{counts['validation_tokens']:,}", f"{counts['test_tokens']:,}",
+                 vocab_size)
         return Published(counts=counts, stats=stats)

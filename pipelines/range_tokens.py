@@ -20,7 +20,7 @@ from memforge.pipelines.documents import (
 from memforge.pipelines.tokenizer import TokenIds
 from memforge.storage import fs
 from memforge.storage.params import CorpusParams
-from memforge.storage.paths import SPLITS
+from memforge.storage.paths import TOKEN_SPLITS
 
 DOC_ID_SHIFT = 40  # document id = file index << 40 + the document's byte offset (or Parquet row) in its file
 
@@ -31,8 +31,8 @@ class RangeTokens:
     def __init__(self, token_ids: TokenIds, params: CorpusParams):
         self.token_ids, self.params, self.splitter = token_ids, params, separator(params)
         self.eos = token_ids.eos_token_id
-        self.parts: dict[str, tuple[list, list]] = {split: ([], []) for split in SPLITS}
-        self.stats = {"skipped_documents": 0, "empty_documents": 0, "documents": {s: 0 for s in SPLITS}}
+        self.parts: dict[str, tuple[list, list]] = {split: ([], []) for split in TOKEN_SPLITS}
+        self.stats = {"skipped_documents": 0, "empty_documents": 0, "documents": {s: 0 for s in TOKEN_SPLITS}}
 
     def read(self, file: SourceFile, start: int, stop: int) -> None:
         """Tokenize the documents of bytes ``[start, stop)`` of ``file`` (a Parquet file: all of it)."""
@@ -101,7 +101,7 @@ class RangeTokens:
             columns[split] = [np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
                               np.concatenate(docs) if docs else np.zeros(0, np.int64)]
             stats[f"{split}_tokens"] = int(len(columns[split][0]))
-        stats["rows"] = sum(stats[f"{s}_tokens"] for s in SPLITS)
+        stats["rows"] = sum(stats[f"{s}_tokens"] for s in TOKEN_SPLITS)
         return columns, stats
 
 

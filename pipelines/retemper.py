@@ -68,9 +68,10 @@ def _check_out(out: str, source: Artifact, inputs: dict[str, Artifact]) -> None:
 def retemper(targets_uri: str, temperature: float, k: int | None = None, out: str | None = None,
              rebuild: bool = False, width: int | None = None) -> str:
     """Distributions for another temperature (and optionally a smaller k and width) from the stored
-    neighbours, without searching: the result equals, fingerprint included, a fresh ``targets`` run with
-    those params and the source's candidates (the k nearest of the same candidates are the first k of
-    the stored, exactly re-ranked neighbours)."""
+    neighbours, without searching, under the source's keep rule (``min_prob``, ``mass``; a null width stays
+    k): the result equals, fingerprint included, a fresh ``targets`` run with those params and the source's
+    candidates (the k nearest of the same candidates are the first k of the stored, exactly re-ranked
+    neighbours)."""
     source = _with_neighbours(open_artifact(targets_uri, "targets"), "retemper")
     params = source.params
     k = params["k"] if k is None else k
@@ -79,10 +80,12 @@ def retemper(targets_uri: str, temperature: float, k: int | None = None, out: st
         raise MemforgeError(f"--temperature: must be a positive finite number, got {temperature}")
     if not 0 < k <= params["k"]:
         raise MemforgeError(f"--k: {k} must be between 1 and the stored k ({params['k']})")
-    if not 0 < width <= k:
+    if width is not None and not 0 < width <= k:
         raise MemforgeError(f"--width: {width} must be between 1 and k ({k}), as targets.width must; "
-                            f"the stored width is {params['width']}")
-    new_params = {**params, "temperature": temperature, "k": k, "width": width}
+                            f"the stored width is {params['width'] or params['k']}")
+    rule = knn.KeepRule.of(k, width, params.get("min_prob"), params.get("mass"))
+    new_params = {**params, "temperature": temperature, "k": k, "width": width,
+                  "min_prob": params.get("min_prob"), "mass": params.get("mass")}
     out = fs.normalize(out or f"{source.uri}-T{temperature:g}-k{k}")
     inputs = _inputs(source)
     _check_out(out, source, inputs)
@@ -96,14 +99,14 @@ def retemper(targets_uri: str, temperature: float, k: int | None = None, out: st
     def create() -> None:
         created["neighbours"] = NeighbourStore.create(out, n_rows, k, chunk, neighbour_unit // chunk,
                                                       ids_dtype=str(stored_neighbours.rows.array("ids").dtype))
-        created["distributions"] = DistributionStore.create(out, n_rows, width, str(stored.rows.array("probs").dtype),
-                                                            chunk, unit // chunk)
+        created["distributions"] = DistributionStore.create(out, n_rows, rule.width,
+                                                            str(stored.rows.array("probs").dtype), chunk, unit // chunk)
 
     def write(shard: Shard) -> dict[str, str]:
         ids = stored_neighbours.ids(shard.start, shard.stop)[:, :k]
         dists = stored_neighbours.dists(shard.start, shard.stop)[:, :k]
         files = created["neighbours"].write_shard(shard, ids, dists)
-        sparse = knn.distributions(dists, rows.values_of(ids), temperature, width)
+        sparse = knn.distributions(dists, rows.values_of(ids), temperature, rule)
         files.update(created["distributions"].write_shard(shard, *sparse))
         return files
 

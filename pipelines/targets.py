@@ -5,8 +5,9 @@ the index (train queries, which are the datastore keys themselves, search one mo
 global id — never "the first result"; optionally neighbours within ``exclude_same_document_window``
 tokens of the query in the same document are dropped too), re-ranks them by exact distance from the
 float32 keys stored with the index, and keeps the k nearest. Neighbour ids and squared L2 distances
-are stored once; the distribution (softmax of -d/T summed per next token, sparse, width m) is derived
-from them, so ``memforge retemper`` can redo it for another T or a smaller k (same candidates).
+are stored once; the distribution (softmax of -d/T summed per next token, sparse: the tokens the keep rule
+``targets.width`` / ``min_prob`` / ``mass`` keeps, the rest one remainder) is derived from them, so
+``memforge retemper`` can redo it for another T or a smaller k (same candidates).
 """
 from __future__ import annotations
 
@@ -64,14 +65,15 @@ class SearchShards(ShardWorker):
 
     def process(self, role: str, uri: str, shard: Shard):
         """The shard chunk by chunk, each chunk in blocks of ``query_block_rows`` queries: a worker's memory is
-        one block's [block, k] temporaries plus one chunk of neighbours (written as soon as it is done, one
-        Zarr file per chunk), whatever the shard size; only the narrow distributions are written per shard."""
+        one block's [block, k] temporaries plus one chunk of neighbours and distributions (each written as soon
+        as it is done, one Zarr file per chunk), whatever the shard size and the keep rule's width."""
         queries_store, neighbours, distributions = self.outputs[role]
         common = self.common
+        rule = knn.KeepRule.of(*common["rule"])
         faiss.omp_set_num_threads(common["threads"])  # per call: OpenMP settings are per thread under multi_threading
-        files, sparse = {}, []
+        files = {}
         for chunk_start in range(shard.start, shard.stop, common["chunk_rows"]):
-            chunk_stop = min(chunk_start + common["chunk_rows"], shard.stop)
+            chunk_stop, sparse = min(chunk_start + common["chunk_rows"], shard.stop), []
             if neighbours is not None:  # the chunk's neighbours, filled block by block (ids narrowed as they land)
                 kept_ids = np.empty((chunk_stop - chunk_start, common["k"]), neighbours.rows.array("ids").dtype)
                 kept_dists = np.empty((chunk_stop - chunk_start, common["k"]), np.float32)
@@ -79,18 +81,19 @@ class SearchShards(ShardWorker):
                 stop = min(start + common["block"], chunk_stop)
                 queries = np.ascontiguousarray(queries_store.keys(start, stop), dtype=np.float32)
                 if neighbours is None and common["candidates"] == common["k"]:
-                    sparse.append(self.distributions_of(start, stop, queries, self.splits[role]["self_query"]))
+                    sparse.append(self.distributions_of(start, stop, queries, self.splits[role]["self_query"], rule))
                     continue
                 dists, ids = self.neighbours_of(start, stop, queries, self.splits[role]["self_query"])
                 dists, ids, values = self.rows.neighbours(queries, dists, ids, common["exact_distances"], common["k"],
                                                           ordered=neighbours is not None)
-                sparse.append(knn.distributions(dists, values, common["temperature"], common["width"]))
+                sparse.append(knn.distributions(dists, values, common["temperature"], rule))
                 if neighbours is not None:
                     kept_ids[start - chunk_start:stop - chunk_start] = ids
                     kept_dists[start - chunk_start:stop - chunk_start] = dists
+            chunk = Shard(shard.id, chunk_start, chunk_stop)
             if neighbours is not None:
-                files.update(neighbours.write_shard(Shard(shard.id, chunk_start, chunk_stop), kept_ids, kept_dists))
-        files.update(distributions.write_shard(shard, *(np.concatenate(column) for column in zip(*sparse))))
+                files.update(neighbours.write_shard(chunk, kept_ids, kept_dists))
+            files.update(distributions.write_shard(chunk, *(np.concatenate(column) for column in zip(*sparse))))
         return files, {}
 
     def search(self, start: int, stop: int, queries: np.ndarray, self_query: bool):
@@ -109,7 +112,7 @@ class SearchShards(ShardWorker):
         dists, ids, own_first, nearby = self.search(start, stop, queries, self_query)
         return knn.drop_ids(dists, ids, self.common["candidates"], own_first, nearby)
 
-    def distributions_of(self, start: int, stop: int, queries: np.ndarray, self_query: bool):
+    def distributions_of(self, start: int, stop: int, queries: np.ndarray, self_query: bool, rule: knn.KeepRule):
         """The distributions of rows [start, stop) when neither the neighbours are kept nor re-ranking picks among
         more candidates than k: straight from the search (exact distances replace the PQ ones in place), one
         compiled pass for dropping, value lookup and aggregation (as ``neighbours_of`` + ``knn.distributions``)."""
@@ -117,8 +120,8 @@ class SearchShards(ShardWorker):
         dists, ids, own_first, nearby = self.search(start, stop, queries, self_query)
         if common["exact_distances"]:
             dists = self.rows.distances(queries, ids)
-        return knn.search_distributions(dists, ids, self.rows.values, common["k"], common["temperature"],
-                                        common["width"], own_first, nearby)
+        return knn.search_distributions(dists, ids, self.rows.values, common["k"], common["temperature"], rule,
+                                        own_first, nearby)
 
     def same_document_nearby(self, start: int, stop: int, ids: np.ndarray) -> np.ndarray:
         """Neighbours of queries [start, stop) within ``window`` rows of the query whose value token is in the
@@ -137,6 +140,11 @@ class SearchShards(ShardWorker):
 def candidates(config) -> int:
     """Neighbour candidates searched per query (``targets.candidates``, else ``targets.k``)."""
     return config.candidates or config.k
+
+
+def keep_rule(config) -> knn.KeepRule:
+    """The keep rule of ``targets.width`` / ``min_prob`` / ``mass`` at ``targets.k``."""
+    return knn.KeepRule.of(config.k, config.width, config.min_prob, config.mass)
 
 
 def check_compatible(params, index: Artifact, datastore: Artifact) -> None:
@@ -163,7 +171,8 @@ class Targets(Stage):
     outputs = split_roles("targets")
     format = "zarr-v3"
     inputs = ("keys/train", "keys/validation", "index", "tokens")
-    content = ("targets.k", "targets.candidates", "targets.temperature", "targets.width", "targets.nprobe",
+    content = ("targets.k", "targets.candidates", "targets.temperature", "targets.width", "targets.min_prob",
+               "targets.mass", "targets.nprobe",
                "targets.exact_distances", "targets.exclude_same_document_window", "targets.probs_dtype",
                "targets.keep_neighbours", "index.nprobe")
     layout = ("targets.shard_chunks", "encode.chunk_rows")
@@ -214,8 +223,8 @@ class Targets(Stage):
         if config.keep_neighbours:
             NeighbourStore.create(ctx.uri(role), n_rows, config.k, chunk_rows, 1,  # a file per chunk: see process
                                   ids_dtype=neighbour_id_dtype(ctx.inputs["keys/train"].manifest["counts"]["rows"]))
-        DistributionStore.create(ctx.uri(role), n_rows, config.width, config.probs_dtype, chunk_rows,
-                                 shard_rows // chunk_rows)
+        DistributionStore.create(ctx.uri(role), n_rows, keep_rule(config).width, config.probs_dtype, chunk_rows,
+                                 1)  # a file per chunk: see process
 
     def worker(self, ctx: Context, roles: dict[str, str]) -> ShardWorker:
         index, datastore, config = ctx.inputs["index"], ctx.inputs["keys/train"], ctx.params.targets
@@ -225,7 +234,7 @@ class Targets(Stage):
             "index_shards": [s.name for s in load_plan(index.uri).shards],
             "merged": index.manifest["stats"]["merge"] == "ondisk", "nprobe": self.nprobe(ctx),
             "k": config.k, "candidates": candidates(config), "temperature": config.temperature,
-            "width": config.width,
+            "rule": (config.k, config.width, config.min_prob, config.mass),  # knn.KeepRule.of's arguments
             "exact_distances": config.exact_distances, "datastore_rows": datastore.manifest["counts"]["rows"],
             "window": config.exclude_same_document_window,
             "tokens_uri": tokens.uri if tokens else None,
@@ -251,7 +260,8 @@ class Targets(Stage):
             arrays=dict(sorted(arrays.items())),
             stats={"self_query": role == "targets/train", "k": config.k, "candidates": candidates(config),
                    "temperature": config.temperature,
-                   "width": config.width, "nprobe": self.nprobe(ctx), "exact_distances": config.exact_distances,
+                   "width": config.width, "min_prob": config.min_prob, "mass": config.mass,
+                   "nprobe": self.nprobe(ctx), "exact_distances": config.exact_distances,
                    "index_factory": index.manifest["stats"]["factory"],
                    "index_recall_at_k": index.manifest["stats"].get("recall_at_k"),
                    "faiss_version": index.manifest["stats"]["faiss_version"],

@@ -27,7 +27,7 @@ PIECE = 1 << 20  # characters handed to the trainer at once
 
 def sample_texts(files: list[SourceFile], params: CorpusParams) -> Iterator[str]:
     """Pieces of train-split text, about ``params.tokenizer_sample_bytes`` in all; logs the bytes read."""
-    train = [f for f in files if f.split != "validation"]
+    train = [f for f in files if f.split in (None, "train")]
     total = sum(f.taken for f in train)
     budget = min(params.tokenizer_sample_bytes, total)
     log.info("prepare: tokenizer sample: %s of the train split's %s bytes, from %d files", f"{budget:,}",

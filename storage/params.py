@@ -28,6 +28,7 @@ class CorpusParams(Section):
 
     train: list[str] = Field(default_factory=lambda: ["{stdlib}/*.py"])
     validation: list[str] = Field(default_factory=list)
+    test: list[str] = Field(default_factory=list)
     validation_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"
@@ -129,7 +130,12 @@ class TargetsParams(Section):
     # artifact equals a fresh run with that k and the same candidates.
     candidates: Optional[int] = Field(default=None, gt=0)
     temperature: float = Field(default=8.0, gt=0)
-    width: int = Field(default=32, gt=0)
+    # The keep rule of a row's distribution (most probable tokens first; what is not kept is the remainder):
+    # at most `width` tokens (null: k), each with probability >= `min_prob` (null: any), stopping once the
+    # kept mass reaches `mass` (null: never). Every bound given applies.
+    width: Optional[int] = Field(default=32, gt=0)
+    min_prob: Optional[float] = Field(default=None, gt=0, le=1)
+    mass: Optional[float] = Field(default=None, gt=0, le=1)
     nprobe: Optional[int] = Field(default=None, gt=0)
     exact_distances: bool = True
     exclude_same_document_window: int = Field(default=0, ge=0)
@@ -150,9 +156,9 @@ class TargetsParams(Section):
 
     @field_validator("width")
     @classmethod
-    def _width_within_k(cls, width: int, info: ValidationInfo) -> int:
+    def _width_within_k(cls, width: int | None, info: ValidationInfo) -> int | None:
         k = info.data.get("k")
-        if k is not None and width > k:
+        if width is not None and k is not None and width > k:
             raise ValueError(f"must not exceed k ({k})")
         return width
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from memforge.storage import fs
 
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation")  # the splits that are encoded (keys, targets)
+TOKEN_SPLITS = (*SPLITS, "test")  # the token store's: the test split is only ever scored, never encoded
 ROLES: dict[str, str] = {
     "tokens": "tokens",
     "decoder": "decoder",

@@ -131,8 +131,10 @@ class NeighbourStore:
 
 
 class DistributionStore:
-    """Sparse kNN distributions: ``m`` (token id int32, probability) pairs per row, sorted by
-    probability descending and padded with (-1, 0), plus the probability mass cut off by ``m``."""
+    """Sparse kNN distributions, ragged: each row keeps its own number of (token id int32, probability) pairs
+    (those the targets' keep rule kept), sorted by probability descending, plus the probability mass not kept
+    (``truncated``). Stored at a fixed width (the rule's cap) padded with (-1, 0): the arrays keep their final
+    shape from creation and whole-chunk writes, and bit-shuffled LZ4 stores the padding in almost nothing."""
 
     def __init__(self, rows: ZarrRows):
         self.rows = rows
@@ -153,6 +155,7 @@ class DistributionStore:
 
     @property
     def width(self) -> int:
+        """The most tokens a row can keep (the stored arrays' width)."""
         return self.rows.array("tokens").shape[1]
 
     def write_shard(self, shard: Shard, tokens: np.ndarray, probs: np.ndarray,
@@ -167,6 +170,14 @@ class DistributionStore:
 
     def truncated(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self.rows.read("truncated", start, stop)
+
+    def ragged(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, probs, truncated) of rows ``[start, stop)``, the pairs cut to the widest of those rows (a row's
+        padding comes after its tokens, so nothing kept is lost): what a reader holds is the rows' own size, not
+        the store's width."""
+        tokens, probs = self.tokens(start, stop), self.probs(start, stop)
+        widest = int((tokens >= 0).sum(axis=1).max(initial=0))
+        return tokens[:, :widest].copy(), probs[:, :widest].copy(), self.truncated(start, stop)
 
 
 TOKEN_SCHEMA = pa.schema([("token", pa.int32()), ("doc", pa.int64())])

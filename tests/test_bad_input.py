@@ -196,6 +196,25 @@ def test_empty_validation_split(env, tmp_path, capsys):
     assert_unpublished(art / "tokens")
 
 
+def test_a_file_in_two_splits_is_refused(env, tmp_path, capsys):
+    """A test (or validation) file that is also a train file would put its tokens in the datastore."""
+    art = tmp_path / "art"
+    shared = sorted(env["train"].glob("*.txt"))[0]
+    code, err = run_cli(stage_args(env, "prepare", art, corpus__test=json.dumps([str(shared)])), capsys)
+    assert_refused(code, err, "prepare", "corpus.test[0]", f"{shared} is also a file of corpus.train")
+    assert not (art / "tokens").exists()
+
+
+@pytest.mark.parametrize("content", ["", "  \n\t\n"], ids=["empty", "whitespace"])
+def test_empty_test_split(env, tmp_path, capsys, content):
+    """A test split that is named but holds no token is refused (as an empty validation split is)."""
+    art = tmp_path / "art"
+    empty = write(tmp_path / "test.txt", content)
+    code, err = run_cli(stage_args(env, "prepare", art, corpus__test=json.dumps([str(empty)])), capsys)
+    assert_refused(code, err, "prepare", "corpus.test", "empty" if not content else "fewer than 2 tokens")
+    assert_unpublished(art / "tokens")
+
+
 # -- encode -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -245,3 +245,28 @@ def test_the_benchmarks_page_explains_figures_from_the_notes_and_shows_whole_rep
                          text)
         figures = re.findall(r"^\| `(\w+)` \| ", text, flags=re.MULTILINE)
         assert figures and all(any(f in notes for notes in bench.NOTES.values()) for f in figures)
+
+
+@pytest.mark.stage
+def test_the_shape_part_measures_each_keep_rule_on_a_tiny_chain(chain, tmp_path):
+    """The shape part's measurement over a copy of the tiny chain's tokens, decoder, keys and index (up to date
+    there, so not rebuilt), at k 40: every figure its notes name, each rule's rows within its rule, and a
+    floor at the reference's 1e-8 (floor8) keeping at least the mass the top 32 keep."""
+    import shutil
+
+    from memforge.bench import shape
+    from memforge.storage.params import load_params
+
+    from chain import overrides
+
+    art = tmp_path / "art"
+    for name in ("tokens", "decoder", "keys", "index"):
+        shutil.copytree(chain["art"] / name, art / name, symlinks=True)
+    params = load_params(chain["root"] / "params.yaml", [*overrides(chain["args"]), f"artifacts_dir={art}",
+                                                        "targets.k=40", "targets.width=null"])
+    figures = shape.measure_rules(params)
+    assert set(figures) == set(shape.NOTES)
+    assert figures["shape_k"] == 40 and figures["width32_kept_tokens_max"] <= 32 < 40
+    assert figures["floor8_kept_mass_median"] >= figures["width32_kept_mass_median"]
+    assert figures["floor8_kept_tokens_max"] >= figures["floor4_kept_tokens_max"]
+    assert all(figures[f"{rule}_memory_dev_perplexity"] > 1 for rule in shape.RULES)

@@ -98,6 +98,10 @@ def test_choices_are_made_on_dev_and_reported_on_test(evaluated, chain, capsys):
                            for name, _, _ in tokens.manifest["stats"]["splits"]["validation"]["parts"]])[1:]
     dev = np.array(table["split"].astype(str)) == "dev"
     assert dev.sum() == metrics["dev_rows"] > 0 and (~dev).sum() == metrics["test_rows"] > 0
+    assert metrics["protocol"] == {"name": "validation by document", "dev_fraction": 0.5, "split_seed": 0,
+                                   **{side: {"split": "validation", "rows": int(mask.sum()),
+                                             "documents": len(set(docs[mask]))}
+                                      for side, mask in (("dev", dev), ("test", ~dev))}}
     assert not set(docs[dev]) & set(docs[~dev]), "a document on both sides"
     sweep = json.loads((evaluated / "lambda.json").read_text())
     assert [point["lambda"] for point in sweep] == [0.0, 0.1, 0.25, 0.4, 0.6, 0.8, 0.95]
@@ -132,6 +136,20 @@ def test_choices_are_made_on_dev_and_reported_on_test(evaluated, chain, capsys):
     listing = capsys.readouterr().out
     assert f"ppl decoder={test['decoder']:g}" in listing and "ppl=" in listing
     print("evaluate:", json.dumps(metrics["perplexity"]), json.dumps(metrics["tokens_per_second"]))
+
+
+def test_evaluate_prints_the_papers_table(evaluated, chain, capsys):
+    """`memforge evaluate` ends with report.md: per model its λ, temperature and both sides' perplexity."""
+    grid = "evaluate.lambda_grid=[0.0, 0.1, 0.25, 0.4, 0.6, 0.8, 0.95]"
+    assert main(["evaluate", *chain["args"], "--set", grid]) == 0  # up to date: nothing is scored again
+    printed = capsys.readouterr().out
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert (evaluated / "report.md").read_text() in printed
+    assert "| dev (validation part) perplexity | test (validation part) perplexity |" in printed
+    knnlm = next(line for line in printed.splitlines() if line.startswith("| kNN-LM |"))
+    assert knnlm == (f"| kNN-LM | {metrics['knn_lambda']:g} | {metrics['temperature']:g} | "
+                     f"{metrics['dev_perplexity']['knnlm']:.2f} | {metrics['perplexity']['knnlm']:.2f} |")
+    assert f"k {K}, nprobe {metrics['nprobe']}" in printed and "ffn_input of layer -1 (the last block)" in printed
 
 
 def test_evaluate_refuses_nprobe_beyond_nlist(chain, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The targets kernel (pipelines/knn_rows.py, compiled) against plain float64 Python per row: ties, missing
-neighbours, weights that underflow, more distinct tokens than the width, k 1024, and dropping ids; the fused
-kernel (drop, value lookup and distribution in one pass) against the three steps."""
+neighbours, weights that underflow, more distinct tokens than the width, keep rules with a floor and a mass,
+k 1024, and dropping ids; the fused kernel (drop, value lookup and distribution in one pass) against the three
+steps."""
 from __future__ import annotations
 
 import math
@@ -8,12 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from memforge.pipelines.knn import distributions, drop_ids, search_distributions
+from memforge.pipelines.knn import KeepRule, distributions, drop_ids, search_distributions
 
 pytestmark = pytest.mark.unit
 
 
-def reference_row(dists, values, temperature, width):
+def reference_row(dists, values, temperature, rule):
     """(stored {token: p}, truncated) of one row, computed the slow way."""
     valid = [(float(d), int(v)) for d, v in zip(dists, values) if v != -1]
     if not valid:
@@ -28,7 +29,13 @@ def reference_row(dists, values, temperature, width):
     if total == 0:
         return {}, 0.0
     probs = {v: m / total for v, m in mass.items() if m > 0}
-    ranked = sorted(probs, key=lambda v: (-np.float32(probs[v]), v))[:width]
+    ranked, kept_mass = [], 0.0
+    for v in sorted(probs, key=lambda v: (-np.float32(probs[v]), v)):
+        if len(ranked) == rule.width or kept_mass >= rule.mass:
+            break
+        if probs[v] >= rule.min_prob:
+            ranked.append(v)
+            kept_mass += probs[v]
     return {v: probs[v] for v in ranked}, max(0.0, 1.0 - sum(probs[v] for v in ranked))
 
 
@@ -39,18 +46,20 @@ def test_distributions_equal_a_float64_reference(seed):
     width = int(rng.integers(1, k + 1))
     vocab = [3, 40, 5000, 2**30, 50, 7][seed]
     temperature = [1.0, 0.1, 10.0, 1.0, 0.01, 1.0][seed]
+    rule = KeepRule.of(k, [width, None, width, None, k, width][seed], [None, 1e-3, None, 1e-8, 1e-4, 0.05][seed],
+                       [None, None, 0.9, 0.5, None, 0.99][seed])
     dists = np.sort(rng.exponential(5.0, (n, k)), axis=1).astype(np.float32)
     if seed % 2:
         dists = np.round(dists, 1)  # equal distances: ties in probability
     values = (rng.zipf(1.3, (n, k)) % vocab).astype(np.int64)
     values[rng.random((n, k)) < 0.1] = -1
     values[0] = -1  # a row with no neighbour at all
-    tokens, probs, truncated = distributions(dists, values, temperature, width)
-    assert tokens.shape == probs.shape == (n, width) and tokens.dtype == np.int32 and probs.dtype == np.float32
+    tokens, probs, truncated = distributions(dists, values, temperature, rule)
+    assert tokens.shape == probs.shape == (n, rule.width) and tokens.dtype == np.int32 and probs.dtype == np.float32
     for row in range(n):
-        expected, cut = reference_row(dists[row], values[row], temperature, width)
+        expected, cut = reference_row(dists[row], values[row], temperature, rule)
         stored = {int(t): float(p) for t, p in zip(tokens[row], probs[row]) if t >= 0}
-        assert list(tokens[row][len(stored):]) == [-1] * (width - len(stored)), "padding comes last"
+        assert list(tokens[row][len(stored):]) == [-1] * (rule.width - len(stored)), "padding comes last"
         assert stored.keys() == expected.keys(), row
         for token, p in expected.items():
             assert stored[token] == pytest.approx(p, rel=1e-6, abs=1e-12)
@@ -62,10 +71,10 @@ def test_distributions_equal_a_float64_reference(seed):
 def test_underflowing_weights_are_not_stored_and_mass_is_kept():
     dists = np.array([[0.0, 1.0, 500.0, 600.0]], dtype=np.float32)  # exp(-500) underflows in float32
     values = np.array([[4, 5, 6, 4]])
-    tokens, probs, truncated = distributions(dists, values, 1.0, 4)
+    tokens, probs, truncated = distributions(dists, values, 1.0, KeepRule(4))
     assert list(tokens[0]) == [4, 5, -1, -1] and probs[0, 2:].tolist() == [0.0, 0.0]
     assert probs[0, 0] == pytest.approx(1 / (1 + math.exp(-1))) and truncated[0] == pytest.approx(0.0, abs=1e-7)
-    tokens, probs, truncated = distributions(dists, values, 1.0, 1)
+    tokens, probs, truncated = distributions(dists, values, 1.0, KeepRule(1))
     assert list(tokens[0]) == [4] and float(probs[0, 0] + truncated[0]) == pytest.approx(1.0)
 
 
@@ -98,6 +107,8 @@ def test_fused_search_distributions_equal_drop_lookup_and_distribution(tmp_path)
     for trial in range(24):
         columns = int(rng.integers(2, 1100))
         k, width = int(rng.integers(1, columns + 1)), int(rng.integers(1, 48))
+        rule = KeepRule.of(k, width if trial % 3 else None, 1e-4 if trial % 5 == 0 else None,
+                           0.9 if trial % 7 == 0 else None)
         ids = rng.integers(-1, 6000, (30, columns))
         found = rng.random(30) < 0.9  # most rows find themselves (at one column per trial), the rest not at all
         ids[found, int(rng.integers(0, columns))] = np.arange(500, 530)[found]
@@ -108,8 +119,8 @@ def test_fused_search_distributions_equal_drop_lookup_and_distribution(tmp_path)
         own_first = None if trial % 4 == 0 else 500
         kept_dists, kept_ids = drop_ids(dists, ids, k, own_first, drop)
         values = np.where(kept_ids >= 0, np.asarray(mapped)[np.maximum(kept_ids, 0)], -1)
-        expected = distributions(kept_dists, values, 8.0, width)
-        fused = search_distributions(dists, ids, token_of, k, 8.0, width, own_first, drop)
+        expected = distributions(kept_dists, values, 8.0, rule)
+        fused = search_distributions(dists, ids, token_of, k, 8.0, rule, own_first, drop)
         for want, got in zip(expected, fused):
             assert got.dtype == want.dtype and np.array_equal(got, want), trial
 

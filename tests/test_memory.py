@@ -219,7 +219,7 @@ def test_the_loss_keeps_the_mass_of_tokens_not_stored():
     """KL from width-m targets plus the remainder bucket, against the KL of the full k-token distribution:
     equal when nothing is cut off, never above it otherwise (coarser distributions), and the cut-off mass
     is never renormalised onto the stored tokens."""
-    from memforge.pipelines.knn import distributions
+    from memforge.pipelines.knn import KeepRule, distributions
     from memforge.training.memory import memory_loss
 
     rng = np.random.default_rng(0)
@@ -230,7 +230,7 @@ def test_the_loss_keeps_the_mass_of_tokens_not_stored():
     next_token = torch.from_numpy(values[:, 0].astype(np.int64))
 
     def kl(width: int) -> tuple[torch.Tensor, np.ndarray]:
-        tokens, probs, truncated = distributions(dists, values, 1.0, width)
+        tokens, probs, truncated = distributions(dists, values, 1.0, KeepRule(width))
         loss, kl_value, _ = memory_loss(logits, torch.from_numpy(tokens), torch.from_numpy(probs),
                                         torch.from_numpy(truncated), next_token, alpha=1.0)
         assert torch.isclose(loss, kl_value)
@@ -238,7 +238,7 @@ def test_the_loss_keeps_the_mass_of_tokens_not_stored():
 
     full, nothing_cut = kl(k)
     assert float(nothing_cut.max()) < 1e-6
-    tokens, probs, _ = distributions(dists, values, 1.0, k)
+    tokens, probs, _ = distributions(dists, values, 1.0, KeepRule(k))
     p = np.zeros((n, vocab))
     rows = np.repeat(np.arange(n), tokens.shape[1]).reshape(tokens.shape)
     np.add.at(p, (rows, np.clip(tokens, 0, None)), np.where(tokens >= 0, probs, 0))

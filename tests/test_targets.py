@@ -292,6 +292,49 @@ def test_retemper_equals_a_fresh_run(datastore, tmp_path):
         "with 6 candidates some rows keep other neighbours than the 6 nearest of 8"
 
 
+def test_a_keep_rule_on_real_distributions_and_retemper_under_it(datastore, tmp_path):
+    """A floor and a mass with no width (the cap is k) on the tiny datastore's real distributions: rows keep
+    different numbers of tokens, every kept token passes the floor, most probable first, the kept mass stops
+    at the first token that reaches the mass, the remainder is exactly what is not kept, and no row keeps more
+    than k. retemper under the same rule equals a fresh run, fingerprint included; the rule's params are in
+    the fingerprint."""
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("tokens", "keys", "index"):
+        os.symlink(datastore["art"] / name, art / name)
+    floor, mass = 0.02, 0.9
+    args = [*datastore["args"], "--set", f"artifacts_dir={art}", "--set", "targets.width=null",
+            "--set", f"targets.min_prob={floor}", "--set", f"targets.mass={mass}"]
+    assert main(["targets", *args, *datastore["beam"]]) == 0
+    source = art / "targets" / "train"
+    ruled, unruled = DistributionStore.open(str(source)), DistributionStore.open(str(datastore["art"] / "targets" /
+                                                                                     "train"))
+    assert ruled.width == K
+    tokens, probs, truncated = ruled.tokens(), ruled.probs().astype(np.float64), ruled.truncated()
+    full_tokens, full_probs = unruled.tokens(), unruled.probs().astype(np.float64)  # width k: every token
+    kept = (tokens >= 0).sum(axis=1)
+    assert len(set(kept.tolist())) > 2 and kept.max() <= K
+    for row in range(len(tokens)):
+        n = kept[row]
+        assert (tokens[row, n:] == -1).all() and (probs[row, n:] == 0).all()
+        assert (probs[row, :n] >= floor * (1 - 1e-6)).all() and (np.diff(probs[row, :n]) <= 0).all()
+        np.testing.assert_array_equal(tokens[row, :n], full_tokens[row, :n])  # the same ranking, cut sooner
+        cumulative = np.cumsum(probs[row, :n])
+        assert (cumulative[:-1] < mass).all()
+        next_p = full_probs[row, n] if n < K else 0.0
+        assert cumulative[-1] >= mass - 1e-6 or next_p < floor * (1 + 1e-6)
+        assert truncated[row] == pytest.approx(1 - probs[row, :n].sum(), abs=1e-6)
+    assert verify(str(source)) == []
+    retempered = tmp_path / "T2"
+    assert main(["retemper", str(source), "--temperature", "2", "--out", str(retempered)]) == 0
+    shutil.rmtree(art / "targets")
+    assert main(["targets", *args, "--set", "targets.temperature=2", *datastore["beam"]]) == 0
+    fresh, again = (open_artifact(str(path), "targets").manifest for path in (source, retempered))
+    assert again["fingerprint"] == fresh["fingerprint"] and again["files"] == fresh["files"]
+    assert fresh["params"]["min_prob"] == floor and fresh["params"]["mass"] == mass
+    assert open_artifact(str(datastore["art"] / "targets" / "train")).params["min_prob"] is None
+
+
 def test_retemper_refuses_bad_values(datastore, tmp_path, capsys):
     source = str(datastore["art"] / "targets" / "train")
     assert main(["retemper", source, "--temperature", "0", "--out", str(tmp_path / "a")]) == 1

@@ -39,6 +39,21 @@ def write_corpus(directory: Path, n_docs: int, words_per_doc: int, seed: int, su
     return paths
 
 
+def write_wikitext(path: Path, n_articles: int, words_per_article: int, seed: int) -> Path:
+    """One file in WikiText-103's layout (`` = Heading = `` lines, paragraphs, blank lines between) of
+    pseudo-random Greek-letter articles (deterministic per seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [""]
+    for a in range(n_articles):
+        picks = torch.randint(len(WORDS), (words_per_article,), generator=generator).tolist()
+        lines += [f" = {WORDS[a % len(WORDS)].title()} {a} = ", ""]
+        lines += [" " + " ".join(WORDS[i] for i in picks[j:j + 40]) + " . " for j in range(0, len(picks), 40)]
+        lines.append("")
+    path.write_text(" \n".join(lines) + "\n")
+    return path
+
+
 def make_gpt2(directory: Path, texts: list[str], vocab_size: int = 320, n_layer: int = 2, n_embd: int = 32,
               n_positions: int = 64, seed: int = 0) -> Path:
     """Train a byte-level BPE tokenizer on ``texts`` and save it with a random tiny GPT-2 in ``directory``."""

@@ -1,21 +1,23 @@
-"""``memforge evaluate``: validation perplexity and speed of (a) the decoder, (b) kNN-LM, the decoder
-interpolated with a live kNN search over the index, and (c) the decoder + MLP memory.
+"""``memforge evaluate``: perplexity and speed of (a) the decoder, (b) kNN-LM, the decoder interpolated with a
+live kNN search over the index, and (c) the decoder + MLP memory.
 
-All three score the same validation rows with the same contexts: the windows that ``encode`` used
-for the validation key store (so row i predicts token i+1). Each is one timed pass over the
-split in one run: (a) the decoder alone, (b) the decoder with the query representation captured
-on the way, a FAISS search (k, nprobe, exact re-ranking when the index has exact keys) and
-p = λ·p_kNN + (1−λ)·p_dec with p_kNN = softmax(−d/T) summed per token, (c) the decoder with the
-memory's input captured, the memory, and p = λ·p_mem + (1−λ)·p_dec.
+All three score the same rows with the same contexts: the windows that ``encode`` used for the validation
+key store (so row i predicts token i+1), on the validation split and, when the token store has one, on the
+test split. Each is one timed pass over the scored splits in one run: (a) the decoder alone, (b) the decoder
+with the query representation captured on the way, a FAISS search (k, nprobe, exact re-ranking when the index
+has exact keys) and p = λ·p_kNN + (1−λ)·p_dec with p_kNN = softmax(−d/T) summed per token, (c) the decoder with
+the memory's input captured, the memory, and p = λ·p_mem + (1−λ)·p_dec.
 
-The validation documents are split into dev and test (``dev_test``). kNN-LM's (λ, T) and the memory's
-(λ, τ), τ a temperature on its logits, are chosen on dev, each for itself, from ``evaluate.lambda_grid``,
-``evaluate.temperature_grid`` and ``evaluate.memory_temperature_grid``; every reported perplexity is on
-test at those values (the memory alone at τ 1, its own output). Output ``<artifacts_dir>/eval``: ``metrics.json``
-(DVC metrics), ``token_log_probs.parquet`` (per row: target, split, log p of the decoder, kNN-LM,
-decoder + memory, p_kNN alone and the memory alone, and ``nearest_distance``: the squared L2 distance of
-the row's nearest neighbour in the datastore, to see where kNN-LM and the memory part), ``lambda.json`` and
-``loss.json`` (DVC plots data) and their PNGs.
+kNN-LM's (λ, T) and the memory's (λ, τ), τ a temperature on its logits, are chosen on dev, each for itself,
+from ``evaluate.lambda_grid``, ``evaluate.temperature_grid`` and ``evaluate.memory_temperature_grid``; every
+reported perplexity is on test at those values (the memory alone at τ 1, its own output). Dev and test are
+the validation and test splits, or parts of the validation split when there is no test split (``dev_test``).
+Output ``<artifacts_dir>/eval``: ``metrics.json`` (DVC metrics; its ``protocol`` says which rows were dev
+and test), ``report.md`` (the papers' table: valid and test perplexity per model with the chosen values),
+``token_log_probs.parquet`` (per row: its number in its split, target, side (dev/test), log p of the decoder,
+kNN-LM, decoder + memory, p_kNN alone and the memory alone, and ``nearest_distance``: the squared L2
+distance of the row's nearest neighbour in the datastore, to see where kNN-LM and the memory part),
+``lambda.json`` and ``loss.json`` (DVC plots data) and their PNGs.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from memforge.pipelines.windows import window_batches, windows_for_rows
 from memforge.storage import fs
 from memforge.storage.shards import load_plan
 from memforge.storage.stores import PartOffsets, TokenStore
-from memforge.training.dev_test import split_by_document
+from memforge.training.dev_test import Sides, sides_with_test_split, validation_sides
 from memforge.training.lm_eval import log_probs_at, perplexity
 from memforge.training.mlp_memory import MLPMemory
 from memforge.training.token_stream import TokenStream
@@ -170,7 +172,7 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
 
 
 def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.device) -> Published:
-    """Score the validation split three ways on ``device`` (autocast to ``evaluate.precision``; the kNN
+    """Score the validation (and test) split three ways on ``device`` (autocast to ``evaluate.precision``; the kNN
     search on FAISS's CPU), choose each model's λ (and kNN-LM's T) on dev, report on test, and write
     metrics, per-token log-probs and plots into ``uri``."""
     config = params.evaluate
@@ -185,19 +187,22 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
                                         config.nprobe, index.manifest["stats"]["merge"] == "ondisk")
     rows_store = DatastoreRows(index.uri, index.fingerprint)
     exact = rows_store.keys is not None
-    scorer = Scorer(decoder, TokenStream(tokens, "validation"), queries.manifest["counts"]["rows"],
-                    stats["block_size"], stats["stride"], config.batch_size)
-    n_rows = scorer.n_rows
-    is_dev = split_by_document(_row_documents(tokens, n_rows), config.dev_fraction, config.split_seed)
+    scorers, sides, docs = _scorers_and_sides(decoder, tokens, queries, config)
+    n_rows = sum(scorer.n_rows for scorer in scorers)
+    is_dev = sides.is_dev
     k = min(config.k, index.manifest["counts"]["rows"])
     temperatures = np.asarray(config.temperature_grid, dtype=np.float64)
     memory_temperatures = np.asarray(config.memory_temperature_grid, dtype=np.float64)
     if params.index.threads:
         faiss.omp_set_num_threads(params.index.threads)
-    logp_dec, p_knn, logp_mem, logp_mem_alone, timings, nearest = score_three_ways(
-        scorer, searcher, rows_store, memory, k, temperatures, (stats["representation"], stats["layer"]),
-        (memory_params["representation"], memory_params["input_layer"]), config.precision,
-        memory_temperatures=memory_temperatures)
+    scored = [score_three_ways(scorer, searcher, rows_store, memory, k, temperatures,
+                               (stats["representation"], stats["layer"]),
+                               (memory_params["representation"], memory_params["input_layer"]), config.precision,
+                               memory_temperatures=memory_temperatures) for scorer in scorers]
+    logp_dec, p_knn, logp_mem, logp_mem_alone, nearest = (np.concatenate([getattr(s, field) for s in scored], axis=-1)
+                                                          for field in ("logp_dec", "p_knn", "logp_mem",
+                                                                        "logp_mem_alone", "nearest"))
+    timings = {name: sum(s.timings[name] for s in scored) for name in scored[0].timings}
     with np.errstate(divide="ignore"):
         logp_knn = np.log(p_knn)
     choice = choose_on_dev(logp_dec, logp_knn, logp_mem, is_dev, config.lambda_grid, temperatures,
@@ -205,21 +210,42 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
     log_probs = {"decoder": logp_dec, "knnlm": choice.knnlm, "memory": choice.memory,
                  "memory_alone": logp_mem_alone}
     metrics = _metrics(log_probs, is_dev, choice, timings, n_rows, k, config, exact)
+    metrics["protocol"] = sides.describe(docs)
+    if sides.dev_split == sides.test_split:  # the validation split divided: how
+        metrics["protocol"].update(dev_fraction=config.dev_fraction, split_seed=config.split_seed)
+    metrics["keys"] = {"representation": stats["representation"], "layer": stats["layer"]}
+    metrics["memory_input"] = {"representation": memory_params["representation"],
+                               "layer": memory_params["input_layer"]}
     sweep = [{"lambda": lam, **{f"{name}_{side}": round(perplexity(mixed[mask]), 4)
                                 for name, mixed in (("knnlm", _mix(logp_dec, choice.logp_knn, lam)),
                                                     ("memory", _mix(logp_dec, choice.logp_mem, lam)))
                                 for side, mask in (("dev", is_dev), ("test", ~is_dev))}}
              for lam in config.lambda_grid]
     columns = {**log_probs, "knn": choice.logp_knn, "nearest_distance": nearest}
-    _write_outputs(uri, metrics, sweep, columns, is_dev, scorer, inputs)
+    _write_outputs(uri, metrics, sweep, columns, is_dev, scorers, inputs)
     test = metrics["perplexity"]
-    log.info("evaluate (test split): perplexity decoder %.3f, kNN-LM %.3f (λ %g, T %g), decoder+memory %.3f "
+    log.info("evaluate (test side): perplexity decoder %.3f, kNN-LM %.3f (λ %g, T %g), decoder+memory %.3f "
              "(λ %g, τ %g), memory alone %.3f; metrics in %s", test["decoder"], test["knnlm"], choice.knn_lambda,
              choice.temperature, test["memory"], choice.memory_lambda, choice.memory_temperature,
              test["memory_alone"],
              fs.join(uri, "metrics.json"))
     return Published(counts={"rows": n_rows}, stats={**metrics, "device": devices.describe(device),
                                                      "precision": config.precision})
+
+
+def _scorers_and_sides(decoder, tokens, queries, config) -> tuple[list[Scorer], Sides, np.ndarray | None]:
+    """One scorer per scored split (validation, and test when the token store has one) with the same windows
+    as the validation keys, the dev/test protocol, and the validation rows' documents when they decide it."""
+    stats = queries.manifest["stats"]
+    scorers = [Scorer(decoder, TokenStream(tokens, "validation"), queries.manifest["counts"]["rows"],
+                      stats["block_size"], stats["stride"], config.batch_size)]
+    test_tokens = tokens.manifest["stats"]["splits"].get("test", {}).get("tokens", 0)
+    if test_tokens:
+        scorers.append(Scorer(decoder, TokenStream(tokens, "test"), test_tokens - 1, stats["block_size"],
+                              stats["stride"], config.batch_size))
+        return scorers, sides_with_test_split(scorers[0].n_rows, scorers[1].n_rows), None
+    docs = _row_documents(tokens, scorers[0].n_rows)
+    return scorers, validation_sides(docs, config.dev_fraction, config.split_seed), docs
 
 
 def _row_documents(tokens, n_rows: int) -> np.ndarray:
@@ -281,18 +307,20 @@ def _metrics(log_probs: dict, is_dev: np.ndarray, choice: Choice, timings: dict,
         "memory_dev_perplexity_by_temperature": choice.memory_dev_by_temperature,
         "tokens_per_second": {name: round(n_rows / seconds, 1) for name, seconds in timings.items()},
         "rows": n_rows, "dev_rows": int(is_dev.sum()), "test_rows": int((~is_dev).sum()),
-        "dev_fraction": config.dev_fraction, "k": k, "nprobe": config.nprobe, "exact_distances": exact,
+        "k": k, "nprobe": config.nprobe, "exact_distances": exact,
     }
 
 
 def _write_outputs(uri: str, metrics: dict, sweep: list[dict], log_probs: dict, is_dev: np.ndarray,
-                   scorer: Scorer, inputs: dict) -> None:
-    from memforge.training import plots
+                   scorers: list[Scorer], inputs: dict) -> None:
+    from memforge.training import paper_table, plots
 
     fs.write_json_atomic(fs.join(uri, "metrics.json"), metrics)
     fs.write_json_atomic(fs.join(uri, "lambda.json"), sweep)
-    rows = np.arange(scorer.n_rows)
-    table = pa.table({"row": rows, "target": scorer.tokens[rows + 1].astype(np.int32),
+    fs.write_bytes_atomic(fs.join(uri, paper_table.FILE), paper_table.render(metrics).encode())
+    rows = [np.arange(scorer.n_rows) for scorer in scorers]  # each scored split's own row numbers
+    targets = np.concatenate([scorer.tokens[r + 1] for scorer, r in zip(scorers, rows)]).astype(np.int32)
+    table = pa.table({"row": np.concatenate(rows), "target": targets,
                       "split": pa.array(np.where(is_dev, "dev", "test")).dictionary_encode(),
                       **{name: values for name, values in log_probs.items()}})
     with fs.atomic_writer(fs.join(uri, "token_log_probs.parquet")) as handle:

@@ -8,7 +8,7 @@ from memforge.storage.errors import MemforgeError
 
 
 class Evaluate(Stage):
-    """Perplexity and speed of the decoder, kNN-LM and decoder + memory on the validation split."""
+    """Perplexity and speed of the decoder, kNN-LM and decoder + memory on the validation and test splits."""
 
     name = "evaluate"
     summary = "perplexity and tokens/s of decoder, kNN-LM and decoder+memory"
@@ -19,7 +19,7 @@ class Evaluate(Stage):
                "evaluate.lambda_grid", "evaluate.temperature_grid", "evaluate.memory_temperature_grid",
                "evaluate.precision", "encode.model")
     execution = ("evaluate.batch_size", "evaluate.device", "index.threads", "runtime.trust_remote_code")
-    dvc_files = {"outs": ("_manifest.json", "token_log_probs.parquet"), "metrics": ("metrics.json",),
+    dvc_files = {"outs": ("_manifest.json", "token_log_probs.parquet", "report.md"), "metrics": ("metrics.json",),
                  "plots": (("lambda.json", {"x": "lambda"}), ("loss.json", {"x": "step", "y": "loss"}),
                            "lambda.png", "loss.png")}
 

@@ -1,6 +1,8 @@
 """Training rows of the MLP memory, shuffled by a chunk-level buffer.
 
-A row is (query state, sparse kNN distribution, next token) of one datastore row. Each epoch
+A row is (query state, sparse kNN distribution, next token) of one datastore row. Distributions are
+ragged (each row keeps its own number of tokens): a chunk is read cut to its widest row, and a batch is
+padded with (-1, 0) to its own widest row, so memory follows the rows' sizes, not the store's width. Each epoch
 visits the Zarr chunks in a seeded random order, ``buffer_chunks`` chunks at a time: their rows
 are read sequentially, then served in a seeded random order. The order is a function of the seed
 and the position, so a resumed run (position = step x batch size) reads the same batches.
@@ -47,10 +49,29 @@ class DecoderStates:
 @dataclass
 class Batch:
     states: np.ndarray      # float32 [B, d]
-    tokens: np.ndarray      # int32 [B, m], -1 = padding
+    tokens: np.ndarray      # int32 [B, m], -1 = padding; m: the widest row's kept tokens
     probs: np.ndarray       # float32 [B, m]
     remainder: np.ndarray   # float32 [B]: the kNN mass of the tokens not stored
     next_token: np.ndarray  # int64 [B]
+
+    def take(self, rows: np.ndarray) -> "Batch":
+        """Rows ``rows``, their token pairs cut to the widest of them."""
+        tokens = self.tokens[rows]
+        widest = int((tokens >= 0).sum(axis=1).max(initial=0))
+        return Batch(self.states[rows], tokens[:, :widest], self.probs[rows][:, :widest], self.remainder[rows],
+                     self.next_token[rows])
+
+
+def stack(parts: list[Batch]) -> Batch:
+    """The rows of ``parts`` in order, token pairs padded with (-1, 0) to the widest part's width."""
+    widest = max(part.tokens.shape[1] for part in parts)
+
+    def padded(array: np.ndarray, fill: int) -> np.ndarray:
+        return np.pad(array, ((0, 0), (0, widest - array.shape[1])), constant_values=fill)
+
+    return Batch(np.concatenate([p.states for p in parts]), np.concatenate([padded(p.tokens, -1) for p in parts]),
+                 np.concatenate([padded(p.probs, 0) for p in parts]), np.concatenate([p.remainder for p in parts]),
+                 np.concatenate([p.next_token for p in parts]))
 
 
 class MemoryRows:
@@ -71,15 +92,14 @@ class MemoryRows:
         return [order[i:i + self.buffer_chunks] for i in range(0, self.n_chunks, self.buffer_chunks)]
 
     def _read(self, chunks: np.ndarray) -> Batch:
-        """All rows of ``chunks`` (each read sequentially), in chunk order."""
+        """All rows of ``chunks`` (each read sequentially, cut to its widest row), in chunk order."""
         parts = []
         for chunk in chunks:
             start, stop = self._chunk_rows(int(chunk))
-            parts.append(Batch(self.states(start, stop), self.distributions.tokens(start, stop),
-                               self.distributions.probs(start, stop).astype(np.float32),
-                               self.distributions.truncated(start, stop).astype(np.float32),
-                               self.values.vals(start, stop).astype(np.int64)))
-        return Batch(*(np.concatenate([getattr(p, f) for p in parts]) for f in Batch.__dataclass_fields__))
+            tokens, probs, truncated = self.distributions.ragged(start, stop)
+            parts.append(Batch(self.states(start, stop), tokens, probs.astype(np.float32),
+                               truncated.astype(np.float32), self.values.vals(start, stop).astype(np.int64)))
+        return stack(parts)
 
     def batches(self, first_step: int, batch_size: int) -> Iterator[Batch]:
         """Batches from step ``first_step`` on, endlessly (epoch after epoch)."""
@@ -97,10 +117,9 @@ class MemoryRows:
                 data = self._read(chunks)
                 while len(rows):
                     take, rows = rows[:batch_size - filled], rows[batch_size - filled:]
-                    pending.append(Batch(*(getattr(data, f)[take] for f in Batch.__dataclass_fields__)))
+                    pending.append(data.take(take))
                     filled += len(take)
                     if filled == batch_size:
-                        yield Batch(*(np.concatenate([getattr(p, f) for p in pending])
-                                      for f in Batch.__dataclass_fields__))
+                        yield stack(pending)
                         pending, filled = [], 0
             epoch += 1
