@@ -26,13 +26,13 @@ class Workspace:
             import torch
             from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-            from memforge.pipelines.corpus import read_documents, source_files
+            from memforge.pipelines.corpus import source_files
             from memforge.pipelines.tokenizer import train_tokenizer
+            from memforge.pipelines.tokenizer_sample import sample_texts
 
             path = self.root / f"model-{name}"
             corpus = parse_params({"corpus": self.corpus(1)}).corpus
-            texts = (t for f in source_files(corpus) for _, t in read_documents(f, corpus) if t)
-            train_tokenizer(texts, VOCAB, str(path))
+            train_tokenizer(sample_texts(source_files(corpus), corpus), VOCAB, str(path))
             tokenizer = AutoTokenizer.from_pretrained(path)
             torch.manual_seed(0)
             GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=BLOCK, **SHAPES[name],

@@ -112,9 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run benchmark parts and print a table of figures (ratios are "
                                             "stage / bare library, measured in one run on this machine).")
     bench.add_argument("--only", action="append",
-                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "scale", "gpu", "shape"],
-                       help="run only this part (repeatable); scale (~40 min), gpu (on a CUDA machine) and shape "
-                            "(the demo's memory trained once per keep rule) run only when asked for")
+                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "scale", "gpu", "shape",
+                                "prepare"],
+                       help="run only this part (repeatable); scale (~40 min), gpu (on a CUDA machine), shape "
+                            "(the demo's memory trained once per keep rule) and prepare (a 200 MB file) run only "
+                            "when asked for")
     bench.add_argument("--json", action="store_true", help="print one JSON object of all figures")
     bench.add_argument("--workdir", help="directory for the temporary workspace (default: system temp)")
     bench.add_argument("--out", default="bench-out", help="directory for the files a part writes (scale: "

@@ -1,7 +1,5 @@
-"""Corpus sources: expanding paths, globs and URLs into files, and reading their documents.
-
-A text file is one document; a JSONL line or a Parquet row is one document (its
-``corpus.text_field``). ``{stdlib}`` in a path stands for this Python's standard library
+"""Corpus sources: expanding paths, globs and URLs into files, capped at ``corpus.max_bytes``, and the split
+each document belongs to (``documents`` reads them). ``{stdlib}`` in a path stands for this Python's standard library
 directory, which is how the demo corpus exists on every machine without network; ``{site_packages}``
 for the environment's installed packages (e.g. their ``*.dist-info/METADATA`` descriptions: English
 prose and Markdown, a second corpus every install has).
@@ -9,14 +7,9 @@ prose and Markdown, a second corpus every install has).
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
 import sysconfig
 from dataclasses import dataclass, replace
-from typing import Iterator
-
-import pyarrow.parquet as pq
 
 from memforge.storage import fs
 from memforge.storage.errors import MemforgeError
@@ -137,7 +130,7 @@ def _capped(found: list[SourceFile], key: str, max_bytes: int) -> list[SourceFil
 
 def _cut(file: SourceFile, budget: int) -> SourceFile:
     """``file`` read up to its last line end within ``budget`` bytes (limit 0: not even one line fits);
-    Parquet is cut where its rows' text exceeds the budget (``read_documents``)."""
+    Parquet is cut where its rows' text exceeds the budget (``documents.parquet_documents``)."""
     if file.format == "parquet" or budget <= 0:
         return replace(file, limit=max(budget, 0))
     filesystem, path = fs.filesystem(file.uri)
@@ -153,66 +146,10 @@ def _cut(file: SourceFile, budget: int) -> SourceFile:
     return replace(file, limit=0)
 
 
-def document_split(file: SourceFile, doc_index: int, validation_fraction: float) -> str:
-    """Deterministic split of one document: its file's split, or a hash of (file name, index)."""
+def document_split(file: SourceFile, doc_key: int, validation_fraction: float) -> str:
+    """Deterministic split of one document: its file's split, or a hash of (file name, document key: the byte
+    offset where it starts, a Parquet row's index), the same however the file is cut into ranges."""
     if file.split is not None:
         return file.split
-    digest = hashlib.sha256(f"{file.name}\0{doc_index}".encode("utf-8", "surrogateescape")).digest()
+    digest = hashlib.sha256(f"{file.name}\0{doc_key}".encode("utf-8", "surrogateescape")).digest()
     return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction else "train"
-
-
-def _decode(data: bytes, uri: str, on_error: str, what: str = "", offset: int = 0) -> str | None:
-    """UTF-8 text of ``data`` (which starts at byte ``offset`` of the file), or None when skipped."""
-    nul = data.find(b"\0")
-    if nul >= 0:
-        if on_error == "skip":
-            return None
-        raise CorpusError(f"{uri}{what}: binary data (NUL byte at byte offset {offset + nul}); "
-                          "set corpus.on_decode_error: skip to skip such files")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if on_error == "skip":
-            return None
-        raise CorpusError(f"{uri}{what}: not valid UTF-8 at byte offset {offset + exc.start}; "
-                          "set corpus.on_decode_error: skip to skip such files") from None
-
-
-def read_documents(file: SourceFile, params: CorpusParams) -> Iterator[tuple[int, str | None]]:
-    """(index in file, text) of each document; text is None for a skipped undecodable document."""
-    filesystem, path = fs.filesystem(file.uri)
-    if file.format == "parquet":
-        try:
-            table = pq.read_table(path, columns=[params.text_field], filesystem=filesystem)
-        except (KeyError, ValueError, OSError) as exc:
-            raise CorpusError(f"{file.uri}: cannot read column {params.text_field!r} from Parquet: {exc}") from None
-        budget = file.limit
-        for i, text in enumerate(table.column(params.text_field).to_pylist()):
-            if text is not None and not isinstance(text, str):
-                raise CorpusError(f"{file.uri}: row {i}: {params.text_field!r} is not a string")
-            if budget is not None:
-                budget -= len((text or "").encode())
-                if budget < 0:  # corpus.max_bytes cuts the file before this row
-                    return
-            yield i, text or ""
-        return
-    with filesystem.open(path, "rb") as handle:
-        data = handle.read(-1 if file.limit is None else file.limit)
-    if file.format == "text":
-        yield 0, _decode(data, file.uri, params.on_decode_error)
-        return
-    offset = 0
-    for i, line in enumerate(io.BytesIO(data)):
-        text = _decode(line, file.uri, params.on_decode_error, f" line {i + 1}", offset)
-        where = f"{file.uri} line {i + 1} (byte offset {offset})"
-        offset += len(line)
-        if text is None or not text.strip():
-            yield i, text if text is None else ""
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CorpusError(f"{where}: not valid JSON: {exc.msg}") from None
-        if not isinstance(record, dict) or not isinstance(record.get(params.text_field), str):
-            raise CorpusError(f"{where}: no string field {params.text_field!r}")
-        yield i, record[params.text_field]

@@ -1,9 +1,10 @@
 """``memforge prepare``: read the corpus, tokenize it in parallel (Beam), write the token store.
 
 Output ``<artifacts_dir>/tokens``: ``tokenizer/`` (HF directory), and per split (train, validation,
-test) ``<split>/part-NNNNN.parquet`` (one part per work shard of input files). The test split
-(``corpus.test``) is only ever scored by evaluate: nothing encodes it. It knows nothing of
-the key store's chunks: ``encode`` plans its own shards from the token counts.
+test) ``<split>/part-NNNNN.parquet`` (one part per work shard: a group of small files, or one byte range of a
+file larger than ``corpus.shard_bytes``, see ``ranges``). The test split (``corpus.test``) is only ever scored
+by evaluate: nothing encodes it. It knows nothing of the key store's chunks: ``encode`` plans its own shards
+from the token counts.
 
 Each split is one token stream: documents in input order, each followed by the tokenizer's
 end-of-text token. Datastore row ``i`` is stream position ``i``: its key is the state after
@@ -12,17 +13,19 @@ the datastore exactly once.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import tempfile
 from dataclasses import asdict
 
-import numpy as np
-
-from memforge.pipelines.corpus import CorpusError, SourceFile, document_split, read_documents, source_files
+from memforge.pipelines.corpus import CorpusError, SourceFile, source_files
+from memforge.pipelines.range_tokens import RangeTokens
+from memforge.pipelines.ranges import FileRange, file_ranges
 from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
-from memforge.pipelines.tokenizer import load_tokenizer, train_tokenizer
+from memforge.pipelines.tokenizer import TokenIds, load_tokenizer, train_tokenizer
+from memforge.pipelines.tokenizer_sample import sample_texts
 from memforge.storage import fs, local_cache
 from memforge.storage.params import CorpusParams
 from memforge.storage.paths import TOKEN_SPLITS
@@ -30,7 +33,6 @@ from memforge.storage.shards import Shard, ShardPlan, load_plan
 from memforge.storage.stores import TOKENIZER_DIR, PartOffsets, TokenStore
 
 log = logging.getLogger("memforge")
-_DOC_ID_SHIFT = 32
 
 
 def _sources(files: list[SourceFile]) -> dict:
@@ -41,15 +43,8 @@ def _sources(files: list[SourceFile]) -> dict:
     return {"files": len(files), "bytes": sum(f.size for f in files), "content_sha256": content}
 
 
-def _train_texts(files: list[SourceFile], corpus: CorpusParams):
-    for file in files:
-        for index, text in read_documents(file, corpus):
-            if text and text.strip() and document_split(file, index, corpus.validation_fraction) == "train":
-                yield text
-
-
 def _write_tokenizer(params, files: list[SourceFile], uri: str) -> None:
-    """Copy the configured tokenizer into the artifact, or train one on the train split."""
+    """Copy the configured tokenizer into the artifact, or train one on a sample of the train split."""
     with tempfile.TemporaryDirectory() as scratch:
         source = params.encode.model or params.decoder.init
         if source:  # a local directory or any fsspec URL
@@ -58,70 +53,46 @@ def _write_tokenizer(params, files: list[SourceFile], uri: str) -> None:
         else:
             log.info("prepare: training a byte-level BPE tokenizer (vocab %d) on the train split",
                      params.decoder.vocab_size)
-            train_tokenizer(_train_texts(files, corpus_params(params)), params.decoder.vocab_size, scratch)
+            train_tokenizer(sample_texts(files, corpus_params(params)), params.decoder.vocab_size, scratch)
         fs.upload_dir(scratch, uri)
 
 
-def _shard_plan(files: list[SourceFile], shard_bytes: int) -> ShardPlan:
+def _shard_plan(ranges: list[FileRange], shard_bytes: int) -> ShardPlan:
+    """Consecutive ranges grouped into work shards of at most ``shard_bytes`` (a larger range alone)."""
     sizes, current, used = [], 0, 0
-    for file in files:
-        if current and used + file.taken > shard_bytes:
+    for piece in ranges:
+        if current and used + piece.stop - piece.start > shard_bytes:
             sizes.append(current)
             current, used = 0, 0
-        current, used = current + 1, used + file.taken
+        current, used = current + 1, used + piece.stop - piece.start
     return ShardPlan.from_sizes(sizes + [current])
 
 
 class TokenizeShards(ShardWorker):
-    """One work shard: read its files, tokenize documents, write one Parquet part per split."""
+    """One work shard: read its file ranges, tokenize documents, write one Parquet part per split."""
 
-    def __init__(self, root: str, corpus: dict, trust_remote_code: bool, files: list[dict]):
-        self.root, self.corpus, self.trust_remote_code, self.files = root, corpus, trust_remote_code, files
+    def __init__(self, root: str, corpus: dict, trust_remote_code: bool, files: list[dict], ranges: list[list]):
+        self.root, self.corpus, self.trust_remote_code = root, corpus, trust_remote_code
+        self.files, self.ranges = files, ranges
 
     def setup(self) -> None:
         self.params = CorpusParams(**self.corpus)
         self.scratch = tempfile.TemporaryDirectory()
-        self.tokenizer = load_tokenizer(fs.local_dir(fs.join(self.root, TOKENIZER_DIR), self.scratch.name),
-                                        self.trust_remote_code)
+        self.token_ids = TokenIds.load(fs.local_dir(fs.join(self.root, TOKENIZER_DIR), self.scratch.name),
+                                       self.trust_remote_code)
 
     def teardown(self) -> None:
         self.scratch.cleanup()
 
     def process(self, role: str, uri: str, shard: Shard):
-        columns, stats = self._tokenize([SourceFile(**f) for f in self.files[shard.start:shard.stop]])
+        tokens = RangeTokens(self.token_ids, self.params)
+        for file_index, start, stop in self.ranges[shard.start:shard.stop]:
+            tokens.read(SourceFile(**self.files[file_index]), start, stop)
+        columns, stats = tokens.columns()
         files = {}
         for split in TOKEN_SPLITS:
             files.update(TokenStore(self.root, split).write_shard(shard, *columns[split]))
         return files, stats
-
-    def _tokenize(self, files: list[SourceFile]):
-        eos = self.tokenizer.eos_token_id
-        parts = {split: ([], [], []) for split in TOKEN_SPLITS}
-        stats = {"skipped_documents": 0, "empty_documents": 0, "documents": {s: 0 for s in TOKEN_SPLITS}}
-        for file in files:
-            for index, text in read_documents(file, self.params):
-                if text is None:
-                    stats["skipped_documents"] += 1
-                    continue
-                if not text.strip():
-                    stats["empty_documents"] += 1
-                    continue
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                if eos is not None:
-                    ids = ids + [eos]
-                split = document_split(file, index, self.params.validation_fraction)
-                tokens, docs, positions = parts[split]
-                tokens.append(np.asarray(ids, np.int32))
-                docs.append(np.full(len(ids), (file.index << _DOC_ID_SHIFT) + index, np.int64))
-                positions.append(np.arange(len(ids), dtype=np.int32))
-                stats["documents"][split] += 1
-        columns = {}
-        for split, (tokens, docs, positions) in parts.items():
-            columns[split] = [np.concatenate(c) if c else np.zeros(0, d)
-                              for c, d in zip((tokens, docs, positions), (np.int32, np.int64, np.int32))]
-            stats[f"{split}_tokens"] = int(len(columns[split][0]))
-        stats["rows"] = sum(stats[f"{s}_tokens"] for s in TOKEN_SPLITS)
-        return columns, stats
 
 
 def corpus_params(params) -> CorpusParams:
@@ -138,8 +109,8 @@ class Prepare(Stage):
     outputs = ("tokens",)
     format = "parquet"
     content = ("corpus.train", "corpus.validation", "corpus.test", "corpus.validation_fraction", "corpus.format",
-               "corpus.text_field", "corpus.on_decode_error", "corpus.max_bytes", "decoder.init",
-               "decoder.vocab_size", "encode.model")
+               "corpus.text_field", "corpus.on_decode_error", "corpus.max_bytes", "corpus.document_separator",
+               "corpus.tokenizer_sample_bytes", "decoder.init", "decoder.vocab_size", "encode.model")
     layout = ("corpus.shard_bytes",)
     execution = ("runtime.num_workers", "runtime.trust_remote_code")
     sharded = True
@@ -172,14 +143,26 @@ class Prepare(Stage):
     def before_plan(self, ctx: Context, role: str, build) -> None:
         _write_tokenizer(ctx.params, self.files(ctx), fs.join(build.uri, TOKENIZER_DIR))
 
+    def ranges(self, ctx: Context, role: str) -> list[FileRange]:
+        """The byte ranges the files are read in (the tokenizer in the artifact checks a stream's cuts)."""
+        if "ranges" not in ctx.scratch:
+            params = corpus_params(ctx.params)
+            with tempfile.TemporaryDirectory() as scratch:
+                tokenizer = functools.cache(lambda: TokenIds.load(
+                    fs.local_dir(fs.join(ctx.uri(role), TOKENIZER_DIR), scratch), ctx.params.runtime.trust_remote_code))
+                ctx.scratch["ranges"] = [r for f in self.files(ctx) for r in file_ranges(f, params, tokenizer)]
+        return ctx.scratch["ranges"]
+
     def plan(self, ctx: Context, role: str) -> ShardPlan:
-        files = self.files(ctx)
-        log.info("prepare: %d files (%d bytes)", len(files), sum(f.taken for f in files))
-        return _shard_plan(files, ctx.params.corpus.shard_bytes)
+        files, ranges = self.files(ctx), self.ranges(ctx, role)
+        log.info("prepare: %d files (%s bytes) in %d ranges", len(files), f"{sum(f.taken for f in files):,}",
+                 len(ranges))
+        return _shard_plan(ranges, ctx.params.corpus.shard_bytes)
 
     def worker(self, ctx: Context, roles: dict[str, str]) -> ShardWorker:
         return TokenizeShards(roles["tokens"], corpus_params(ctx.params).model_dump(mode="json"),
-                              ctx.params.runtime.trust_remote_code, [asdict(f) for f in self.files(ctx)])
+                              ctx.params.runtime.trust_remote_code, [asdict(f) for f in self.files(ctx)],
+                              [[r.file, r.start, r.stop] for r in self.ranges(ctx, "tokens")])
 
     def finalize(self, ctx: Context, role: str, build) -> Published:
         root = build.uri

@@ -4,6 +4,7 @@ Unknown keys and bad values fail with the dotted path of the key and the reason.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -34,6 +35,18 @@ class CorpusParams(Section):
     on_decode_error: Literal["error", "skip"] = "error"
     max_bytes: int = Field(default=1_000_000, gt=0)
     shard_bytes: int = Field(default=256_000, gt=0)
+    document_separator: Optional[str] = None  # a regular expression (multi-line) splitting a text file into documents
+    tokenizer_sample_bytes: int = Field(default=64_000_000, gt=0)  # train-split bytes a trained tokenizer reads
+
+    @field_validator("document_separator")
+    @classmethod
+    def _separator_compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern, re.MULTILINE)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return pattern
 
 
 class DecoderParams(Section):

@@ -180,12 +180,12 @@ class DistributionStore:
         return tokens[:, :widest].copy(), probs[:, :widest].copy(), self.truncated(start, stop)
 
 
-TOKEN_SCHEMA = pa.schema([("token", pa.int32()), ("doc", pa.int64()), ("pos", pa.int32())])
+TOKEN_SCHEMA = pa.schema([("token", pa.int32()), ("doc", pa.int64())])
 
 
 class TokenStore:
     """Tokenized corpus (one split) as Parquet parts, one per work shard holding any number of rows:
-    token id, document id, position in document. Global row offsets of the parts are recorded
+    token id and document id. Global row offsets of the parts are recorded
     by the stage (``PartOffsets``) once all parts are written."""
 
     def __init__(self, root: str, sub: str = "parts"):
@@ -203,15 +203,13 @@ class TokenStore:
         name = f"part-{shard if isinstance(shard, str) else shard.name}.parquet"
         return f"{self.sub}/{name}" if self.sub else name
 
-    def write_shard(self, shard: Shard, tokens: np.ndarray, docs: np.ndarray,
-                    positions: np.ndarray) -> dict[str, str]:
+    def write_shard(self, shard: Shard, tokens: np.ndarray, docs: np.ndarray) -> dict[str, str]:
         """Write one part atomically; return its checksum."""
-        lengths = {len(tokens), len(docs), len(positions)}
-        if len(lengths) != 1:
-            raise ArtifactError(f"{fs.join(self.root, self.part(shard))}: token, doc and pos columns differ "
-                                f"in length ({len(tokens)}, {len(docs)}, {len(positions)})")
-        table = pa.table({"token": np.asarray(tokens, np.int32), "doc": np.asarray(docs, np.int64),
-                          "pos": np.asarray(positions, np.int32)}, schema=TOKEN_SCHEMA)
+        if len(tokens) != len(docs):
+            raise ArtifactError(f"{fs.join(self.root, self.part(shard))}: token and doc columns differ "
+                                f"in length ({len(tokens)}, {len(docs)})")
+        table = pa.table({"token": np.asarray(tokens, np.int32), "doc": np.asarray(docs, np.int64)},
+                         schema=TOKEN_SCHEMA)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         rel = self.part(shard)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -301,7 +302,8 @@ def test_failed_attempt_does_not_force_rebuild(env, tmp_path, capsys):
 def test_a_write_beyond_the_file_size_limit_is_one_named_line(env, tmp_path):
     """`ulimit -f` (RLIMIT_FSIZE) below a token part's size: the worker process's write fails with EFBIG
     (Python ignores SIGXFSZ); the CLI prints one named line, no traceback, and publishes nothing."""
-    train = write(tmp_path / "big" / "train.txt", " ".join(WORDS[i % len(WORDS)] for i in range(40_000)))
+    words = np.random.default_rng(0).choice(WORDS, 40_000)  # random words: the part does not compress below the limit
+    train = write(tmp_path / "big" / "train.txt", " ".join(words))
     limit = 24 * 1024  # above the tokenizer's files, below the train part's
     args = stage_args(env, "prepare", tmp_path / "art", train=[train])
     limited = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (%d, %d)); "

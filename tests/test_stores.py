@@ -159,13 +159,12 @@ def test_token_store_round_trip(artifact_uri):
     rng = np.random.default_rng(5)
     tokens = rng.integers(0, VOCAB, n, dtype=np.int32)
     docs = np.repeat(np.arange(5, dtype=np.int64), 19)
-    positions = np.tile(np.arange(19, dtype=np.int32), 5)
 
     build = ArtifactBuild.begin(artifact_uri, "tokens", {"shard_rows": shard_rows})
     store = TokenStore(build.uri)
     plan = build.plan(ShardPlan.even(n, shard_rows))
     write_all(build, plan, lambda s: store.write_shard(
-        s, tokens[s.start:s.stop], docs[s.start:s.stop], positions[s.start:s.stop]))
+        s, tokens[s.start:s.stop], docs[s.start:s.stop]))
     build.publish(counts={"rows": n, "vocab_size": VOCAB})
 
     artifact = open_artifact(artifact_uri, "tokens")
@@ -178,14 +177,13 @@ def test_token_store_round_trip(artifact_uri):
     assert table.schema == TOKEN_SCHEMA
     np.testing.assert_array_equal(table.column("token").to_numpy(), tokens)
     np.testing.assert_array_equal(table.column("doc").to_numpy(), docs)
-    np.testing.assert_array_equal(table.column("pos").to_numpy(), positions)
     assert verify(artifact_uri) == []
 
 
 def test_token_store_refuses_ragged_columns(tmp_path):
     store = TokenStore(str(tmp_path))
-    with pytest.raises(ArtifactError, match="part-00001.parquet: token, doc and pos columns differ in length"):
-        store.write_shard(Shard(1, 4, 8), np.zeros(3), np.zeros(4), np.zeros(4))
+    with pytest.raises(ArtifactError, match="part-00001.parquet: token and doc columns differ in length"):
+        store.write_shard(Shard(1, 4, 8), np.zeros(3), np.zeros(4))
     assert fs.list_files(str(tmp_path)) == []
 
 
@@ -199,7 +197,7 @@ def test_token_store_reads_row_ranges_across_parts(tmp_path):
     plan = build.plan(ShardPlan.even(4, 1))
     for shard, (name, start, stop) in zip(plan.shards, offsets.parts):
         n = stop - start
-        build.markers.mark_done(shard, store.write_shard(shard, tokens[start:stop], np.zeros(n), np.arange(n)))
+        build.markers.mark_done(shard, store.write_shard(shard, tokens[start:stop], np.zeros(n)))
     build.publish(counts={"rows": 21}, stats={"parts": offsets.to_json()})
     reader = TokenStore.open(build.uri)
     back = PartOffsets.from_json(open_artifact(build.uri).manifest["stats"]["parts"])

@@ -86,13 +86,11 @@ def build_tokens(uri: str) -> str:
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, VOCAB, N, dtype=np.int32)
     docs = np.repeat(np.arange(4, dtype=np.int64), N // 4)
-    positions = np.tile(np.arange(N // 4, dtype=np.int32), 4)
     build = ArtifactBuild.begin(uri, "tokens", {"which": "tokens"})
     store = TokenStore(build.uri)
     plan = build.plan(ShardPlan.even(N, 20))
     for s in build.pending(plan):
-        build.markers.mark_done(s, store.write_shard(s, tokens[s.start:s.stop], docs[s.start:s.stop],
-                                                     positions[s.start:s.stop]))
+        build.markers.mark_done(s, store.write_shard(s, tokens[s.start:s.stop], docs[s.start:s.stop]))
     build.publish(counts={"rows": N, "vocab_size": VOCAB})
     return uri
 
@@ -242,7 +240,7 @@ def test_manifest_records_every_typed_files_header(tmp_path):
     assert index["headers"] == {"keys.npy": {"dtype": "float16", "shape": [N, 8], "fortran_order": False},
                                 "values.npy": {"dtype": "int32", "shape": [N], "fortran_order": False}}
     tokens = open_artifact(build_tokens(str(tmp_path / "tokens"))).manifest
-    assert tokens["headers"]["parts/part-00002.parquet"] == {"schema": ["token: int32", "doc: int64", "pos: int32"],
+    assert tokens["headers"]["parts/part-00002.parquet"] == {"schema": ["token: int32", "doc: int64"],
                                                              "rows": 8}
     assert sorted(tokens["headers"]) == [rel for rel in tokens["files"] if rel.endswith(".parquet")]
 
@@ -317,8 +315,8 @@ def test_parquet_part_with_another_schema(tmp_path, capsys):
     table = pq.read_table(part)
     pq.write_table(table.set_column(0, "token", table.column("token").cast(pa.int64())), part)
     reseal(tmp_path / "tokens")
-    assert verify(uri)[0] == ("parts/part-00001.parquet: schema is ['token: int64', 'doc: int64', 'pos: int32'], "
-                              "manifest says ['token: int32', 'doc: int64', 'pos: int32']")
+    assert verify(uri)[0] == ("parts/part-00001.parquet: schema is ['token: int64', 'doc: int64'], "
+                              "manifest says ['token: int32', 'doc: int64']")
     assert_cli_reports(uri, capsys, "parts/part-00001.parquet: schema is")
 
 
