@@ -33,7 +33,7 @@ def test_pss_counts_a_file_mapped_by_the_whole_tree_once(tmp_path):
     data.write_bytes(b"x" * (200 << 20))
     touch = (f"import mmap, subprocess, sys, time; f = open({str(data)!r}, 'rb'); "
              "m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); s = sum(m[i] for i in range(0, len(m), 4096)); "
-             "time.sleep(1.0){child}")
+             "time.sleep(2.0){child}")  # long enough to be sampled on a loaded machine
     child = "; subprocess.run([sys.executable, '-c', " + repr(touch.format(child="")) + "], check=True)"
     peak = measure.peak_tree_memory([sys.executable, "-c", touch.format(child=child)])
     assert peak.rss > 400 * 2**20
