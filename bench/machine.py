@@ -1,4 +1,5 @@
-"""Facts a bench report states beside its figures: the machine, the code's commit and the date."""
+"""Facts a bench report states beside its figures: the machine, how busy it was, the code's commit and the
+date."""
 from __future__ import annotations
 
 import datetime
@@ -45,6 +46,13 @@ def machine() -> str:
     gpus = ", ".join(gpu_names()) or "none"
     return (f"{cpu_model()}, {logical} logical cores ({physical} physical, {usable} usable by the bench), "
             f"{memory:.1f} GiB memory, GPU: {gpus}")
+
+
+def load() -> str:
+    """The system's load averages over the last 1, 5 and 15 minutes and the cores: the bench's own work counts,
+    so a load well above what the bench ran means other work shared the machine and its times."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min) on {psutil.cpu_count()} logical cores"
 
 
 def commit() -> str:

@@ -34,7 +34,8 @@ def markdown(runs: dict[str, PartRun], notes: dict[str, dict[str, Note]]) -> str
     command = "memforge bench" + "".join(f" --only {part}" for part in runs)
     lines = [f"### `{command}`", "", "| | |", "|---|---|", f"| Machine | {machine.machine()} |",
              f"| Commit | {machine.commit()} |", f"| Date | {machine.utc_now()} |",
-             f"| Wall time | {sum(ran.seconds for ran in runs.values()):.0f} s |"]
+             f"| Wall time | {sum(ran.seconds for ran in runs.values()):.0f} s |",
+             f"| Load average at the end | {machine.load()} |"]
     for part, ran in runs.items():
         lines += ["", f"#### {part} ({ran.seconds:.0f} s)", "", "| Figure | Value | What it measures |",
                   "|---|---|---|"]

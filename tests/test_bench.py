@@ -221,6 +221,7 @@ def test_bench_report_of_the_storage_part(tmp_path, monkeypatch, capsys):
     for figure, value in printed.items():
         assert f"| `{figure}` | {value} | {bench.NOTES['storage'][figure].what} |" in text
     assert re.search(r"\| Machine \| .+, \d+ logical cores .*GiB memory, GPU: ", text)
+    assert re.search(r"\| Load average at the end \| (\d+\.\d\d, ){2}\d+\.\d\d \(1, 5, 15 min\) on \d+ logical", text)
     version = code_version(())
     if version["git_sha"]:
         assert f"| Commit | {version['git_sha'][:7]}" in text
