@@ -31,7 +31,7 @@ def build_tokens(uri: str) -> str:
     for shard in build.pending(plan):
         rng = np.random.default_rng((0, shard.id))
         rows = np.arange(shard.start, shard.stop)
-        files = store.write_shard(shard, rng.integers(0, VOCAB, shard.rows), rows // 50, rows % 50)
+        files = store.write_shard(shard, rng.integers(0, VOCAB, shard.rows), rows // 50)
         build.markers.mark_done(shard, files)
     build.publish(counts={"rows": ROWS, "vocab_size": VOCAB})
     return uri
