@@ -9,7 +9,8 @@ Parts: ``encode`` (encode_vs_bare for a tiny and a small GPT-2), ``encode_rss`` 
 ``shape`` (``--only shape``: the targets' keep rules, each through targets, train-memory and evaluate on the
 demo, ``memforge.bench.shape``),
 ``scale`` (``--only scale``: growth with N, ``memforge.bench.scale``), ``prepare`` (``--only prepare``: one
-200 MB text file with every worker and in one process, ``memforge.bench.prepare``) and, on a machine with CUDA,
+200 MB text file with every worker and in one process, ``memforge.bench.prepare``), ``train`` (``--only train``:
+train-memory on 1 and 2 torch.distributed ranks, ``memforge.bench.train``) and, on a machine with CUDA,
 ``gpu`` (``--only gpu``: ``memforge.bench.gpu``). Each part's module holds its ``NOTES``: what each of its
 figures measures.
 """
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memforge.bench import dask_runner, encode, faiss_search, gpu, memory, prepare, scale, shape, storage
+from memforge.bench import dask_runner, encode, faiss_search, gpu, memory, prepare, scale, shape, storage, train
 from memforge.bench.measure import PartRun
 from memforge.bench.workspace import Workspace
 from memforge.storage.params import load_params
@@ -30,12 +31,12 @@ from memforge.storage.params import load_params
 PARTS = {"encode": encode.bench_encode, "encode_rss": encode.bench_encode_rss, "storage": storage.bench_storage,
          "faiss": faiss_search.bench_faiss, "memory": memory.bench_memory, "dask": dask_runner.bench_dask,
          "scale": scale.bench_scale, "gpu": gpu.bench_gpu, "shape": shape.bench_shape,
-         "prepare": prepare.bench_prepare}
+         "prepare": prepare.bench_prepare, "train": train.bench_train}
 NOTES = {"encode": encode.NOTES, "encode_rss": encode.RSS_NOTES, "storage": storage.NOTES,
          "faiss": faiss_search.NOTES, "memory": memory.NOTES, "dask": dask_runner.NOTES, "scale": scale.NOTES,
-         "gpu": gpu.NOTES, "shape": shape.NOTES, "prepare": prepare.NOTES}
+         "gpu": gpu.NOTES, "shape": shape.NOTES, "prepare": prepare.NOTES, "train": train.NOTES}
 # gpu needs a GPU (--only gpu); scale takes ~40 minutes (--only scale); shape trains the demo's memory three times
-# (--only shape); prepare reads a 200 MB file twice (--only prepare)
+# (--only shape); prepare reads a 200 MB file twice (--only prepare); train trains a memory twice (--only train)
 DEFAULT_PARTS = ("encode", "encode_rss", "storage", "faiss", "memory", "dask")
 
 

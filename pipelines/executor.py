@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import logging
 import os
 import socket
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 import apache_beam as beam
@@ -66,6 +67,14 @@ def run_stage(stage: Stage, params: Params, *, rebuild: bool | str = False, beam
     date. Returns the location of its output (their parent when it writes several). ``reads`` collects
     the params keys the stage read."""
     beam_args = list(beam_args)
+    if stage.launch is not None:
+        from memforge.training import world
+
+        if world.inside_launcher():
+            return _run_as_rank(stage, params, rebuild, reads)
+        plan = world.Launch.of(getattr(params, stage.launch))
+        if plan.distributed:
+            return _launch_ranks(stage, params, plan, rebuild, reads)
     ctx = context(stage, params, reads)
     stage.check(ctx)
     execution = {**ctx.params.values(stage.execution), **({"beam_args": beam_args} if beam_args else {})}
@@ -105,6 +114,81 @@ def run_stage(stage: Stage, params: Params, *, rebuild: bool | str = False, beam
             build.release()
     roles = stage.outputs
     return ctx.uri(roles[0]) if len(roles) == 1 else fs.join(params.artifacts_dir, roles[0].split("/")[0])
+
+
+def _launch_ranks(stage: Stage, params: Params, plan, rebuild: bool | str, reads: set[str] | None) -> str:
+    """Check the stage here (bad input is refused before any process starts), then run it as the ranks of a
+    torch.distributed job on this node; rank 0 builds and publishes the output."""
+    from memforge.training import world
+
+    ctx = context(stage, params, reads)
+    stage.check(ctx)
+    ctx.scratch.clear()  # what check loaded (a decoder) is the ranks' to load; free it before they start
+    log.info("%s: %d rank(s) on this node, %d node(s)", stage.name, plan.nproc_per_node, plan.nnodes)
+    dump = params.model_dump(mode="json")
+    declaration = f"{type(stage).__module__}:{type(stage).__qualname__}"
+    world.launch(run_rank, (declaration, dump, rebuild), plan, stage.name, dump)
+    return ctx.uri(stage.outputs[0])
+
+
+def run_rank(declaration: str, params: dict, rebuild: bool | str) -> None:
+    """One rank of a stage's torch.distributed job (the launcher's entry point); ``declaration``: the stage's
+    ``module:Class``. Its log lines name the rank; the other ranks' progress is rank 0's to report."""
+    module, name = declaration.split(":")
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s [rank {rank}] %(message)s",
+                        force=True)
+    log.setLevel(logging.INFO)
+    run_stage(getattr(importlib.import_module(module), name)(), Params.model_validate(params), rebuild=rebuild)
+
+
+BEGUN, UP_TO_DATE, NOT_BEGUN = 0, 1, 2  # what rank 0 tells the other ranks after beginning the build
+
+
+def _run_as_rank(stage: Stage, params: Params, rebuild: bool | str, reads: set[str] | None) -> str:
+    """This process is one rank of the stage's job: every rank checks and trains; rank 0 alone begins the build
+    (the lease), writes checkpoints and publishes; the others learn from it whether there is work."""
+    from memforge.training import world
+
+    role = stage.outputs[0]
+    ctx = context(stage, params, reads)
+    stage.check(ctx)
+    group = ctx.scratch["world"] = world.join(getattr(params, stage.launch).device, f"{stage.launch}.device")
+    if not group.writer:  # progress is rank 0's to report
+        log.setLevel(logging.WARNING)
+    build = None
+    try:
+        status = NOT_BEGUN
+        if group.writer:
+            try:
+                build = ArtifactBuild.begin(
+                    ctx.uri(role), stage.kind(role), stage.artifact_params(ctx, role),
+                    stage.artifact_inputs(ctx, role), fmt=stage.format, rebuild=rebuild,
+                    code_files=stage.code_files(), execution=ctx.params.values(stage.execution),
+                    root=params.artifacts_dir)
+                status = UP_TO_DATE if build.up_to_date else BEGUN
+            finally:
+                group.broadcast_int(status)
+        elif (status := group.broadcast_int(status)) == NOT_BEGUN:
+            raise world.RankFailedError(f"{stage.name}: rank 0 could not begin {ctx.uri(role)} (its error says why)")
+        if status == UP_TO_DATE:
+            log.info("%s: %s is up to date", stage.name, ctx.uri(role))
+            return ctx.uri(role)
+        published = stage.run(ctx, role, build or RankBuild(ctx.uri(role)))
+        if build is not None:
+            _publish(build, published, None)
+    finally:
+        if build is not None:
+            build.release()
+        world.leave(group)
+    return ctx.uri(role)
+
+
+@dataclass(frozen=True)
+class RankBuild:
+    """What a rank other than 0 knows of the build: where it is (rank 0 holds it)."""
+
+    uri: str
 
 
 def _disk_full(stage: Stage, builds: dict[str, ArtifactBuild], exc: Exception) -> DiskFullError:

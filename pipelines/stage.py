@@ -76,6 +76,8 @@ class Stage:
     layout: ClassVar[tuple[str, ...]] = ()
     execution: ClassVar[tuple[str, ...]] = ()
     sharded: ClassVar[bool] = False
+    # the params section whose nproc_per_node / nnodes / rdzv_endpoint / device run it as torch.distributed ranks
+    launch: ClassVar[str | None] = None
     running_mode: ClassVar[str] = "multi_processing"  # local Beam runner: processes, or threads for GIL-free work
     progress_unit: ClassVar[str] = "rows"
     progress_rows_known: ClassVar[bool] = True  # False: a shard's size is not counted in progress_unit

@@ -15,6 +15,7 @@ from memforge.storage.errors import ParamsError
 
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")]  # where torch (or FAISS) work runs
 Precision = Literal["fp32", "bf16", "fp16"]  # numeric format of the computation (autocast for bf16/fp16)
+RdzvEndpoint = Annotated[str, Field(pattern=r"^[^\s:]+:\d+$")]  # HOST:PORT of a c10d rendezvous
 
 
 class Section(BaseModel):
@@ -70,6 +71,10 @@ class DecoderParams(Section):
     seed: int = 0
     precision: Precision = "fp32"
     device: Device = "auto"
+    # torch.distributed data parallelism (execution): ranks per node, nodes, and the nodes' c10d rendezvous
+    nproc_per_node: int = Field(default=1, gt=0)
+    nnodes: int = Field(default=1, gt=0)
+    rdzv_endpoint: Optional[RdzvEndpoint] = None
 
     @field_validator("n_embd")
     @classmethod
@@ -185,6 +190,10 @@ class MemoryParams(Section):
     seed: int = 0
     precision: Precision = "fp32"
     device: Device = "auto"
+    # torch.distributed data parallelism (execution): ranks per node, nodes, and the nodes' c10d rendezvous
+    nproc_per_node: int = Field(default=1, gt=0)
+    nnodes: int = Field(default=1, gt=0)
+    rdzv_endpoint: Optional[RdzvEndpoint] = None
 
 
 class EvaluateParams(Section):

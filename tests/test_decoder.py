@@ -4,6 +4,7 @@ with the same weights as an uninterrupted run; the trained decoder is then the e
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,23 +111,31 @@ def test_fine_tuning_needs_the_token_store_tokenizer(trained, tmp_path, capsys):
     assert not (art / "decoder" / "_manifest.json").exists()
 
 
-def test_fine_tuning_from_decoder_init_starts_from_its_weights(trained, tmp_path):
-    """``decoder.init`` naming a model with the token store's tokenizer (here: the trained decoder) fine-tunes
-    it: the run succeeds, starts from its low loss instead of a fresh model's, records the init, and the
-    result loads with from_pretrained."""
-    init = trained["art"] / "decoder" / "model"
-    art = tmp_path / "art"
-    art.mkdir()
-    (art / "tokens").symlink_to(trained["art"] / "tokens")
-    assert main(["train-decoder", *settings_args(trained["root"], art, **{"decoder.init": init,
-                                                                          "decoder.max_steps": 5})]) == 0
-    tuned = json.loads((art / "decoder" / "loss.json").read_text())
+def test_fine_tuning_from_decoder_init_starts_from_its_weights_on_one_rank_or_two(trained, tmp_path):
+    """``decoder.init`` naming a model with the token store's tokenizer (here: the trained decoder, without
+    dropout) fine-tunes it: the run succeeds, starts from its low loss instead of a fresh model's, records the
+    init, and the result loads with from_pretrained. On two ranks the steps are the same: the loss curves agree."""
+    init = tmp_path / "init"
+    shutil.copytree(trained["art"] / "decoder" / "model", init)
+    config = json.loads((init / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # dropout masks differ with the ranks
+    (init / "config.json").write_text(json.dumps(config))
+    curves = {}
+    for ranks in (1, 2):
+        art = tmp_path / f"art-{ranks}"
+        art.mkdir()
+        (art / "tokens").symlink_to(trained["art"] / "tokens")
+        assert main(["train-decoder", *settings_args(trained["root"], art, **{
+            "decoder.init": init, "decoder.max_steps": 5, "decoder.nproc_per_node": ranks})]) == 0
+        curves[ranks] = [row["loss"] for row in json.loads((art / "decoder" / "loss.json").read_text())]
+        manifest = open_artifact(str(art / "decoder"), "decoder").manifest
+        assert manifest["stats"]["init"] == str(init) and manifest["stats"]["world_size"] == ranks
+        assert verify(str(art / "decoder")) == []
+        AutoModelForCausalLM.from_pretrained(art / "decoder" / "model")
     fresh = json.loads((trained["art"] / "decoder" / "loss.json").read_text())
-    print(f"first loss: fine-tuned {tuned[0]['loss']:.3f}, from scratch {fresh[0]['loss']:.3f}")
-    assert tuned[0]["loss"] < 0.75 * fresh[0]["loss"]
-    manifest = open_artifact(str(art / "decoder"), "decoder").manifest
-    assert manifest["stats"]["init"] == str(init) and verify(str(art / "decoder")) == []
-    AutoModelForCausalLM.from_pretrained(art / "decoder" / "model")
+    print(f"first loss: fine-tuned {curves[1][0]:.3f}, from scratch {fresh[0]['loss']:.3f}; 2 ranks {curves[2]}")
+    assert curves[1][0] < 0.75 * fresh[0]["loss"]
+    assert max(abs(a - b) for a, b in zip(curves[1], curves[2])) < 1e-4
 
 
 def test_a_diverged_decoder_publishes_strict_json(trained, tmp_path, caplog):

@@ -92,6 +92,9 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path, 
     s3fs.S3FileSystem(use_listings_cache=False).mkdir("memforge-dvc")
     _copy_working_tree(clone)
     params_file = write_project(clone)
+    params = yaml.safe_load(params_file.read_text())
+    params["memory"]["nproc_per_node"] = 2  # train-memory as two torch.distributed ranks, under dvc too
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
     first = _run(clone, "dvc", "repro")
     for item in STAGES:

@@ -79,11 +79,13 @@ def test_online_states_are_the_stored_keys(chain):
         np.testing.assert_allclose(online(start, stop), offline(start, stop), rtol=2e-3, atol=2e-3)
 
 
-def test_online_mode_trains(chain, tmp_path):
+def test_online_mode_trains_on_two_ranks(chain, tmp_path):
+    """Online, each rank runs the decoder on the windows of its own rows."""
     art = linked(chain, tmp_path)
-    assert main(["train-memory", *stage_args(chain["root"], art, **{"memory.mode": "online",
-                                                                     "memory.max_steps": 5})]) == 0
-    assert open_artifact(str(art / "memory"), "memory").manifest["stats"]["mode"] == "online"
+    assert main(["train-memory", *stage_args(chain["root"], art, **{"memory.mode": "online", "memory.max_steps": 5,
+                                                                     "memory.nproc_per_node": 2})]) == 0
+    stats = open_artifact(str(art / "memory"), "memory").manifest["stats"]
+    assert (stats["mode"], stats["world_size"], stats["backend"]) == ("online", 2, "gloo")
 
 
 def test_online_training_with_an_encoder_that_is_not_the_decoder(chain, tmp_path):

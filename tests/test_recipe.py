@@ -24,7 +24,8 @@ RECIPE = Path(__file__).resolve().parent.parent / "examples" / "wikitext103-gpt2
 MINIATURE = {"encode.block_size": 32, "encode.stride": 16, "encode.chunk_rows": 64, "encode.shard_chunks": 2,
              "index.factory": "IVF8,PQ8x4", "index.nprobe": 4, "targets.k": 8, "targets.width": 8,
              "memory.batch_size": 64, "memory.max_steps": 6, "memory.warmup_steps": 1,
-             "memory.checkpoint_every": 6, "evaluate.k": 8, "evaluate.nprobe": 4, "flow.retry_delay_s": 0}
+             "memory.checkpoint_every": 6, "memory.nproc_per_node": 2,  # the Prefect task starts two ranks
+             "evaluate.k": 8, "evaluate.nprobe": 4, "flow.retry_delay_s": 0}
 
 
 def stream(tokens, split: str) -> np.ndarray:
@@ -64,6 +65,7 @@ def test_the_recipe_chooses_on_validation_and_reports_on_test(tmp_path, capsys):
     assert np.array_equal(datastore.vals(), stream(tokens, "train")[1:])
     for role in ("index", "targets/train"):
         assert open_artifact(str(art / role)).manifest["counts"]["rows"] == splits["train"]["tokens"] - 1, role
+    assert open_artifact(str(art / "memory"), "memory").manifest["stats"]["world_size"] == 2
     memory_inputs = {i["role"]: i["uri"] for i in open_artifact(str(art / "memory"), "memory").manifest["inputs"]}
     print("memory inputs:", memory_inputs)
     assert memory_inputs["targets"].endswith("targets/train")

@@ -10,6 +10,7 @@ curve) and the manifest with validation and unigram perplexities.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -29,6 +30,7 @@ from memforge.training.checkpoint import Checkpoints
 from memforge.training.lm_eval import perplexity, target_log_probs, unigram_log_probs
 from memforge.training.optim import adamw, apply_gradients, learning_rate_at, set_learning_rate
 from memforge.training.token_stream import TokenStream
+from memforge.training.world import World, data_parallel
 
 log = logging.getLogger("memforge")
 
@@ -62,9 +64,15 @@ def _check_block_size(model: torch.nn.Module, config) -> None:
         raise MemforgeError(f"decoder.block_size: {config.block_size} exceeds the model's {limit} positions")
 
 
-def train_decoder(config, tokens, uri: str, device: torch.device) -> Published:
-    """Train (or resume training) the decoder into ``uri`` on ``device`` (autocast to ``config.precision``);
-    returns what its manifest records."""
+def train_decoder(config, tokens, uri: str, world: World) -> Published | None:
+    """Train (or resume training) the decoder into ``uri`` as this rank of ``world`` (autocast to
+    ``config.precision``). Each step's blocks are the same whatever the world size; a rank reads and trains on
+    every world-size-th of them. Rank 0 writes the checkpoints and the model, and returns what the manifest
+    records; the other ranks return None."""
+    device = world.device
+    if config.batch_size < world.size:
+        raise MemforgeError(f"decoder.batch_size: {config.batch_size} blocks per micro-step cannot be shared among "
+                            f"{world.size} ranks; raise it to at least {world.size} or run fewer ranks")
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = load_tokenizer(fs.local_dir(tokens.path(TOKENIZER_DIR), scratch))
     torch.manual_seed(config.seed)  # initial weights and dropout; a resumed run restores the RNG state
@@ -75,9 +83,11 @@ def train_decoder(config, tokens, uri: str, device: torch.device) -> Published:
     scaler = devices.grad_scaler(device, config.precision)
     checkpoints = Checkpoints(uri)
     record = checkpoints.restore(model, optimizer, scaler) or {"step": 0, "losses": []}
+    replicas = data_parallel(model, world)
     train = TokenStream(tokens, "train")
     losses = record["losses"]
     started, first_step = time.perf_counter(), record["step"]
+    predicted = config.batch_size * config.block_size * config.grad_accum  # tokens predicted per global step
     model.train()
     for step in range(first_step, config.max_steps):
         set_learning_rate(optimizer, learning_rate_at(step, config.learning_rate, config.warmup_steps,
@@ -85,18 +95,24 @@ def train_decoder(config, tokens, uri: str, device: torch.device) -> Published:
         step_loss = 0.0
         for micro in range(config.grad_accum):
             block = torch.from_numpy(train.random_blocks(config.seed, step, micro, config.batch_size,
-                                                         config.block_size + 1)).to(device)
-            with devices.autocast(device, config.precision):
-                logits = model(block[:, :-1]).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten()) / config.grad_accum
-            scaler.scale(loss).backward()
-            step_loss += loss.item()
+                                                         config.block_size + 1, world.rank, world.size)).to(device)
+            last = micro + 1 == config.grad_accum
+            with (contextlib.nullcontext() if last or world.backend is None else replicas.no_sync()):
+                with devices.autocast(device, config.precision):
+                    logits = replicas(block[:, :-1]).logits
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten(), reduction="sum")
+                # this rank's share of the global step's mean; data parallelism averages the ranks' gradients
+                scaler.scale(loss * world.size / predicted).backward()
+            step_loss += loss.item() / predicted
         apply_gradients(model, optimizer, scaler)
-        losses.append([step + 1, round(step_loss, 6)])
+        losses.append([step + 1, round(world.all_sum([step_loss])[0], 6)])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
-            checkpoints.save(step + 1, model, optimizer, scaler, {"losses": losses})
-            log.info("train-decoder: step %d/%d, loss %.4f", step + 1, config.max_steps, step_loss)
+            if world.writer:
+                checkpoints.save(step + 1, model, optimizer, scaler, {"losses": losses})
+            log.info("train-decoder: step %d/%d, loss %.4f", step + 1, config.max_steps, losses[-1][1])
     seconds = time.perf_counter() - started
+    if not world.writer:
+        return None
     trained_tokens = (config.max_steps - first_step) * config.grad_accum * config.batch_size * config.block_size
 
     validation = TokenStream(tokens, "validation")
@@ -117,6 +133,5 @@ def train_decoder(config, tokens, uri: str, device: torch.device) -> Published:
         stats={"final_train_loss": losses[-1][1], "validation_perplexity": round(validation_ppl, 4),
                "unigram_perplexity": round(unigram_ppl, 4), "resumed_from_step": first_step,
                "train_tokens_per_second": round(trained_tokens / seconds, 1) if seconds > 0 else None,
-               "init": config.init or "scratch", "device": devices.describe(device),
-               "precision": config.precision},
+               "init": config.init or "scratch", "precision": config.precision, **world.describe()},
     )

@@ -17,7 +17,9 @@ class TrainDecoder(Stage):
     content = ("decoder.init", "decoder.n_layer", "decoder.n_head", "decoder.n_embd", "decoder.block_size",
                "decoder.batch_size", "decoder.grad_accum", "decoder.learning_rate", "decoder.weight_decay",
                "decoder.warmup_steps", "decoder.max_steps", "decoder.schedule", "decoder.seed", "decoder.precision")
-    execution = ("decoder.checkpoint_every", "decoder.device")
+    execution = ("decoder.checkpoint_every", "decoder.device", "decoder.nproc_per_node", "decoder.nnodes",
+                 "decoder.rdzv_endpoint")
+    launch = "decoder"
 
     def check(self, ctx: Context) -> None:
         from memforge.pipelines import devices
@@ -34,5 +36,7 @@ class TrainDecoder(Stage):
 
     def run(self, ctx: Context, role: str, build) -> Published:
         from memforge.training.decoder import train_decoder
+        from memforge.training.world import World
 
-        return train_decoder(ctx.params.decoder, ctx.inputs["tokens"], build.uri, ctx.scratch["device"])
+        world = ctx.scratch.get("world") or World(device=ctx.scratch["device"])
+        return train_decoder(ctx.params.decoder, ctx.inputs["tokens"], build.uri, world)

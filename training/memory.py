@@ -27,9 +27,10 @@ from memforge.storage.errors import MemforgeError
 from memforge.storage.stores import DistributionStore, KeyStore
 from memforge.training.checkpoint import DIR as CHECKPOINTS_DIR
 from memforge.training.checkpoint import Checkpoints
-from memforge.training.memory_data import DecoderStates, KeyStoreStates, MemoryRows
+from memforge.training.memory_data import Coverage, DecoderStates, KeyStoreStates, MemoryRows
 from memforge.training.mlp_memory import MemoryConfig, MLPMemory
 from memforge.training.optim import adamw, apply_gradients, learning_rate_at, set_learning_rate
+from memforge.training.world import World, data_parallel
 
 log = logging.getLogger("memforge")
 
@@ -37,9 +38,10 @@ MODEL_DIR = "model"
 LOSS_CURVE = "loss.json"
 
 
-def memory_loss(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor, remainder: torch.Tensor,
-                next_token: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(α·KL + (1−α)·CE, KL, CE) of a batch from its sparse targets (tokens -1 = padding).
+def memory_loss_sums(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor, remainder: torch.Tensor,
+                     next_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Σ KL over the rows with targets, how many rows have targets, Σ CE) of a batch's rows from their sparse
+    targets (tokens -1 = padding): sums, so the rows of a global batch split over ranks add up to the same loss.
 
     The KL runs over the stored tokens plus one remainder bucket: the kNN mass of the tokens not stored
     (``remainder``) against the memory's mass outside the stored tokens. No target mass is dropped or
@@ -57,8 +59,16 @@ def memory_loss(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor,
     log_q_rest = torch.logsumexp(log_q.masked_fill(is_stored, float("-inf")), dim=1).clamp_min(-1e4)
     kl_rows = (p * (torch.log(p.clamp_min(1e-30)) - log_q_at)).sum(dim=1) + \
         rest * (torch.log(rest.clamp_min(1e-30)) - log_q_rest)
-    kl = kl_rows[has_targets].mean() if bool(has_targets.any()) else log_q.new_zeros(())
-    ce = F.nll_loss(log_q, next_token)
+    ce = F.nll_loss(log_q, next_token, reduction="sum")
+    return kl_rows[has_targets].sum(), has_targets.sum(), ce
+
+
+def memory_loss(logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor, remainder: torch.Tensor,
+                next_token: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(α·KL + (1−α)·CE, KL, CE) of a batch, each the mean over its rows (the KL's over the rows with targets)."""
+    kl_sum, with_targets, ce_sum = memory_loss_sums(logits, tokens, probs, remainder, next_token)
+    kl = kl_sum / with_targets.clamp_min(1)
+    ce = ce_sum / len(next_token)
     return alpha * kl + (1 - alpha) * ce, kl, ce
 
 
@@ -113,10 +123,11 @@ def resolves_offline(params, keys: Artifact, decoder_fingerprint: str, n_blocks:
 
 
 def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], uri: str,
-                 device: torch.device) -> Published:
-    """Train (or resume training) the MLP memory into ``uri`` on ``device`` (autocast to ``memory.precision``;
-    online, the decoder runs there too); returns what its manifest records."""
-    config = params.memory
+                 world: World) -> Published | None:
+    """Train (or resume training) the MLP memory into ``uri`` as this rank of ``world`` (autocast to
+    ``memory.precision``; online, the decoder runs on the rank's device too). Rank 0 writes the checkpoints and
+    the model and returns what the manifest records; the other ranks return None."""
+    config, device = params.memory, world.device
     targets, keys = inputs["targets/train"], inputs["keys/train"]
     torch.manual_seed(config.seed)
     memory = build_memory(config, hidden_size(decoder), int(decoder.config.vocab_size))
@@ -129,6 +140,7 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
         if config.ema_decay else None
     checkpoints = Checkpoints(uri)
     record = checkpoints.restore(memory, optimizer, scaler, average) or {"step": 0, "losses": []}
+    model = data_parallel(memory, world)
     key_store = KeyStore.open(keys.uri)
     if offline:
         states = KeyStoreStates(key_store)
@@ -141,13 +153,21 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
                                params.encode.batch_size, hidden_size(decoder))
     distributions = DistributionStore.open(targets.uri)
     rows = MemoryRows(states, key_store, distributions, distributions.rows.array("tokens").chunks[0],
-                      config.shuffle_buffer_chunks, config.seed)
+                      config.shuffle_buffer_chunks, config.seed, world.rank, world.size)
     losses, first_step = record["losses"], record["step"]
-    log.info("train-memory: %s mode, %d rows, steps %d..%d", "offline" if offline else "online", rows.n_rows,
-             first_step, config.max_steps)
+    # the checkpoint's counts are every rank's: one rank carries them on
+    coverage = Coverage(rows.n_rows, record.get("coverage") if world.writer else None)
+    first_epoch = min([first_step * config.batch_size // rows.n_rows,
+                       *map(int, record.get("coverage", {}).get("open", {}))])
+    if config.shuffle_buffer_chunks % world.size:
+        log.warning("train-memory: memory.shuffle_buffer_chunks (%d) is not a multiple of the %d ranks: at some "
+                    "steps some ranks have fewer rows than others and wait for them", config.shuffle_buffer_chunks,
+                    world.size)
+    log.info("train-memory: %s mode, %d rows, steps %d..%d on %d rank(s)", "offline" if offline else "online",
+             rows.n_rows, first_step, config.max_steps, world.size)
     started = time.perf_counter()
-    memory.train()
-    batches = rows.batches(first_step, config.batch_size)
+    model.train()
+    batches = rows.batches(first_step, config.batch_size, coverage)
     for step in range(first_step, config.max_steps):
         batch = next(batches)
         set_learning_rate(optimizer, learning_rate_at(step, config.learning_rate, config.warmup_steps,
@@ -156,18 +176,28 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
             torch.from_numpy(array).to(device) for array in (batch.states, batch.tokens, batch.probs,
                                                              batch.remainder, batch.next_token))
         with devices.autocast(device, config.precision):
-            logits = memory(states)
-        loss, kl, ce = memory_loss(logits, tokens, probs, remainder, next_token, config.alpha)  # in float32
-        scaler.scale(loss).backward()
+            logits = model(states)
+        kl_sum, with_targets, ce_sum = memory_loss_sums(logits, tokens, probs, remainder, next_token)  # float32
+        kl_total, targets_total, ce_total = world.all_sum([kl_sum.item(), float(with_targets), ce_sum.item()])
+        # this rank's share of the global batch's loss; data parallelism averages the ranks' gradients
+        loss = config.alpha * kl_sum / max(targets_total, 1.0) + (1 - config.alpha) * ce_sum / config.batch_size
+        scaler.scale(loss * world.size).backward()
         apply_gradients(memory, optimizer, scaler)
         if average is not None:
             average.update_parameters(memory)
-        losses.append([step + 1, round(loss.item(), 6), round(kl.item(), 6), round(ce.item(), 6)])
+        kl, ce = kl_total / max(targets_total, 1.0), ce_total / config.batch_size
+        losses.append([step + 1, round(config.alpha * kl + (1 - config.alpha) * ce, 6), round(kl, 6), round(ce, 6)])
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
-            checkpoints.save(step + 1, memory, optimizer, scaler, {"losses": losses}, average)
+            coverage.merge(world, range(first_epoch, ((step + 1) * config.batch_size - 1) // rows.n_rows + 1))
+            if world.writer:
+                checkpoints.save(step + 1, memory, optimizer, scaler, {"losses": losses,
+                                                                        "coverage": coverage.record()}, average)
             log.info("train-memory: step %d/%d, loss %.4f (KL %.4f, CE %.4f)", step + 1, config.max_steps,
                      *losses[-1][1:])
     seconds = time.perf_counter() - started
+    log.info("train-memory: rank %d read %d chunks (the targets have %d)", world.rank, rows.chunks_read, rows.n_chunks)
+    if not world.writer:
+        return None
     if average is not None:  # the published memory is the running average of its weights
         memory = average.module
     memory.to("cpu")  # the saved memory loads anywhere
@@ -182,7 +212,10 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
                 "parameters": sum(p.numel() for p in memory.parameters())},
         stats={"mode": "offline" if offline else "online", "final_loss": losses[-1][1], "final_kl": losses[-1][2],
                "final_ce": losses[-1][3], "resumed_from_step": first_step, "input_dim": memory.config.input_dim,
-               "device": devices.describe(device), "precision": config.precision,
+               "precision": config.precision, **world.describe(),
+               "coverage": {"passes_checked": coverage.checked, "rows_in_open_passes":
+                            {str(e): c for e, (c, _) in sorted(coverage.open.items())}},
                "rows_per_second": round((config.max_steps - first_step) * config.batch_size / seconds, 1)
                if seconds > 0 else None},
     )
+

@@ -19,7 +19,9 @@ class TrainMemory(Stage):
                "memory.weight_decay", "memory.ema_decay", "memory.warmup_steps", "memory.max_steps",
                "memory.shuffle_buffer_chunks", "memory.seed", "memory.precision", "encode.model",
                "encode.representation")
-    execution = ("memory.checkpoint_every", "memory.device", "encode.batch_size", "runtime.trust_remote_code")
+    execution = ("memory.checkpoint_every", "memory.device", "memory.nproc_per_node", "memory.nnodes",
+                 "memory.rdzv_endpoint", "encode.batch_size", "runtime.trust_remote_code")
+    launch = "memory"
 
     def input_roles(self, ctx: Context) -> tuple[str, ...]:
         return self.inputs[:3] + decoder_inputs(ctx.params)
@@ -50,6 +52,7 @@ class TrainMemory(Stage):
 
     def run(self, ctx: Context, role: str, build) -> Published:
         from memforge.training.memory import train_memory
+        from memforge.training.world import World
 
-        return train_memory(ctx.params, ctx.scratch["decoder"], ctx.scratch["offline"], ctx.inputs, build.uri,
-                            ctx.scratch["device"])
+        world = ctx.scratch.get("world") or World(device=ctx.scratch["device"])
+        return train_memory(ctx.params, ctx.scratch["decoder"], ctx.scratch["offline"], ctx.inputs, build.uri, world)

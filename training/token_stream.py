@@ -39,12 +39,16 @@ class TokenStream:
                   for name, first, last in self.offsets.covering(start, stop)]
         return np.concatenate(pieces).astype(np.int64)
 
-    def random_blocks(self, seed: int, step: int, micro: int, count: int, length: int) -> np.ndarray:
-        """``count`` blocks of ``length`` tokens at positions drawn from (seed, step, micro)."""
+    def random_blocks(self, seed: int, step: int, micro: int, count: int, length: int, rank: int = 0,
+                      world_size: int = 1) -> np.ndarray:
+        """Of the ``count`` blocks of ``length`` tokens at positions drawn from (seed, step, micro), those of
+        ``rank`` (every ``world_size``-th, so the ranks together read each block once)."""
         if self.n_tokens < length:
             raise ValueError(f"the split has {self.n_tokens} tokens, fewer than one block of {length}")
         starts = np.random.default_rng([seed, step, micro]).integers(0, self.n_tokens - length + 1, count)
-        return np.stack([self.slice(int(s), int(s) + length) for s in np.sort(starts)])
+        mine = np.sort(starts)[rank::world_size]
+        return np.stack([self.slice(int(s), int(s) + length) for s in mine]) if len(mine) else \
+            np.zeros((0, length), dtype=np.int64)
 
     def blocks(self, length: int):
         """Consecutive blocks of ``length`` tokens overlapping by one (each token is predicted once),
