@@ -18,28 +18,44 @@ from memforge.storage.params import Params
 
 # A memory as wide as GPT-2 small's (768, over the tiny encoder's states through its input projection) at the
 # default depth and expansion, trained on the bench tokenizer's 2048-token vocabulary with its own head
-MEMORY = {"width": 768, "depth": 4, "hidden_mult": 8, "lm_head": "own", "batch_size": 512, "warmup_steps": 2,
-          "max_steps": 12, "checkpoint_every": 12, "shuffle_buffer_chunks": 4}
+MEMORY = {"width": 768, "depth": 4, "hidden_mult": 8, "lm_head": "own", "warmup_steps": 2,
+          "shuffle_buffer_chunks": 4}
+# global batch (rows per step): steps per run. 512 is memory.batch_size's default; with more rows per step
+# the work a rank does per step grows and the per-step costs every rank pays alike (the gradients' all-reduce,
+# the optimizer step, the moving average) weigh less
+BATCHES = {512: 24, 4096: 4}
+
+
+def _batch_notes(batch: int) -> dict[str, Note]:
+    prefix = f"train_cpu_b{batch}"
+    return {
+        f"{prefix}_1_rank_rows_per_s": Note(f"global batch {batch}: rows/s of train-memory's steps as one process, "
+                                            "1 thread (run first; checkpoint writes not counted)"),
+        f"{prefix}_2_ranks_rows_per_s": Note(f"global batch {batch}: rows/s of the same global batches on 2 gloo "
+                                             "ranks of 1 thread each"),
+        f"{prefix}_scaling_efficiency": Note("rows/s on 2 ranks ÷ (2 × rows/s on 1 rank)",
+                                             (f"{prefix}_2_ranks_rows_per_s", f"{prefix}_1_rank_rows_per_s")),
+        f"{prefix}_loss_gap": Note(f"global batch {batch}: largest per-step loss difference between the two runs"),
+    }
+
 
 NOTES = {
     "train_memory_parameters": Note("parameters of the memory trained (width 768, depth 4, hidden ×8, own head "
                                     "over the bench's 2048-token vocabulary)"),
     "train_rows": Note("train target rows of the bench's 1 MB datastore"),
-    "train_steps": Note("optimizer steps of each run (global batch 512 rows)"),
-    "train_cpu_1_rank_rows_per_s": Note("rows/s of train-memory's step loop as one process, 1 thread (run first)"),
-    "train_cpu_2_ranks_rows_per_s": Note("rows/s of the same global batches on 2 gloo ranks of 1 thread each"),
-    "train_cpu_scaling_efficiency": Note("rows/s on 2 ranks ÷ (2 × rows/s on 1 rank)",
-                                         ("train_cpu_2_ranks_rows_per_s", "train_cpu_1_rank_rows_per_s")),
-    "train_cpu_loss_gap": Note("largest per-step loss difference between the two runs (same global batches)"),
+    "train_steps": Note("optimizer steps of each run, by global batch"),
+    **{figure: note for batch in BATCHES for figure, note in _batch_notes(batch).items()},
     "train_gpus": Note("CUDA devices on this machine (the GPU figures below appear only when there are some)"),
-    "train_gpu_1_rank_rows_per_s": Note("rows/s on one GPU (one rank, NCCL not needed)"),
-    "train_gpu_all_ranks_rows_per_s": Note("rows/s on every GPU of the machine, one NCCL rank each"),
+    "train_gpu_1_rank_rows_per_s": Note("global batch 4096: rows/s on one GPU"),
+    "train_gpu_all_ranks_rows_per_s": Note("global batch 4096: rows/s on every GPU of the machine, one NCCL rank "
+                                           "each"),
     "train_gpu_scaling_efficiency": Note("rows/s on every GPU ÷ (GPUs × rows/s on one)",
                                          ("train_gpu_all_ranks_rows_per_s", "train_gpu_1_rank_rows_per_s")),
 }
 
 
-def _train(ws: Workspace, params: Params, name: str, ranks: int, device: str, threads: int | None) -> dict:
+def _train(ws: Workspace, params: Params, name: str, ranks: int, device: str, threads: int | None,
+           batch: int) -> dict:
     """Run ``memforge train-memory`` on ``ranks`` ranks as a user does (its own process, ``OMP_NUM_THREADS``
     when ``threads``); returns the memory's manifest and loss curve."""
     art = ws.root / f"train-{name}"
@@ -48,7 +64,9 @@ def _train(ws: Workspace, params: Params, name: str, ranks: int, device: str, th
         (art / role).symlink_to(fs.join(params.artifacts_dir, role), target_is_directory=True)
     dump = params.model_dump(mode="json")
     dump["artifacts_dir"] = str(art)
-    dump["memory"].update(MEMORY, nproc_per_node=ranks, device=device)
+    steps = BATCHES[batch]
+    dump["memory"].update(MEMORY, batch_size=batch, max_steps=steps, checkpoint_every=steps, nproc_per_node=ranks,
+                          device=device)
     path = ws.root / f"train-{name}.yaml"
     path.write_text(yaml.safe_dump(dump, sort_keys=False))
     environment = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
@@ -60,9 +78,9 @@ def _train(ws: Workspace, params: Params, name: str, ranks: int, device: str, th
 
 
 def bench_train(ws: Workspace) -> dict:
-    """train_cpu_scaling_efficiency: rows/s of the same global batches on 2 gloo ranks ÷ twice the rows/s of
-    one process, each of one thread, on the 1x datastore's targets (built once, as the faiss part's); on a
-    CUDA machine the same on every GPU ÷ on one."""
+    """train_cpu_b*_scaling_efficiency: rows/s of the same global batches on 2 gloo ranks ÷ twice the rows/s of
+    one process, each of one thread, on the 1x datastore's targets (built once, as the faiss part's), at the
+    default global batch and a larger one; on a CUDA machine the same on every GPU ÷ on one."""
     import torch
 
     from memforge.flows.stages import run_stage
@@ -71,19 +89,23 @@ def bench_train(ws: Workspace) -> dict:
     if not fs.exists(fs.join(params.artifacts_dir, "targets", "train", "_manifest.json")):
         run_stage("index", params)
         run_stage("targets", params)
-    one = _train(ws, params, "cpu-1", 1, "cpu", 1)
-    two = _train(ws, params, "cpu-2", 2, "cpu", 1)
-    rates = [run["manifest"]["stats"]["rows_per_second"] for run in (one, two)]
-    figures = {"train_memory_parameters": one["manifest"]["counts"]["parameters"],
-               "train_rows": one["manifest"]["counts"]["rows"], "train_steps": MEMORY["max_steps"],
-               "train_cpu_1_rank_rows_per_s": rates[0], "train_cpu_2_ranks_rows_per_s": rates[1],
-               "train_cpu_scaling_efficiency": round(rates[1] / (2 * rates[0]), 3),
-               "train_cpu_loss_gap": max(abs(a - b) for a, b in zip(one["losses"], two["losses"]))}
+    figures: dict = {}
+    for batch in BATCHES:
+        one = _train(ws, params, f"cpu-1-b{batch}", 1, "cpu", 1, batch)
+        two = _train(ws, params, f"cpu-2-b{batch}", 2, "cpu", 1, batch)
+        rates = [run["manifest"]["stats"]["rows_per_second"] for run in (one, two)]
+        figures.setdefault("train_memory_parameters", one["manifest"]["counts"]["parameters"])
+        figures.setdefault("train_rows", one["manifest"]["counts"]["rows"])
+        figures.setdefault("train_steps", ", ".join(f"{steps} at batch {b}" for b, steps in BATCHES.items()))
+        prefix = f"train_cpu_b{batch}"
+        figures.update({f"{prefix}_1_rank_rows_per_s": rates[0], f"{prefix}_2_ranks_rows_per_s": rates[1],
+                        f"{prefix}_scaling_efficiency": round(rates[1] / (2 * rates[0]), 3),
+                        f"{prefix}_loss_gap": max(abs(a - b) for a, b in zip(one["losses"], two["losses"]))})
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     figures["train_gpus"] = gpus
     if gpus:
-        single = _train(ws, params, "gpu-1", 1, "cuda", None)["manifest"]["stats"]["rows_per_second"]
-        every = _train(ws, params, "gpu-all", gpus, "cuda", None)["manifest"]["stats"]["rows_per_second"]
+        single = _train(ws, params, "gpu-1", 1, "cuda", None, 4096)["manifest"]["stats"]["rows_per_second"]
+        every = _train(ws, params, "gpu-all", gpus, "cuda", None, 4096)["manifest"]["stats"]["rows_per_second"]
         figures.update({"train_gpu_1_rank_rows_per_s": single, "train_gpu_all_ranks_rows_per_s": every,
                         "train_gpu_scaling_efficiency": round(every / (gpus * single), 3)})
     return figures

@@ -174,7 +174,12 @@ def _run_as_rank(stage: Stage, params: Params, rebuild: bool | str, reads: set[s
         if status == UP_TO_DATE:
             log.info("%s: %s is up to date", stage.name, ctx.uri(role))
             return ctx.uri(role)
-        published = stage.run(ctx, role, build or RankBuild(ctx.uri(role)))
+        try:
+            published = stage.run(ctx, role, build or RankBuild(ctx.uri(role)))
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise _out_of_memory(stage, exc) from None
+            raise
         if build is not None:
             _publish(build, published, None)
     finally:

@@ -18,6 +18,14 @@ Precision = Literal["fp32", "bf16", "fp16"]  # numeric format of the computation
 RdzvEndpoint = Annotated[str, Field(pattern=r"^[^\s:]+:\d+$")]  # HOST:PORT of a c10d rendezvous
 
 
+def _endpoint_for_nodes(endpoint: str | None, info: ValidationInfo) -> str | None:
+    """Several nodes meet at a rendezvous endpoint: refuse ``nnodes`` > 1 without one."""
+    nodes = info.data.get("nnodes", 1)
+    if nodes > 1 and endpoint is None:
+        raise ValueError(f"nnodes is {nodes}: name a HOST:PORT every node reaches for their c10d rendezvous")
+    return endpoint
+
+
 class Section(BaseModel):
     """Base of every params section: unknown keys are errors; values are immutable."""
 
@@ -74,7 +82,7 @@ class DecoderParams(Section):
     # torch.distributed data parallelism (execution): ranks per node, nodes, and the nodes' c10d rendezvous
     nproc_per_node: int = Field(default=1, gt=0)
     nnodes: int = Field(default=1, gt=0)
-    rdzv_endpoint: Optional[RdzvEndpoint] = None
+    rdzv_endpoint: Optional[RdzvEndpoint] = Field(default=None, validate_default=True)
 
     @field_validator("n_embd")
     @classmethod
@@ -84,6 +92,8 @@ class DecoderParams(Section):
             raise ValueError(f"must be divisible by n_head ({n_head})")
         return n_embd
 
+
+    _rendezvous = field_validator("rdzv_endpoint")(_endpoint_for_nodes)
 
 class EncodeParams(Section):
     """Hidden-state keys: which model, which representation, how they are stored (stage: encode)."""
@@ -193,8 +203,10 @@ class MemoryParams(Section):
     # torch.distributed data parallelism (execution): ranks per node, nodes, and the nodes' c10d rendezvous
     nproc_per_node: int = Field(default=1, gt=0)
     nnodes: int = Field(default=1, gt=0)
-    rdzv_endpoint: Optional[RdzvEndpoint] = None
+    rdzv_endpoint: Optional[RdzvEndpoint] = Field(default=None, validate_default=True)
 
+
+    _rendezvous = field_validator("rdzv_endpoint")(_endpoint_for_nodes)
 
 class EvaluateParams(Section):
     """Perplexity and speed report (stage: evaluate)."""

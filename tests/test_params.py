@@ -42,6 +42,9 @@ def test_set_overrides_are_typed(tmp_path):
     ("encode.dtype=int8", "encode.dtype", "float16"),
     ("targets.temperature=inf", "targets.temperature", "finite number"),  # a manifest must stay strict JSON
     ("memory.learning_rate=.nan", "memory.learning_rate", "finite number"),
+    ("memory.nnodes=2", "memory.rdzv_endpoint", "nnodes is 2: name a HOST:PORT"),
+    ("decoder.rdzv_endpoint=node0", "decoder.rdzv_endpoint", "should match pattern"),
+    ("memory.nproc_per_node=0", "memory.nproc_per_node", "greater than 0"),
 ])
 def test_bad_values_name_the_dotted_key(override, key, reason):
     with pytest.raises(ParamsError) as error:

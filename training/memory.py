@@ -165,7 +165,7 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
                     world.size)
     log.info("train-memory: %s mode, %d rows, steps %d..%d on %d rank(s)", "offline" if offline else "online",
              rows.n_rows, first_step, config.max_steps, world.size)
-    started = time.perf_counter()
+    started, saving = time.perf_counter(), 0.0
     model.train()
     batches = rows.batches(first_step, config.batch_size, coverage)
     for step in range(first_step, config.max_steps):
@@ -190,11 +190,13 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
             coverage.merge(world, range(first_epoch, ((step + 1) * config.batch_size - 1) // rows.n_rows + 1))
             if world.writer:
+                saved = time.perf_counter()
                 checkpoints.save(step + 1, memory, optimizer, scaler, {"losses": losses,
                                                                         "coverage": coverage.record()}, average)
+                saving += time.perf_counter() - saved
             log.info("train-memory: step %d/%d, loss %.4f (KL %.4f, CE %.4f)", step + 1, config.max_steps,
                      *losses[-1][1:])
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - saving  # the steps' time; writing checkpoints is reported apart
     log.info("train-memory: rank %d read %d chunks (the targets have %d)", world.rank, rows.chunks_read, rows.n_chunks)
     if not world.writer:
         return None
@@ -216,6 +218,6 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
                "coverage": {"passes_checked": coverage.checked, "rows_in_open_passes":
                             {str(e): c for e, (c, _) in sorted(coverage.open.items())}},
                "rows_per_second": round((config.max_steps - first_step) * config.batch_size / seconds, 1)
-               if seconds > 0 else None},
+               if seconds > 0 else None, "checkpoint_seconds": round(saving, 2)},
     )
 
