@@ -39,6 +39,7 @@ from memforge.storage.errors import (
     write_fault,
 )
 from memforge.storage.intact import check_intact
+from memforge.storage.lease import clear_abandoned
 from memforge.storage.params import Params
 from memforge.storage.params_view import ParamsView
 from memforge.storage.provenance import SourceFile
@@ -127,7 +128,10 @@ def _launch_ranks(stage: Stage, params: Params, plan, rebuild: bool | str, reads
     log.info("%s: %d rank(s) on this node, %d node(s)", stage.name, plan.nproc_per_node, plan.nnodes)
     dump = params.model_dump(mode="json")
     declaration = f"{type(stage).__module__}:{type(stage).__qualname__}"
-    world.launch(run_rank, (declaration, dump, rebuild), plan, stage.name, dump)
+    try:
+        world.launch(run_rank, (declaration, dump, rebuild), plan, stage.name, dump)
+    finally:  # a rank 0 of this node killed with the lease leaves it behind
+        clear_abandoned(ctx.uri(stage.outputs[0]))
     return ctx.uri(stage.outputs[0])
 
 

@@ -129,6 +129,18 @@ class Lease:
                         "(on another host: %.0f s after its last heartbeat)", self.path, _cause(exc), STALE_AFTER_S)
 
 
+def clear_abandoned(uri: str) -> bool:
+    """Remove the lease of the artifact at ``uri`` when its holder is known to be gone (a process of this host
+    that no longer exists: a rank killed with the lease); True when one was removed."""
+    lease = Lease(uri)
+    current = lease._read()
+    if current is None or (current and _alive(current)) or current.get("host") not in (None, socket.gethostname()):
+        return False
+    fs.remove_tree(lease.path)
+    log.info("%s: removed the lease of %s, which is gone", uri, describe(current) if current else "a torn write")
+    return True
+
+
 def _cause(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[-1]}" if text else type(exc).__name__

@@ -12,7 +12,7 @@ import pytest
 
 from memforge.storage.artifact import open_artifact
 from memforge.storage.errors import ArtifactError
-from memforge.storage.lease import LEASE_NAME, Lease
+from memforge.storage.lease import LEASE_NAME, Lease, clear_abandoned
 from memforge.storage.verify import verify
 
 import toy_stage
@@ -41,6 +41,22 @@ def test_the_lease_of_a_dead_holder_is_taken_over(tmp_path):
     held.acquire()
     assert json.loads((tmp_path / "a" / LEASE_NAME).read_text())["token"] == held.token
     held.release()
+
+
+def test_the_lease_of_a_process_gone_from_this_host_is_cleared_and_a_live_ones_kept(tmp_path):
+    """What the launcher of a torch.distributed job does after it: a rank 0 killed with the lease left it."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "a").mkdir()
+    record = {**Lease(str(tmp_path / "a"))._record(), "pid": int(gone.stdout), "token": "dead"}
+    (tmp_path / "a" / LEASE_NAME).write_text(json.dumps(record))
+    assert clear_abandoned(str(tmp_path / "a")) and not (tmp_path / "a" / LEASE_NAME).exists()
+    assert not clear_abandoned(str(tmp_path / "a"))  # nothing there
+    held = Lease(str(tmp_path / "a")).acquire()
+    assert not clear_abandoned(str(tmp_path / "a")) and (tmp_path / "a" / LEASE_NAME).exists()
+    held.release()
+    elsewhere = {**record, "host": "another-host"}  # its heartbeat decides, not this host's process table
+    (tmp_path / "a" / LEASE_NAME).write_text(json.dumps(elsewhere))
+    assert not clear_abandoned(str(tmp_path / "a"))
 
 
 def test_a_torn_lease_file_is_taken_over(tmp_path):

@@ -197,7 +197,7 @@ def launch(entrypoint, args: tuple, plan: Launch, stage: str, params: dict) -> N
 
 def _failure_message(stage: str, exc) -> str:
     """Which rank failed first, on which host, and how (its exception's last line, or the signal)."""
-    rank, failure = min(exc.failures.items(), key=lambda item: item[1].timestamp)
+    rank, failure = min(exc.failures.items(), key=lambda item: (item[1].timestamp, item[0]))  # ties: the lower rank
     host = socket.gethostname()
     if failure.exitcode < 0:
         name = signal.Signals(-failure.exitcode).name
