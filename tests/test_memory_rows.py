@@ -56,8 +56,13 @@ def steps(rows: MemoryRows, first: int, count: int) -> list:
     return [next(batches) for _ in range(count)]
 
 
+def read_rows(distributions: Distributions) -> list[int]:
+    return [row for start, stop in distributions.reads for row in range(start, stop)]
+
+
 @pytest.mark.parametrize("buffer_chunks,world", [(4, 2), (3, 2), (4, 3), (2, 4)])
-def test_the_ranks_share_out_each_global_batch_and_read_each_chunk_once(buffer_chunks, world):
+def test_the_ranks_share_out_each_global_batch_and_read_each_row_once(buffer_chunks, world):
+    """The last chunk is short (1000 rows in chunks of 64): a buffer holding it still splits evenly."""
     whole, whole_reads = rows_of(buffer_chunks)
     expected = steps(whole, 0, 60)  # three passes
     shares = [rows_of(buffer_chunks, rank, world) for rank in range(world)]
@@ -70,8 +75,12 @@ def test_the_ranks_share_out_each_global_batch_and_read_each_chunk_once(buffer_c
             assert np.array_equal(part.states[:, 0], part.row.astype(np.float32))
             assert np.array_equal(part.next_token, part.row % 7)
             assert np.array_equal((part.tokens >= 0).sum(axis=1), part.row % 3 + 1)
-    reads = [start for _, distributions in shares for start, _ in distributions.reads]
-    assert sorted(reads) == sorted(start for start, _ in whole_reads.reads)  # together, each chunk read once
+    # together the ranks read each row once, and each reads an equal share of each buffer (to one row)
+    assert sorted(row for _, d in shares for row in read_rows(d)) == sorted(read_rows(whole_reads))
+    for buffer in whole._buffers(0):
+        size = sum(stop - start for start, stop in map(whole._chunk_rows, buffer))
+        counts = [int((rows._share(buffer)[1] >= 0).sum()) for rows, _ in shares]
+        assert sum(counts) == size and max(counts) - min(counts) <= 1
 
 
 def test_a_resumed_position_serves_the_same_batches_on_another_world_size():

@@ -160,8 +160,8 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
     first_epoch = min([first_step * config.batch_size // rows.n_rows,
                        *map(int, record.get("coverage", {}).get("open", {}))])
     if config.shuffle_buffer_chunks % world.size:
-        log.warning("train-memory: memory.shuffle_buffer_chunks (%d) is not a multiple of the %d ranks: at some "
-                    "steps some ranks have fewer rows than others and wait for them", config.shuffle_buffer_chunks,
+        log.warning("train-memory: memory.shuffle_buffer_chunks (%d) is not a multiple of the %d ranks: the "
+                    "ranks share some chunks, each reading its part of them", config.shuffle_buffer_chunks,
                     world.size)
     log.info("train-memory: %s mode, %d rows, steps %d..%d on %d rank(s)", "offline" if offline else "online",
              rows.n_rows, first_step, config.max_steps, world.size)
@@ -197,7 +197,7 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
             log.info("train-memory: step %d/%d, loss %.4f (KL %.4f, CE %.4f)", step + 1, config.max_steps,
                      *losses[-1][1:])
     seconds = time.perf_counter() - started - saving  # the steps' time; writing checkpoints is reported apart
-    log.info("train-memory: rank %d read %d chunks (the targets have %d)", world.rank, rows.chunks_read, rows.n_chunks)
+    log.info("train-memory: rank %d read %d rows (the targets have %d)", world.rank, rows.rows_read, rows.n_rows)
     if not world.writer:
         return None
     if average is not None:  # the published memory is the running average of its weights

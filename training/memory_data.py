@@ -6,9 +6,9 @@ padded with (-1, 0) to its own widest row, so memory follows the rows' sizes, no
 visits the Zarr chunks in a seeded random order, ``buffer_chunks`` chunks at a time: their rows
 are read sequentially, then served in a seeded random order. The order is a function of the seed
 and the position, so a resumed run (position = step x batch size) reads the same batches.
-With several ranks, the batches are the same global batches: the chunks of an epoch are dealt out to the
-ranks in turn (the chunk at position j of the epoch's order belongs to rank j mod world size), each rank
-reads only its own chunks and keeps, of every global batch, the rows of its chunks. ``Coverage`` counts
+With several ranks, the batches are the same global batches: the rows of each buffer are cut into as many
+equal ranges as there are ranks, each rank reads only its range and keeps, of every global batch, the
+rows of its range. ``Coverage`` counts
 and hashes the rows a pass served, so a run (and a run resumed on another number of ranks) shows that
 no row was repeated or skipped within a pass.
 Query states come from the key store (offline) or from the decoder run on the token windows
@@ -161,7 +161,7 @@ class MemoryRows:
         self.chunk_rows, self.buffer_chunks, self.seed = chunk_rows, buffer_chunks, seed
         self.rank, self.world_size = rank, world_size
         self.n_chunks = -(-self.n_rows // chunk_rows)
-        self.chunks_read = 0
+        self.rows_read = 0
 
     def _chunk_rows(self, chunk: int) -> tuple[int, int]:
         return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n_rows)
@@ -170,36 +170,38 @@ class MemoryRows:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n_chunks)
         return [order[i:i + self.buffer_chunks] for i in range(0, self.n_chunks, self.buffer_chunks)]
 
-    def _read(self, chunks: np.ndarray) -> Batch:
-        """All rows of ``chunks`` (each read sequentially, cut to its widest row), in chunk order."""
+    def _read(self, spans: list[tuple[int, int]]) -> Batch:
+        """The rows of ``spans`` (row ranges, each within one chunk, read sequentially and cut to its widest row),
+        in order."""
         parts = []
-        for chunk in chunks:
-            start, stop = self._chunk_rows(int(chunk))
+        for start, stop in spans:
             tokens, probs, truncated = self.distributions.ragged(start, stop)
             parts.append(Batch(self.states(start, stop), tokens, probs.astype(np.float32),
                                truncated.astype(np.float32), self.values.vals(start, stop).astype(np.int64),
                                np.arange(start, stop, dtype=np.int64)))
-            self.chunks_read += 1
-        if not parts:  # no chunk of this buffer is this rank's
+            self.rows_read += stop - start
+        if not parts:  # a buffer of fewer rows than ranks
             return Batch(np.zeros((0, self.states.dim), np.float32), np.zeros((0, 0), np.int32),
                          np.zeros((0, 0), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
                          np.zeros(0, np.int64))
         return stack(parts)
 
-    def _share(self, number: int, chunks: np.ndarray) -> tuple[Batch, np.ndarray]:
-        """This rank's rows of buffer ``number``: its chunks' data, and for each buffer position the row's index
-        in that data (-1: another rank's)."""
-        sizes = [b - a for a, b in map(self._chunk_rows, chunks)]
-        first = number * self.buffer_chunks  # the buffer's first position in the epoch's chunk order
-        mine = [(first + i) % self.world_size == self.rank for i in range(len(chunks))]
-        local = np.full(sum(sizes), -1, dtype=np.int64)
-        offset, count = 0, 0
-        for size, owned in zip(sizes, mine):
-            if owned:
-                local[offset:offset + size] = np.arange(count, count + size)
-                count += size
-            offset += size
-        return self._read(chunks[np.asarray(mine, dtype=bool)]), local
+    def _share(self, chunks: np.ndarray) -> tuple[Batch, np.ndarray]:
+        """This rank's rows of a buffer: its chunks' rows laid end to end are cut into as many equal ranges as
+        there are ranks, and the rank reads its range only (a chunk a cut falls in is read in part by two
+        ranks). Returns that data and, for each buffer position, the row's index in it (-1: another rank's)."""
+        bounds = [self._chunk_rows(int(chunk)) for chunk in chunks]
+        size = sum(stop - start for start, stop in bounds)
+        low, high = size * self.rank // self.world_size, size * (self.rank + 1) // self.world_size
+        spans, offset = [], 0
+        for start, stop in bounds:
+            first, last = max(low, offset), min(high, offset + stop - start)
+            if first < last:
+                spans.append((start + first - offset, start + last - offset))
+            offset += stop - start
+        local = np.full(size, -1, dtype=np.int64)
+        local[low:high] = np.arange(high - low)
+        return self._read(spans), local
 
     def batches(self, first_step: int, batch_size: int, coverage: Coverage | None = None) -> Iterator[Batch]:
         """This rank's rows of the global batches from step ``first_step`` on, endlessly (epoch after epoch);
@@ -215,7 +217,7 @@ class MemoryRows:
                     continue
                 rows = np.random.default_rng([self.seed, epoch, number]).permutation(size)[skip:]
                 skip = 0
-                data, local = self._share(number, chunks)
+                data, local = self._share(chunks)
                 while len(rows):
                     take, rows = rows[:batch_size - filled], rows[batch_size - filled:]
                     part = data.take(local[take][local[take] >= 0])
