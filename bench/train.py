@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import yaml
 
@@ -54,20 +55,21 @@ NOTES = {
 }
 
 
-def _train(ws: Workspace, params: Params, name: str, ranks: int, device: str, threads: int | None,
+def _train(params: Params, workdir: Path, name: str, ranks: int, device: str, threads: int | None,
            batch: int) -> dict:
     """Run ``memforge train-memory`` on ``ranks`` ranks as a user does (its own process, ``OMP_NUM_THREADS``
-    when ``threads``); returns the memory's manifest and loss curve."""
-    art = ws.root / f"train-{name}"
+    when ``threads``) over the artifacts of ``params``; returns the memory's manifest and loss curve."""
+    art = workdir / f"train-{name}"
     art.mkdir()
-    for role in ("tokens", "keys", "targets"):
-        (art / role).symlink_to(fs.join(params.artifacts_dir, role), target_is_directory=True)
+    for role in ("tokens", "decoder", "keys", "index", "targets"):
+        if fs.exists(fs.join(params.artifacts_dir, role)):
+            (art / role).symlink_to(fs.join(params.artifacts_dir, role), target_is_directory=True)
     dump = params.model_dump(mode="json")
     dump["artifacts_dir"] = str(art)
     steps = BATCHES[batch]
     dump["memory"].update(MEMORY, batch_size=batch, max_steps=steps, checkpoint_every=steps, nproc_per_node=ranks,
                           device=device)
-    path = ws.root / f"train-{name}.yaml"
+    path = workdir / f"train-{name}.yaml"
     path.write_text(yaml.safe_dump(dump, sort_keys=False))
     environment = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     subprocess.run(memforge_command("train-memory", "--params", str(path)), check=True, env=environment,
@@ -77,22 +79,14 @@ def _train(ws: Workspace, params: Params, name: str, ranks: int, device: str, th
             "losses": [row["loss"] for row in json.loads(open(fs.join(memory, "loss.json")).read())]}
 
 
-def bench_train(ws: Workspace) -> dict:
-    """train_cpu_b*_scaling_efficiency: rows/s of the same global batches on 2 gloo ranks ÷ twice the rows/s of
-    one process, each of one thread, on the 1x datastore's targets (built once, as the faiss part's), at the
-    default global batch and a larger one; on a CUDA machine the same on every GPU ÷ on one."""
+def measure_scaling(params: Params, workdir: Path) -> dict:
+    """The figures of ``bench_train`` over the targets of ``params`` (built), trained under ``workdir``."""
     import torch
 
-    from memforge.flows.stages import run_stage
-
-    params = faiss_params(ws)
-    if not fs.exists(fs.join(params.artifacts_dir, "targets", "train", "_manifest.json")):
-        run_stage("index", params)
-        run_stage("targets", params)
     figures: dict = {}
     for batch in BATCHES:
-        one = _train(ws, params, f"cpu-1-b{batch}", 1, "cpu", 1, batch)
-        two = _train(ws, params, f"cpu-2-b{batch}", 2, "cpu", 1, batch)
+        one = _train(params, workdir, f"cpu-1-b{batch}", 1, "cpu", 1, batch)
+        two = _train(params, workdir, f"cpu-2-b{batch}", 2, "cpu", 1, batch)
         rates = [run["manifest"]["stats"]["rows_per_second"] for run in (one, two)]
         figures.setdefault("train_memory_parameters", one["manifest"]["counts"]["parameters"])
         figures.setdefault("train_rows", one["manifest"]["counts"]["rows"])
@@ -104,8 +98,22 @@ def bench_train(ws: Workspace) -> dict:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     figures["train_gpus"] = gpus
     if gpus:
-        single = _train(ws, params, "gpu-1", 1, "cuda", None, 4096)["manifest"]["stats"]["rows_per_second"]
-        every = _train(ws, params, "gpu-all", gpus, "cuda", None, 4096)["manifest"]["stats"]["rows_per_second"]
+        batch = max(BATCHES)
+        single = _train(params, workdir, "gpu-1", 1, "cuda", None, batch)["manifest"]["stats"]["rows_per_second"]
+        every = _train(params, workdir, "gpu-all", gpus, "cuda", None, batch)["manifest"]["stats"]["rows_per_second"]
         figures.update({"train_gpu_1_rank_rows_per_s": single, "train_gpu_all_ranks_rows_per_s": every,
                         "train_gpu_scaling_efficiency": round(every / (gpus * single), 3)})
     return figures
+
+
+def bench_train(ws: Workspace) -> dict:
+    """train_cpu_b*_scaling_efficiency: rows/s of the same global batches on 2 gloo ranks ÷ twice the rows/s of
+    one process, each of one thread, on the 1x datastore's targets (built once, as the faiss part's), at the
+    default global batch and a larger one; on a CUDA machine the same on every GPU ÷ on one."""
+    from memforge.flows.stages import run_stage
+
+    params = faiss_params(ws)
+    if not fs.exists(fs.join(params.artifacts_dir, "targets", "train", "_manifest.json")):
+        run_stage("index", params)
+        run_stage("targets", params)
+    return measure_scaling(params, ws.root)

@@ -271,3 +271,23 @@ def test_the_shape_part_measures_each_keep_rule_on_a_tiny_chain(chain, tmp_path)
     assert figures["floor8_kept_mass_median"] >= figures["width32_kept_mass_median"]
     assert figures["floor8_kept_tokens_max"] >= figures["floor4_kept_tokens_max"]
     assert all(figures[f"{rule}_memory_dev_perplexity"] > 1 for rule in shape.RULES)
+
+
+@pytest.mark.stage
+def test_the_train_part_trains_one_rank_and_two_on_the_same_batches(chain, tmp_path, monkeypatch):
+    """The train part's measurement over the tiny chain's targets at a small memory and batch: both runs train
+    through `memforge train-memory`, every figure has its note, and the two loss curves agree."""
+    from memforge.bench import train
+    from memforge.storage.params import load_params
+
+    from chain import overrides
+
+    monkeypatch.setattr(train, "MEMORY", {**train.MEMORY, "width": 64, "hidden_mult": 2, "depth": 2})
+    monkeypatch.setattr(train, "BATCHES", {64: 6})
+    params = load_params(chain["root"] / "params.yaml", overrides(chain["args"]))
+    figures = train.measure_scaling(params, tmp_path)
+    notes = {**train.NOTES, **train._batch_notes(64)}
+    assert set(figures) <= set(notes) and figures["train_gpus"] == 0
+    assert figures["train_cpu_b64_1_rank_rows_per_s"] > 0 and figures["train_cpu_b64_2_ranks_rows_per_s"] > 0
+    rows = json.loads((chain["art"] / "targets" / "train" / "_manifest.json").read_text())["counts"]["rows"]
+    assert figures["train_cpu_b64_loss_gap"] < 1e-4 and figures["train_rows"] == rows
