@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from memforge.pipelines.windows import encode_rows
 from memforge.storage.errors import MemforgeError
@@ -133,7 +134,7 @@ class Coverage:
             count, checksum = self.served.get(epoch, (0, 0))
             carried = self.carried.get(epoch, (0, 0))
             mine += [count + carried[0], (checksum + carried[1]) % 2**64]
-        totals = world.all_sum_int64([v - 2**64 if v >= 2**63 else v for v in mine])
+        totals = world.all_sum([v - 2**64 if v >= 2**63 else v for v in mine], torch.int64)
         self.open, complete = {}, 0
         for epoch, count, checksum in zip(epochs, totals[0::2], totals[1::2]):
             checksum %= 2**64

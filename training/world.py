@@ -67,19 +67,11 @@ class World:
         """Whether this rank writes checkpoints and the published model (rank 0)."""
         return self.rank == 0
 
-    def all_sum(self, values: list[float]) -> list[float]:
-        """``values`` summed over the ranks (float64, in order)."""
+    def all_sum(self, values: list, dtype: torch.dtype = torch.float64) -> list:
+        """``values`` summed over the ranks, in order, as ``dtype`` (int64 sums wrap, as a checksum's do)."""
         if self.backend is None:
             return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-    def all_sum_int64(self, values: list[int]) -> list[int]:
-        """``values`` summed over the ranks as int64 (wrapping, as a checksum does)."""
-        if self.backend is None:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.int64, device=self.device)
+        tensor = torch.tensor(values, dtype=dtype, device=self.device)
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -92,11 +84,10 @@ class World:
         return int(tensor.item())
 
     def describe(self) -> dict:
-        """What a manifest records: world size, backend, devices (rank 0's device when one process, else the
-        ranks' count and kind)."""
+        """What a manifest records: rank 0's device, every rank's (their count and kind), world size, backend."""
         kind = "cpu" if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
-        return {"world_size": self.size, "backend": self.backend or "none",
-                "devices": devices.describe(self.device) if self.size == 1 else f"{self.size} x {kind}"}
+        return {"device": devices.describe(self.device), "devices": f"{self.size} x {kind}",
+                "world_size": self.size, "backend": self.backend or "none"}
 
 
 def data_parallel(module: torch.nn.Module, world: World) -> torch.nn.Module:
