@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from memforge.flows.cli import main
 from memforge.flows.server import free_port
 
 from chain import stage_args
@@ -105,7 +106,8 @@ def one_rank(chain, tmp_path_factory) -> Path:
 
 def test_one_step_on_two_ranks_equals_one_step_on_one(chain, tmp_path):
     """The two ranks here are an outside ``torchrun``'s: each runs the same ``memforge`` command."""
-    one = trained(chain, tmp_path / "one", 1, **{"memory.max_steps": 1})
+    one = linked(chain, tmp_path / "one") / "memory"
+    assert main(args(chain, one.parent, 1, **{"memory.max_steps": 1})) == 0
     art = linked(chain, tmp_path / "two")
     torchrun = [str(Path(MEMFORGE).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", MEMFORGE]
     result = subprocess.run([*torchrun, *args(chain, art, 1, **{"memory.max_steps": 1})], capture_output=True,

@@ -184,18 +184,18 @@ def test_interrupted_build_with_another_layout_restarts_its_plan(setup, tmp_path
     done = kill_after_first_shard(["encode", *args], art / "keys" / "train" / "_shards")
     assert done > 0 and not (art / "keys" / "train" / "_manifest.json").exists()
 
-    finished = rerun(["encode", *args, "--set", "encode.chunk_rows=8", "--set", "encode.shard_chunks=3"])
+    finished = rerun(["encode", *args, "--set", "encode.chunk_rows=32", "--set", "encode.shard_chunks=4"])
     assert finished.returncode == 0, finished.stderr
     assert "planned for another layout" in finished.stderr
     assert "; 0 shards already done" in finished.stderr.split("encode: train: ")[1]
     for split in ("train", "validation"):
         rebuilt, original = KeyStore.open(str(art / "keys" / split)), KeyStore.open(str(setup["art"] / "keys" / split))
-        assert rebuilt.rows.array("keys").chunks[0] == 8 and rebuilt.rows.unit_rows() == 24
+        assert rebuilt.rows.array("keys").chunks[0] == 32 and rebuilt.rows.unit_rows() == 128
         np.testing.assert_array_equal(rebuilt.keys(), original.keys())
         np.testing.assert_array_equal(rebuilt.vals(), original.vals())
         assert verify(str(art / "keys" / split)) == []
         layout = json.loads((art / "keys" / split / "_plan.json").read_text())["layout"]
-        assert layout == {"encode.chunk_rows": 8, "encode.shard_chunks": 3}
+        assert layout == {"encode.chunk_rows": 32, "encode.shard_chunks": 4}
     # Finished, it stays up to date whatever layout is asked for next.
     again = rerun(["encode", *args])
     assert again.returncode == 0 and again.stderr.count("is up to date") == 2

@@ -288,7 +288,7 @@ def test_out_of_memory_is_named_with_the_params_that_size_batches(chain, tmp_pat
     def allocation_fails(*_args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(memforge.training.memory, "memory_loss", allocation_fails)
+    monkeypatch.setattr(memforge.training.memory, "memory_loss_sums", allocation_fails)
     art = linked(chain, tmp_path, ("tokens", "decoder", "keys", "index", "targets"))
     refused(["train-memory", *stage_args(chain["root"], art)], capsys,
             "train-memory ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower "
