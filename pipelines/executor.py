@@ -82,13 +82,8 @@ def run_stage(stage: Stage, params: Params, *, rebuild: bool | str = False, beam
     builds = {}
     try:
         for role in stage.outputs:
-            build = ArtifactBuild.begin(ctx.uri(role), stage.kind(role), stage.artifact_params(ctx, role),
-                                        stage.artifact_inputs(ctx, role), fmt=stage.format, rebuild=rebuild,
-                                        code_files=stage.code_files(), execution=execution,
-                                        root=params.artifacts_dir)
-            if build.up_to_date:
-                log.info("%s: %s is up to date (fingerprint %s)", stage.name, build.uri, build.fingerprint[:12])
-            else:
+            build = _begin(stage, ctx, role, rebuild, execution)
+            if not build.up_to_date:
                 builds[role] = build
         if stage.sharded and builds:
             _run_shards(stage, ctx, builds, beam_args)
@@ -115,6 +110,16 @@ def run_stage(stage: Stage, params: Params, *, rebuild: bool | str = False, beam
             build.release()
     roles = stage.outputs
     return ctx.uri(roles[0]) if len(roles) == 1 else fs.join(params.artifacts_dir, roles[0].split("/")[0])
+
+
+def _begin(stage: Stage, ctx: Context, role: str, rebuild: bool | str, execution: dict) -> ArtifactBuild:
+    """Begin (or resume, or find up to date) the build of output ``role``."""
+    build = ArtifactBuild.begin(ctx.uri(role), stage.kind(role), stage.artifact_params(ctx, role),
+                                stage.artifact_inputs(ctx, role), fmt=stage.format, rebuild=rebuild,
+                                code_files=stage.code_files(), execution=execution, root=ctx.artifacts_dir)
+    if build.up_to_date:
+        log.info("%s: %s is up to date (fingerprint %s)", stage.name, build.uri, build.fingerprint[:12])
+    return build
 
 
 def _launch_ranks(stage: Stage, params: Params, plan, rebuild: bool | str, reads: set[str] | None) -> str:
@@ -165,18 +170,13 @@ def _run_as_rank(stage: Stage, params: Params, rebuild: bool | str, reads: set[s
         status = NOT_BEGUN
         if group.writer:
             try:
-                build = ArtifactBuild.begin(
-                    ctx.uri(role), stage.kind(role), stage.artifact_params(ctx, role),
-                    stage.artifact_inputs(ctx, role), fmt=stage.format, rebuild=rebuild,
-                    code_files=stage.code_files(), execution=ctx.params.values(stage.execution),
-                    root=params.artifacts_dir)
+                build = _begin(stage, ctx, role, rebuild, ctx.params.values(stage.execution))
                 status = UP_TO_DATE if build.up_to_date else BEGUN
             finally:
                 group.broadcast_int(status)
         elif (status := group.broadcast_int(status)) == NOT_BEGUN:
             raise world.RankFailedError(f"{stage.name}: rank 0 could not begin {ctx.uri(role)} (its error says why)")
         if status == UP_TO_DATE:
-            log.info("%s: %s is up to date", stage.name, ctx.uri(role))
             return ctx.uri(role)
         try:
             published = stage.run(ctx, role, build or RankBuild(ctx.uri(role)))

@@ -46,9 +46,7 @@ class TokenStream:
         if self.n_tokens < length:
             raise ValueError(f"the split has {self.n_tokens} tokens, fewer than one block of {length}")
         starts = np.random.default_rng([seed, step, micro]).integers(0, self.n_tokens - length + 1, count)
-        mine = np.sort(starts)[rank::world_size]
-        return np.stack([self.slice(int(s), int(s) + length) for s in mine]) if len(mine) else \
-            np.zeros((0, length), dtype=np.int64)
+        return np.stack([self.slice(int(s), int(s) + length) for s in np.sort(starts)[rank::world_size]])
 
     def blocks(self, length: int):
         """Consecutive blocks of ``length`` tokens overlapping by one (each token is predicted once),

@@ -57,8 +57,6 @@ class World:
 
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
-    local_size: int = 1
     device: torch.device = torch.device("cpu")
     backend: str | None = None  # None: no process group (one process)
 
@@ -144,7 +142,7 @@ def join(device_setting: str, key: str) -> World:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
                                 **({"device_id": device} if backend == "nccl" else {}))
-    return World(rank, size, local_rank, local_size, device, backend)
+    return World(rank, size, device, backend)
 
 
 def leave(world: World) -> None:
