@@ -1,5 +1,6 @@
 """The encoder LM: loading it from a local directory, fingerprinting it, and capturing one
-representation (FFN input, block output or final hidden state) with a forward hook."""
+representation (FFN input, block output or final hidden state) with a forward hook
+(``training.representation``)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,11 +11,9 @@ from pathlib import Path
 import torch
 
 from memforge.storage.errors import MemforgeError
+from memforge.training import representation
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_BLOCK_LISTS = ("h", "layers", "blocks", "decoder.layers", "encoder.layers")
-_FFN_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
-_FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "final_layernorm", "decoder.final_layer_norm")
 
 
 class EncoderError(MemforgeError):
@@ -93,76 +92,26 @@ def hidden_size(model: torch.nn.Module) -> int:
     return int(size)
 
 
-def _attribute(module: torch.nn.Module, dotted: str):
-    for part in dotted.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
-
-
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    base = model.base_model
-    for name in _BLOCK_LISTS:
-        found = _attribute(base, name)
-        if isinstance(found, torch.nn.ModuleList) and len(found):
-            return found
-    raise EncoderError(f"{type(model).__name__}: cannot find its list of transformer blocks")
+    """The model's list of transformer blocks; EncoderError when it has none memforge can find."""
+    try:
+        return representation.transformer_blocks(model)
+    except representation.RepresentationError as exc:
+        raise EncoderError(str(exc)) from None
 
 
-class _Captured(Exception):
-    """Raised by the hook once the representation is kept: the rest of the forward pass is not needed."""
+class RepresentationCapture(representation.RepresentationCapture):
+    """``training.representation.RepresentationCapture`` (the hook the exported model also uses), whose
+    errors are EncoderErrors naming the setting."""
 
-
-class RepresentationCapture:
-    """Registers a hook that keeps the configured representation of the last forward pass.
-
-    ``ffn_input``: input of block ``layer``'s feed-forward sublayer (kNN-LM's choice);
-    ``block_output``: output of block ``layer``; ``final``: output of the final norm.
-    The forward pass stops as soon as the representation is captured, so the layers after it
-    (for the default, the last feed-forward sublayer and the final norm) are never computed;
-    with ``stop=False`` it runs on (to the logits, when the caller runs the whole model).
-    """
-
-    def __init__(self, model: torch.nn.Module, representation: str, layer: int, stop: bool = True):
-        self.value: torch.Tensor | None = None
-        self.stop = stop
-        blocks = transformer_blocks(model)
-        if not -len(blocks) <= layer < len(blocks):
-            raise EncoderError(f"encode.layer: {layer} is out of range for a model with {len(blocks)} blocks")
-        block = blocks[layer]
-        if representation == "ffn_input":
-            ffn = next((getattr(block, n) for n in _FFN_NAMES if isinstance(getattr(block, n, None), torch.nn.Module)),
-                       None)
-            if ffn is None:
-                raise EncoderError(f"{type(block).__name__}: cannot find the feed-forward sublayer")
-            self.handle = ffn.register_forward_pre_hook(self._keep_input)
-        elif representation == "block_output":
-            self.handle = block.register_forward_hook(self._keep_output)
-        else:
-            norm = next((_attribute(model.base_model, n) for n in _FINAL_NORMS if _attribute(model.base_model, n)
-                         is not None), None)
-            if norm is None:
-                raise EncoderError(f"{type(model).__name__}: cannot find the final norm for representation 'final'")
-            self.handle = norm.register_forward_hook(self._keep_output)
-
-    def _keep_input(self, _module, args):
-        self.value = args[0]
-        if self.stop:
-            raise _Captured
-
-    def _keep_output(self, _module, _args, output):
-        self.value = output[0] if isinstance(output, tuple) else output
-        if self.stop:
-            raise _Captured
+    def __init__(self, model: torch.nn.Module, representation_name: str, layer: int, stop: bool = True):
+        try:
+            super().__init__(model, representation_name, layer, stop)
+        except representation.RepresentationError as exc:
+            raise EncoderError(str(exc)) from None
 
     def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the base model (no LM head) on ``input_ids`` [B, T] up to the hook; return the captured [B, T, d]."""
-        self.value = None
         try:
-            model.base_model(input_ids=input_ids, use_cache=False)
-        except _Captured:
-            pass
-        if self.value is None:
-            raise EncoderError(f"{type(model).__name__}: the representation hook did not fire")
-        return self.value
+            return super().__call__(model, input_ids)
+        except representation.RepresentationError as exc:
+            raise EncoderError(str(exc)) from None

@@ -84,5 +84,5 @@ class MLPMemory(PreTrainedModel):
         return self.head(self.norm(hidden))
 
 
-AutoConfig.register(MODEL_TYPE, MemoryConfig)
-AutoModel.register(MemoryConfig, MLPMemory)
+AutoConfig.register(MODEL_TYPE, MemoryConfig, exist_ok=True)
+AutoModel.register(MemoryConfig, MLPMemory, exist_ok=True)
