@@ -16,7 +16,8 @@ from memforge.storage.params import Params
 
 BUILTIN = ("memforge.pipelines.prepare:Prepare", "memforge.training.decoder_stage:TrainDecoder",
            "memforge.pipelines.encode:Encode", "memforge.pipelines.index:Index", "memforge.pipelines.targets:Targets",
-           "memforge.training.memory_stage:TrainMemory", "memforge.training.evaluate_stage:Evaluate")
+           "memforge.training.memory_stage:TrainMemory", "memforge.training.evaluate_stage:Evaluate",
+           "memforge.training.export_stage:Export")
 EXTRA_STAGES_ENV = "MEMFORGE_STAGES"
 _LOADED: dict[str, Stage] = {}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from memforge import hf_registry
 from memforge.artifacts import Artifact, lineage, open_artifact, verify
 from memforge.readers import Keys, Targets, read_keys, read_targets
 from memforge.runs import load_params, run, run_stage
@@ -30,6 +31,8 @@ __all__ = [
     "Artifact", "Keys", "MemforgeError", "Params", "Targets", "TargetsDataset", "TargetsIterable", "lineage",
     "load_params", "open_artifact", "read_keys", "read_targets", "run", "run_stage", "verify",
 ]
+
+hf_registry.install()  # exported models load with AutoModelForCausalLM, no trust_remote_code
 
 
 def __getattr__(name: str):

@@ -226,6 +226,14 @@ class EvaluateParams(Section):
     device: Device = "auto"
 
 
+class ExportParams(Section):
+    """The decoder + memory as one Hugging Face model (stage: export): its mixing rule, by default the one
+    evaluate chose on dev."""
+
+    lam: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    memory_temperature: Optional[float] = Field(default=None, gt=0.0)
+
+
 class RuntimeParams(Section):
     """How every stage runs on this machine (never what it writes): local Beam workers, threads, and
     whether models' own code may run."""
@@ -255,6 +263,7 @@ class Params(Section):
     targets: TargetsParams = Field(default_factory=TargetsParams)
     memory: MemoryParams = Field(default_factory=MemoryParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    export: ExportParams = Field(default_factory=ExportParams)
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
     flow: FlowParams = Field(default_factory=FlowParams)
 

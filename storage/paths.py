@@ -21,6 +21,7 @@ ROLES: dict[str, str] = {
     "targets/validation": "targets",
     "memory": "memory",
     "eval": "evaluation",
+    "export": "export",
 }
 
 

@@ -7,9 +7,10 @@ and returns the mixture log(λ·p_mem + (1−λ)·p_dec) as logits, p_mem = soft
 and lm-evaluation-harness use the mixture as they would any model's logits; the decoder's KV cache carries
 the context, so each generation step runs the decoder and the memory on the new positions only.
 
-Standalone (torch, transformers): ``export`` ships this file, ``mlp_memory.py`` and ``representation.py``
-in the model directory (``auto_map``), so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``
-loads it without memforge; ``import memforge`` registers it, and then no remote code is needed.
+Standalone (torch, transformers): ``export`` ships this file, ``memory_lm_config.py``, ``mlp_memory.py`` and
+``representation.py`` in the model directory (``auto_map``), so
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it without memforge; with memforge
+installed, ``import memforge`` registers it (``memforge.hf_registry``), and no remote code is needed.
 """
 from __future__ import annotations
 
@@ -17,54 +18,12 @@ import inspect
 import math
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .memory_lm_config import MemoryLMConfig
 from .mlp_memory import MemoryConfig, MLPMemory
 from .representation import RepresentationCapture
-
-MODEL_TYPE = "memforge-memory-lm"
-
-
-class MemoryLMConfig(PretrainedConfig):
-    """The decoder's config (``text_config``), the memory's (``memory_config``), the mixing rule (``lam``, the
-    memory's temperature ``memory_temperature``), where the memory reads the decoder (``memory_input``,
-    ``memory_layer``), and ``provenance``: the fingerprints of the artifacts it was exported from."""
-
-    model_type = MODEL_TYPE
-
-    def __init__(self, text_config: dict | PretrainedConfig | None = None,
-                 memory_config: dict | PretrainedConfig | None = None, lam: float = 0.25,
-                 memory_temperature: float = 1.0, memory_input: str = "ffn_input", memory_layer: int = -1,
-                 provenance: dict | None = None, **kwargs):
-        if isinstance(text_config, dict):
-            text_config = AutoConfig.for_model(**text_config)
-        if isinstance(memory_config, dict):
-            memory_config = MemoryConfig(**{k: v for k, v in memory_config.items() if k != "model_type"})
-        self.text_config, self.memory_config = text_config, memory_config
-        self.lam, self.memory_temperature = float(lam), float(memory_temperature)
-        self.memory_input, self.memory_layer = memory_input, int(memory_layer)
-        self.provenance = provenance or {}
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam: {lam} is not a probability in [0, 1]")
-        if not self.memory_temperature > 0:
-            raise ValueError(f"memory_temperature: {memory_temperature} must be positive")
-        super().__init__(**kwargs)
-        if text_config is not None:  # generation stops and pads as the decoder does
-            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                if getattr(self, name, None) is None:
-                    setattr(self, name, getattr(text_config, name, None))
-            self.vocab_size = text_config.vocab_size
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        for name in ("text_config", "memory_config"):
-            if isinstance(out.get(name), PretrainedConfig):
-                out[name] = out[name].to_dict()
-        return out
-
-    def get_text_config(self, decoder=None, encoder=None) -> PretrainedConfig:
-        return self.text_config
 
 
 def mix_log_probs(decoder_logits: torch.Tensor, memory_logits: torch.Tensor, lam: float,
@@ -87,7 +46,7 @@ class MemoryLMForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MemoryLMConfig):
         super().__init__(config)
         self.decoder = AutoModelForCausalLM.from_config(config.text_config)
-        self.memory = MLPMemory(config.memory_config)
+        self.memory = MLPMemory(MemoryConfig(**config.memory_config))
         self._capture = RepresentationCapture(self.decoder, config.memory_input, config.memory_layer, stop=False)
         self._trims_logits = "logits_to_keep" in inspect.signature(self.decoder.forward).parameters
         self.post_init()
@@ -124,5 +83,4 @@ class MemoryLMForCausalLM(PreTrainedModel, GenerationMixin):
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
 
-AutoConfig.register(MODEL_TYPE, MemoryLMConfig, exist_ok=True)
 AutoModelForCausalLM.register(MemoryLMConfig, MemoryLMForCausalLM, exist_ok=True)
