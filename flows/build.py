@@ -162,11 +162,12 @@ def run_chain(params_file: str | None, overrides: list[str] | None, first: str |
 
 
 @flow(name=BUILD_FLOW, description="memforge: prepare -> (train-decoder) -> encode -> index -> targets -> "
-                                    "train-memory -> evaluate")
+                                    "train-memory -> evaluate -> export")
 def build(params_file: str | None = None, overrides: list[str] | None = None, first: str | None = None,
           last: str | None = None, rebuild: bool = False, beam_args: list[str] | None = None) -> dict:
     """The whole chain (or ``first``..``last``): prepare, train-decoder when the decoder encodes, encode,
-    index, targets, then memory training and evaluation. Finished stages come from the cache."""
+    index, targets, then memory training, evaluation and the export of decoder + memory. Finished stages come
+    from the cache."""
     return run_chain(params_file, overrides, first, last, rebuild, beam_args)
 
 

@@ -34,13 +34,14 @@ def linked(chain, art: Path, names=("tokens", "decoder", "keys", "index", "targe
 
 
 def test_every_stage_reads_exactly_the_params_it_declares(chain, tmp_path):
-    """The chain fixture ran every stage up to train-memory through a recording params view; evaluate and
-    online train-memory (which reads the decoder's batch size) run here the same way."""
+    """The chain fixture ran every stage up to train-memory through a recording params view; evaluate, export
+    and online train-memory (which reads the decoder's batch size) run here the same way."""
     reads = {name: set(keys) for name, keys in chain["reads"].items()}
     params = load_params(chain["root"] / "params.yaml", overrides(chain["args"]))
     art = linked(chain, tmp_path / "art")
-    reads["evaluate"] = set()
-    run_stage("evaluate", params.model_copy(update={"artifacts_dir": str(art)}), reads=reads["evaluate"])
+    for name in ("evaluate", "export"):
+        reads[name] = set()
+        run_stage(name, params.model_copy(update={"artifacts_dir": str(art)}), reads=reads[name])
     online = load_params(chain["root"] / "params.yaml",
                          overrides(stage_args(chain["root"], tmp_path / "online", **{
                              "memory.mode": "online", "memory.max_steps": 3})))

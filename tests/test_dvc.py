@@ -127,10 +127,10 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path, 
 
     def published() -> dict[str, str]:
         return {name: json.loads((clone / "artifacts" / name / "_manifest.json").read_text())["fingerprint"]
-                for name in ("tokens", "decoder", "keys/train", "index", "targets/train", "memory", "eval")}
+                for name in ("tokens", "decoder", "keys/train", "index", "targets/train", "memory", "eval", "export")}
 
     # A change to the targets kernel (here: distributions at twice the temperature) rebuilds targets, then
-    # train-memory and evaluate, whose inputs now hold other data; the stages before it stay as they were.
+    # train-memory, evaluate and export, whose inputs now hold other data; the stages before it stay as they were.
     # train-memory now runs as two torch.distributed ranks: how many is execution, which DVC never sees.
     before = published()
     kernel = clone / "pipelines" / "knn_rows.py"
@@ -143,9 +143,9 @@ def test_dvc_repro_reruns_what_a_param_reaches_and_push_pull_restores(tmp_path, 
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     changed = _run(clone, "dvc", "repro")
     assert [item.name for item in STAGES if f"Running stage '{item.name}'" in changed] == [
-        "targets", "train-memory", "evaluate"]
+        "targets", "train-memory", "evaluate", "export"]
     after = published()
-    assert {name for name in before if before[name] != after[name]} == {"targets/train", "memory", "eval"}
+    assert {name for name in before if before[name] != after[name]} == {"targets/train", "memory", "eval", "export"}
     assert json.loads((clone / "artifacts" / "memory" / "_manifest.json").read_text())["stats"]["world_size"] == 2
     lineage = _run(clone, "memforge", "lineage", "artifacts/targets/train")
     assert "dvc: stage targets (artifacts/targets): outputs match dvc.lock" in lineage
