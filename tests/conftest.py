@@ -20,12 +20,19 @@ TIERS = ("unit", "stage", "integration")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test carries exactly one tier marker (see pyproject's markers)."""
-    wrong = [f"{item.nodeid}: {tiers or 'no tier'}" for item in items
-             if len(tiers := [m.name for m in item.iter_markers() if m.name in TIERS]) != 1]
+    """Every test carries exactly one tier marker (see pyproject's markers). Modules run heaviest tier first
+    (integration, stage, unit; each module's tests stay together, in file order), so that pytest-xdist's
+    workers start on the long tests and the short ones fill the end evenly."""
+    tiers = {item.nodeid: [m.name for m in item.iter_markers() if m.name in TIERS] for item in items}
+    wrong = [f"{nodeid}: {found or 'no tier'}" for nodeid, found in tiers.items() if len(found) != 1]
     if wrong:
         raise pytest.UsageError("tests must carry exactly one of the markers " + ", ".join(TIERS) + ":\n  "
                                 + "\n  ".join(wrong))
+    heaviest: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        heaviest[module] = min(heaviest.get(module, len(TIERS)), TIERS[::-1].index(tiers[item.nodeid][0]))
+    items.sort(key=lambda item: heaviest[item.nodeid.split("::")[0]])
 
 
 @pytest.fixture(scope="session")
