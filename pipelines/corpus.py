@@ -18,6 +18,8 @@ from memforge.storage.params import CorpusParams
 log = logging.getLogger("memforge")
 GLOB_CHARS = "*?["
 _CUT_BLOCK = 1 << 20  # bytes read at a time looking for the last line end before corpus.max_bytes
+DEMO_MAX_BYTES = 1_000_000  # corpus.max_bytes auto: the cap of each split of the built-in demo corpus
+PLACEHOLDERS = ("{stdlib}", "{site_packages}")
 FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -77,10 +79,27 @@ def _format(uri: str, configured: str) -> str:
     return FORMATS_BY_SUFFIX.get(suffix, "text")
 
 
-def source_files(params: CorpusParams) -> list[SourceFile]:
-    """All input files, sorted per split; each split is cut at ``max_bytes``: the file that reaches the cap is
-    read up to its last line end inside it (Parquet: its rows that fit), later files are left out, and what
-    was left out is logged."""
+class SourceFiles(list):
+    """The input files (``SourceFile`` s) and ``capped``: per split key, what ``corpus.max_bytes`` left out (the
+    cap, bytes read, bytes and files left out, the file it cut); empty when nothing was."""
+
+    def __init__(self, files: list[SourceFile], capped: dict[str, dict]):
+        super().__init__(files)
+        self.capped = capped
+
+
+def split_cap(max_bytes: int | str | None, patterns: list[str]) -> int | None:
+    """The byte cap of a split read from ``patterns``: ``max_bytes`` itself, or for ``auto`` the demo's cap when
+    every pattern is the built-in demo corpus's (a placeholder path) and none for a corpus of your own."""
+    if max_bytes != "auto":
+        return max_bytes
+    return DEMO_MAX_BYTES if all(any(p in pattern for p in PLACEHOLDERS) for pattern in patterns) else None
+
+
+def source_files(params: CorpusParams) -> SourceFiles:
+    """All input files, sorted per split; each split is cut at its cap (``split_cap``): the file that reaches it
+    is read up to its last line end inside it (Parquet: its rows that fit), later files are left out, and what
+    was left out is logged and returned (``SourceFiles.capped``)."""
     groups = [("train" if params.validation else None, "corpus.train", params.train)]
     if params.validation:
         groups.append(("validation", "corpus.validation", params.validation))
@@ -89,6 +108,7 @@ def source_files(params: CorpusParams) -> list[SourceFile]:
     if not params.train:
         raise CorpusError("corpus.train: no sources given (list paths, globs or URLs)")
     files: list[SourceFile] = []
+    capped: dict[str, dict] = {}
     owner: dict[str, str] = {}  # uri -> the split key that named it first
     for split, key, patterns in groups:  # each split has its own max_bytes budget
         seen: dict[str, tuple[str, int]] = {}
@@ -100,12 +120,18 @@ def source_files(params: CorpusParams) -> list[SourceFile]:
                 seen.setdefault(uri, (name, size))
         found = [SourceFile(0, uri, name, _format(uri, params.format), size, split)
                  for uri, (name, size) in sorted(seen.items())]
-        files += [replace(f, index=len(files) + i) for i, f in enumerate(_capped(found, key, params.max_bytes))]
-    return files
+        kept, left_out = _capped(found, key, split_cap(params.max_bytes, patterns))
+        files += [replace(f, index=len(files) + i) for i, f in enumerate(kept)]
+        if left_out:
+            capped[key] = left_out
+    return SourceFiles(files, capped)
 
 
-def _capped(found: list[SourceFile], key: str, max_bytes: int) -> list[SourceFile]:
-    """The files of one split within ``max_bytes``, the last one cut at a line end; logs what is left out."""
+def _capped(found: list[SourceFile], key: str, max_bytes: int | None) -> tuple[list[SourceFile], dict | None]:
+    """The files of one split within ``max_bytes`` (None: all), the last one cut at a line end, and what was left
+    out (None when nothing was); logs it."""
+    if max_bytes is None:
+        return found, None
     kept, total = [], 0
     for position, file in enumerate(found):
         if total + file.size <= max_bytes:
@@ -124,8 +150,10 @@ def _capped(found: list[SourceFile], key: str, max_bytes: int) -> list[SourceFil
         log.warning("%s: corpus.max_bytes (%s bytes) reached: %s bytes read; left out %s bytes of %s%s", key,
                     f"{max_bytes:,}", f"{total:,}", f"{file.size - (cut.limit or 0):,}", file.uri,
                     f" and {len(rest)} more files ({sum(f.size for f in rest):,} bytes)" if rest else "")
-        break
-    return kept
+        return kept, {"max_bytes": max_bytes, "read_bytes": total,
+                      "left_out_bytes": file.size - (cut.limit or 0) + sum(f.size for f in rest),
+                      "left_out_files": len(rest) + (0 if cut.limit else 1), "cut_file": file.uri if cut.limit else None}
+    return kept, None
 
 
 def _cut(file: SourceFile, budget: int) -> SourceFile:

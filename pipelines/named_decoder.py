@@ -5,6 +5,7 @@ Never whatever happens to be on disk: a trained decoder left from an earlier run
 """
 from __future__ import annotations
 
+from memforge.pipelines import model_source
 from memforge.storage import local_cache
 
 
@@ -23,6 +24,7 @@ def decoder_uri(ctx) -> tuple[str, str]:
     """(URL of the decoder's model directory, a key identifying its content): ``encode.model`` (a local
     path or any fsspec URL) or the trained decoder artifact's model."""
     if ctx.params.encode.model:
+        model_source.require(ctx.params.encode.model, "encode.model")
         return ctx.params.encode.model, local_cache.listing_key(ctx.params.encode.model)
     return ctx.inputs["decoder"].path("model"), ctx.inputs["decoder"].content_digest
 

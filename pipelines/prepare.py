@@ -20,7 +20,8 @@ import logging
 import tempfile
 from dataclasses import asdict
 
-from memforge.pipelines.corpus import CorpusError, SourceFile, source_files
+from memforge.pipelines import model_source
+from memforge.pipelines.corpus import CorpusError, SourceFile, SourceFiles, source_files
 from memforge.pipelines.range_tokens import RangeTokens
 from memforge.pipelines.ranges import FileRange, file_ranges
 from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
@@ -43,13 +44,24 @@ def _sources(files: list[SourceFile]) -> dict:
     return {"files": len(files), "bytes": sum(f.size for f in files), "content_sha256": content}
 
 
-def _write_tokenizer(params, files: list[SourceFile], uri: str) -> None:
-    """Copy the configured tokenizer into the artifact, or train one on a sample of the train split."""
+def _named_tokenizer(params):
+    """The tokenizer of ``encode.model`` or ``decoder.init`` (a local directory or any fsspec URL), or None when
+    neither is set (prepare trains one)."""
+    key = "encode.model" if params.encode.model else "decoder.init" if params.decoder.init else None
+    if key is None:
+        return None
+    source = params.encode.model or params.decoder.init
+    model_source.require(source, key)
+    return load_tokenizer(local_cache.local_path(source, local_cache.listing_key(source)),
+                          params.runtime.trust_remote_code)
+
+
+def _write_tokenizer(params, named, files: list[SourceFile], uri: str) -> None:
+    """Copy the named tokenizer (``_named_tokenizer``) into the artifact, or train one on a sample of the train
+    split."""
     with tempfile.TemporaryDirectory() as scratch:
-        source = params.encode.model or params.decoder.init
-        if source:  # a local directory or any fsspec URL
-            local = local_cache.local_path(source, local_cache.listing_key(source))
-            load_tokenizer(local, params.runtime.trust_remote_code).save_pretrained(scratch)
+        if named is not None:
+            named.save_pretrained(scratch)
         else:
             log.info("prepare: training a byte-level BPE tokenizer (vocab %d) on the train split",
                      params.decoder.vocab_size)
@@ -117,19 +129,21 @@ class Prepare(Stage):
     progress_unit = "tokens"
     progress_rows_known = False
 
-    def files(self, ctx: Context) -> list[SourceFile]:
+    def files(self, ctx: Context) -> SourceFiles:
         if "files" not in ctx.scratch:
             ctx.scratch["files"] = source_files(corpus_params(ctx.params))
         return ctx.scratch["files"]
 
     def check(self, ctx: Context) -> None:
-        """A split whose files hold no bytes at all is refused before anything is written or run."""
+        """A split whose files hold no bytes at all, or a named tokenizer that cannot load, is refused before
+        anything is written or run."""
         for key, splits in (("corpus.train", (None, "train")), ("corpus.validation", ("validation",)),
                             ("corpus.test", ("test",))):
             files = [f for f in self.files(ctx) if f.split in splits]
             if files and not any(f.size for f in files):
                 names = ", ".join(f.uri for f in files[:3]) + (", ..." if len(files) > 3 else "")
                 raise CorpusError(f"{key}: its {len(files)} file(s) are empty (0 bytes): {names}")
+        ctx.scratch["named_tokenizer"] = _named_tokenizer(ctx.params)  # refused here, before anything is written
 
     def external(self, ctx: Context) -> dict:
         """What the corpus files are right now (count, bytes, content hash)."""
@@ -141,7 +155,7 @@ class Prepare(Stage):
         return {**ctx.params.values(self.content), "sources": self.external(ctx)}
 
     def before_plan(self, ctx: Context, role: str, build) -> None:
-        _write_tokenizer(ctx.params, self.files(ctx), fs.join(build.uri, TOKENIZER_DIR))
+        _write_tokenizer(ctx.params, ctx.scratch["named_tokenizer"], self.files(ctx), fs.join(build.uri, TOKENIZER_DIR))
 
     def ranges(self, ctx: Context, role: str) -> list[FileRange]:
         """The byte ranges the files are read in (the tokenizer in the artifact checks a stream's cuts)."""
@@ -191,6 +205,7 @@ class Prepare(Stage):
             "splits": splits,
             "skipped_documents": sum(m["stats"]["skipped_documents"] for m in markers),
             "empty_documents": sum(m["stats"]["empty_documents"] for m in markers),
+            "capped": self.files(ctx).capped,  # what corpus.max_bytes left out, per split key
         }
         log.info("prepare: %s: %s train / %s validation / %s test tokens, vocab %d", root,
                  f"{counts['train_tokens']:,}", f"{counts['validation_tokens']:,}", f"{counts['test_tokens']:,}",

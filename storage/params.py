@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from memforge.storage.errors import ParamsError
 
@@ -42,7 +42,8 @@ class CorpusParams(Section):
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"
     on_decode_error: Literal["error", "skip"] = "error"
-    max_bytes: int = Field(default=1_000_000, gt=0)
+    # per split; auto: 1 MB of the built-in demo corpus ({stdlib}/{site_packages} paths), no cap on yours
+    max_bytes: Union[Annotated[int, Field(gt=0)], Literal["auto"], None] = "auto"
     shard_bytes: int = Field(default=256_000, gt=0)
     document_separator: Optional[str] = None  # a regular expression (multi-line) splitting a text file into documents
     tokenizer_sample_bytes: int = Field(default=64_000_000, gt=0)  # train-split bytes a trained tokenizer reads
@@ -267,6 +268,17 @@ class Params(Section):
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
     flow: FlowParams = Field(default_factory=FlowParams)
 
+    @model_validator(mode="after")
+    def _one_decoder(self) -> "Params":
+        """``encode.model`` is the decoder when set (train-decoder is skipped), so a ``decoder.init`` to fine-tune
+        beside it could only be ignored: refuse the pair."""
+        if self.encode.model and self.decoder.init:
+            raise ValueError(f"encode.model ({self.encode.model}) and decoder.init ({self.decoder.init}) are both "
+                             "set, but with encode.model set that model is the decoder and train-decoder is skipped, "
+                             "so decoder.init would be ignored: to fine-tune decoder.init and encode with the result, "
+                             "leave encode.model null; to use encode.model as it is, leave decoder.init null")
+        return self
+
     def section(self, name: str) -> dict[str, Any]:
         """The resolved section ``name`` as plain JSON-able data (what manifests record)."""
         return getattr(self, name).model_dump(mode="json")
@@ -305,8 +317,10 @@ def _yaml(text: str) -> Any:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    path = ".".join(str(part) for part in error["loc"]) or "<root>"
-    reason = error["msg"]
+    path = ".".join(str(part) for part in error["loc"])
+    reason = error["msg"].removeprefix("Value error, ")
+    if not path:  # a rule across sections: its message names the keys
+        return reason
     if error["type"] == "extra_forbidden":
         reason = "unknown key"
     elif "input" in error and not isinstance(error["input"], (dict, list)):

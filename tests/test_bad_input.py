@@ -232,7 +232,7 @@ def keys_dirs(art: Path) -> tuple[Path, Path]:
 def test_encode_missing_model(env, prepared, tmp_path, capsys):
     model = str(tmp_path / "no_such_model")
     code, err = run_cli(stage_args(env, "encode", prepared, encode__model=model), capsys)
-    assert_refused(code, err, "encode", model, "does not exist")
+    assert_refused(code, err, "encode", f"encode.model: {model}: no such directory")
     assert_unpublished(*keys_dirs(prepared))
 
 
@@ -327,11 +327,12 @@ HUGE_LINE = b"alpha beta gamma delta " * 1_500_000  # 34.5 MB without a line bre
 
 
 def test_a_huge_line_beyond_max_bytes_is_refused_at_once(env, tmp_path, capsys):
-    """One 34.5 MB line in a file and the default corpus.max_bytes (1 MB): nothing of the split fits, a named
-    error in seconds (taking the file whole would keep prepare busy for minutes)."""
+    """One 34.5 MB line in a file and corpus.max_bytes 1 MB: nothing of the split fits, a named error in seconds
+    (taking the file whole would keep prepare busy for minutes)."""
     train = write(tmp_path / "huge" / "train.txt", HUGE_LINE + b"\n")
     started = time.monotonic()
-    code, err = run_cli(stage_args(env, "prepare", tmp_path / "art", train=[train]), capsys)
+    code, err = run_cli(stage_args(env, "prepare", tmp_path / "art", train=[train], corpus__max_bytes=1_000_000),
+                        capsys)
     assert_refused(code, err, "prepare", f"corpus.train: {train}: its first line is longer than "
                    "corpus.max_bytes (1,000,000 bytes)", "raise corpus.max_bytes")
     assert time.monotonic() - started < 30
@@ -357,3 +358,6 @@ def test_max_bytes_cuts_a_file_at_a_line_end_and_says_what_it_left_out(env, tmp_
     tokens = open_artifact(str(art / "tokens"), "tokens").manifest
     train = tokens["stats"]["splits"]["train"]
     assert train["documents"] == 1 and train["tokens"] < 10_000  # the short lines of a.txt, none of b.txt
+    assert tokens["stats"]["capped"] == {"corpus.train": {  # what the cap left out, in the manifest
+        "max_bytes": len(lines) + 1000, "read_bytes": len(lines), "left_out_bytes": left_out + len(lines),
+        "left_out_files": 1, "cut_file": str(first)}}

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from memforge.flows.cli import main
-from memforge.pipelines.corpus import document_split, source_files
+from memforge.pipelines.corpus import DEMO_MAX_BYTES, document_split, source_files
 from memforge.storage.artifact import open_artifact
 from memforge.storage.params import CorpusParams
 from memforge.storage.stores import PartOffsets, TokenStore
@@ -25,7 +25,7 @@ def test_default_corpus_is_the_standard_library_capped_in_sorted_order():
     stdlib = sysconfig.get_paths()["stdlib"]
     assert files and all(f.uri.startswith(stdlib) and f.uri.endswith(".py") for f in files)
     assert [f.uri for f in files] == sorted(f.uri for f in files)
-    assert sum(f.taken for f in files) <= params.max_bytes
+    assert sum(f.taken for f in files) <= DEMO_MAX_BYTES  # max_bytes auto: the demo's own cap
     assert [f.name for f in files] == [f.uri[len(stdlib) + 1:] for f in files]  # machine-independent names
 
 

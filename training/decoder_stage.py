@@ -22,13 +22,15 @@ class TrainDecoder(Stage):
     launch = "decoder"
 
     def check(self, ctx: Context) -> None:
-        from memforge.pipelines import devices
+        from memforge.pipelines import devices, model_source
 
         tokens, block_size = ctx.inputs["tokens"], ctx.params.decoder.block_size
         n_tokens = tokens.manifest["counts"]["train_tokens"]
         if n_tokens < block_size + 1:
             raise MemforgeError(f"decoder.block_size: {block_size} needs at least {block_size + 1} training "
                                 f"tokens, but {tokens.uri} has {n_tokens}; lower it or add text")
+        if ctx.params.decoder.init:
+            model_source.require(ctx.params.decoder.init, "decoder.init")
         ctx.scratch["device"] = devices.use(ctx.params.decoder.device, "decoder.device")
 
     def artifact_params(self, ctx: Context, role: str) -> dict:

@@ -1,0 +1,52 @@
+"""What a new user meets with their own data and models: defaults that shape data say what they did, and
+combinations that cannot mean what they say are refused before anything is written."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from memforge.flows.cli import main
+from memforge.pipelines.corpus import DEMO_MAX_BYTES, source_files
+from memforge.storage.params import CorpusParams
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_corpus_of_your_own_is_read_whole_and_only_the_demo_is_capped(tmp_path, caplog):
+    """Five JSONL files of 630 KB each and default params: every byte of every file is read (the demo's 1 MB
+    cap once took the first file only); the demo corpus keeps its cap, and an explicit cap says what it cut."""
+    line = b'{"text": "' + b"alpha beta gamma delta " * 40 + b'"}\n'
+    for i in range(5):
+        (tmp_path / f"part{i}.jsonl").write_bytes(line * (630_000 // len(line)))
+    files = source_files(CorpusParams(train=[str(tmp_path / "*.jsonl")]))
+    assert [f.taken for f in files] == [f.size for f in files] and len(files) == 5 and files.capped == {}
+
+    demo = source_files(CorpusParams())
+    assert sum(f.taken for f in demo) <= DEMO_MAX_BYTES and demo.capped["corpus.train"]["max_bytes"] == DEMO_MAX_BYTES
+
+    with caplog.at_level(logging.WARNING, logger="memforge"):
+        capped = source_files(CorpusParams(train=[str(tmp_path / "*.jsonl")], max_bytes=1_000_000))
+    assert len(capped) == 2 and capped.capped["corpus.train"]["left_out_files"] == 3
+    assert "corpus.max_bytes (1,000,000 bytes) reached" in caplog.text
+
+
+def test_encode_model_and_decoder_init_together_are_refused_naming_both(tmp_path, capsys):
+    code = main(["prepare", "--set", f"artifacts_dir={tmp_path / 'art'}", "--set", "encode.model=/models/a",
+                 "--set", "decoder.init=/models/b"])
+    err = capsys.readouterr().err
+    assert code == 1 and "encode.model (/models/a) and decoder.init (/models/b) are both set" in err
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("key", ["encode.model", "decoder.init"])
+def test_a_hub_id_is_named_as_one_with_how_to_fetch_it_and_nothing_is_written(tmp_path, capsys, monkeypatch, key):
+    monkeypatch.chdir(tmp_path)
+    code = main(["prepare", "--set", f"artifacts_dir={tmp_path / 'art'}", "--set", f"{key}=Qwen/Qwen2.5-0.5B"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"{key}: 'Qwen/Qwen2.5-0.5B' is not a local directory" in err and "looks like a Hugging Face Hub id" in err
+    assert f"hf download Qwen/Qwen2.5-0.5B --local-dir models/Qwen2.5-0.5B" in err
+    assert not (tmp_path / "art").exists()  # no incomplete tokens artifact that asks to be resumed
+    code = main(["prepare", "--set", f"artifacts_dir={tmp_path / 'art'}", "--set", f"{key}=./models/mine"])
+    assert code == 1 and "no such directory" in capsys.readouterr().err
