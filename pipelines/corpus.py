@@ -152,7 +152,8 @@ def _capped(found: list[SourceFile], key: str, max_bytes: int | None) -> tuple[l
                     f" and {len(rest)} more files ({sum(f.size for f in rest):,} bytes)" if rest else "")
         return kept, {"max_bytes": max_bytes, "read_bytes": total,
                       "left_out_bytes": file.size - (cut.limit or 0) + sum(f.size for f in rest),
-                      "left_out_files": len(rest) + (0 if cut.limit else 1), "cut_file": file.uri if cut.limit else None}
+                      "left_out_files": len(rest) + (0 if cut.limit else 1),
+                      "cut_file": file.uri if cut.limit else None}
     return kept, None
 
 

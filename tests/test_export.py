@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memforge.flows.cli import main
-from memforge.pipelines.encoder import load_encoder
+from memforge.pipelines.encoder import load_encoder, model_fingerprint
 from memforge.storage.artifact import open_artifact
 from memforge.training.evaluate import Scorer
 from memforge.training.lm_eval import perplexity
@@ -47,6 +47,10 @@ def test_the_exported_model_scores_each_token_as_evaluate_did(chain, exported):
     assert config.provenance["memory"] == open_artifact(str(art / "memory")).fingerprint
     assert config.provenance["evaluate"] == open_artifact(str(art / "eval")).fingerprint
     assert config.provenance["mixing_from"] == {"lam": "evaluate", "memory_temperature": "evaluate"}
+    memory_config = json.loads((art / "memory" / "model" / "config.json").read_text())  # the memory names its input
+    assert (memory_config["input_layer"], memory_config["representation"]) == (-1, "ffn_input")
+    assert memory_config["decoder"] == config.provenance["decoder_weights"] == model_fingerprint(
+        str(art / "decoder" / "model"))
 
     tokens, queries = open_artifact(str(art / "tokens")), open_artifact(str(art / "keys" / "validation"))
     stats = queries.manifest["stats"]

@@ -61,8 +61,8 @@ def test_cached_generation_takes_the_cache_free_steps_and_lambda_zero_is_the_dec
             grown = torch.cat([grown, model(grown, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(generated, grown)
     model.config.lam = 0.0
-    assert torch.equal(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False),
-                       decoder.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False))
+    greedy = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": 8, "do_sample": False}
+    assert torch.equal(model.generate(prompt, **greedy), decoder.generate(prompt, **greedy))
 
 
 def test_a_bad_mixing_rule_is_refused():

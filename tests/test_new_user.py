@@ -46,7 +46,7 @@ def test_a_hub_id_is_named_as_one_with_how_to_fetch_it_and_nothing_is_written(tm
     err = capsys.readouterr().err
     assert code == 1, err
     assert f"{key}: 'Qwen/Qwen2.5-0.5B' is not a local directory" in err and "looks like a Hugging Face Hub id" in err
-    assert f"hf download Qwen/Qwen2.5-0.5B --local-dir models/Qwen2.5-0.5B" in err
+    assert "hf download Qwen/Qwen2.5-0.5B --local-dir models/Qwen2.5-0.5B" in err
     assert not (tmp_path / "art").exists()  # no incomplete tokens artifact that asks to be resumed
     code = main(["prepare", "--set", f"artifacts_dir={tmp_path / 'art'}", "--set", f"{key}=./models/mine"])
     assert code == 1 and "no such directory" in capsys.readouterr().err

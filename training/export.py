@@ -16,9 +16,9 @@ from memforge.pipelines.tokenizer import load_tokenizer
 from memforge.storage import fs
 from memforge.storage.stores import TOKENIZER_DIR
 from memforge.training import memory_lm, memory_lm_config, mlp_memory, representation
+from memforge.training.export_stage import MODEL_DIR
 from memforge.training.memory_lm import MemoryLMForCausalLM
 from memforge.training.memory_lm_config import MemoryLMConfig
-from memforge.training.export_stage import MODEL_DIR
 from memforge.training.mlp_memory import MLPMemory
 
 # the modelling code the directory ships: memory_lm.py imports the other three relatively

@@ -122,7 +122,7 @@ def resolves_offline(params, keys: Artifact, decoder_fingerprint: str, n_blocks:
     return possible and params.memory.mode != "online"
 
 
-def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], uri: str,
+def train_memory(params, decoder, decoder_fingerprint: str, offline: bool, inputs: dict[str, Artifact], uri: str,
                  world: World) -> Published | None:
     """Train (or resume training) the MLP memory into ``uri`` as this rank of ``world`` (autocast to
     ``memory.precision``; online, the decoder runs on the rank's device too). Rank 0 writes the checkpoints and
@@ -203,6 +203,8 @@ def train_memory(params, decoder, offline: bool, inputs: dict[str, Artifact], ur
     if average is not None:  # the published memory is the running average of its weights
         memory = average.module
     memory.to("cpu")  # the saved memory loads anywhere
+    memory.config.update({"input_layer": config.input_layer, "representation": params.encode.representation,
+                          "decoder": decoder_fingerprint})
     with tempfile.TemporaryDirectory() as scratch:
         memory.save_pretrained(scratch)
         fs.upload_dir(scratch, fs.join(uri, MODEL_DIR))

@@ -55,4 +55,5 @@ class TrainMemory(Stage):
         from memforge.training.world import World
 
         world = ctx.scratch.get("world") or World(device=ctx.scratch["device"])
-        return train_memory(ctx.params, ctx.scratch["decoder"], ctx.scratch["offline"], ctx.inputs, build.uri, world)
+        return train_memory(ctx.params, ctx.scratch["decoder"], ctx.scratch["decoder_fingerprint"],
+                            ctx.scratch["offline"], ctx.inputs, build.uri, world)

@@ -21,15 +21,20 @@ _ACTIVATIONS = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU, "silu": torch.nn.S
 
 
 class MemoryConfig(PretrainedConfig):
-    """Shape of an MLP memory (travels inside its directory)."""
+    """Shape of an MLP memory and what it reads (travels inside its directory): ``input_layer`` and
+    ``representation`` of the decoder whose sha256 fingerprint is ``decoder``."""
 
     model_type = MODEL_TYPE
 
     def __init__(self, input_dim: int = 768, vocab_size: int = 50257, depth: int = 4, hidden_mult: int = 4,
-                 activation: str = "gelu", lm_head: str = "frozen", width: int | None = None, **kwargs):
+                 activation: str = "gelu", lm_head: str = "frozen", width: int | None = None,
+                 input_layer: int | None = None, representation: str | None = None, decoder: str | None = None,
+                 **kwargs):
         self.input_dim, self.vocab_size, self.depth = input_dim, vocab_size, depth
         self.hidden_mult, self.activation, self.lm_head = hidden_mult, activation, lm_head
         self.width = width or input_dim
+        # what it reads: the decoder (sha256 of its config and weights), the representation and its block
+        self.input_layer, self.representation, self.decoder = input_layer, representation, decoder
         super().__init__(**kwargs)
 
     def build(self) -> "MLPMemory":
