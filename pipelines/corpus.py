@@ -7,9 +7,12 @@ prose and Markdown, a second corpus every install has).
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import sysconfig
 from dataclasses import dataclass, replace
+
+from fsspec.utils import infer_compression
 
 from memforge.storage import fs
 from memforge.storage.errors import MemforgeError
@@ -30,9 +33,11 @@ class CorpusError(MemforgeError):
 @dataclass(frozen=True)
 class SourceFile:
     """One input file: its index in the sorted file list, URI, name (path below the pattern's fixed
-    prefix, the same on every machine), format, size, split (None: split by document) and ``limit``: the
+    prefix, the same on every machine), format, size, split (None: split by document), ``limit``: the
     bytes read from its start when ``corpus.max_bytes`` cuts it (text and JSONL: up to a line end; Parquet:
-    the rows whose text fits), None when it is read whole."""
+    the rows whose text fits), None when it is read whole, and ``compression`` (gzip, bz2, zstd, xz, ...:
+    fsspec's, inferred from the suffix), None for a plain file. A compressed file's size and offsets are
+    those of its decompressed bytes; it is read from its start, in one piece, and never cut."""
 
     index: int
     uri: str
@@ -41,11 +46,19 @@ class SourceFile:
     size: int
     split: str | None
     limit: int | None = None
+    compression: str | None = None
 
     @property
     def taken(self) -> int:
         """Bytes of the file that are read (its size unless ``corpus.max_bytes`` cuts it)."""
         return self.size if self.limit is None else self.limit
+
+    def open(self):
+        """The file's (decompressed) bytes as a binary file object (zstd's reader, which reads but cannot
+        seek, buffered so that it reads lines)."""
+        filesystem, path = fs.filesystem(self.uri)
+        handle = filesystem.open(path, "rb", compression=self.compression)
+        return handle if isinstance(handle, io.BufferedIOBase) or handle.seekable() else io.BufferedReader(handle)
 
 
 def _expand(pattern: str, where: str) -> list[tuple[str, str, int]]:
@@ -72,11 +85,28 @@ def _expand(pattern: str, where: str) -> list[tuple[str, str, int]]:
             for f in files]
 
 
-def _format(uri: str, configured: str) -> str:
+def _format(uri: str, configured: str, compression: str | None) -> str:
+    """The configured format, or for ``auto`` the one the suffix says (under a compression suffix)."""
     if configured != "auto":
         return configured
-    suffix = "." + uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else ""
+    name = uri.rsplit("/", 1)[-1].lower()
+    if compression:
+        name = name.rsplit(".", 1)[0]
+    suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
     return FORMATS_BY_SUFFIX.get(suffix, "text")
+
+
+def _decompressed(file: SourceFile) -> SourceFile:
+    """``file`` with the size of its decompressed bytes (read through once); a file that does not decompress
+    is a CorpusError naming it."""
+    size = 0
+    try:
+        with file.open() as handle:
+            while block := handle.read(_CUT_BLOCK):
+                size += len(block)
+    except (OSError, EOFError, ValueError) as exc:
+        raise CorpusError(f"{file.uri}: cannot read it as {file.compression}: {type(exc).__name__}: {exc}") from None
+    return replace(file, size=size)
 
 
 class SourceFiles(list):
@@ -118,8 +148,15 @@ def source_files(params: CorpusParams) -> SourceFiles:
                     raise CorpusError(f"{key}[{i}]: {uri} is also a file of {owner[uri]}; a file belongs to one "
                                       "split")
                 seen.setdefault(uri, (name, size))
-        found = [SourceFile(0, uri, name, _format(uri, params.format), size, split)
-                 for uri, (name, size) in sorted(seen.items())]
+        found = []
+        for uri, (name, size) in sorted(seen.items()):
+            compression = infer_compression(uri)
+            file = SourceFile(0, uri, name, _format(uri, params.format, compression), size, split,
+                              compression=compression)
+            if compression and file.format == "parquet":
+                raise CorpusError(f"{key}: {uri}: a {compression}-compressed Parquet file cannot be read in place; "
+                                  "Parquet compresses its own columns: store it uncompressed")
+            found.append(_decompressed(file) if compression else file)
         kept, left_out = _capped(found, key, split_cap(params.max_bytes, patterns))
         files += [replace(f, index=len(files) + i) for i, f in enumerate(kept)]
         if left_out:
@@ -142,6 +179,10 @@ def _capped(found: list[SourceFile], key: str, max_bytes: int | None) -> tuple[l
         if cut.limit:
             kept.append(cut)
             total += cut.limit
+        elif not kept and file.compression:
+            raise CorpusError(f"{key}: {file.uri}: a compressed file is read whole or not at all, and its "
+                              f"{file.size:,} decompressed bytes exceed corpus.max_bytes ({max_bytes:,} bytes); "
+                              "raise corpus.max_bytes")
         elif not kept:
             raise CorpusError(f"{key}: {file.uri}: its first line is longer than corpus.max_bytes "
                               f"({max_bytes:,} bytes), so nothing of the split fits; raise corpus.max_bytes or "
@@ -158,8 +199,11 @@ def _capped(found: list[SourceFile], key: str, max_bytes: int | None) -> tuple[l
 
 
 def _cut(file: SourceFile, budget: int) -> SourceFile:
-    """``file`` read up to its last line end within ``budget`` bytes (limit 0: not even one line fits);
-    Parquet is cut where its rows' text exceeds the budget (``documents.parquet_documents``)."""
+    """``file`` read up to its last line end within ``budget`` bytes (limit 0: not even one line fits, or a
+    compressed file, which is never cut); Parquet is cut where its rows' text exceeds the budget
+    (``documents.parquet_documents``)."""
+    if file.compression:
+        return replace(file, limit=0)
     if file.format == "parquet" or budget <= 0:
         return replace(file, limit=max(budget, 0))
     filesystem, path = fs.filesystem(file.uri)

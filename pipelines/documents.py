@@ -36,7 +36,8 @@ def decoded_blocks(handle, file: SourceFile, start: int, stop: int, whole: bool 
     and invalid UTF-8 are a CorpusError naming the byte offset. ``whole``: ``stop`` ends a character (else a
     character cut by ``stop`` is left out)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    handle.seek(start)
+    if handle.tell() != start:  # a compressed file is read from its start, never sought
+        handle.seek(start)
     offset = start
     while offset < stop:
         data = handle.read(min(READ_BYTES, stop - offset))
@@ -105,7 +106,8 @@ def jsonl_documents(handle, file: SourceFile, start: int, stop: int, params: Cor
                     ) -> Iterator[tuple[int, str | None]]:
     """(byte offset, text) of each JSONL line in ``[start, stop)``; text is None for a skipped undecodable line,
     "" for a blank one."""
-    handle.seek(start)
+    if handle.tell() != start:  # a compressed file is read from its start, never sought
+        handle.seek(start)
     offset, number = start, 1 if start == 0 else None
     while offset < stop:
         line = handle.readline()

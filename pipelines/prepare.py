@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import tempfile
+from collections import Counter
 from dataclasses import asdict
 
 from memforge.pipelines import model_source
@@ -206,6 +207,7 @@ class Prepare(Stage):
             "skipped_documents": sum(m["stats"]["skipped_documents"] for m in markers),
             "empty_documents": sum(m["stats"]["empty_documents"] for m in markers),
             "capped": self.files(ctx).capped,  # what corpus.max_bytes left out, per split key
+            "compressed_files": dict(Counter(f.compression for f in self.files(ctx) if f.compression)),
         }
         log.info("prepare: %s: %s train / %s validation / %s test tokens, vocab %d", root,
                  f"{counts['train_tokens']:,}", f"{counts['validation_tokens']:,}", f"{counts['test_tokens']:,}",

@@ -18,7 +18,6 @@ from memforge.pipelines.documents import (
     text_pieces,
 )
 from memforge.pipelines.tokenizer import TokenIds
-from memforge.storage import fs
 from memforge.storage.params import CorpusParams
 from memforge.storage.paths import TOKEN_SPLITS
 
@@ -40,17 +39,16 @@ class RangeTokens:
             for row, text in parquet_documents(file, self.params):
                 self._whole(file, row, text)
             return
-        filesystem, path = fs.filesystem(file.uri)
-        with filesystem.open(path, "rb") as handle:
+        if self.params.on_decode_error == "skip" and file.format == "text" and not _decodable(file, start, stop):
+            self.stats["skipped_documents"] += 1  # the range is skipped whole (a file of one range: the file)
+            return
+        with file.open() as handle:
             if file.format == "jsonl":
                 for offset, text in jsonl_documents(handle, file, start, stop, self.params):
                     if text is None:
                         self.stats["skipped_documents"] += 1
                     else:
                         self._whole(file, offset, text)
-                return
-            if self.params.on_decode_error == "skip" and not _decodable(handle, file, start, stop):
-                self.stats["skipped_documents"] += 1  # the range is skipped whole (a file of one range: the file)
                 return
             self._text(file, decoded_blocks(handle, file, start, stop), start, stop)
 
@@ -113,11 +111,12 @@ def doc_id(file: SourceFile, key: int) -> int:
     return (file.index << DOC_ID_SHIFT) + key
 
 
-def _decodable(handle, file: SourceFile, start: int, stop: int) -> bool:
+def _decodable(file: SourceFile, start: int, stop: int) -> bool:
     """Whether bytes ``[start, stop)`` of ``file`` are UTF-8 text without NUL bytes (read a block at a time)."""
     try:
-        for _ in decoded_blocks(handle, file, start, stop):
-            pass
+        with file.open() as handle:
+            for _ in decoded_blocks(handle, file, start, stop):
+                pass
     except CorpusError:
         return False
     return True

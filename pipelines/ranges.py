@@ -33,10 +33,11 @@ class FileRange:
 
 
 def file_ranges(file: SourceFile, params: CorpusParams, tokenizer: Callable[[], object]) -> list[FileRange]:
-    """The ranges ``file`` is read in: one when it fits in ``corpus.shard_bytes`` (or is Parquet), else cut
-    about every ``shard_bytes`` (``tokenizer()`` gives the tokenizer that checks a stream's cuts)."""
+    """The ranges ``file`` is read in: one when it fits in ``corpus.shard_bytes`` (or is Parquet, or compressed:
+    read from its start only), else cut about every ``shard_bytes`` (``tokenizer()`` gives the tokenizer that
+    checks a stream's cuts)."""
     shard_bytes = params.shard_bytes
-    if file.format == "parquet" or file.taken <= shard_bytes:
+    if file.format == "parquet" or file.compression or file.taken <= shard_bytes:
         return [FileRange(file.index, 0, file.taken)]
     splitter = separator(params)
     checker = tokenizer() if file.format == "text" and splitter is None else None

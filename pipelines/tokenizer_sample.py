@@ -17,7 +17,6 @@ from memforge.pipelines.documents import (
     separator,
     text_pieces,
 )
-from memforge.storage import fs
 from memforge.storage.params import CorpusParams
 
 log = logging.getLogger("memforge")
@@ -35,7 +34,7 @@ def sample_texts(files: list[SourceFile], params: CorpusParams) -> Iterator[str]
     read, reported = 0, 0
     for file in train:
         share = file.taken if budget == total else file.taken * budget // max(total, 1)
-        for start, stop in _blocks(file.taken, share):
+        for start, stop in ([(0, share)] if file.compression else _blocks(file.taken, share)):  # read in order
             for text in _train_documents(file, start, stop, params):
                 yield from _pieces(text)
             read += stop - start
@@ -71,8 +70,7 @@ def _train_documents(file: SourceFile, start: int, stop: int, params: CorpusPara
                 if is_train(row):
                     yield text
         return
-    filesystem, path = fs.filesystem(file.uri)
-    with filesystem.open(path, "rb") as handle:
+    with file.open() as handle:
         if start and file.format == "jsonl":  # from the first line that starts in the block
             handle.seek(start - 1)
             start += len(handle.readline()) - 1

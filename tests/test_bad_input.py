@@ -291,7 +291,7 @@ def test_failed_attempt_does_not_force_rebuild(env, tmp_path, capsys):
     code, err = run_cli(stage_args(env, "prepare", art, train=[tmp_path / "nothing*.txt"]), capsys)
     assert code == 1
     code, err = run_cli(stage_args(env, "prepare", art, **{"encode__model": "/nonexistent/model"}), capsys)
-    assert_refused(code, err, "prepare", "/nonexistent/model: tokenizer directory does not exist")
+    assert_refused(code, err, "prepare", "encode.model: /nonexistent/model: no such directory")
     code, err = run_cli(stage_args(env, "prepare", art), capsys)
     assert code == 0, err
     assert open_artifact(str(art / "tokens"), "tokens").manifest["counts"]["train_tokens"] > 0
