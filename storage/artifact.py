@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from memforge.storage import fs, headers, provenance
 from memforge.storage.errors import ArtifactError
@@ -51,9 +51,18 @@ def fingerprint(kind: str, params: dict, input_digests: dict[str, str], code: di
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def content_digest(kind: str, files: dict[str, str]) -> str:
-    """Hash of what an artifact holds: its kind and the checksum of every file."""
-    payload = {"kind": kind, "files": dict(sorted(files.items()))}
+# kind -> prefixes of files an artifact keeps beside its data for people and tools (``explain``, ``retemper``),
+# which no stage reads: they stay out of its content digest, so keeping the targets' neighbours beside
+# byte-identical distributions leaves what was built from the distributions up to date
+DIGEST_EXCLUDES: dict[str, tuple[str, ...]] = {"targets": ("neighbours.zarr/",)}
+
+
+def content_digest(kind: str, files: dict[str, str], excludes: Iterable[str] = ()) -> str:
+    """Hash of what an artifact holds for its consumers: its kind and the checksum of every file but those
+    under ``excludes`` (the manifest's ``content_excludes``)."""
+    excludes = tuple(excludes)
+    payload = {"kind": kind, "files": dict(sorted((name, checksum) for name, checksum in files.items()
+                                                  if not name.startswith(excludes)))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -306,12 +315,14 @@ class ArtifactBuild:
                     f"completion marker (first: {missing[0].name})"
                 )
         files = self._checksums(plan, hashed or {})
+        excludes = [prefix for prefix in DIGEST_EXCLUDES.get(self.kind, ()) if any(f.startswith(prefix) for f in files)]
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "kind": self.kind,
             "format": self.format,
             "fingerprint": self.fingerprint,
-            "content_digest": content_digest(self.kind, files),
+            "content_digest": content_digest(self.kind, files, excludes),
+            **({"content_excludes": excludes} if excludes else {}),
             "params": self.params,
             "inputs": self._input_records(),
             "code": self.code,

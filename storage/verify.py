@@ -34,7 +34,8 @@ def check_identity(manifest: dict) -> Iterator[str]:
         if expected != manifest.get("fingerprint"):
             yield (f"{MANIFEST_NAME}: fingerprint {str(manifest.get('fingerprint'))[:12]} does not match its params, "
                    f"inputs and code ({expected[:12]}): the manifest was edited")
-    if manifest.get("content_digest") != content_digest(manifest.get("kind"), manifest.get("files", {})):
+    if manifest.get("content_digest") != content_digest(manifest.get("kind"), manifest.get("files", {}),
+                                                        manifest.get("content_excludes", ())):
         yield f"{MANIFEST_NAME}: content_digest does not match the recorded files: the manifest was edited"
 
 

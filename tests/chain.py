@@ -91,7 +91,7 @@ def reseal(artifact_dir: Path, edit=None) -> None:
         if edit is not None:
             edit(data)
         data["files"] = {rel: fs.file_checksum(str(artifact_dir / rel)) for rel in data["files"]}
-        data["content_digest"] = content_digest(data["kind"], data["files"])
+        data["content_digest"] = content_digest(data["kind"], data["files"], data.get("content_excludes", ()))
 
     rewrite_manifest(artifact_dir, sealed)
 

@@ -2,7 +2,9 @@
 combinations that cannot mean what they say are refused before anything is written."""
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 
 import pytest
 
@@ -10,9 +12,10 @@ from memforge.flows.cli import main
 from memforge.pipelines.corpus import DEMO_MAX_BYTES, source_files
 from memforge.storage.params import CorpusParams
 
-pytestmark = pytest.mark.unit
+from chain import stage_args
 
 
+@pytest.mark.unit
 def test_a_corpus_of_your_own_is_read_whole_and_only_the_demo_is_capped(tmp_path, caplog):
     """Five JSONL files of 630 KB each and default params: every byte of every file is read (the demo's 1 MB
     cap once took the first file only); the demo corpus keeps its cap, and an explicit cap says what it cut."""
@@ -31,6 +34,7 @@ def test_a_corpus_of_your_own_is_read_whole_and_only_the_demo_is_capped(tmp_path
     assert "corpus.max_bytes (1,000,000 bytes) reached" in caplog.text
 
 
+@pytest.mark.unit
 def test_encode_model_and_decoder_init_together_are_refused_naming_both(tmp_path, capsys):
     code = main(["prepare", "--set", f"artifacts_dir={tmp_path / 'art'}", "--set", "encode.model=/models/a",
                  "--set", "decoder.init=/models/b"])
@@ -39,6 +43,7 @@ def test_encode_model_and_decoder_init_together_are_refused_naming_both(tmp_path
     assert not (tmp_path / "art").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("key", ["encode.model", "decoder.init"])
 def test_a_hub_id_is_named_as_one_with_how_to_fetch_it_and_nothing_is_written(tmp_path, capsys, monkeypatch, key):
     monkeypatch.chdir(tmp_path)
@@ -50,3 +55,25 @@ def test_a_hub_id_is_named_as_one_with_how_to_fetch_it_and_nothing_is_written(tm
     assert not (tmp_path / "art").exists()  # no incomplete tokens artifact that asks to be resumed
     code = main(["prepare", "--set", f"artifacts_dir={tmp_path / 'art'}", "--set", f"{key}=./models/mine"])
     assert code == 1 and "no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.stage
+def test_keeping_the_neighbours_beside_the_same_distributions_outdates_nothing_downstream(chain, tmp_path):
+    """The chain kept its targets' neighbours; targets without them hold byte-identical distributions, so their
+    content digest is the same and the memory trained on them stays up to date (it is not retrained)."""
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("tokens", "decoder", "keys", "index"):
+        (art / name).symlink_to(chain["art"] / name)
+    shutil.copytree(chain["art"] / "memory", art / "memory")
+    manifest = lambda role: json.loads((art / role / "_manifest.json").read_text())  # noqa: E731
+    before = manifest("memory")
+    args = stage_args(chain["root"], art, **{"targets.keep_neighbours": "false"})
+    assert main(["targets", *args, "--replace-outdated"]) == 0
+    kept = json.loads((chain["art"] / "targets" / "train" / "_manifest.json").read_text())
+    assert kept["content_excludes"] == ["neighbours.zarr/"] and "content_excludes" not in manifest("targets/train")
+    assert manifest("targets/train")["fingerprint"] != kept["fingerprint"]  # keep_neighbours is content: rebuilt
+    assert manifest("targets/train")["content_digest"] == kept["content_digest"]  # ... into the same distributions
+    assert main(["train-memory", *args]) == 0  # no --replace-outdated needed: the memory is up to date
+    assert manifest("memory")["run"] == before["run"]
+    assert main(["verify", str(chain["art"] / "targets" / "train")]) == 0
