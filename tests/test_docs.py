@@ -105,3 +105,14 @@ def test_every_fault_row_names_tests_that_exist():
         assert named, f"no test named in: {row[:80]}"
         for file, name in named:
             assert re.search(rf"^def {name}\(", (ROOT / "tests" / file).read_text(), re.MULTILINE), (file, name)
+
+
+@pytest.mark.unit
+def test_every_page_that_runs_dvc_repro_says_to_activate_the_environment():
+    """DVC runs the stages as `memforge <stage>` from PATH: outside the virtual environment `dvc repro` fails with
+    "memforge: command not found", so each page with a `dvc repro` command line says to activate it first."""
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+        if any(re.search(r"(^|&& )dvc repro", block, re.M) for block in blocks):
+            assert "source .venv/bin/activate" in text, page.name
