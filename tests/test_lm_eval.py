@@ -14,10 +14,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from memforge.flows.cli import main
 from memforge.pipelines.encoder import load_encoder
 from memforge.training.export import compose, save_model
 from memforge.training.mlp_memory import MemoryConfig, MLPMemory
 
+from chain import stage_args
 from tiny_lm import WORDS, make_gpt2
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -94,3 +96,77 @@ def test_lm_eval_loglikelihood_is_the_models_own_sum_of_log_probs(exported, load
         ours = sum(log_probs[t - 1, ids[t]].item() for t in range(len(context_ids), len(ids)))
         print(f"{context!r} + {continuation!r}: lm-eval {theirs:.6f}, model {ours:.6f}")
         assert theirs == pytest.approx(ours, abs=1e-5)
+
+
+def linked_art(chain, art: Path) -> Path:
+    """An artifacts folder whose inputs are the chain's (links), so evaluate writes its own ``eval`` here."""
+    art.mkdir()
+    for name in ("tokens", "decoder", "keys", "index", "targets", "memory"):
+        (art / name).symlink_to(chain["art"] / name)
+    return art
+
+
+@pytest.mark.stage
+def test_evaluate_scores_the_named_tasks_with_the_decoder_and_with_its_memory(chain, tmp_path, capsys):
+    """``evaluate.lm_eval_tasks`` on the tiny chain: metrics.json and report.md hold each metric for the decoder
+    and for decoder + memory side by side, over ``lm_eval_limit`` documents. With λ 0 the only choice, decoder +
+    memory is the decoder (log(0·p_mem + 1·p_dec)), and the decoder's column is what lm-eval gives that decoder
+    loaded on its own."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    art = linked_art(chain, tmp_path / "art")
+    settings = {"evaluate.lm_eval_tasks": f"[{TASK}]", "evaluate.lm_eval_include_path": str(TASKS),
+                "evaluate.lm_eval_limit": 6, "evaluate.lambda_grid": "[0.0]"}
+    assert main(["evaluate", *stage_args(chain["root"], art, **settings)]) == 0
+    metrics = json.loads((art / "eval" / "metrics.json").read_text())
+    assert metrics["memory_lambda"] == 0.0
+    lm_eval = metrics["lm_eval"]
+    scores = lm_eval["tasks"][TASK]
+    assert scores["samples"] == 6 and lm_eval["version"] == "0.4.13"
+    assert set(scores["decoder"]) == set(scores["decoder+memory"]) == {"acc", "acc_norm", "brier_score"}
+    for metric, value in scores["decoder"].items():
+        assert scores["decoder+memory"][metric] == pytest.approx(value, abs=1e-6), metric
+    directory = chain["art"] / "decoder" / "model"
+    decoder = HFLM(pretrained=load_encoder(str(directory)), tokenizer=AutoTokenizer.from_pretrained(directory))
+    alone = simple_evaluate(decoder, tasks=[TASK], limit=6, bootstrap_iters=0,
+                            task_manager=TaskManager(include_path=str(TASKS)))
+    for metric, value in scores["decoder"].items():
+        assert alone["results"][TASK][f"{metric},none"] == pytest.approx(value, abs=1e-6), metric
+    report = (art / "eval" / "report.md").read_text()
+    assert f"| {TASK} | 6 | brier_score | {scores['decoder']['brier_score']:.4f} | " in report
+    assert report in capsys.readouterr().out
+    print("lm-eval in evaluate:", json.dumps(lm_eval))
+
+
+@pytest.mark.stage
+@pytest.mark.parametrize("tasks, without_lm_eval, message", [
+    (f"[{TASK}, memforge_tinny]", False, f"evaluate.lm_eval_tasks: no task 'memforge_tinny' in lm-eval 0.4.13's tasks "
+                                         f"or {TASKS}; did you mean {TASK}"),
+    (f"[{TASK}]", True, "evaluate.lm_eval_tasks needs 'lm_eval', which is not installed"),
+])
+def test_evaluate_refuses_unknown_tasks_and_a_missing_lm_eval_before_scoring(chain, tmp_path, monkeypatch, capsys,
+                                                                            tasks, without_lm_eval, message):
+    """A task name lm-eval does not know, or named tasks without lm-eval installed: evaluate's check refuses,
+    naming the key (and the extra that installs lm-eval), and nothing is written."""
+    if without_lm_eval:
+        monkeypatch.setitem(sys.modules, "lm_eval", None)  # as when it is not installed
+    art = linked_art(chain, tmp_path / "art")
+    settings = {"evaluate.lm_eval_tasks": tasks, "evaluate.lm_eval_include_path": str(TASKS)}
+    capsys.readouterr()
+    assert main(["evaluate", *stage_args(chain["root"], art, **settings)]) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    if without_lm_eval:
+        assert "pip install 'memforge-mlp[eval]'" in err
+    assert not (art / "eval").exists()
+
+
+@pytest.mark.unit
+def test_evaluate_imports_no_lm_eval_unless_tasks_are_named():
+    """lm-eval is an optional extra: the evaluate stage and its scoring import it only for named tasks."""
+    check = ("import sys, memforge.training.evaluate, memforge.training.evaluate_stage; "
+             "assert 'lm_eval' not in sys.modules, 'imported lm_eval'")
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
