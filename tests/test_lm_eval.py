@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,19 @@ def test_evaluate_imports_no_lm_eval_unless_tasks_are_named():
              "assert 'lm_eval' not in sys.modules, 'imported lm_eval'")
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.unit
+def test_the_local_task_files_are_content(tmp_path):
+    """Editing a task YAML or its documents under ``evaluate.lm_eval_include_path`` changes the digest that enters
+    evaluate's fingerprint; a path that is no directory is refused naming the key."""
+    from memforge.storage.errors import MemforgeError
+    from memforge.training.harness import include_digest
+
+    tasks = shutil.copytree(TASKS, tmp_path / "tasks")
+    before = include_digest(str(tasks))
+    documents = tasks / TASK / f"{TASK}.jsonl"
+    documents.write_text(documents.read_text().replace('"answer": 2', '"answer": 1', 1))
+    assert include_digest(str(tasks)) != before
+    with pytest.raises(MemforgeError, match=f"evaluate.lm_eval_include_path: {tmp_path / 'none'} is not a directory"):
+        include_digest(str(tmp_path / "none"))
