@@ -225,6 +225,11 @@ class EvaluateParams(Section):
     batch_size: int = Field(default=4, gt=0)
     precision: Precision = "fp32"
     device: Device = "auto"
+    # lm-evaluation-harness tasks (the eval extra) scored with the decoder alone and with decoder + memory at the
+    # dev-chosen λ and τ: lm-eval's task names, a local directory of task YAMLs, documents per task (null: all)
+    lm_eval_tasks: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    lm_eval_include_path: Optional[str] = None
+    lm_eval_limit: Optional[int] = Field(default=None, gt=0)
 
 
 class ExportParams(Section):

@@ -18,6 +18,10 @@ and test), ``report.md`` (the papers' table: valid and test perplexity per model
 kNN-LM, decoder + memory, p_kNN alone and the memory alone, and ``nearest_distance``: the squared L2
 distance of the row's nearest neighbour in the datastore, to see where kNN-LM and the memory part),
 ``lambda.json`` and ``loss.json`` (DVC plots data) and their PNGs.
+
+When ``evaluate.lm_eval_tasks`` names lm-evaluation-harness tasks, both the decoder alone and the decoder +
+memory at the memory's dev-chosen (λ, τ) (``export.compose``: the model ``export`` publishes) are scored on them
+(``training.harness``), side by side under ``lm_eval`` in ``metrics.json`` and in ``report.md``.
 """
 from __future__ import annotations
 
@@ -37,11 +41,14 @@ from memforge.pipelines import devices, faiss_index
 from memforge.pipelines.datastore_rows import DatastoreRows
 from memforge.pipelines.encoder import RepresentationCapture, load_encoder
 from memforge.pipelines.stage import Published
+from memforge.pipelines.tokenizer import load_tokenizer
 from memforge.pipelines.windows import window_batches, windows_for_rows
 from memforge.storage import fs
 from memforge.storage.shards import load_plan
 from memforge.storage.stores import PartOffsets, TokenStore
+from memforge.training import harness
 from memforge.training.dev_test import Sides, sides_with_test_split, validation_sides
+from memforge.training.export import compose
 from memforge.training.lm_eval import log_probs_at, perplexity
 from memforge.training.mlp_memory import MLPMemory
 from memforge.training.token_stream import TokenStream
@@ -171,10 +178,12 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
     return Scored(logp_dec, p_knn, logp_mem, logp_mem_alone, timings, nearest)
 
 
-def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.device) -> Published:
+def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.device,
+             task_manager=None) -> Published:
     """Score the validation (and test) split three ways on ``device`` (autocast to ``evaluate.precision``; the kNN
-    search on FAISS's CPU), choose each model's λ (and kNN-LM's T) on dev, report on test, and write
-    metrics, per-token log-probs and plots into ``uri``."""
+    search on FAISS's CPU), choose each model's λ (and kNN-LM's T) on dev, report on test, score the lm-eval
+    tasks with the decoder and decoder + memory when ``task_manager`` (``harness.task_manager``) is given, and
+    write metrics, per-token log-probs and plots into ``uri``."""
     config = params.evaluate
     tokens, queries, index = inputs["tokens"], inputs["keys/validation"], inputs["index"]
     memory_artifact = inputs["memory"]
@@ -216,6 +225,9 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
     metrics["keys"] = {"representation": stats["representation"], "layer": stats["layer"]}
     metrics["memory_input"] = {"representation": memory_params["representation"],
                                "layer": memory_params["input_layer"]}
+    if task_manager is not None:
+        metrics["lm_eval"] = _lm_eval(params, decoder_path, decoder, memory, choice, metrics["memory_input"],
+                                      task_manager)
     sweep = [{"lambda": lam, **{f"{name}_{side}": round(perplexity(mixed[mask]), 4)
                                 for name, mixed in (("knnlm", _mix(logp_dec, choice.logp_knn, lam)),
                                                     ("memory", _mix(logp_dec, choice.logp_mem, lam)))
@@ -231,6 +243,22 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
              fs.join(uri, "metrics.json"))
     return Published(counts={"rows": n_rows}, stats={**metrics, "device": devices.describe(device),
                                                      "precision": config.precision})
+
+
+def _lm_eval(params, decoder_path: str, decoder, memory: MLPMemory, choice: Choice, memory_input: dict,
+             task_manager) -> dict:
+    """The lm-eval tasks scored with the decoder alone, then with decoder + memory at the chosen (λ, τ)."""
+    config = params.evaluate
+    tokenizer = load_tokenizer(decoder_path, params.runtime.trust_remote_code)
+
+    def score(model) -> dict:
+        return harness.score(model, tokenizer, task_manager, config.lm_eval_tasks, config.lm_eval_limit,
+                             config.batch_size, config.precision)
+
+    scores = {"decoder": score(decoder)}
+    scores["decoder+memory"] = score(compose(decoder, memory, choice.memory_lambda, choice.memory_temperature,
+                                             memory_input["representation"], memory_input["layer"]))
+    return harness.side_by_side(scores)
 
 
 def _scorers_and_sides(decoder, tokens, queries, config) -> tuple[list[Scorer], Sides, np.ndarray | None]:

@@ -11,13 +11,14 @@ class Evaluate(Stage):
     """Perplexity and speed of the decoder, kNN-LM and decoder + memory on the validation and test splits."""
 
     name = "evaluate"
-    summary = "perplexity and tokens/s of decoder, kNN-LM and decoder+memory"
+    summary = "perplexity and tokens/s of decoder, kNN-LM and decoder+memory; lm-eval tasks when named"
     outputs = ("eval",)
     format = "metrics"
     inputs = ("tokens", "keys/validation", "index", "memory", "decoder")
     content = ("evaluate.k", "evaluate.nprobe", "evaluate.dev_fraction", "evaluate.split_seed",
                "evaluate.lambda_grid", "evaluate.temperature_grid", "evaluate.memory_temperature_grid",
-               "evaluate.precision", "encode.model")
+               "evaluate.precision", "evaluate.lm_eval_tasks", "evaluate.lm_eval_include_path",
+               "evaluate.lm_eval_limit", "encode.model")
     execution = ("evaluate.batch_size", "evaluate.device", "index.threads", "runtime.trust_remote_code")
     dvc_files = {"outs": ("_manifest.json", "token_log_probs.parquet", "report.md"), "metrics": ("metrics.json",),
                  "plots": (("lambda.json", {"x": "lambda"}), ("loss.json", {"x": "step", "y": "loss"}),
@@ -47,10 +48,25 @@ class Evaluate(Stage):
         nlist = index.manifest["stats"]["nlist"]
         if nlist is not None and ctx.params.evaluate.nprobe > nlist:
             raise MemforgeError(f"evaluate.nprobe: {ctx.params.evaluate.nprobe} exceeds the index's nlist ({nlist})")
+        if ctx.params.evaluate.lm_eval_tasks:
+            from memforge.training import harness
+
+            config = ctx.params.evaluate
+            ctx.scratch["lm_eval"] = harness.task_manager(config.lm_eval_tasks, config.lm_eval_include_path)
+
+    def external(self, ctx: Context) -> dict | None:
+        """The content of the local lm-eval task directory when tasks are named: its files define metrics."""
+        path = ctx.params.evaluate.lm_eval_include_path
+        if path is None or not ctx.params.evaluate.lm_eval_tasks:
+            return None
+        from memforge.training.harness import include_digest
+
+        return {"lm_eval_include": include_digest(path)}
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         values = ctx.params.values([key for key in self.content if key != "encode.model"], strip="evaluate")
-        return {**values, **external_decoder(ctx.params, ctx.scratch["decoder_fingerprint"])}
+        return {**values, **external_decoder(ctx.params, ctx.scratch["decoder_fingerprint"]),
+                **(self.external(ctx) or {})}
 
     def artifact_inputs(self, ctx: Context, role: str) -> dict:
         named = {"decoder": ctx.inputs["decoder"]} if "decoder" in ctx.inputs else {}
@@ -60,4 +76,5 @@ class Evaluate(Stage):
     def run(self, ctx: Context, role: str, build) -> Published:
         from memforge.training.evaluate import evaluate
 
-        return evaluate(ctx.params, ctx.scratch["decoder_path"], ctx.inputs, build.uri, ctx.scratch["device"])
+        return evaluate(ctx.params, ctx.scratch["decoder_path"], ctx.inputs, build.uri, ctx.scratch["device"],
+                        ctx.scratch.get("lm_eval"))

@@ -1,5 +1,6 @@
 """The evaluation in the papers' form: one Markdown table of valid and test perplexity per model, with the
-chosen λ and temperatures, k, nprobe, the key and the memory input, and the dev/test protocol."""
+chosen λ and temperatures, k, nprobe, the key and the memory input, and the dev/test protocol; and, when
+evaluate scored lm-eval tasks, a table of their metrics for the decoder and decoder + memory."""
 from __future__ import annotations
 
 FILE = "report.md"
@@ -30,7 +31,21 @@ def render(metrics: dict) -> str:
               "scored at τ 1, its own output.",
               "- Tokens/s: " + ", ".join(f"{name} {value:,.0f}" for name, value in metrics["tokens_per_second"].items())
               + "."]
+    if "lm_eval" in metrics:
+        lines += ["", *_lm_eval_table(metrics["lm_eval"], metrics)]
     return "\n".join(lines) + "\n"
+
+
+def _lm_eval_table(lm_eval: dict, metrics: dict) -> list[str]:
+    """One row per lm-eval task and metric: the decoder's value and decoder + memory's."""
+    lines = ["| lm-eval task | documents | metric | decoder | decoder + memory |", "|---|---|---|---|---|"]
+    for task, scores in lm_eval["tasks"].items():
+        for metric, value in scores["decoder"].items():
+            lines.append(f"| {task} | {scores.get('samples', '–')} | {metric} | {value:.4f} "
+                         f"| {scores['decoder+memory'][metric]:.4f} |")
+    lines += ["", f"- lm-eval {lm_eval['version']}, zero-shot unless the task sets shots; decoder + memory at the "
+                  f"memory's λ {metrics['memory_lambda']:g} and τ {metrics['memory_temperature']:g}."]
+    return lines
 
 
 def _value(metrics: dict, key: str | None) -> str:
