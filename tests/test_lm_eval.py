@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from memforge.flows.cli import main
 from memforge.pipelines.encoder import load_encoder
-from memforge.training.export import compose, save_model
+from memforge.training.compose import compose, save_model
 from memforge.training.mlp_memory import MemoryConfig, MLPMemory
 
 from chain import stage_args
@@ -43,7 +43,7 @@ def decoder_and_memory(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(decoder_and_memory, tmp_path_factory):
-    """The composed model (λ ``LAM``, τ ``TAU``) and the directory ``export.save_model`` wrote it to."""
+    """The composed model (λ ``LAM``, τ ``TAU``) and the directory ``compose.save_model`` wrote it to."""
     decoder, memory, tokenizer = decoder_and_memory
     model = compose(decoder, memory, LAM, TAU, "ffn_input", -1)
     directory = tmp_path_factory.mktemp("exported")

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from memforge.pipelines.encoder import RepresentationCapture, load_encoder
 from memforge.pipelines.tokenizer import load_tokenizer
-from memforge.training.export import compose, save_model
+from memforge.training.compose import compose, save_model
 from memforge.training.mlp_memory import MemoryConfig, MLPMemory
 
 from tiny_lm import make_family_lm, make_gpt2, write_corpus
@@ -72,3 +72,20 @@ def test_a_bad_mixing_rule_is_refused():
         MemoryLMConfig(lam=1.5)
     with pytest.raises(ValueError, match="memory_temperature: 0"):
         MemoryLMConfig(memory_temperature=0)
+
+
+def test_left_padded_batches_generate_what_each_prompt_does_alone(family):
+    """Batched generation pads prompts on the left: positions come from the attention mask (``position_ids``), so
+    the shorter prompt continues as it does unbatched."""
+    decoder, _, _, directory = family
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    long, short = (torch.randint(3, decoder.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+                   for n in (9, 4))
+    pad = decoder.config.eos_token_id
+    batch = torch.cat([long, torch.cat([torch.full((1, 5), pad), short], 1)])
+    mask = torch.cat([torch.ones(1, 9, dtype=torch.long), torch.cat([torch.zeros(1, 5), torch.ones(1, 4)], 1).long()])
+    greedy = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": pad}
+    together = model.generate(batch, attention_mask=mask, **greedy)
+    for row, prompt in enumerate((long, short)):
+        alone = model.generate(prompt, attention_mask=torch.ones_like(prompt), **greedy)
+        assert torch.equal(together[row, -6:], alone[0, -6:]), row

@@ -20,7 +20,7 @@ distance of the row's nearest neighbour in the datastore, to see where kNN-LM an
 ``lambda.json`` and ``loss.json`` (DVC plots data) and their PNGs.
 
 When ``evaluate.lm_eval_tasks`` names lm-evaluation-harness tasks, both the decoder alone and the decoder +
-memory at the memory's dev-chosen (λ, τ) (``export.compose``: the model ``export`` publishes) are scored on them
+memory at the memory's dev-chosen (λ, τ) (``compose.compose``: the model ``export`` publishes) are scored on them
 (``training.harness``), side by side under ``lm_eval`` in ``metrics.json`` and in ``report.md``.
 """
 from __future__ import annotations
@@ -47,8 +47,8 @@ from memforge.storage import fs
 from memforge.storage.shards import load_plan
 from memforge.storage.stores import PartOffsets, TokenStore
 from memforge.training import harness
+from memforge.training.compose import compose
 from memforge.training.dev_test import Sides, sides_with_test_split, validation_sides
-from memforge.training.export import compose
 from memforge.training.lm_eval import log_probs_at, perplexity
 from memforge.training.mlp_memory import MLPMemory
 from memforge.training.token_stream import TokenStream

@@ -1,55 +1,20 @@
-"""The decoder and its memory as one Hugging Face causal LM (``training.memory_lm``): built in memory from the
-two models, and written as a model directory that loads with ``AutoModelForCausalLM.from_pretrained``,
-its modelling code inside (``auto_map``), so memforge need not be installed where it is used."""
+"""``memforge export``'s work: the decoder named by params and the memory artifact composed at the mixing rule
+(``training.compose``) and written as one Hugging Face model directory, ``<artifacts_dir>/export/model``."""
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
-from pathlib import Path
-
-import torch
 
 from memforge.pipelines.encoder import load_encoder
 from memforge.pipelines.stage import Published
 from memforge.pipelines.tokenizer import load_tokenizer
 from memforge.storage import fs
 from memforge.storage.stores import TOKENIZER_DIR
-from memforge.training import memory_lm, memory_lm_config, mlp_memory, representation
-from memforge.training.export_stage import MODEL_DIR
-from memforge.training.memory_lm import MemoryLMForCausalLM
-from memforge.training.memory_lm_config import MemoryLMConfig
+from memforge.training.compose import compose, save_model
 from memforge.training.mlp_memory import MLPMemory
 
-# the modelling code the directory ships: memory_lm.py imports the other three relatively
-CODE_FILES = tuple(Path(module.__file__) for module in (memory_lm, memory_lm_config, mlp_memory, representation))
+MODEL_DIR = "model"
 log = logging.getLogger("memforge")
-AUTO_MAP = {"AutoConfig": "memory_lm_config.MemoryLMConfig", "AutoModelForCausalLM": "memory_lm.MemoryLMForCausalLM"}
-
-
-def compose(decoder: torch.nn.Module, memory: MLPMemory, lam: float, memory_temperature: float,
-            memory_input: str, memory_layer: int, provenance: dict | None = None) -> MemoryLMForCausalLM:
-    """Decoder + memory as one model (eval mode, the decoder's device and dtype), sharing no tensor with the
-    two models it copies."""
-    config = MemoryLMConfig(text_config=decoder.config, memory_config=memory.config.to_dict(), lam=lam,
-                            memory_temperature=memory_temperature, memory_input=memory_input,
-                            memory_layer=memory_layer, provenance=provenance or {}, auto_map=dict(AUTO_MAP))
-    model = MemoryLMForCausalLM(config)
-    model.decoder.load_state_dict(decoder.state_dict())
-    model.memory.load_state_dict(memory.state_dict())
-    if getattr(decoder, "generation_config", None) is not None:
-        model.generation_config = decoder.generation_config
-    parameter = next(decoder.parameters())
-    return model.to(device=parameter.device, dtype=parameter.dtype).eval()
-
-
-def save_model(model: MemoryLMForCausalLM, tokenizer, directory: str | Path) -> None:
-    """``model`` (weights as safetensors, config), ``tokenizer`` and the modelling code into ``directory``."""
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    for source in CODE_FILES:
-        shutil.copyfile(source, directory / source.name)
 
 
 def export(params, decoder_path: str, decoder_fingerprint: str, inputs: dict, mixing: dict, uri: str) -> Published:

@@ -7,8 +7,6 @@ from memforge.pipelines.named_decoder import decoder_inputs, decoder_path, exter
 from memforge.pipelines.stage import Context, Published, Stage
 from memforge.storage.errors import MemforgeError
 
-MODEL_DIR = "model"
-
 
 class Export(Stage):
     """Decoder + memory as one Hugging Face model directory (weights, tokenizer, modelling code, mixing rule)."""

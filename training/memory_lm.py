@@ -43,10 +43,11 @@ class MemoryLMForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "decoder"
     _supports_cache_class = True
 
-    def __init__(self, config: MemoryLMConfig):
+    def __init__(self, config: MemoryLMConfig, decoder: PreTrainedModel | None = None, memory: MLPMemory | None = None):
+        """Built from ``config`` (weights to load), or around an existing ``decoder`` and ``memory`` (shared)."""
         super().__init__(config)
-        self.decoder = AutoModelForCausalLM.from_config(config.text_config)
-        self.memory = MLPMemory(MemoryConfig(**config.memory_config))
+        self.decoder = decoder if decoder is not None else AutoModelForCausalLM.from_config(config.text_config)
+        self.memory = memory if memory is not None else MLPMemory(MemoryConfig(**config.memory_config))
         self._capture = RepresentationCapture(self.decoder, config.memory_input, config.memory_layer, stop=False)
         self._trims_logits = "logits_to_keep" in inspect.signature(self.decoder.forward).parameters
         self.post_init()
@@ -61,14 +62,15 @@ class MemoryLMForCausalLM(PreTrainedModel, GenerationMixin):
         return self.decoder.get_output_embeddings()
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                past_key_values=None, labels: torch.LongTensor | None = None, use_cache: bool | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values=None,
+                labels: torch.LongTensor | None = None, use_cache: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
         """The decoder's forward (same arguments, same cache); ``logits`` are the mixture's log-probabilities at
         the kept positions (all, or the last ``logits_to_keep``), and the memory runs on those positions only."""
         self._capture.value = None
         trim = {"logits_to_keep": logits_to_keep} if self._trims_logits else {}
-        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                           use_cache=use_cache, **trim, **kwargs)
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=past_key_values, use_cache=use_cache, **trim, **kwargs)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         decoder_logits = out.logits if self._trims_logits else out.logits[:, keep]
         memory_input = self._capture.value[:, keep]
