@@ -2,7 +2,10 @@
 batch 16 (``memforge bench --only generate``).
 
 Greedy generation adds ``NEW_TOKENS`` tokens (exactly: ``min_new_tokens`` too) to prompts of ``PROMPT_TOKENS``
-tokens, consecutive slices of the validation split, in one process on the CPU. The models:
+tokens, consecutive slices of the validation split, in one process on the CPU with ``THREADS`` torch and FAISS
+thread(s): on a machine that other work shares, more threads than free cores make every step wait for a
+descheduled thread (10-20x slower per token here at 2 threads under a load of 5), which would measure the
+machine, not the models. The models:
 
 - the decoder: the bench's ``small`` GPT-2 (4 layers, d 128: the demo decoder's shape, random weights), with
   its KV cache;
@@ -19,10 +22,12 @@ Each tokens/s is the median of ``RUNS`` runs per model and batch, the models tak
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
 
+import faiss
 import numpy as np
 import torch
 from transformers import LogitsProcessorList
@@ -37,7 +42,8 @@ from memforge.storage.params import Params
 BATCHES = (1, 16)
 PROMPT_TOKENS = 64
 NEW_TOKENS = 128
-RUNS = 3
+RUNS = 6  # a multiple of the 3 models: each takes every place in the order equally often
+THREADS = 1
 DATASTORE_KEYS = 1 << 22  # 4.19 M
 LAMBDA, MEMORY_TEMPERATURE, KNN_TEMPERATURE = 0.25, 1.0, 1.0
 MODELS = {"decoder": "the decoder alone (the bench's small GPT-2)",
@@ -69,7 +75,7 @@ NOTES = {
     "generate_knn_k": Note("neighbours kNN-LM retrieves per generated token"),
     "generate_prompt_tokens": Note("tokens of each prompt (consecutive slices of the validation split)"),
     "generate_new_tokens": Note("tokens greedy generate() adds to each prompt (exactly: min_new_tokens too), with the "
-                                "KV cache, one process on the CPU"),
+                                f"KV cache, one process on the CPU, {THREADS} torch and FAISS thread(s)"),
     "generate_runs": Note("timed runs per model and batch, the models in rotated order after one warm-up each; "
                           "each tokens/s is their median"),
     **{figure: note for batch in BATCHES for figure, note in _batch_notes(batch).items()},
@@ -81,6 +87,19 @@ def validation_prompts(tokens: Artifact, count: int, length: int) -> np.ndarray:
     from memforge.training.token_stream import TokenStream
 
     return TokenStream(tokens, "validation").slice(0, count * length).reshape(count, length)
+
+
+@contextlib.contextmanager
+def threads(count: int):
+    """torch's and FAISS's thread counts set to ``count`` inside, restored after."""
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(count)
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
 
 
 def greedy_seconds(model, prompts: torch.Tensor, new_tokens: int, processors: list | None = None) -> float:
@@ -101,7 +120,8 @@ def measure_generation(decoder, memory, searcher, rows, prompts: np.ndarray, que
                        memory_at: tuple[str, int], k: int, new_tokens: int = NEW_TOKENS, runs: int = RUNS) -> dict:
     """The per-batch figures of ``NOTES``: greedy generate()'s tokens/s from the first ``batch`` of ``prompts`` for
     ``decoder``, decoder + ``memory`` (composed, the memory reading ``memory_at``) and kNN-LM (``searcher`` and
-    ``rows``, the query ``query_at``, ``k`` neighbours); each the median of ``runs`` runs."""
+    ``rows``, the query ``query_at``, ``k`` neighbours); each the median of ``runs`` runs, on ``THREADS``
+    thread(s)."""
     from memforge.training.export import compose
     from memforge.training.knnlm_generation import KNNLMLogitsProcessor
 
@@ -114,17 +134,19 @@ def measure_generation(decoder, memory, searcher, rows, prompts: np.ndarray, que
     models = {"decoder": lambda ids, tokens: greedy_seconds(decoder, ids, tokens),
               "memory": lambda ids, tokens: greedy_seconds(with_memory, ids, tokens), "knnlm": knnlm}
     names = list(models)
-    for generate in models.values():  # untimed: the first call's one-time costs
-        generate(torch.from_numpy(prompts[:1]), 2)
     figures = {"generate_knn_k": k, "generate_prompt_tokens": prompts.shape[1], "generate_new_tokens": new_tokens,
                "generate_runs": runs}
+    seconds = {(batch, name): [] for batch in BATCHES for name in names}
+    with threads(THREADS):
+        for generate in models.values():  # untimed: the first call's one-time costs
+            generate(torch.from_numpy(prompts[:1]), 2)
+        for batch in BATCHES:
+            ids = torch.from_numpy(prompts[:batch])
+            for order in round_orders(len(names), runs):
+                for i in order:
+                    seconds[batch, names[i]].append(models[names[i]](ids, new_tokens))
     for batch in BATCHES:
-        ids = torch.from_numpy(prompts[:batch])
-        seconds = {name: [] for name in names}
-        for order in round_orders(len(names), runs):
-            for i in order:
-                seconds[names[i]].append(models[names[i]](ids, new_tokens))
-        speed = {name: round(batch * new_tokens / statistics.median(seconds[name]), 1) for name in names}
+        speed = {name: round(batch * new_tokens / statistics.median(seconds[batch, name]), 1) for name in names}
         prefix = f"generate_b{batch}"
         figures.update({f"{prefix}_{name}_tokens_per_s": speed[name] for name in names})
         figures.update({f"{prefix}_memory_vs_decoder": round(speed["memory"] / speed["decoder"], 3),

@@ -95,7 +95,8 @@ def test_greedy_generation_at_lambda_0_is_the_decoders_and_cached_steps_read_the
 
 def test_the_part_measures_every_model_at_every_batch(tiny):
     """The part's measurement on the tiny chain (a fresh memory of the default shape, 8-token prompts, 8 new
-    tokens, one run): every figure the notes name but the datastore's, each speed and ratio positive."""
+    tokens, one run): every figure the notes name but the datastore's, each speed and ratio positive; the thread
+    counts it sets come back."""
     from memforge.storage.params import Params
     from memforge.training.memory import build_memory
 
@@ -103,8 +104,14 @@ def test_the_part_measures_every_model_at_every_batch(tiny):
     torch.manual_seed(0)
     memory = build_memory(Params().memory, stats["hidden_size"], int(decoder.config.vocab_size)).eval()
     prompts = generate.validation_prompts(tiny["tokens"], max(generate.BATCHES), 8)
-    figures = generate.measure_generation(decoder, memory, tiny["searcher"], tiny["rows"], prompts,
-                                          tiny["query_at"], tiny["query_at"], K, new_tokens=8, runs=1)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(generate.THREADS + 1)
+    try:
+        figures = generate.measure_generation(decoder, memory, tiny["searcher"], tiny["rows"], prompts,
+                                              tiny["query_at"], tiny["query_at"], K, new_tokens=8, runs=1)
+        assert torch.get_num_threads() == generate.THREADS + 1
+    finally:
+        torch.set_num_threads(saved)
     assert set(figures) == set(generate.NOTES) - {"generate_datastore_keys", "generate_index"}
     assert figures["generate_new_tokens"] == 8 and figures["generate_prompt_tokens"] == 8
     per_batch = {name: value for name, value in figures.items() if name.startswith("generate_b")}

@@ -46,10 +46,8 @@ class KNNLMLogitsProcessor(LogitsProcessor):
         query = np.ascontiguousarray(self.capture.value[:, -1].float().cpu().numpy())
         dists, _, values = self.rows.neighbours(query, *self.searcher.search(query, self.k), self.exact,
                                                 ordered=False)
-        with torch.no_grad():
-            log_p_knn = knn_distribution(dists, values, self.temperature, scores.shape[-1]).log().to(scores.device)
-            mixed = mix_log_probs(scores, log_p_knn, self.lam, 1.0)
-        return mixed.masked_fill(scores == -torch.inf, -torch.inf)
+        log_p_knn = knn_distribution(dists, values, self.temperature, scores.shape[-1]).log().to(scores.device)
+        return mix_log_probs(scores, log_p_knn, self.lam, 1.0).masked_fill(scores == -torch.inf, -torch.inf)
 
     def remove(self) -> None:
         """Remove the hook from the decoder."""
