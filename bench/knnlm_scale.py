@@ -35,6 +35,7 @@ import math
 import statistics
 import tempfile
 import time
+from typing import TYPE_CHECKING, NamedTuple
 
 import faiss
 import numpy as np
@@ -44,6 +45,9 @@ from memforge.bench.measure import Note, tree_bytes
 from memforge.storage import fs
 from memforge.storage.artifact import open_artifact
 from memforge.storage.params import Params
+
+if TYPE_CHECKING:  # numba (the re-ranking kernel) is imported only when a datastore is read
+    from memforge.pipelines.datastore_rows import DatastoreRows
 
 log = logging.getLogger("memforge")
 
@@ -74,7 +78,7 @@ NOTES = {
 }
 
 
-class _IndexSearcher:
+class IndexSearcher:
     """``ShardedIndex.search`` over an index held in memory (the grown synthetic index)."""
 
     def __init__(self, index: faiss.Index):
@@ -111,83 +115,122 @@ def add_to_lists(index: faiss.Index, keys: np.ndarray, lists: np.ndarray) -> Non
     index.add_core(len(keys), faiss.swig_ptr(keys), None, faiss.swig_ptr(lists))
 
 
-def _small_datastore(ws) -> Params:
-    """The ``KNN_SCALE`` x corpus encoded by the small model (prepared and encoded once)."""
+class Seed(NamedTuple):
+    """The real datastore that seeds the synthetic one: the ``KNN_SCALE`` x corpus encoded by the bench's
+    ``small`` model (its params), its keys and next tokens, and the validation keys' manifest stats
+    (representation, layer, hidden size, block size, stride) and rows."""
+    params: Params
+    keys: np.ndarray
+    values: np.ndarray
+    stats: dict
+    validation_rows: int
+
+
+def seed_datastore(ws) -> Seed:
+    """The ``KNN_SCALE`` x corpus encoded by the small model (prepared and encoded once), read."""
     from memforge.flows.stages import run_stage
+    from memforge.storage.stores import KeyStore
 
     params = ws.params(KNN_SCALE, "small")
-    if not fs.exists(fs.join(params.artifacts_dir, "keys", "train", "_manifest.json")):
+    art = params.artifacts_dir
+    if not fs.exists(fs.join(art, "keys", "train", "_manifest.json")):
         run_stage("encode", params)
-    return params
+    store = KeyStore.open(fs.join(art, "keys", "train"))
+    queries = open_artifact(fs.join(art, "keys", "validation"))
+    return Seed(params, np.asarray(store.keys()), np.asarray(store.vals()), queries.manifest["stats"],
+                queries.manifest["counts"]["rows"])
+
+
+def timed_models(seed: Seed, memory_config) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The seed's encoder (the small model: the decoder whose speed is timed) and a freshly initialised memory
+    of ``memory_config``'s shape over its keys (seed 0): speed does not depend on the weights."""
+    from memforge.pipelines.encoder import load_encoder
+    from memforge.training.memory import build_memory
+
+    decoder = load_encoder(seed.params.encode.model)
+    torch.manual_seed(0)
+    memory = build_memory(memory_config, seed.stats["hidden_size"], int(decoder.config.vocab_size)).eval()
+    return decoder, memory
+
+
+class SyntheticDatastore:
+    """The reference index (``REFERENCE``) trained on real keys and grown with them and their noisy copies
+    (``synthetic_rows``; each row in its source's IVF list), its rows also written to ``keys.npy`` (float16) and
+    ``values.npy`` under ``directory`` (up to ``capacity`` rows) for exact re-ranking (``rows``)."""
+
+    def __init__(self, real_keys: np.ndarray, real_values: np.ndarray, directory: str, capacity: int):
+        from memforge.pipelines import faiss_index
+        from memforge.pipelines.datastore_rows import KEYS, VALUES
+
+        self.real_keys, self.real_values, self.directory = real_keys, real_values, directory
+        dim = real_keys.shape[1]
+        self.factory = f"IVF{REFERENCE['nlist']},PQ{faiss_index.pq_subquantizers(dim)}"
+        self.index = faiss.index_factory(dim, self.factory)
+        points = REFERENCE["nlist"] * REFERENCE["train_points_per_list"]
+        sample = np.random.default_rng(0).choice(len(real_keys), points, replace=False)
+        started = time.perf_counter()
+        self.index.train(real_keys[np.sort(sample)].astype(np.float32))
+        faiss.extract_index_ivf(self.index).nprobe = REFERENCE["nprobe"]
+        self.train_seconds, self.add_seconds = time.perf_counter() - started, 0.0
+        real_keys32 = real_keys.astype(np.float32)
+        self.noise = NOISE * real_keys32.std(axis=0)
+        self.lists = real_lists(self.index, real_keys32)
+        self.keys_file = np.lib.format.open_memmap(f"{directory}/{KEYS}", "w+", np.float16, (capacity, dim))
+        self.values_file = np.lib.format.open_memmap(f"{directory}/{VALUES}", "w+", np.int32, (capacity,))
+        self.searcher = IndexSearcher(self.index)
+
+    def grow(self, size: int) -> None:
+        """Add rows until the datastore has ``size`` (timed into ``add_seconds``)."""
+        started = time.perf_counter()
+        for start in range(self.index.ntotal, size, ADD_BLOCK):
+            stop = min(size, start + ADD_BLOCK)
+            keys, values, source = synthetic_rows(self.real_keys, self.real_values, self.noise, start, stop)
+            self.keys_file[start:stop], self.values_file[start:stop] = keys, values
+            add_to_lists(self.index, keys, self.lists[source])
+        self.keys_file.flush()
+        self.values_file.flush()
+        self.add_seconds += time.perf_counter() - started
+
+    def rows(self) -> DatastoreRows:
+        """The rows as a search reads them (``DatastoreRows``: next tokens, exact keys)."""
+        from memforge.pipelines.datastore_rows import DatastoreRows
+
+        return DatastoreRows(self.directory, f"synthetic-{self.index.ntotal}")
 
 
 def knnlm_sweep(ws, scale_params: Params) -> dict:
     """Time decoder, kNN-LM (reference configuration) and decoder + memory at each of ``SIZES``."""
-    from memforge.pipelines import faiss_index
-    from memforge.pipelines.datastore_rows import KEYS, VALUES, DatastoreRows
-    from memforge.pipelines.encoder import load_encoder
-    from memforge.storage.stores import KeyStore
     from memforge.training.evaluate import Scorer, score_three_ways
-    from memforge.training.memory import build_memory
     from memforge.training.token_stream import TokenStream
 
-    params = _small_datastore(ws)
-    art = params.artifacts_dir
-    store = KeyStore.open(fs.join(art, "keys", "train"))
-    real_keys, real_values = np.asarray(store.keys()), np.asarray(store.vals())
-    queries = open_artifact(fs.join(art, "keys", "validation"))
-    stats = queries.manifest["stats"]
-    decoder = load_encoder(params.encode.model)
-    torch.manual_seed(0)
-    config = scale_params.memory
-    memory = build_memory(config, stats["hidden_size"], int(decoder.config.vocab_size)).eval()
-    scorer = Scorer(decoder, TokenStream(open_artifact(fs.join(art, "tokens")), "validation"),
-                    queries.manifest["counts"]["rows"], stats["block_size"], stats["stride"],
-                    Params().evaluate.batch_size)
-    dim, top = store.dim, max(SIZES)
-    factory = f"IVF{REFERENCE['nlist']},PQ{faiss_index.pq_subquantizers(dim)}"
-    index = faiss.index_factory(dim, factory)
-    sample = np.random.default_rng(0).choice(len(real_keys), REFERENCE["nlist"] * REFERENCE["train_points_per_list"],
-                                             replace=False)
-    started = time.perf_counter()
-    index.train(real_keys[np.sort(sample)].astype(np.float32))
-    faiss.extract_index_ivf(index).nprobe = REFERENCE["nprobe"]
-    train_seconds = time.perf_counter() - started
-    real_keys32 = real_keys.astype(np.float32)
-    noise = NOISE * real_keys32.std(axis=0)
-    lists = real_lists(index, real_keys32)
-    series, add_seconds = [], 0.0
+    seed = seed_datastore(ws)
+    stats = seed.stats
+    decoder, memory = timed_models(seed, scale_params.memory)
+    scorer = Scorer(decoder, TokenStream(open_artifact(fs.join(seed.params.artifacts_dir, "tokens")), "validation"),
+                    seed.validation_rows, stats["block_size"], stats["stride"], Params().evaluate.batch_size)
+    series = []
     with tempfile.TemporaryDirectory(dir=ws.root) as scratch:
-        keys_file = np.lib.format.open_memmap(f"{scratch}/{KEYS}", "w+", np.float16, (top, dim))
-        values_file = np.lib.format.open_memmap(f"{scratch}/{VALUES}", "w+", np.int32, (top,))
+        datastore = SyntheticDatastore(seed.keys, seed.values, scratch, max(SIZES))
         for size in SIZES:
-            started = time.perf_counter()
-            for start in range(index.ntotal, size, ADD_BLOCK):
-                stop = min(size, start + ADD_BLOCK)
-                keys, values, source = synthetic_rows(real_keys, real_values, noise, start, stop)
-                keys_file[start:stop], values_file[start:stop] = keys, values
-                add_to_lists(index, keys, lists[source])
-            keys_file.flush()
-            values_file.flush()
-            add_seconds += time.perf_counter() - started
-            rows = DatastoreRows(scratch, f"synthetic-{size}")
-            timings = [score_three_ways(scorer, _IndexSearcher(index), rows, memory, REFERENCE["k"], np.array([1.0]),
+            datastore.grow(size)
+            rows = datastore.rows()
+            timings = [score_three_ways(scorer, datastore.searcher, rows, memory, REFERENCE["k"], np.array([1.0]),
                                         (stats["representation"], stats["layer"]),
                                         (stats["representation"], stats["layer"]), "fp32",
                                         only=("decoder", "knnlm", "memory") if not repeat else ("decoder", "memory")
                                         ).timings for repeat in range(FAST_PASS_REPEATS)]
             speed = {name: round(scorer.n_rows / statistics.median(t[name] for t in timings if name in t), 1)
                      for name in ("decoder", "knnlm", "memory")}
-            point = {"datastore_rows": size, "real_rows": min(size, len(real_keys)), "tokens_per_second": speed,
+            point = {"datastore_rows": size, "real_rows": min(size, len(seed.keys)), "tokens_per_second": speed,
                      "memory_vs_knnlm": round(speed["memory"] / speed["knnlm"], 3),
                      "decoder_vs_knnlm": round(speed["decoder"] / speed["knnlm"], 3)}
             log.info("bench scale: kNN-LM at %d keys: %s", size, point)
             series.append(point)
         disk_gb = round(tree_bytes(ws.root) / 2**30, 2)  # the largest synthetic datastore, on disk
-    return {"factory": factory, "nprobe": REFERENCE["nprobe"], "k": REFERENCE["k"], "exact_distances": True,
-            "validation_rows": scorer.n_rows, "real_keys": len(real_keys), "noise": NOISE,
+    return {"factory": datastore.factory, "nprobe": REFERENCE["nprobe"], "k": REFERENCE["k"], "exact_distances": True,
+            "validation_rows": scorer.n_rows, "real_keys": len(seed.keys), "noise": NOISE,
             "decoder": "bench small GPT-2 (4 layers, d 128)", "memory": "default shape, seeded init (speed only)",
-            "train_seconds": round(train_seconds, 1), "add_seconds": round(add_seconds, 1),
+            "train_seconds": round(datastore.train_seconds, 1), "add_seconds": round(datastore.add_seconds, 1),
             "workspace_disk_gb": disk_gb,
             "series": {"reference": series}, "fit": fit(series)}
 

@@ -113,10 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "stage / bare library, measured in one run on this machine).")
     bench.add_argument("--only", action="append",
                        choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "scale", "gpu", "shape",
-                                "prepare", "train"],
+                                "prepare", "train", "generate"],
                        help="run only this part (repeatable); scale (~40 min), gpu (on a CUDA machine), shape "
-                            "(the demo's memory trained once per keep rule), prepare (a 200 MB file) and train "
-                            "(train-memory on 1 and 2 ranks) run only when asked for")
+                            "(the demo's memory trained once per keep rule), prepare (a 200 MB file), train "
+                            "(train-memory on 1 and 2 ranks) and generate (generate()'s tokens/s, kNN-LM over 4 M "
+                            "keys) run only when asked for")
     bench.add_argument("--json", action="store_true", help="print one JSON object of all figures")
     bench.add_argument("--workdir", help="directory for the temporary workspace (default: system temp)")
     bench.add_argument("--out", default="bench-out", help="directory for the files a part writes (scale: "

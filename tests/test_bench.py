@@ -126,6 +126,30 @@ def test_synthetic_rows_join_their_sources_lists_and_real_rows_are_added_as_fais
 
 
 @pytest.mark.unit
+def test_the_synthetic_datastore_grows_in_steps_and_reads_back_its_rows(tmp_path, monkeypatch):
+    """Grown to 1000 then 2000 rows (blocks of 300), the datastore's index and its row files hold the synthetic
+    rows of those blocks; a real key's exact nearest neighbour is itself, at distance 0."""
+    from memforge.bench import knnlm_scale as bench_knnlm_scale
+
+    monkeypatch.setitem(bench_knnlm_scale.REFERENCE, "nlist", 16)
+    monkeypatch.setattr(bench_knnlm_scale, "ADD_BLOCK", 300)
+    real = np.random.default_rng(2).standard_normal((16 * 39, 8)).astype(np.float16)
+    values = np.arange(len(real), dtype=np.int32)
+    datastore = bench_knnlm_scale.SyntheticDatastore(real, values, str(tmp_path), 2000)
+    datastore.grow(1000)
+    datastore.grow(2000)
+    assert datastore.index.ntotal == 2000 and datastore.factory == "IVF16,PQ4"
+    blocks = [bench_knnlm_scale.synthetic_rows(real, values, datastore.noise, start, min(stop, start + 300))
+              for stop, starts in ((1000, range(0, 1000, 300)), (2000, range(1000, 2000, 300))) for start in starts]
+    rows = datastore.rows()
+    assert np.array_equal(rows.key_rows(0, 2000), np.concatenate([keys for keys, _, _ in blocks]).astype(np.float16))
+    assert np.array_equal(rows.values, np.concatenate([vals for _, vals, _ in blocks]))
+    queries = real[:5].astype(np.float32)
+    dists, ids, found = rows.neighbours(queries, *datastore.searcher.search(queries, 50), exact=True, k=1)
+    assert ids.ravel().tolist() == [0, 1, 2, 3, 4] and not dists.any() and found.ravel().tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.unit
 def test_knnlm_fit_extrapolates_a_linear_cost_and_labels_it():
     """kNN-LM's seconds per token = a + c·N is recovered from exact points; the extrapolation uses it."""
     from memforge.bench import knnlm_scale as bench_knnlm_scale
