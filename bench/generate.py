@@ -122,7 +122,7 @@ def measure_generation(decoder, memory, searcher, rows, prompts: np.ndarray, que
     ``decoder``, decoder + ``memory`` (composed, the memory reading ``memory_at``) and kNN-LM (``searcher`` and
     ``rows``, the query ``query_at``, ``k`` neighbours); each the median of ``runs`` runs, on ``THREADS``
     thread(s)."""
-    from memforge.training.export import compose
+    from memforge.training.compose import compose
     from memforge.training.knnlm_generation import KNNLMLogitsProcessor
 
     with_memory = compose(decoder, memory, LAMBDA, MEMORY_TEMPERATURE, *memory_at)
