@@ -113,7 +113,8 @@ def test_targets_as_torch_datasets(targets):
     # Two DataLoader workers over the shuffled iterable: every row exactly once, whole rows intact.
     iterable = targets.iterable(shuffle=True, seed=3)
     seen = []
-    for batch in torch.utils.data.DataLoader(iterable, batch_size=100, num_workers=2):
+    # spawned workers: a fresh interpreter each, whatever the test process has started (servers, clusters)
+    for batch in torch.utils.data.DataLoader(iterable, batch_size=100, num_workers=2, multiprocessing_context="spawn"):
         rows = batch["row"].numpy()
         np.testing.assert_allclose(batch["probs"].numpy(), arrays["probs"][rows])
         seen.extend(rows.tolist())

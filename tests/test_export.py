@@ -77,11 +77,12 @@ def test_generate_is_seeded_uses_the_cache_and_at_lambda_zero_is_the_decoder(cha
     assert torch.equal(sample(3), sample(3))
     greedy = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     grown = prompt["input_ids"]
-    for _ in range(12):  # the same steps without a cache: every position recomputed
+    for _ in range(12):  # the same steps without a cache: every position recomputed, left pads not counted
         mask = torch.cat([prompt["attention_mask"], torch.ones(2, grown.shape[1] - prompt["input_ids"].shape[1],
                                                                 dtype=torch.long)], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = model(input_ids=grown, attention_mask=mask, use_cache=False).logits[:, -1]
+            logits = model(input_ids=grown, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
         grown = torch.cat([grown, logits.argmax(-1, keepdim=True)], 1)
     assert torch.equal(greedy, grown)
 
