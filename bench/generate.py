@@ -9,7 +9,7 @@ machine, not the models. The models:
 
 - the decoder: the bench's ``small`` GPT-2 (4 layers, d 128: the demo decoder's shape, random weights), with
   its KV cache;
-- decoder + memory: the ``MemoryLMForCausalLM`` that ``export`` publishes (``training.export.compose``), the
+- decoder + memory: the ``MemoryLMForCausalLM`` that ``export`` publishes (``training.compose.compose``), the
   memory freshly initialised in the default shape (``memory.*`` params, seeded: speed does not depend on its
   weights), at fixed λ ``LAMBDA`` and τ ``MEMORY_TEMPERATURE``;
 - kNN-LM: the decoder with ``training.knnlm_generation.KNNLMLogitsProcessor``, one FAISS search per step, over
