@@ -9,7 +9,7 @@ machine, not the models. The models:
 
 - the decoder: the bench's ``small`` GPT-2 (4 layers, d 128: the demo decoder's shape, random weights), with
   its KV cache;
-- decoder + memory: the ``MemoryLMForCausalLM`` that ``export`` publishes (``training.export.compose``), the
+- decoder + memory: the ``MemoryLMForCausalLM`` that ``export`` publishes (``training.compose.compose``), the
   memory freshly initialised in the default shape (``memory.*`` params, seeded: speed does not depend on its
   weights), at fixed λ ``LAMBDA`` and τ ``MEMORY_TEMPERATURE``;
 - kNN-LM: the decoder with ``training.knnlm_generation.KNNLMLogitsProcessor``, one FAISS search per step, over
@@ -65,12 +65,20 @@ def _batch_notes(batch: int) -> dict[str, Note]:
         f"{prefix}_decoder_vs_knnlm": Note(f"batch {batch}: decoder tokens/s ÷ kNN-LM tokens/s: memory_vs_knnlm if "
                                            "the memory cost nothing",
                                            (f"{prefix}_decoder_tokens_per_s", f"{prefix}_knnlm_tokens_per_s")),
+        f"{prefix}_knnlm_tokens_per_s_smaller": Note(f"batch {batch}: kNN-LM's tokens/s over the smaller datastore "
+                                                     "(generate_smaller_keys keys)"),
+        f"{prefix}_keys_for_10x": Note(f"batch {batch}, extrapolated: datastore keys at which decoder + memory would "
+                                       "reach 10x kNN-LM's tokens/s, kNN-LM's seconds per token fitted as a + c·N "
+                                       "through its two sizes (its IVF lists, of fixed nlist, grow with N); null when "
+                                       "kNN-LM got no slower with N"),
     }
 
 
 NOTES = {
     "generate_datastore_keys": Note("keys of kNN-LM's datastore: the small model's real keys, then noisy copies (as "
                                     "the scale bench's kNN-LM sweep)"),
+    "generate_smaller_keys": Note("keys of the smaller datastore kNN-LM is also timed over (the same one before it "
+                                  "grew), for the extrapolation"),
     "generate_index": Note("kNN-LM's index and search (the reference kNN-LM configuration)"),
     "generate_knn_k": Note("neighbours kNN-LM retrieves per generated token"),
     "generate_prompt_tokens": Note("tokens of each prompt (consecutive slices of the validation split)"),
@@ -155,6 +163,30 @@ def measure_generation(decoder, memory, searcher, rows, prompts: np.ndarray, que
     return figures
 
 
+def knnlm_tokens_per_s(decoder, searcher, rows, prompts: np.ndarray, query_at: tuple[str, int], k: int,
+                       new_tokens: int = NEW_TOKENS, runs: int = RUNS) -> dict[int, float]:
+    """kNN-LM's greedy generate() tokens/s at each of ``BATCHES`` (median of ``runs``, on ``THREADS`` thread(s))."""
+    from memforge.training.knnlm_generation import KNNLMLogitsProcessor
+
+    def seconds(ids: torch.Tensor) -> float:
+        with KNNLMLogitsProcessor(decoder, searcher, rows, query_at, k, LAMBDA, KNN_TEMPERATURE) as processor:
+            return greedy_seconds(decoder, ids, new_tokens, [processor])
+
+    with threads(THREADS):
+        return {batch: round(batch * new_tokens / statistics.median(
+            seconds(torch.from_numpy(prompts[:batch])) for _ in range(runs)), 1) for batch in BATCHES}
+
+
+def keys_for_ratio(ratio: float, memory_speed: float, points: list[tuple[int, float]]) -> int | None:
+    """The datastore size N at which ``memory_speed`` ÷ kNN-LM's tokens/s reaches ``ratio``, kNN-LM's seconds per
+    token fitted as a + c·N through ``points`` (N, tokens/s); None when kNN-LM does not slow with N."""
+    (n1, speed1), (n2, speed2) = points
+    slope = (1 / speed2 - 1 / speed1) / (n2 - n1)
+    if slope <= 0:
+        return None
+    return max(n2, round((ratio / memory_speed - (1 / speed1 - slope * n1)) / slope))
+
+
 def bench_generate(ws: Workspace, keys: int = DATASTORE_KEYS) -> dict:
     """generate_b16_memory_vs_decoder, generate_b16_memory_vs_knnlm: greedy generate()'s tokens/s of decoder +
     memory ÷ the decoder's and ÷ kNN-LM's over a synthetic datastore of ``keys`` keys, at batch 1 and 16."""
@@ -164,10 +196,18 @@ def bench_generate(ws: Workspace, keys: int = DATASTORE_KEYS) -> dict:
     prompts = validation_prompts(open_artifact(fs.join(seed.params.artifacts_dir, "tokens")), max(BATCHES),
                                  PROMPT_TOKENS)
     k, nprobe = knnlm_scale.REFERENCE["k"], knnlm_scale.REFERENCE["nprobe"]
+    smaller_keys = keys // 4
     with tempfile.TemporaryDirectory(dir=ws.root) as scratch:
         datastore = knnlm_scale.SyntheticDatastore(seed.keys, seed.values, scratch, keys)
+        datastore.grow(smaller_keys)
+        smaller = knnlm_tokens_per_s(decoder, datastore.searcher, datastore.rows(), prompts, query_at, k)
         datastore.grow(keys)
         figures = measure_generation(decoder, memory, datastore.searcher, datastore.rows(), prompts, query_at,
                                      query_at, k)
-    return {"generate_datastore_keys": keys,
+    for batch in BATCHES:
+        prefix = f"generate_b{batch}"
+        figures[f"{prefix}_knnlm_tokens_per_s_smaller"] = smaller[batch]
+        figures[f"{prefix}_keys_for_10x"] = keys_for_ratio(10.0, figures[f"{prefix}_memory_tokens_per_s"], [
+            (smaller_keys, smaller[batch]), (keys, figures[f"{prefix}_knnlm_tokens_per_s"])])
+    return {"generate_datastore_keys": keys, "generate_smaller_keys": smaller_keys,
             "generate_index": f"{datastore.factory}, nprobe {nprobe}, exact re-ranking", **figures}

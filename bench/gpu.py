@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from memforge.bench.measure import Note
+from memforge.bench.memory import IN_METRICS
 from memforge.bench.workspace import SHAPES
 from memforge.storage import fs
 from memforge.storage.artifact import open_artifact
@@ -248,8 +249,10 @@ def _training_on_gpu(ws) -> dict:
     metrics = fs.read_json(fs.join(base.artifacts_dir, "eval", "metrics.json"))
     figures.update(evaluate_gpu_seconds=round(time.perf_counter() - started, 1),
                    evaluate_gpu_device=open_artifact(fs.join(base.artifacts_dir, "eval")).manifest["stats"]["device"],
-                   **{f"evaluate_gpu_tokens_per_s_{k}": v for k, v in metrics["tokens_per_second"].items()},
-                   **{f"evaluate_gpu_perplexity_{k}": v for k, v in metrics["perplexity"].items()})
+                   **{f"evaluate_gpu_tokens_per_s_{name}": metrics["tokens_per_second"][IN_METRICS[name]]
+                      for name in EVALUATED},
+                   **{f"evaluate_gpu_perplexity_{name}": metrics["perplexity"][IN_METRICS.get(name, name)]
+                      for name in (*EVALUATED, "memory_alone")})
     figures.update(_faiss_on_gpu(base))
     return figures
 

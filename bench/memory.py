@@ -15,6 +15,7 @@ EVALUATE_INPUTS = ("tokens", "decoder", "keys", "index", "memory")
 MEMORY_RUNS = 5  # tokens/s per model: the median over this many evaluate runs
 MODELS = {"decoder": "the decoder alone", "knnlm": "kNN-LM (decoder + datastore search)",
           "memory": "decoder + memory"}
+IN_METRICS = {"decoder": "decoder", "knnlm": "knnlm", "memory": "decoder+memory"}  # each model's name in metrics.json
 
 NOTES = {
     "memory_bench_tokens": Note("validation tokens each evaluate run scores (the demo's, `memforge run`)"),
@@ -60,12 +61,12 @@ def bench_memory(ws: Workspace) -> dict:
         evaluated = run_stage("evaluate", params.model_copy(update={"artifacts_dir": str(linked)}), rebuild=True)
         runs.append(fs.read_json(fs.join(evaluated, "metrics.json")))
     metrics = runs[0]
-    speed = {name: statistics.median(run["tokens_per_second"][name] for run in runs) for name in MODELS}
+    speed = {name: statistics.median(run["tokens_per_second"][IN_METRICS[name]] for run in runs) for name in MODELS}
     perplexity = metrics["perplexity"]
     return {
         "memory_bench_tokens": metrics["rows"], "memory_bench_knn_k": metrics["k"], "memory_bench_runs": MEMORY_RUNS,
         **{f"{name}_tokens_per_s": speed[name] for name in MODELS},
-        **{f"{name}_perplexity": perplexity[name] for name in MODELS},
+        **{f"{name}_perplexity": perplexity[IN_METRICS[name]] for name in MODELS},
         "memory_vs_decoder": round(speed["memory"] / speed["decoder"], 3),
         "memory_vs_knnlm": round(speed["memory"] / speed["knnlm"], 3),
         # the bound on memory_vs_knnlm: what it would be if the memory cost nothing on top of the decoder

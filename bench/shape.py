@@ -105,6 +105,6 @@ def measure_rules(params: Params) -> dict:
             f"{rule}_kept_mass_median": round(float(np.median(masses)), 4),
             f"{rule}_targets_s": round(targets_s, 1), f"{rule}_train_memory_s": round(memory_s, 1),
             f"{rule}_memory_alone_dev_perplexity": dev["memory_alone"],
-            f"{rule}_memory_dev_perplexity": dev["memory"],
+            f"{rule}_memory_dev_perplexity": dev["decoder+memory"],
         })
     return figures

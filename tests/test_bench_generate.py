@@ -112,7 +112,21 @@ def test_the_part_measures_every_model_at_every_batch(tiny):
         assert torch.get_num_threads() == generate.THREADS + 1
     finally:
         torch.set_num_threads(saved)
-    assert set(figures) == set(generate.NOTES) - {"generate_datastore_keys", "generate_index"}
+    added_by_the_part = {"generate_datastore_keys", "generate_smaller_keys", "generate_index",
+                         *(f"generate_b{b}_{name}" for b in generate.BATCHES
+                           for name in ("knnlm_tokens_per_s_smaller", "keys_for_10x"))}
+    assert set(figures) == set(generate.NOTES) - added_by_the_part
     assert figures["generate_new_tokens"] == 8 and figures["generate_prompt_tokens"] == 8
     per_batch = {name: value for name, value in figures.items() if name.startswith("generate_b")}
     assert len(per_batch) == 6 * len(generate.BATCHES) and all(value > 0 for value in per_batch.values())
+    smaller = generate.knnlm_tokens_per_s(decoder, tiny["searcher"], tiny["rows"], prompts, tiny["query_at"], K,
+                                          new_tokens=8, runs=1)
+    assert set(smaller) == set(generate.BATCHES) and all(value > 0 for value in smaller.values())
+
+
+def test_the_extrapolation_solves_the_fitted_line():
+    """kNN-LM at 100 tokens/s over 1 M keys and 50 over 3 M: 1/speed = 0.005 + 5e-9·N; decoder + memory at 1000
+    tokens/s is 10x where 1/speed = 0.01, N = 1 M; a kNN-LM that does not slow with N has no such size."""
+    assert generate.keys_for_ratio(10.0, 1000.0, [(1_000_000, 100.0), (3_000_000, 50.0)]) == 3_000_000  # reached
+    assert generate.keys_for_ratio(40.0, 1000.0, [(1_000_000, 100.0), (3_000_000, 50.0)]) == 7_000_000
+    assert generate.keys_for_ratio(10.0, 1000.0, [(1_000_000, 100.0), (3_000_000, 100.0)]) is None

@@ -81,7 +81,7 @@ def test_log_probs_equal_a_brute_force_reference(evaluated, chain):
     knnlm, with_memory, alone, nearest_distance = reference_log_probs(chain["art"])
     assert table.num_rows == len(knnlm)
     np.testing.assert_allclose(table.column("nearest_distance").to_numpy(), nearest_distance, rtol=1e-4, atol=1e-5)
-    for column, reference in (("knnlm", knnlm), ("memory", with_memory), ("memory_alone", alone)):
+    for column, reference in (("knnlm", knnlm), ("decoder+memory", with_memory), ("memory_alone", alone)):
         difference = np.abs(table.column(column).to_numpy() - reference)
         print(f"{column} log-prob vs reference: max |diff| {difference.max():.2e} over {len(reference)} tokens")
         assert difference.max() < 1e-5, column
@@ -105,7 +105,7 @@ def test_choices_are_made_on_dev_and_reported_on_test(evaluated, chain, capsys):
     assert not set(docs[dev]) & set(docs[~dev]), "a document on both sides"
     sweep = json.loads((evaluated / "lambda.json").read_text())
     assert [point["lambda"] for point in sweep] == [0.0, 0.1, 0.25, 0.4, 0.6, 0.8, 0.95]
-    for name, chosen in (("knnlm", metrics["knn_lambda"]), ("memory", metrics["memory_lambda"])):
+    for name, chosen in (("knnlm", metrics["knn_lambda"]), ("decoder+memory", metrics["memory_lambda"])):
         best = min(sweep, key=lambda point: point[f"{name}_dev"])
         assert best["lambda"] == chosen, name
         assert best[f"{name}_test"] == pytest.approx(metrics["perplexity"][name], rel=1e-4)
@@ -115,16 +115,20 @@ def test_choices_are_made_on_dev_and_reported_on_test(evaluated, chain, capsys):
     by_temperature = metrics["memory_dev_perplexity_by_temperature"]  # the memory's τ, chosen with its λ
     assert set(by_temperature) == {"0.8", "0.9", "1.0", "1.1", "1.25", "1.5"}
     assert by_temperature[str(metrics["memory_temperature"])] == min(by_temperature.values())
-    assert min(by_temperature.values()) == pytest.approx(metrics["dev_perplexity"]["memory"], rel=1e-4)
+    assert min(by_temperature.values()) == pytest.approx(metrics["dev_perplexity"]["decoder+memory"], rel=1e-4)
     def ppl(column, mask):
         return float(np.exp(-table[column][mask].mean()))
-    for name in ("decoder", "knnlm", "memory", "memory_alone"):
+    assert set(metrics["perplexity"]) == set(metrics["tokens_per_second"]) | {"memory_alone"} == {
+        "decoder", "knnlm", "decoder+memory", "memory_alone"}  # each model named for what it is
+    for name in ("decoder", "knnlm", "decoder+memory", "memory_alone"):
         assert metrics["perplexity"][name] == pytest.approx(ppl(name, ~dev), rel=1e-4)
         assert metrics["dev_perplexity"][name] == pytest.approx(ppl(name, dev), rel=1e-4)
     test = metrics["perplexity"]
     assert metrics["memory_gain_recovered"] == pytest.approx(
-        (test["decoder"] - test["memory"]) / (test["decoder"] - test["knnlm"]), abs=1e-3)
-    assert sweep[0]["knnlm_test"] == sweep[0]["memory_test"] == pytest.approx(test["decoder"], rel=1e-3)
+        (test["decoder"] - test["decoder+memory"]) / (test["decoder"] - test["knnlm"]), abs=1e-3)
+    assert sweep[0]["knnlm_test"] == sweep[0]["decoder+memory_test"] == pytest.approx(test["decoder"], rel=1e-3)
+    edges = [w for w in metrics["warnings"] if "evaluate.lambda_grid" in w]  # a λ at the grid's top is named
+    assert bool(edges) == (0.95 in (metrics["knn_lambda"], metrics["memory_lambda"]))
     assert all(value > 0 for value in metrics["tokens_per_second"].values())
     curves = json.loads((evaluated / "loss.json").read_text())
     assert {point["model"] for point in curves} == {"decoder", "memory"}

@@ -58,9 +58,9 @@ def test_the_exported_model_scores_each_token_as_evaluate_did(chain, exported):
                     stats["block_size"], stats["stride"], batch_size=3)
     mine = scorer.run([], None)  # the model's own log p(target): its logits are the mixture
     table = pq.read_table(art / "eval" / "token_log_probs.parquet").to_pandas()
-    np.testing.assert_allclose(mine, table["memory"].to_numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(mine, table["decoder+memory"].to_numpy(), rtol=0, atol=1e-5)
     test_side = (table["split"] == "test").to_numpy()
-    assert round(perplexity(mine[test_side]), 4) == metrics["perplexity"]["memory"]
+    assert round(perplexity(mine[test_side]), 4) == metrics["perplexity"]["decoder+memory"]
     assert main(["verify", str(art / "export")]) == 0
 
 

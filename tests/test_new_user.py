@@ -77,3 +77,24 @@ def test_keeping_the_neighbours_beside_the_same_distributions_outdates_nothing_d
     assert main(["train-memory", *args]) == 0  # no --replace-outdated needed: the memory is up to date
     assert manifest("memory")["run"] == before["run"]
     assert main(["verify", str(chain["art"] / "targets" / "train")]) == 0
+
+
+@pytest.mark.unit
+def test_a_choice_at_the_edge_of_its_grid_is_a_warning_naming_the_grid():
+    """λ 0.95 at the top of the default grid, τ 1.5 at its grid's top: both named with the key to widen; λ 0 (the
+    decoder alone) is a bound, not an edge, and a one-value grid is no choice."""
+    from types import SimpleNamespace
+
+    from memforge.storage.params import EvaluateParams
+    from memforge.training.evaluate import grid_edge_warnings
+
+    config = EvaluateParams(temperature_grid=[4.0])
+    choice = SimpleNamespace(knn_lambda=0.0, memory_lambda=0.95, temperature=4.0, memory_temperature=1.5)
+    warnings = grid_edge_warnings(choice, config)
+    assert warnings == [
+        "the memory's λ 0.95 is at the top of evaluate.lambda_grid (0 to 0.95): the best value may lie beyond it; "
+        "widen evaluate.lambda_grid",
+        "the memory's τ 1.5 is at the top of evaluate.memory_temperature_grid (0.8 to 1.5): the best value may lie "
+        "beyond it; widen evaluate.memory_temperature_grid"]
+    assert grid_edge_warnings(SimpleNamespace(knn_lambda=0.3, memory_lambda=0.5, temperature=4.0,
+                                              memory_temperature=1.0), config) == []

@@ -54,6 +54,8 @@ from memforge.training.mlp_memory import MLPMemory
 from memforge.training.token_stream import TokenStream
 
 log = logging.getLogger("memforge")
+WITH_MEMORY = "decoder+memory"  # the model the memory is for, named so in metrics and columns
+PASS_NAMES = {"decoder": "decoder", "knnlm": "knnlm", "memory": WITH_MEMORY}  # timed pass -> its model's name
 
 
 class Scorer:
@@ -216,9 +218,12 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
         logp_knn = np.log(p_knn)
     choice = choose_on_dev(logp_dec, logp_knn, logp_mem, is_dev, config.lambda_grid, temperatures,
                            memory_temperatures)
-    log_probs = {"decoder": logp_dec, "knnlm": choice.knnlm, "memory": choice.memory,
+    log_probs = {"decoder": logp_dec, "knnlm": choice.knnlm, WITH_MEMORY: choice.memory,
                  "memory_alone": logp_mem_alone}
     metrics = _metrics(log_probs, is_dev, choice, timings, n_rows, k, config, exact)
+    metrics["warnings"] = grid_edge_warnings(choice, config)
+    for warning in metrics["warnings"]:
+        log.warning("evaluate: %s", warning)
     metrics["protocol"] = sides.describe(docs)
     if sides.dev_split == sides.test_split:  # the validation split divided: how
         metrics["protocol"].update(dev_fraction=config.dev_fraction, split_seed=config.split_seed)
@@ -230,7 +235,7 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
                                       task_manager)
     sweep = [{"lambda": lam, **{f"{name}_{side}": round(perplexity(mixed[mask]), 4)
                                 for name, mixed in (("knnlm", _mix(logp_dec, choice.logp_knn, lam)),
-                                                    ("memory", _mix(logp_dec, choice.logp_mem, lam)))
+                                                    (WITH_MEMORY, _mix(logp_dec, choice.logp_mem, lam)))
                                 for side, mask in (("dev", is_dev), ("test", ~is_dev))}}
              for lam in config.lambda_grid]
     columns = {**log_probs, "knn": choice.logp_knn, "nearest_distance": nearest}
@@ -238,7 +243,7 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
     test = metrics["perplexity"]
     log.info("evaluate (test side): perplexity decoder %.3f, kNN-LM %.3f (λ %g, T %g), decoder+memory %.3f "
              "(λ %g, τ %g), memory alone %.3f; metrics in %s", test["decoder"], test["knnlm"], choice.knn_lambda,
-             choice.temperature, test["memory"], choice.memory_lambda, choice.memory_temperature,
+             choice.temperature, test[WITH_MEMORY], choice.memory_lambda, choice.memory_temperature,
              test["memory_alone"],
              fs.join(uri, "metrics.json"))
     return Published(counts={"rows": n_rows}, stats={**metrics, "device": devices.describe(device),
@@ -328,15 +333,34 @@ def _metrics(log_probs: dict, is_dev: np.ndarray, choice: Choice, timings: dict,
     return {
         "perplexity": {name: round(value, 4) for name, value in test.items()},
         "dev_perplexity": {name: round(value, 4) for name, value in dev.items()},
-        "memory_gain_recovered": round((test["decoder"] - test["memory"]) / gain, 4) if gain else None,
+        "memory_gain_recovered": round((test["decoder"] - test[WITH_MEMORY]) / gain, 4) if gain else None,
         "knn_lambda": choice.knn_lambda, "temperature": choice.temperature, "memory_lambda": choice.memory_lambda,
         "memory_temperature": choice.memory_temperature,
         "knnlm_dev_perplexity_by_temperature": choice.knn_dev_by_temperature,
         "memory_dev_perplexity_by_temperature": choice.memory_dev_by_temperature,
-        "tokens_per_second": {name: round(n_rows / seconds, 1) for name, seconds in timings.items()},
+        "tokens_per_second": {PASS_NAMES[name]: round(n_rows / seconds, 1) for name, seconds in timings.items()},
         "rows": n_rows, "dev_rows": int(is_dev.sum()), "test_rows": int((~is_dev).sum()),
         "k": k, "nprobe": config.nprobe, "exact_distances": exact,
     }
+
+
+def grid_edge_warnings(choice: Choice, config) -> list[str]:
+    """A warning for each dev choice at an end of its grid that is not a natural bound (λ 0 or 1): the best
+    value may lie beyond it, so widen that grid."""
+    choices = (("kNN-LM's λ", choice.knn_lambda, config.lambda_grid, "evaluate.lambda_grid"),
+               ("the memory's λ", choice.memory_lambda, config.lambda_grid, "evaluate.lambda_grid"),
+               ("kNN-LM's T", choice.temperature, config.temperature_grid, "evaluate.temperature_grid"),
+               ("the memory's τ", choice.memory_temperature, config.memory_temperature_grid,
+                "evaluate.memory_temperature_grid"))
+    warnings = []
+    for what, value, grid, key in choices:
+        if len(grid) < 2:
+            continue  # a fixed value, not a choice
+        for end, bound, side in ((max(grid), 1.0, "top"), (min(grid), 0.0, "bottom")):
+            if value == end and not (key == "evaluate.lambda_grid" and value == bound):
+                warnings.append(f"{what} {value:g} is at the {side} of {key} ({min(grid):g} to {max(grid):g}): "
+                                f"the best value may lie beyond it; widen {key}")
+    return warnings
 
 
 def _write_outputs(uri: str, metrics: dict, sweep: list[dict], log_probs: dict, is_dev: np.ndarray,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 FILE = "report.md"
 MODELS = (("decoder", "decoder", None, None), ("knnlm", "kNN-LM", "knn_lambda", "temperature"),
-          ("memory", "decoder + memory", "memory_lambda", "memory_temperature"),
+          ("decoder+memory", "decoder + memory", "memory_lambda", "memory_temperature"),
           ("memory_alone", "memory alone", None, "1"))
 SIDE_NAMES = {"test split": ("valid", "test")}  # other protocols divide the validation split
 
@@ -31,6 +31,7 @@ def render(metrics: dict) -> str:
               "scored at τ 1, its own output.",
               "- Tokens/s: " + ", ".join(f"{name} {value:,.0f}" for name, value in metrics["tokens_per_second"].items())
               + "."]
+    lines += [f"- Warning: {warning}." for warning in metrics.get("warnings", [])]
     if "lm_eval" in metrics:
         lines += ["", *_lm_eval_table(metrics["lm_eval"], metrics)]
     return "\n".join(lines) + "\n"

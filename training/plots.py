@@ -7,7 +7,8 @@ import tempfile
 
 from memforge.storage import fs
 
-MODELS = (("knnlm", "kNN-LM", "knn_lambda", "tab:blue"), ("memory", "decoder + memory", "memory_lambda", "tab:orange"))
+MODELS = (("knnlm", "kNN-LM", "knn_lambda", "tab:blue"),
+          ("decoder+memory", "decoder + memory", "memory_lambda", "tab:orange"))
 
 
 def write(uri: str, sweep: list[dict], metrics: dict, curves: dict[str, list[dict]]) -> None:
