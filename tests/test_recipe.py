@@ -70,7 +70,7 @@ def test_the_recipe_chooses_on_validation_and_reports_on_test(tmp_path, capsys):
     print("memory inputs:", memory_inputs)
     assert memory_inputs["targets"].endswith("targets/train")
     assert "valid perplexity | test perplexity |" in printed
-    for label, name in (("decoder", "decoder"), ("kNN-LM", "knnlm"), ("decoder + memory", "memory")):
+    for label, name in (("decoder", "decoder"), ("kNN-LM", "knnlm"), ("decoder + memory", "decoder+memory")):
         row = next(line for line in printed.splitlines() if line.startswith(f"| {label} |"))
         assert f"| {metrics['dev_perplexity'][name]:.2f} | {metrics['perplexity'][name]:.2f} |" in row
     assert (art / "eval" / "report.md").read_text() in printed
