@@ -230,14 +230,14 @@ def test_report_shows_a_ratio_with_both_sides_and_refuses_a_figure_without_a_not
 
 @pytest.mark.stage
 def test_bench_report_of_the_storage_part(tmp_path, monkeypatch, capsys):
-    """`memforge bench --only storage --report FILE` over a fifth of the bench's corpus: the report states
+    """`memforge bench --only storage --report FILE` over a tenth of the bench's corpus: the report states
     machine, commit and date, and every figure the run printed, with its note."""
     from memforge.bench import workspace
     from memforge.flows.cli import main
     from memforge.storage.provenance import code_version
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(workspace, "CORPUS_BYTES", workspace.CORPUS_BYTES // 5)
+    monkeypatch.setattr(workspace, "CORPUS_BYTES", workspace.CORPUS_BYTES // 10)
     before = datetime.datetime.now(datetime.timezone.utc).replace(second=0, microsecond=0)
     assert main(["bench", "--only", "storage", "--json", "--workdir", str(tmp_path / "work"),
                  "--report", "report.md"]) == 0

@@ -45,7 +45,8 @@ def stage_args(art: Path, model: Path, corpus: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A corpus, a tiny GPT-2 with its own tokenizer, and one uninterrupted prepare + encode."""
+    """A corpus, a tiny GPT-2 with its own tokenizer, and one uninterrupted prepare + encode (Beam in this process:
+    the tests below run the worker pools and compare with it)."""
     root = tmp_path_factory.mktemp("encode")
     train = write_corpus(root / "corpus" / "train", 12, 150, seed=1)
     validation = write_corpus(root / "corpus" / "validation", 3, 100, seed=2)
@@ -53,8 +54,9 @@ def setup(tmp_path_factory):
     (root / "params.yaml").write_text("{}\n")
     art = root / "art"
     base = ["--params", str(root / "params.yaml"), *stage_args(art, model, root / "corpus")]
-    assert main(["prepare", *base]) == 0
-    assert main(["encode", *base]) == 0
+    in_process = ["--", "--direct_running_mode=in_memory"]
+    assert main(["prepare", *base, *in_process]) == 0
+    assert main(["encode", *base, *in_process]) == 0
     return {"root": root, "model": model, "art": art, "args": base, "train": train, "validation": validation}
 
 
