@@ -186,7 +186,8 @@ def test_interrupted_build_with_another_layout_restarts_its_plan(setup, tmp_path
     done = kill_after_first_shard(["encode", *args], art / "keys" / "train" / "_shards")
     assert done > 0 and not (art / "keys" / "train" / "_manifest.json").exists()
 
-    finished = rerun(["encode", *args, "--set", "encode.chunk_rows=32", "--set", "encode.shard_chunks=4"])
+    in_process = ["--", "--direct_running_mode=in_memory"]  # the reruns' Beam runs in their own process
+    finished = rerun(["encode", *args, "--set", "encode.chunk_rows=32", "--set", "encode.shard_chunks=4", *in_process])
     assert finished.returncode == 0, finished.stderr
     assert "planned for another layout" in finished.stderr
     assert "; 0 shards already done" in finished.stderr.split("encode: train: ")[1]
@@ -199,7 +200,7 @@ def test_interrupted_build_with_another_layout_restarts_its_plan(setup, tmp_path
         layout = json.loads((art / "keys" / split / "_plan.json").read_text())["layout"]
         assert layout == {"encode.chunk_rows": 32, "encode.shard_chunks": 4}
     # Finished, it stays up to date whatever layout is asked for next.
-    again = rerun(["encode", *args])
+    again = rerun(["encode", *args, *in_process])
     assert again.returncode == 0 and again.stderr.count("is up to date") == 2
 
 

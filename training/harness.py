@@ -35,6 +35,9 @@ def task_manager(tasks: list[str], include_path: str | None):
 
     if include_path is not None:
         _include_dir(include_path)  # lm-eval would skip a missing one without a word
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):  # indexing lm-eval's ~15 k own tasks takes seconds: only if needed
+            return local
     manager = TaskManager(include_path=include_path)
     known = set(manager.all_tasks)
     for task in tasks:
