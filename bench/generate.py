@@ -124,6 +124,21 @@ def greedy_seconds(model, prompts: torch.Tensor, new_tokens: int, processors: li
     return seconds
 
 
+def knnlm_seconds(decoder, searcher, rows, query_at: tuple[str, int], k: int, prompts: torch.Tensor,
+                  new_tokens: int) -> float:
+    """Seconds of one greedy generate() of kNN-LM: ``decoder`` with a search of ``searcher`` for ``k`` neighbours
+    of the query ``query_at`` at every step (``rows``: their next tokens and exact distances); the hook goes after."""
+    from memforge.training.knnlm_generation import KNNLMLogitsProcessor
+
+    with KNNLMLogitsProcessor(decoder, searcher, rows, query_at, k, LAMBDA, KNN_TEMPERATURE) as processor:
+        return greedy_seconds(decoder, prompts, new_tokens, [processor])
+
+
+def tokens_per_s(batch: int, new_tokens: int, seconds: list[float]) -> float:
+    """New tokens/s of a batch from the median of its runs' seconds."""
+    return round(batch * new_tokens / statistics.median(seconds), 1)
+
+
 def measure_generation(decoder, memory, searcher, rows, prompts: np.ndarray, query_at: tuple[str, int],
                        memory_at: tuple[str, int], k: int, new_tokens: int = NEW_TOKENS, runs: int = RUNS) -> dict:
     """The per-batch figures of ``NOTES``: greedy generate()'s tokens/s from the first ``batch`` of ``prompts`` for
@@ -131,16 +146,11 @@ def measure_generation(decoder, memory, searcher, rows, prompts: np.ndarray, que
     ``rows``, the query ``query_at``, ``k`` neighbours); each the median of ``runs`` runs, on ``THREADS``
     thread(s)."""
     from memforge.training.compose import compose
-    from memforge.training.knnlm_generation import KNNLMLogitsProcessor
 
     with_memory = compose(decoder, memory, LAMBDA, MEMORY_TEMPERATURE, *memory_at)
-
-    def knnlm(ids: torch.Tensor, tokens: int) -> float:
-        with KNNLMLogitsProcessor(decoder, searcher, rows, query_at, k, LAMBDA, KNN_TEMPERATURE) as processor:
-            return greedy_seconds(decoder, ids, tokens, [processor])
-
     models = {"decoder": lambda ids, tokens: greedy_seconds(decoder, ids, tokens),
-              "memory": lambda ids, tokens: greedy_seconds(with_memory, ids, tokens), "knnlm": knnlm}
+              "memory": lambda ids, tokens: greedy_seconds(with_memory, ids, tokens),
+              "knnlm": lambda ids, tokens: knnlm_seconds(decoder, searcher, rows, query_at, k, ids, tokens)}
     names = list(models)
     figures = {"generate_knn_k": k, "generate_prompt_tokens": prompts.shape[1], "generate_new_tokens": new_tokens,
                "generate_runs": runs}
@@ -154,7 +164,7 @@ def measure_generation(decoder, memory, searcher, rows, prompts: np.ndarray, que
                 for i in order:
                     seconds[batch, names[i]].append(models[names[i]](ids, new_tokens))
     for batch in BATCHES:
-        speed = {name: round(batch * new_tokens / statistics.median(seconds[batch, name]), 1) for name in names}
+        speed = {name: tokens_per_s(batch, new_tokens, seconds[batch, name]) for name in names}
         prefix = f"generate_b{batch}"
         figures.update({f"{prefix}_{name}_tokens_per_s": speed[name] for name in names})
         figures.update({f"{prefix}_memory_vs_decoder": round(speed["memory"] / speed["decoder"], 3),
@@ -166,15 +176,10 @@ def measure_generation(decoder, memory, searcher, rows, prompts: np.ndarray, que
 def knnlm_tokens_per_s(decoder, searcher, rows, prompts: np.ndarray, query_at: tuple[str, int], k: int,
                        new_tokens: int = NEW_TOKENS, runs: int = RUNS) -> dict[int, float]:
     """kNN-LM's greedy generate() tokens/s at each of ``BATCHES`` (median of ``runs``, on ``THREADS`` thread(s))."""
-    from memforge.training.knnlm_generation import KNNLMLogitsProcessor
-
-    def seconds(ids: torch.Tensor) -> float:
-        with KNNLMLogitsProcessor(decoder, searcher, rows, query_at, k, LAMBDA, KNN_TEMPERATURE) as processor:
-            return greedy_seconds(decoder, ids, new_tokens, [processor])
-
     with threads(THREADS):
-        return {batch: round(batch * new_tokens / statistics.median(
-            seconds(torch.from_numpy(prompts[:batch])) for _ in range(runs)), 1) for batch in BATCHES}
+        return {batch: tokens_per_s(batch, new_tokens, [
+            knnlm_seconds(decoder, searcher, rows, query_at, k, torch.from_numpy(prompts[:batch]), new_tokens)
+            for _ in range(runs)]) for batch in BATCHES}
 
 
 def keys_for_ratio(ratio: float, memory_speed: float, points: list[tuple[int, float]]) -> int | None:

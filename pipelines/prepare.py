@@ -48,13 +48,12 @@ def _sources(files: list[SourceFile]) -> dict:
 def _named_tokenizer(params):
     """The tokenizer of ``encode.model`` or ``decoder.init`` (a local directory or any fsspec URL), or None when
     neither is set (prepare trains one)."""
-    key = "encode.model" if params.encode.model else "decoder.init" if params.decoder.init else None
-    if key is None:
-        return None
-    source = params.encode.model or params.decoder.init
-    model_source.require(source, key)
-    return load_tokenizer(local_cache.local_path(source, local_cache.listing_key(source)),
-                          params.runtime.trust_remote_code)
+    for key, source in (("encode.model", params.encode.model), ("decoder.init", params.decoder.init)):
+        if source:
+            model_source.require(source, key)
+            return load_tokenizer(local_cache.local_path(source, local_cache.listing_key(source)),
+                                  params.runtime.trust_remote_code)
+    return None
 
 
 def _write_tokenizer(params, named, files: list[SourceFile], uri: str) -> None:

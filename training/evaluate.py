@@ -261,8 +261,8 @@ def _lm_eval(params, decoder_path: str, decoder, memory: MLPMemory, choice: Choi
                              config.batch_size, config.precision)
 
     scores = {"decoder": score(decoder)}
-    scores["decoder+memory"] = score(compose(decoder, memory, choice.memory_lambda, choice.memory_temperature,
-                                             memory_input["representation"], memory_input["layer"]))
+    scores[WITH_MEMORY] = score(compose(decoder, memory, choice.memory_lambda, choice.memory_temperature,
+                                        memory_input["representation"], memory_input["layer"]))
     return harness.side_by_side(scores)
 
 
