@@ -95,10 +95,10 @@ def faiss_params(ws: Workspace) -> Params:
 def _bare_index_seconds(params: Params) -> float:
     """Seconds to train + add the whole key store into one index in one process (same factory, sample,
     threads)."""
-    import faiss
     import numpy as np
 
     from memforge.pipelines import faiss_index
+    from memforge.pipelines.faiss_build import faiss
     from memforge.storage.stores import KeyStore
 
     keys = KeyStore.open(fs.join(params.artifacts_dir, "keys", "train"))
@@ -124,11 +124,11 @@ def _targets_vs_bare(variants: list[Params], bare_index, nprobe: int,
     With ``repeats`` > 1 the variants run that many rounds, each round in a rotated order (every variant
     takes every position once when ``repeats`` is a multiple of their number, and the last round ends with
     the last variant, whose stores stay); each variant's figures are the round whose ratio is the median."""
-    import faiss
     import numpy as np
 
     from memforge.flows.stages import run_stage
     from memforge.pipelines import faiss_index
+    from memforge.pipelines.faiss_build import faiss
     from memforge.storage.stores import KeyStore
 
     first = variants[0]

@@ -27,7 +27,6 @@ import statistics
 import tempfile
 import time
 
-import faiss
 import numpy as np
 import torch
 from transformers import LogitsProcessorList
@@ -35,6 +34,7 @@ from transformers import LogitsProcessorList
 from memforge.bench import knnlm_scale
 from memforge.bench.measure import Note, round_orders
 from memforge.bench.workspace import Workspace
+from memforge.pipelines.faiss_build import faiss
 from memforge.storage import fs
 from memforge.storage.artifact import Artifact, open_artifact
 from memforge.storage.params import Params

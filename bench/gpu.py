@@ -11,8 +11,8 @@ library as corpus, it measures:
 - the memory trained a few hundred steps on the GPU; a run killed on the GPU and resumed on the CPU
   (and the reverse), with its final loss against the uninterrupted GPU run's;
 - ``evaluate`` on the GPU;
-- targets rows/s with GPU FAISS ÷ CPU FAISS and the recall of a GPU-trained index against a
-  CPU-trained one, when a GPU build of FAISS is installed (else it says so).
+- FAISS on the GPU on the encoded datastore (``memforge.bench.faiss_gpu``), when a GPU build of FAISS is
+  installed (else it says so).
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ import time
 
 import numpy as np
 
+from memforge.bench import faiss_gpu
 from memforge.bench.measure import Note
 from memforge.bench.memory import IN_METRICS
-from memforge.bench.workspace import SHAPES
+from memforge.bench.workspace import SHAPES, with_sections
 from memforge.storage import fs
 from memforge.storage.artifact import open_artifact
 from memforge.storage.errors import MemforgeError
@@ -39,6 +40,7 @@ log = logging.getLogger("memforge")
 
 DEVICE = "cuda"
 ENCODE_SCALE = 16  # corpus megabytes for encode_gpu_vs_bare: Beam's fixed start-up cost must be amortised
+FAISS_SCALE = 4  # corpus megabytes of the FAISS figures' datastore (about a million rows at d 768)
 CHECK_ROWS = 4096  # train rows whose GPU keys are compared with CPU keys
 # Four worker processes share the GPU: while one writes its shard (compression, checksums), the others compute.
 ENCODE = {"device": DEVICE, "batch_size": 32}
@@ -48,7 +50,6 @@ MEMORY = {"depth": 2, "batch_size": 256, "max_steps": 300, "checkpoint_every": 1
 KILL_AT = 200  # the interrupted runs are killed once this step's checkpoint is written
 RESUMES = ((DEVICE, "cpu"), ("cpu", DEVICE))  # (killed on, resumed on)
 EVALUATED = ("decoder", "knnlm", "memory")
-FAISS_DEVICES = ("cpu", "cuda")
 
 NOTES = {
     "gpu_name": Note("the CUDA device the part ran on (device 0)"),
@@ -87,20 +88,8 @@ NOTES = {
     **{f"evaluate_gpu_tokens_per_s_{name}": Note(f"evaluate's {name} tokens/s on the GPU") for name in EVALUATED},
     **{f"evaluate_gpu_perplexity_{name}": Note(f"evaluate's {name} test perplexity on the GPU")
        for name in (*EVALUATED, "memory_alone")},
-    "faiss_gpu": Note("why the FAISS figures are missing: no GPU build of FAISS"),
-    **{f"index_recall_{device}_trained": Note(f"recall@k of the index trained on {device}")
-       for device in FAISS_DEVICES},
-    **{f"targets_{device}_seconds": Note(f"seconds of the targets stage with FAISS on {device}")
-       for device in FAISS_DEVICES},
-    "targets_gpu_vs_cpu_faiss": Note("targets seconds with CPU FAISS ÷ with GPU FAISS",
-                                     ("targets_cpu_seconds", "targets_cuda_seconds")),
-    "index_recall_gpu_minus_cpu": Note("recall@k of the GPU-trained index minus the CPU-trained one's"),
+    **faiss_gpu.NOTES,
 }
-
-
-def _with(params: Params, **sections) -> Params:
-    return params.model_copy(update={name: getattr(params, name).model_copy(update=values)
-                                     for name, values in sections.items()})
 
 
 def _bare_gpu_rows_per_second(params: Params) -> float:
@@ -187,7 +176,7 @@ def _steady_rows_per_second(params: Params, started: float) -> tuple[float, floa
 def _encode_on_gpu(ws) -> dict:
     from memforge.flows.stages import run_stage
 
-    params = _with(ws.params(ENCODE_SCALE, ENCODER), encode=ENCODE, runtime=RUNTIME)
+    params = with_sections(ws.params(ENCODE_SCALE, ENCODER), encode=ENCODE, runtime=RUNTIME)
     started, wall = time.perf_counter(), time.time()
     run_stage("encode", params, rebuild=True)
     seconds = time.perf_counter() - started
@@ -223,12 +212,12 @@ def _training_on_gpu(ws) -> dict:
     """The 1x datastore encoded, indexed and targeted, then the memory trained and evaluated on the GPU."""
     from memforge.flows.stages import run_stage
 
-    base = _with(ws.params(1, ENCODER), encode=ENCODE, runtime=RUNTIME, index=INDEX, memory=MEMORY)
+    base = with_sections(ws.params(1, ENCODER), encode=ENCODE, runtime=RUNTIME, index=INDEX, memory=MEMORY)
     for name in ("encode", "index", "targets"):
         run_stage(name, base)
     figures = {}
     started = time.perf_counter()
-    run_stage("train-memory", _with(base, memory={"device": DEVICE}), rebuild=True)
+    run_stage("train-memory", with_sections(base, memory={"device": DEVICE}), rebuild=True)
     uninterrupted = open_artifact(fs.join(base.artifacts_dir, "memory")).manifest["stats"]
     figures.update(memory_gpu_steps=MEMORY["max_steps"], memory_gpu_rows_per_s=uninterrupted["rows_per_second"],
                    memory_gpu_seconds=round(time.perf_counter() - started, 1),
@@ -239,13 +228,13 @@ def _training_on_gpu(ws) -> dict:
         for name in ("tokens", "keys", "index", "targets"):
             os.symlink(fs.join(base.artifacts_dir, name), os.path.join(art, name))
         moved = base.model_copy(update={"artifacts_dir": art})
-        _run_killed(_with(moved, memory={"device": first}), str(ws.root))
-        run_stage("train-memory", _with(moved, memory={"device": second}))
+        _run_killed(with_sections(moved, memory={"device": first}), str(ws.root))
+        run_stage("train-memory", with_sections(moved, memory={"device": second}))
         resumed = open_artifact(fs.join(art, "memory")).manifest["stats"]
         figures[f"memory_{first}_checkpoint_resumes_on_{second}"] = resumed["resumed_from_step"] == KILL_AT
         figures[f"memory_{first}_to_{second}_final_loss"] = resumed["final_loss"]
     started = time.perf_counter()
-    run_stage("evaluate", _with(base, evaluate={"device": DEVICE}), rebuild=True)
+    run_stage("evaluate", with_sections(base, evaluate={"device": DEVICE}), rebuild=True)
     metrics = fs.read_json(fs.join(base.artifacts_dir, "eval", "metrics.json"))
     figures.update(evaluate_gpu_seconds=round(time.perf_counter() - started, 1),
                    evaluate_gpu_device=open_artifact(fs.join(base.artifacts_dir, "eval")).manifest["stats"]["device"],
@@ -253,33 +242,20 @@ def _training_on_gpu(ws) -> dict:
                       for name in EVALUATED},
                    **{f"evaluate_gpu_perplexity_{name}": metrics["perplexity"][IN_METRICS.get(name, name)]
                       for name in (*EVALUATED, "memory_alone")})
-    figures.update(_faiss_on_gpu(base))
     return figures
 
 
-def _faiss_on_gpu(params: Params) -> dict:
-    """Targets rows/s with GPU FAISS ÷ CPU FAISS, and recall of the GPU-trained index ÷ the CPU-trained one."""
-    import faiss
-
+def bench_gpu_faiss(ws) -> dict:
+    """FAISS's figures (``memforge.bench.faiss_gpu``; alone: ``--only gpu_faiss``) on a datastore of
+    ``FAISS_SCALE`` MB of text encoded on the GPU; without a GPU build of FAISS, only why they are missing."""
     from memforge.flows.stages import run_stage
 
-    if not getattr(faiss, "get_num_gpus", lambda: 0)():
-        return {"faiss_gpu": f"not available: FAISS {faiss.__version__} is a CPU build "
-                             "(pip install 'memforge-mlp[gpu]')"}
-    figures = {}
-    for device in FAISS_DEVICES:
-        on = _with(params, index={"device": device})
-        run_stage("index", on, rebuild=True)
-        figures[f"index_recall_{device}_trained"] = open_artifact(
-            fs.join(params.artifacts_dir, "index")).manifest["stats"]["recall_at_k"]
-    for device in FAISS_DEVICES:
-        started = time.perf_counter()
-        run_stage("targets", _with(params, index={"device": device}), rebuild=True)
-        figures[f"targets_{device}_seconds"] = round(time.perf_counter() - started, 2)
-    figures["targets_gpu_vs_cpu_faiss"] = round(figures["targets_cpu_seconds"] / figures["targets_cuda_seconds"], 3)
-    figures["index_recall_gpu_minus_cpu"] = round(figures["index_recall_cuda_trained"]
-                                                  - figures["index_recall_cpu_trained"], 4)
-    return figures
+    missing = faiss_gpu.unavailable()
+    if missing:
+        return {"faiss_gpu": missing}
+    params = with_sections(ws.params(FAISS_SCALE, ENCODER), encode=ENCODE, runtime=RUNTIME)
+    run_stage("encode", params)
+    return faiss_gpu.bench_faiss_gpu(params)
 
 
 def bench_gpu(ws) -> dict:
@@ -290,7 +266,7 @@ def bench_gpu(ws) -> dict:
         raise MemforgeError("bench gpu: torch sees no CUDA device on this machine; run it where there is one")
     figures = {"gpu_name": torch.cuda.get_device_name(0), "torch_version": torch.__version__,
                "encoder_shape": json.dumps(SHAPES[ENCODER])}
-    for part in (_encode_on_gpu, _training_on_gpu):
+    for part in (_encode_on_gpu, _training_on_gpu, bench_gpu_faiss):
         found = part(ws)
         log.info("bench gpu: %s", json.dumps(found))  # a run stopped later still shows what it measured
         figures.update(found)

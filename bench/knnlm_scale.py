@@ -37,11 +37,11 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
-import faiss
 import numpy as np
 import torch
 
 from memforge.bench.measure import Note, tree_bytes
+from memforge.pipelines.faiss_build import faiss
 from memforge.storage import fs
 from memforge.storage.artifact import open_artifact
 from memforge.storage.params import Params

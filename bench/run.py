@@ -12,7 +12,8 @@ demo, ``memforge.bench.shape``),
 200 MB text file with every worker and in one process, ``memforge.bench.prepare``), ``train`` (``--only train``:
 train-memory on 1 and 2 torch.distributed ranks, ``memforge.bench.train``), ``generate`` (``--only generate``:
 generate()'s tokens/s of the decoder, decoder + memory and kNN-LM over 4 M keys, ``memforge.bench.generate``) and,
-on a machine with CUDA, ``gpu`` (``--only gpu``: ``memforge.bench.gpu``). Each part's module holds its ``NOTES``:
+on a machine with CUDA, ``gpu`` (``--only gpu``: ``memforge.bench.gpu``) and its FAISS figures alone,
+``gpu_faiss`` (``--only gpu_faiss``: ``memforge.bench.faiss_gpu``). Each part's module holds its ``NOTES``:
 what each of its figures measures.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from memforge.bench import (
     dask_runner,
     encode,
+    faiss_gpu,
     faiss_search,
     generate,
     gpu,
@@ -43,15 +45,15 @@ from memforge.storage.params import load_params
 
 PARTS = {"encode": encode.bench_encode, "encode_rss": encode.bench_encode_rss, "storage": storage.bench_storage,
          "faiss": faiss_search.bench_faiss, "memory": memory.bench_memory, "dask": dask_runner.bench_dask,
-         "scale": scale.bench_scale, "gpu": gpu.bench_gpu, "shape": shape.bench_shape,
+         "scale": scale.bench_scale, "gpu": gpu.bench_gpu, "gpu_faiss": gpu.bench_gpu_faiss, "shape": shape.bench_shape,
          "prepare": prepare.bench_prepare, "train": train.bench_train, "generate": generate.bench_generate}
 NOTES = {"encode": encode.NOTES, "encode_rss": encode.RSS_NOTES, "storage": storage.NOTES,
          "faiss": faiss_search.NOTES, "memory": memory.NOTES, "dask": dask_runner.NOTES, "scale": scale.NOTES,
-         "gpu": gpu.NOTES, "shape": shape.NOTES, "prepare": prepare.NOTES, "train": train.NOTES,
-         "generate": generate.NOTES}
-# gpu needs a GPU (--only gpu); scale takes ~40 minutes (--only scale); shape trains the demo's memory three times
-# (--only shape); prepare reads a 200 MB file twice (--only prepare); train trains a memory twice (--only train);
-# generate builds a 4 M-key datastore (--only generate)
+         "gpu": gpu.NOTES, "gpu_faiss": faiss_gpu.NOTES, "shape": shape.NOTES, "prepare": prepare.NOTES,
+         "train": train.NOTES, "generate": generate.NOTES}
+# gpu and gpu_faiss need a GPU (--only gpu, --only gpu_faiss); scale takes ~40 minutes (--only scale); shape
+# trains the demo's memory three times (--only shape); prepare reads a 200 MB file twice (--only prepare); train
+# trains a memory twice (--only train); generate builds a 4 M-key datastore (--only generate)
 DEFAULT_PARTS = ("encode", "encode_rss", "storage", "faiss", "memory", "dask")
 
 

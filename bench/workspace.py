@@ -11,6 +11,12 @@ CORPUS_BYTES = 1_000_000  # 1x; the 4x run reads four times as much of the stand
 BLOCK, STRIDE, VOCAB = 256, 128, 2048
 
 
+def with_sections(params: Params, **sections) -> Params:
+    """``params`` with the keys of each named section replaced (``index={"device": "cuda"}``)."""
+    return params.model_copy(update={name: getattr(params, name).model_copy(update=values)
+                                     for name, values in sections.items()})
+
+
 class Workspace:
     """Models, corpora and params for one bench run, built on first use under a temp directory."""
 

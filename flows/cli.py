@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run benchmark parts and print a table of figures (ratios are "
                                             "stage / bare library, measured in one run on this machine).")
     bench.add_argument("--only", action="append",
-                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "scale", "gpu", "shape",
-                                "prepare", "train", "generate"],
-                       help="run only this part (repeatable); scale (~40 min), gpu (on a CUDA machine), shape "
+                       choices=["encode", "encode_rss", "storage", "faiss", "memory", "dask", "scale", "gpu",
+                                "gpu_faiss", "shape", "prepare", "train", "generate"],
+                       help="run only this part (repeatable); scale (~40 min), gpu and gpu_faiss (its FAISS figures "
+                            "alone; on a CUDA machine), shape "
                             "(the demo's memory trained once per keep rule), prepare (a 200 MB file), train "
                             "(train-memory on 1 and 2 ranks) and generate (generate()'s tokens/s, kNN-LM over 4 M "
                             "keys) run only when asked for")
@@ -296,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         split = argv.index("--")
         argv, beam_args = argv[:split], argv[split + 1:]
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # imports every stage, and with them FAISS (faiss_build names a missing one)
+    except MemforgeError as exc:
+        print(f"memforge: error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("memforge").setLevel(logging.INFO)
     handler = _COMMANDS.get(args.command, _cmd_stage)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import faiss
 import numpy as np
 
+from memforge.pipelines.faiss_build import faiss
 from memforge.pipelines.half_distances import l2_by_idx
 from memforge.pipelines.neighbour_lists import MISSING, sort_by_distance
 from memforge.storage import fs, headers, local_cache

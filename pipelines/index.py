@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 
-import faiss
 import numpy as np
 
-from memforge.pipelines import datastore_rows, faiss_index, neighbour_lists, ondisk_merge
+from memforge.pipelines import datastore_rows, faiss_gpu, faiss_index, neighbour_lists, ondisk_merge, sharded_index
 from memforge.pipelines.datastore_rows import DatastoreRows
+from memforge.pipelines.faiss_build import faiss
 from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
 from memforge.storage import fs
 from memforge.storage.errors import MemforgeError
@@ -31,10 +31,11 @@ TRAINING_RECORD = "_training.json"
 
 
 class AddShards(ShardWorker):
-    """Add one key-store shard to a copy of the trained index with global ids; write it."""
+    """Add one key-store shard to a copy of the trained index with global ids; write it. With ``gpu``, an IVF
+    index's shard is added on a GPU (``faiss_gpu.add_on_gpu``)."""
 
-    def __init__(self, index_uri: str, keys_uri: str, threads: int):
-        self.index_uri, self.keys_uri, self.threads = index_uri, keys_uri, threads
+    def __init__(self, index_uri: str, keys_uri: str, threads: int, gpu: str | int | None):
+        self.index_uri, self.keys_uri, self.threads, self.gpu = index_uri, keys_uri, threads, gpu
 
     def setup(self) -> None:
         self.trained = faiss_index.read(fs.join(self.index_uri, faiss_index.TRAINED))
@@ -43,8 +44,12 @@ class AddShards(ShardWorker):
     def process(self, role: str, uri: str, shard: Shard):
         faiss.omp_set_num_threads(self.threads)  # per call: OpenMP settings are per thread under multi_threading
         index = faiss.clone_index(self.trained)
-        index.add_with_ids(np.ascontiguousarray(self.keys.keys(shard.start, shard.stop), dtype=np.float32),
-                           np.arange(shard.start, shard.stop, dtype=np.int64))
+        vectors = np.ascontiguousarray(self.keys.keys(shard.start, shard.stop), dtype=np.float32)
+        ids = np.arange(shard.start, shard.stop, dtype=np.int64)
+        if self.gpu is not None and faiss_index.ivf_of(index) is not None:
+            index = faiss_gpu.add_on_gpu(index, self.gpu, shard.id, vectors, ids)
+        else:
+            index.add_with_ids(vectors, ids)
         name = faiss_index.shard_file(shard.name)
         return {name: faiss_index.write(index, fs.join(self.index_uri, name))}, {}
 
@@ -70,7 +75,7 @@ def key_blocks(keys: KeyStore, plan: ShardPlan, rows: DatastoreRows):
         yield shard.start, source
 
 
-def recall_at_k(index: faiss_index.ShardedIndex, blocks, queries: np.ndarray, k: int) -> float:
+def recall_at_k(index: sharded_index.ShardedIndex, blocks, queries: np.ndarray, k: int) -> float:
     """Mean fraction of the exact k nearest neighbours (over key ``blocks``) that the index returns."""
     _, exact = exact_knn(blocks, queries, k)
     _, found = index.search(queries, k)
@@ -91,8 +96,8 @@ def _train(params, keys: KeyStore, index: faiss.Index, factory: str, n_rows: int
         rows = np.sort(np.random.default_rng(params.index.seed).choice(n_rows, sample_size, replace=False))
         clustering = None
         if gpu is not None and ivf is not None:
-            clustering = faiss_index.to_gpu(faiss.IndexFlat(ivf.d, ivf.metric_type), gpu)
-            ivf.clustering_index, where = clustering, f"gpu {gpu}"
+            clustering = faiss_gpu.to_gpu(faiss.IndexFlat(ivf.d, ivf.metric_type), gpu)
+            ivf.clustering_index, where = clustering, faiss_gpu.describe(gpu)
         log.info("index: training %s on %d sampled keys (%s)", factory, sample_size, where)
         try:
             index.train(np.ascontiguousarray(keys.take(rows), dtype=np.float32))
@@ -151,7 +156,7 @@ class Index(Stage):
             raise MemforgeError(f"index.nprobe: {ctx.params.index.nprobe} exceeds the {ivf.nlist} lists of {factory}")
         ctx.scratch.update(factory=factory, merge=_resolve_merge(ctx.params.index.merge, ivf is not None,
                                                                  ctx.uri("index")),
-                           gpu=faiss_index.faiss_gpu(ctx.params.index.device))
+                           gpu=faiss_gpu.faiss_gpu(ctx.params.index.device))
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         return {**ctx.params.values(self.content, strip="index"), "resolved_factory": ctx.scratch["factory"]}
@@ -176,7 +181,8 @@ class Index(Stage):
         return load_plan(ctx.inputs["keys/train"].uri)
 
     def worker(self, ctx: Context, roles: dict[str, str]) -> ShardWorker:
-        return AddShards(roles["index"], ctx.inputs["keys/train"].uri, faiss_index.worker_threads(ctx.params))
+        return AddShards(roles["index"], ctx.inputs["keys/train"].uri, faiss_index.worker_threads(ctx.params),
+                         ctx.scratch["gpu"])
 
     def beside_workers(self, ctx: Context, role: str):
         """Step ``datastore_rows``: the datastore in row order, written while the workers add the shards
@@ -200,6 +206,7 @@ class Index(Stage):
             "code_size": trained.sa_code_size() if ivf is not None else 4 * keys.dim,
             "nprobe": ctx.params.index.nprobe if ivf is not None else None,
             **fs.read_json(fs.join(root, TRAINING_RECORD)),
+            "add_device": faiss_gpu.describe(ctx.scratch["gpu"] if ivf is not None else None),
             "seed": ctx.params.index.seed, "faiss_version": faiss.__version__,
             "merge": merge, "dim": keys.dim, "exact_keys": ctx.params.index.exact_keys,
         }
@@ -210,7 +217,7 @@ class Index(Stage):
     def recall(self, ctx: Context, build, plan: ShardPlan, keys: KeyStore, merge: str) -> dict:
         """Step ``recall``: recall@k against exact search on a seeded sample of validation keys."""
         root = build.uri
-        searcher = faiss_index.ShardedIndex(root, build.fingerprint, [s.name for s in plan.shards],
+        searcher = sharded_index.ShardedIndex(root, build.fingerprint, [s.name for s in plan.shards],
                                             ctx.params.index.nprobe, merged=merge == "ondisk")
         validation = KeyStore.open(ctx.inputs["keys/validation"].uri)
         n_queries = validation.rows.n_rows

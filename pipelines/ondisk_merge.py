@@ -17,9 +17,8 @@ import subprocess
 import sys
 import tempfile
 
-import faiss
-
 from memforge.pipelines import faiss_index
+from memforge.pipelines.faiss_build import faiss
 from memforge.storage import fs
 from memforge.storage.errors import MemforgeError
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-import faiss
+from memforge.pipelines.faiss_build import faiss
 
 _NEVER = 2 ** 31 - 1  # FAISS's switch to BLAS: above any block's size
 _lock = threading.Lock()

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 
-import faiss
 import numpy as np
 
-from memforge.pipelines import datastore_rows, faiss_index, knn, worker_cache
+from memforge.pipelines import datastore_rows, faiss_gpu, faiss_index, knn, sharded_index, worker_cache
+from memforge.pipelines.faiss_build import faiss
 from memforge.pipelines.stage import Context, Published, ShardWorker, Stage
 from memforge.storage.artifact import Artifact
 from memforge.storage.errors import MemforgeError
@@ -51,8 +51,9 @@ class SearchShards(ShardWorker):
         common = self.common
         self.index, self.rows = worker_cache.cached(
             ("search", common["index_uri"], common["index_fingerprint"], common["nprobe"], common["gpu"]),
-            lambda: (faiss_index.ShardedIndex(common["index_uri"], common["index_fingerprint"], common["index_shards"],
-                                              common["nprobe"], common["merged"], common["gpu"]),
+            lambda: (sharded_index.ShardedIndex(common["index_uri"], common["index_fingerprint"],
+                                                common["index_shards"], common["nprobe"], common["merged"],
+                                                common["gpu"]),
                      datastore_rows.DatastoreRows(common["index_uri"], common["index_fingerprint"])))
         self.outputs = {}
         for role, spec in self.splits.items():
@@ -100,8 +101,8 @@ class SearchShards(ShardWorker):
         """(distances, ids, own_first, nearby) of rows [start, stop): the raw search, with enough extra results for
         the query itself and its same-document neighbours (``nearby``, flagged) to be dropped afterwards."""
         common = self.common
-        extra = (1 + 2 * common["window"]) if self_query else 0
-        dists, ids = self.index.search(queries, min(common["candidates"] + extra, common["datastore_rows"]))
+        dists, ids = self.index.search(queries, searched_per_query(common["candidates"], common["window"],
+                                                                   common["datastore_rows"], self_query))
         nearby = self.same_document_nearby(start, stop, ids) if self_query and common["window"] else None
         return dists, ids, start if self_query else None, nearby
 
@@ -140,6 +141,12 @@ class SearchShards(ShardWorker):
 def candidates(config) -> int:
     """Neighbour candidates searched per query (``targets.candidates``, else ``targets.k``)."""
     return config.candidates or config.k
+
+
+def searched_per_query(candidate_count: int, window: int, datastore_rows: int, self_query: bool) -> int:
+    """Results one search asks for: the candidates, plus for a query in the datastore itself and the rows of its
+    same-document window (dropped afterwards), at most the datastore."""
+    return min(candidate_count + ((1 + 2 * window) if self_query else 0), datastore_rows)
 
 
 def keep_rule(config) -> knn.KeepRule:
@@ -193,7 +200,7 @@ class Targets(Stage):
         """Checked before any work starts (that the splits, the index and the datastore belong together is a
         contract: ``pipelines.contracts``)."""
         check_compatible(ctx.params, ctx.inputs["index"], ctx.inputs["keys/train"])
-        ctx.scratch["gpu"] = faiss_index.faiss_gpu(ctx.params.index.device)
+        ctx.scratch["gpu"] = faiss_gpu.faiss_gpu(ctx.params.index.device)
 
     def artifact_params(self, ctx: Context, role: str) -> dict:
         values = ctx.params.values([key for key in self.content if key != "index.nprobe"], strip="targets")
@@ -265,5 +272,7 @@ class Targets(Stage):
                    "index_factory": index.manifest["stats"]["factory"],
                    "index_recall_at_k": index.manifest["stats"].get("recall_at_k"),
                    "faiss_version": index.manifest["stats"]["faiss_version"],
-                   "search_device": "cpu" if ctx.scratch["gpu"] is None else f"gpu {ctx.scratch['gpu']}"},
+                   "search_device": faiss_gpu.search_device(ctx.scratch["gpu"], searched_per_query(
+                       candidates(config), config.exclude_same_document_window,
+                       datastore.manifest["counts"]["rows"], role == "targets/train"))},
         )

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 DISTRIBUTION = "memforge-mlp"  # the name it installs under (memforge on the index is another project)
 ENVIRONMENT_PACKAGES = (
-    "torch", "transformers", "tokenizers", "faiss-cpu", "apache-beam", "prefect",
+    "torch", "transformers", "tokenizers", "faiss-cpu", "faiss-gpu", "faiss-gpu-cuvs", "apache-beam", "prefect",
     "zarr", "pyarrow", "numpy", "dvc",
 )
 _RUN_ID = os.environ.get("MEMFORGE_RUN_ID") or uuid.uuid4().hex
@@ -62,6 +62,7 @@ EXECUTION_MODULES = frozenset(f"{PACKAGE}.{name}" for name in (
     "pipelines.stage", "pipelines.executor", "pipelines.runner", "pipelines.progress", "pipelines.worker_errors",
     "storage.params", "storage.params_view", "storage.paths", "storage.lease", "storage.artifact",
     "storage.shards", "storage.errors", "storage.extras", "storage.intact", "storage.headers", "flows",
+    "pipelines.faiss_build",
 ))
 
 

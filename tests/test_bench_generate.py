@@ -11,7 +11,7 @@ from transformers import LogitsProcessorList
 from memforge.bench import generate
 from memforge.pipelines.datastore_rows import DatastoreRows
 from memforge.pipelines.encoder import load_encoder
-from memforge.pipelines.faiss_index import ShardedIndex
+from memforge.pipelines.sharded_index import ShardedIndex
 from memforge.storage.artifact import open_artifact
 from memforge.storage.shards import load_plan
 from memforge.training.knnlm_generation import KNNLMLogitsProcessor

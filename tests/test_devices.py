@@ -1,11 +1,9 @@
 """Devices and numeric formats: ``auto`` is the CPU on a machine without CUDA and every manifest says
 which device ran; a GPU asked for that is not there fails before any work, naming the key; the numeric
-format is content; worker processes claim GPUs of their own; FAISS without GPU support says so once
-and runs on the CPU."""
+format is content; worker processes claim GPUs of their own (FAISS's builds and GPUs: test_faiss_build)."""
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 
 from memforge.flows.cli import main
 from memforge.flows.stages import run_stage
-from memforge.pipelines import devices, faiss_index
+from memforge.pipelines import devices
 from memforge.storage.params import load_params
 from memforge.storage.stores import KeyStore
 
@@ -83,13 +81,3 @@ def test_worker_processes_claim_gpus_of_their_own_then_share_them(tmp_path):
     claims = [devices.claim_gpu(3, str(tmp_path)) for _ in range(3)]  # each call is a new lock holder
     assert claims == [0, 1, 2]
     assert devices.claim_gpu(3, str(tmp_path)) in (0, 1, 2)  # more workers than GPUs: they share
-
-
-def test_faiss_without_gpu_support_runs_on_the_cpu_with_one_log_line(monkeypatch, caplog):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine with the faiss-cpu build
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with caplog.at_level(logging.WARNING, logger="memforge"):
-        assert faiss_index.faiss_gpu("auto") is None
-        assert faiss_index.faiss_gpu("cpu") is None
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "index.device" in lines[0] and "CPU build" in lines[0], lines

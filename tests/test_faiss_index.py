@@ -86,7 +86,8 @@ def test_a_querys_search_does_not_depend_on_its_block_or_the_threads(tmp_path, f
     import faiss
     import numpy as np
 
-    from memforge.pipelines.faiss_index import ShardedIndex, shard_file, write
+    from memforge.pipelines.faiss_index import shard_file, write
+    from memforge.pipelines.sharded_index import ShardedIndex
 
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(10_000, 64)).astype(np.float16).astype(np.float32)

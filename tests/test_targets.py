@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from memforge.flows.cli import main
-from memforge.pipelines import faiss_index
+from memforge.pipelines import sharded_index
 from memforge.storage.artifact import open_artifact
 from memforge.storage.stores import DistributionStore, KeyStore, NeighbourStore, PartOffsets, TokenStore
 from memforge.storage.verify import verify
@@ -148,12 +148,12 @@ def test_ivf_pq_recall_and_top1_agreement(datastore, tmp_path, capsys, monkeypat
         assert not (unsorted / "targets" / split / "neighbours.zarr").exists()
     # The merged index finds its lists beside it, so the artifact can move (e.g. dvc pull elsewhere).
     queries = KeyStore.open(str(datastore["art"] / "keys" / "validation")).keys().astype(np.float32)
-    before = faiss_index.ShardedIndex(str(art / "index"), "", [], 4, merged=True).search(queries, K)
+    before = sharded_index.ShardedIndex(str(art / "index"), "", [], 4, merged=True).search(queries, K)
     assert str(art).encode() not in (art / "index" / "merged.index").read_bytes(), "no path inside the index"
     moved = tmp_path / "elsewhere" / "index"
     shutil.copytree(art / "index", moved)
     shutil.rmtree(art / "index")
-    after = faiss_index.ShardedIndex(str(moved), "", [], 4, merged=True).search(queries, K)
+    after = sharded_index.ShardedIndex(str(moved), "", [], 4, merged=True).search(queries, K)
     assert np.array_equal(before[1], after[1]) and np.array_equal(before[0], after[0])
 
 

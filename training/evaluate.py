@@ -31,15 +31,15 @@ import tempfile
 import time
 from typing import NamedTuple
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from memforge.pipelines import devices, faiss_index
+from memforge.pipelines import devices, faiss_gpu, sharded_index
 from memforge.pipelines.datastore_rows import DatastoreRows
 from memforge.pipelines.encoder import RepresentationCapture, load_encoder
+from memforge.pipelines.faiss_build import faiss
 from memforge.pipelines.stage import Published
 from memforge.pipelines.tokenizer import load_tokenizer
 from memforge.pipelines.windows import window_batches, windows_for_rows
@@ -181,11 +181,12 @@ def score_three_ways(scorer: Scorer, searcher, rows_store: DatastoreRows, memory
 
 
 def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.device,
-             task_manager=None) -> Published:
-    """Score the validation (and test) split three ways on ``device`` (autocast to ``evaluate.precision``; the kNN
-    search on FAISS's CPU), choose each model's λ (and kNN-LM's T) on dev, report on test, score the lm-eval
-    tasks with the decoder and decoder + memory when ``task_manager`` (``harness.task_manager``) is given, and
-    write metrics, per-token log-probs and plots into ``uri``."""
+             task_manager=None, search_gpu: str | int | None = None) -> Published:
+    """Score the validation (and test) split three ways on ``device`` (autocast to ``evaluate.precision``; the
+    kNN search on FAISS's CPU, or with ``search_gpu`` on GPU copies of the index: ``faiss_gpu``), choose each
+    model's λ (and kNN-LM's T) on dev, report on test, score the lm-eval tasks with the decoder and decoder +
+    memory when ``task_manager`` (``harness.task_manager``) is given, and write metrics, per-token log-probs and
+    plots into ``uri``."""
     config = params.evaluate
     tokens, queries, index = inputs["tokens"], inputs["keys/validation"], inputs["index"]
     memory_artifact = inputs["memory"]
@@ -194,8 +195,8 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
     with tempfile.TemporaryDirectory() as scratch:
         memory = MLPMemory.from_pretrained(fs.local_dir(memory_artifact.path("model"), scratch)).to(device).eval()
     memory_params = memory_artifact.manifest["params"]
-    searcher = faiss_index.ShardedIndex(index.uri, index.fingerprint, [s.name for s in load_plan(index.uri).shards],
-                                        config.nprobe, index.manifest["stats"]["merge"] == "ondisk")
+    searcher = sharded_index.ShardedIndex(index.uri, index.fingerprint, [s.name for s in load_plan(index.uri).shards],
+                                        config.nprobe, index.manifest["stats"]["merge"] == "ondisk", search_gpu)
     rows_store = DatastoreRows(index.uri, index.fingerprint)
     exact = rows_store.keys is not None
     scorers, sides, docs = _scorers_and_sides(decoder, tokens, queries, config)
@@ -247,6 +248,7 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
              test["memory_alone"],
              fs.join(uri, "metrics.json"))
     return Published(counts={"rows": n_rows}, stats={**metrics, "device": devices.describe(device),
+                                                     "search_device": faiss_gpu.search_device(search_gpu, k),
                                                      "precision": config.precision})
 
 

@@ -19,7 +19,7 @@ class Evaluate(Stage):
                "evaluate.lambda_grid", "evaluate.temperature_grid", "evaluate.memory_temperature_grid",
                "evaluate.precision", "evaluate.lm_eval_tasks", "evaluate.lm_eval_include_path",
                "evaluate.lm_eval_limit", "encode.model")
-    execution = ("evaluate.batch_size", "evaluate.device", "index.threads", "runtime.trust_remote_code")
+    execution = ("evaluate.batch_size", "evaluate.device", "index.device", "index.threads", "runtime.trust_remote_code")
     dvc_files = {"outs": ("_manifest.json", "token_log_probs.parquet", "report.md"), "metrics": ("metrics.json",),
                  "plots": (("lambda.json", {"x": "lambda"}), ("loss.json", {"x": "step", "y": "loss"}),
                            "lambda.png", "loss.png")}
@@ -28,10 +28,11 @@ class Evaluate(Stage):
         return self.inputs[:4] + decoder_inputs(ctx.params)
 
     def check(self, ctx: Context) -> None:
-        from memforge.pipelines import devices
+        from memforge.pipelines import devices, faiss_gpu
         from memforge.pipelines.encoder import model_fingerprint
 
         ctx.scratch["device"] = devices.use(ctx.params.evaluate.device, "evaluate.device")
+        ctx.scratch["search_gpu"] = faiss_gpu.faiss_gpu(ctx.params.index.device)
         queries, index = ctx.inputs["keys/validation"], ctx.inputs["index"]
         path = ctx.scratch["decoder_path"] = decoder_path(ctx)
         decoder_fingerprint = ctx.scratch["decoder_fingerprint"] = model_fingerprint(path)  # hashes every weight
@@ -77,4 +78,4 @@ class Evaluate(Stage):
         from memforge.training.evaluate import evaluate
 
         return evaluate(ctx.params, ctx.scratch["decoder_path"], ctx.inputs, build.uri, ctx.scratch["device"],
-                        ctx.scratch.get("lm_eval"))
+                        ctx.scratch.get("lm_eval"), ctx.scratch["search_gpu"])
