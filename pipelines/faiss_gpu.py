@@ -29,29 +29,47 @@ KEY = "index.device"
 def faiss_gpu(setting: str, key: str = KEY) -> str | int | None:
     """Where FAISS runs for ``setting``: None (the CPU), a GPU number, or ``"all"`` (every GPU it sees).
 
-    ``auto`` and ``cuda`` take every GPU, ``cuda:N`` that one. ``auto`` with the faiss-cpu build runs on the
-    CPU and says so in one log line when torch sees a GPU; ``cuda``/``cuda:N`` with it, a CPU build shadowing
-    an installed GPU build (``faiss_build``), or a GPU build that sees none of torch's GPUs, is an error
-    naming ``key``.
+    The GPUs are those the FAISS build sees (torch may be a CPU build). ``auto`` and ``cuda`` take every GPU,
+    ``cuda:N`` that one. ``auto`` runs on the CPU with the faiss-cpu build (saying so in one log line when
+    torch sees a GPU) and with a GPU build on a machine without GPUs. Refused, naming ``key``: a GPU asked for
+    with the faiss-cpu build or with a CPU build imported over an installed GPU build (``faiss_build``), a GPU
+    build that sees no GPU where one was asked for or torch sees one (a driver older than its CUDA), and a
+    ``cuda:N`` it does not see.
     """
     if setting == "cpu":
         return None
-    from memforge.pipelines import devices  # torch: only here, not in every worker that merely reads indexes
+    if not faiss_build.is_gpu_build(faiss):
+        gpu_installed = any(faiss_build.is_gpu_distribution(name) for name, _ in faiss_build.providers())
+        if setting == "auto" and not gpu_installed:
+            if _torch_gpus():
+                faiss_build.warn_once(f"{key}: auto, and torch sees a GPU, but FAISS {faiss.__version__} is a CPU "
+                                      f"build: FAISS runs on the CPU ({faiss_build.CHOOSE})")
+            return None
+        if not gpu_installed and not _torch_gpus():
+            raise FaissBuildError(f"{key}: {setting} asked for, but this machine shows no CUDA device (torch sees "
+                                  f"none) and FAISS {faiss.__version__} is a CPU build; set {key}: auto or cpu")
+        faiss_build.require_gpu(faiss, key)  # raises: a CPU build
+    count = faiss.get_num_gpus()
+    if not count:
+        if setting == "auto" and not _torch_gpus():
+            return None
+        raise FaissBuildError(f"{key}: {setting}: this FAISS GPU build sees no GPU ({_torch_gpus()} seen by torch): "
+                              f"none on this machine, or a driver older than its CUDA version (nvidia-smi's "
+                              f"'CUDA Version'); {faiss_build.CHOOSE}")
+    faiss_build.require_gpu(faiss, key)  # a GPU build: logs a mix-up with another FAISS once
+    if ":" not in setting:
+        return "all"
+    number = int(setting.split(":")[1])
+    if number >= count:
+        raise FaissBuildError(f"{key}: {setting} asked for, but FAISS sees {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    return number
 
-    resolved = devices.resolve(setting, key)
-    if resolved == "cpu":
-        return None
-    if setting == "auto" and not faiss_build.is_gpu_build(faiss) and not any(
-            faiss_build.is_gpu_distribution(name) for name, _ in faiss_build.providers()):
-        faiss_build.warn_once(f"{key}: auto, and torch sees a GPU, but FAISS {faiss.__version__} is a CPU build: "
-                              f"FAISS runs on the CPU ({faiss_build.CHOOSE})")
-        return None
-    faiss_build.require_gpu(faiss, key)
-    if not faiss.get_num_gpus():
-        raise FaissBuildError(f"{key}: {setting}: torch sees a GPU but this FAISS build sees none: its CUDA version "
-                              f"needs a newer driver than this machine's (nvidia-smi's 'CUDA Version'); "
-                              f"{faiss_build.CHOOSE}")
-    return int(resolved.split(":")[1]) if ":" in resolved else "all"
+
+def _torch_gpus() -> int:
+    """CUDA devices torch sees (0 with a CPU build of torch)."""
+    import torch  # only here: workers that merely read indexes do not import it
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def describe(gpu: str | int | None) -> str:
@@ -88,8 +106,10 @@ def placement(needed: int, free: list[int]) -> str:
                         f"search it on the CPU ({KEY}: cpu) or with more GPUs")
 
 
-def free_bytes(devices: list[int]) -> list[int]:
-    """Free memory of each of ``devices`` (CUDA's count, through torch)."""
+def free_bytes(devices: list[int]) -> list[int] | None:
+    """Free memory of each of ``devices`` (CUDA's count, through torch), or None when torch sees no GPU."""
+    if not _torch_gpus():
+        return None
     import torch
 
     return [torch.cuda.mem_get_info(device)[0] for device in devices]
@@ -107,7 +127,11 @@ def to_gpu(index, gpu: str | int):
     """A GPU copy of ``index`` on GPU ``gpu``, or for ``"all"`` replicated or sharded (``placement``) over
     every GPU. A FAISS refusal (a PQ size or nprobe the GPU kernels lack) is an error naming ``index.device``."""
     devices = list(range(faiss.get_num_gpus())) if gpu == "all" else [gpu]
-    layout = placement(gpu_bytes(index), free_bytes(devices))
+    free = free_bytes(devices)
+    if free is None:
+        faiss_build.warn_once(f"{KEY}: torch sees no GPU, so the GPUs' free memory is unknown: the index is copied "
+                              "whole to each GPU")
+    layout = "replicate" if free is None else placement(gpu_bytes(index), free)
     try:
         if len(devices) == 1:
             resources = faiss.StandardGpuResources()

@@ -134,7 +134,7 @@ class IndexParams(Section):
     recall_k: int = Field(default=64, gt=0)
     seed: int = 0
     threads: int = Field(default=0, ge=0)  # FAISS threads: training (0: all cores); per worker (0: encode's)
-    device: Device = "auto"  # FAISS index training and targets search: a GPU when FAISS has GPU support
+    device: Device = "auto"  # FAISS index training and adding, targets and evaluate searches (pipelines.faiss_gpu)
 
 
 class TargetsParams(Section):
