@@ -4,6 +4,8 @@ GPU copies placed by free memory, and searches above GPU FAISS's k limit kept on
 from __future__ import annotations
 
 import logging
+import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -31,13 +33,18 @@ def gpu_machine(monkeypatch):
     faiss_build.warn_once.cache_clear()
 
 
-def installed_beside(tmp_path, monkeypatch, name: str, version: str) -> None:
-    """Distribution ``name`` installed on the path, owning the module ``faiss`` as a FAISS wheel does."""
+def installed_beside(tmp_path, name: str, version: str) -> dict:
+    """The environment of a Python that also finds distribution ``name`` owning the module ``faiss``, as a FAISS
+    wheel installed beside faiss-cpu does (its RECORD lists the same files)."""
     info = tmp_path / f"{name.replace('-', '_')}-{version}.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     (info / "RECORD").write_text(f"faiss/__init__.py,,\nfaiss/_swigfaiss.abi3.so,,\n{info.name}/METADATA,,\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+
+
+ON_A_GPU_MACHINE = ("import torch; torch.cuda.is_available = lambda: True; torch.cuda.device_count = lambda: 2\n"
+                    "from memforge.pipelines import faiss_build, faiss_gpu\n")
 
 
 def test_each_faiss_extra_installs_one_build_and_memforge_itself_none():
@@ -66,17 +73,25 @@ def test_cuda_with_the_cpu_build_is_refused_naming_the_key_and_the_gpu_extras(gp
         faiss_gpu.faiss_gpu("cuda:1")
 
 
-def test_a_cpu_build_imported_over_an_installed_gpu_build_is_refused_with_the_fix(gpu_machine, tmp_path,
-                                                                                   monkeypatch):
-    installed_beside(tmp_path, monkeypatch, "faiss-gpu", "1.15.1")
-    assert [name for name, _ in faiss_build.providers()] == ["faiss-cpu", "faiss-gpu"]
-    expected = (r"faiss-cpu [\d.]+ and faiss-gpu 1.15.1 are installed together.*imports as a CPU build: the GPU "
-                r"build of faiss-gpu was overwritten.*pip uninstall -y faiss-cpu faiss-gpu && "
-                r"pip install 'memforge-mlp\[gpu-cu12\]'")
-    for setting in ("auto", "cuda"):  # auto too: an installed GPU build says a GPU run was meant
-        with pytest.raises(FaissBuildError, match=expected):
-            faiss_gpu.faiss_gpu(setting)
-    assert faiss_gpu.faiss_gpu("cpu") is None
+def test_a_cpu_build_imported_over_an_installed_gpu_build_is_refused_with_the_fix(tmp_path):
+    script = ON_A_GPU_MACHINE + (
+        "print([name for name, _ in faiss_build.providers()])\n"
+        "for setting in ('auto', 'cuda', 'cpu'):  # auto too: an installed GPU build says a GPU run was meant\n"
+        "    try:\n"
+        "        print(setting, faiss_gpu.faiss_gpu(setting))\n"
+        "    except faiss_build.FaissBuildError as exc:\n"
+        "        print(setting, 'refused:', exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], env=installed_beside(tmp_path, "faiss-gpu", "1.15.1"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    found, auto, cuda, cpu = done.stdout.splitlines()
+    assert found == "['faiss-cpu', 'faiss-gpu']"
+    for line, setting in ((auto, "auto"), (cuda, "cuda")):
+        assert re.fullmatch(
+            rf"{setting} refused: index.device: a GPU was asked for, but faiss-cpu [\d.]+ and faiss-gpu 1.15.1 are "
+            r"installed together .* imports as a CPU build: the GPU build of faiss-gpu was overwritten .*"
+            r"pip uninstall -y faiss-cpu faiss-gpu && pip install 'memforge-mlp\[gpu-cu12\]'", line), line
+    assert cpu == "cpu None"
 
 
 def test_two_builds_whose_gpu_one_imports_are_named_as_a_warning():
