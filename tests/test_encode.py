@@ -167,7 +167,7 @@ def test_sigkill_mid_encode_then_rerun_is_byte_identical(setup, tmp_path):
     assert 0 < done < total, f"kill landed outside the run ({done}/{total} shards)"
     assert not (art / "keys" / "train" / "_manifest.json").exists()
 
-    finished = rerun(["encode", *args])
+    finished = rerun(["encode", *args, "--", "--direct_running_mode=in_memory"])  # Beam in the rerun's process
     assert finished.returncode == 0, finished.stderr
     skipped = int(finished.stderr.split("encode: train: ")[1].split(" shards already done (skipped)")[0].split("; ")[1])
     assert skipped >= done
