@@ -34,8 +34,10 @@ class FaissBuildError(MemforgeError):
     """No FAISS, a FAISS that does not load, or a CPU build shadowing an installed GPU build."""
 
 
+@functools.cache
 def providers() -> list[tuple[str, str]]:
-    """(distribution, version) of every installed distribution that writes the module ``faiss``."""
+    """(distribution, version) of every installed distribution that writes the module ``faiss``, read once per
+    process (the scan of every installed distribution takes a few hundred ms)."""
     names = sorted(set(metadata.packages_distributions().get("faiss", [])))
     return [(name, metadata.version(name)) for name in names]
 
@@ -46,7 +48,7 @@ def _named(found: list[tuple[str, str]]) -> str:
 
 def is_gpu_distribution(name: str) -> bool:
     """Whether distribution ``name`` is a GPU build of FAISS (faiss-gpu, faiss-gpu-cuvs, faiss-gpu-cu12 …)."""
-    return name.lower().replace("_", "-") != "faiss-cpu" and any(word in name.lower() for word in ("gpu", "cuda"))
+    return any(word in name.lower() for word in ("gpu", "cuda"))
 
 
 def is_gpu_build(module) -> bool:

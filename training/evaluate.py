@@ -196,7 +196,7 @@ def evaluate(params, decoder_path: str, inputs: dict, uri: str, device: torch.de
         memory = MLPMemory.from_pretrained(fs.local_dir(memory_artifact.path("model"), scratch)).to(device).eval()
     memory_params = memory_artifact.manifest["params"]
     searcher = sharded_index.ShardedIndex(index.uri, index.fingerprint, [s.name for s in load_plan(index.uri).shards],
-                                        config.nprobe, index.manifest["stats"]["merge"] == "ondisk", search_gpu)
+                                          config.nprobe, index.manifest["stats"]["merge"] == "ondisk", search_gpu)
     rows_store = DatastoreRows(index.uri, index.fingerprint)
     exact = rows_store.keys is not None
     scorers, sides, docs = _scorers_and_sides(decoder, tokens, queries, config)
